@@ -1,0 +1,278 @@
+"""Model families: load a checkpoint folder, turn samples into model inputs and token layouts.
+
+A teacher and a student of one family share tokenizer, chat template and image processing, so the
+same sample gives both identical `input_ids`; `TokenLayout.fingerprint` lets the cache and the
+trainer check that, sample by sample, instead of trusting it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from PIL import Image
+
+from drivekd.data.sample import Sample
+from drivekd.errors import AlignmentError, DataError, ModelError
+from drivekd.families.capture import CAPTURE_IMPL
+from drivekd.families.processors import load_processor
+
+FAMILIES = ("internvl", "qwen2_5_vl")
+IGNORE = -100
+
+_MODEL_TYPES = {"qwen2_5_vl": "qwen2_5_vl", "internvl": "internvl"}
+
+
+def detect_family(path: str | Path) -> str:
+    """The family of a local checkpoint folder, from its config.json."""
+    path = Path(path)
+    cfg_path = path / "config.json"
+    if not cfg_path.is_file():
+        raise ModelError(f"{path}: no config.json; pass a local checkpoint folder saved with save_pretrained")
+    cfg = json.loads(cfg_path.read_text())
+    mt = cfg.get("model_type", "")
+    if mt in _MODEL_TYPES:
+        return _MODEL_TYPES[mt]
+    if mt == "internvl_chat" or "InternVLChatModel" in cfg.get("architectures", []):
+        raise ModelError(
+            f"{path}: this is an original remote-code InternVL checkpoint (model_type {mt!r}). Convert it to the "
+            "HF-native format first with transformers' InternVL conversion script "
+            "(transformers/models/internvl/convert_internvl_weights_to_hf.py), or use an '-hf' checkpoint"
+        )
+    raise ModelError(f"{path}: unsupported model_type {mt!r}; drivekd supports {', '.join(FAMILIES)}")
+
+
+def _model_class(family: str):
+    from transformers import InternVLForConditionalGeneration, Qwen2_5_VLForConditionalGeneration
+
+    return {"internvl": InternVLForConditionalGeneration, "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration}[family]
+
+
+def load_model(path, *, dtype=torch.float32, device="cpu", capture=True, attn="sdpa", trust_remote_code=False):
+    """Load a checkpoint folder (safetensors only, no download).
+
+    capture=True runs the language model through drivekd's capture function (stock sdpa unless a
+    `capture_attention` block selects layers); attn="eager" is for reference comparisons.
+    """
+    path = Path(path)
+    family = detect_family(path)
+    if not (path / "model.safetensors").is_file() and not (path / "model.safetensors.index.json").is_file():
+        raise ModelError(f"{path}: no model.safetensors(.index.json); drivekd loads safetensors only (no pickle)")
+    text_impl = CAPTURE_IMPL if capture and attn == "sdpa" else attn
+    try:
+        model = _model_class(family).from_pretrained(
+            path,
+            dtype=dtype,
+            attn_implementation={"text_config": text_impl, "vision_config": attn, "": attn},
+            use_safetensors=True,
+            local_files_only=True,
+            trust_remote_code=trust_remote_code,
+        )
+    except OSError as e:
+        raise ModelError(f"{path}: cannot load the checkpoint: {e}") from e
+    return model.to(device)
+
+
+@dataclass
+class TokenLayout:
+    """Where things are in one sample's (unpadded) token sequence."""
+
+    sample_id: str
+    input_ids: torch.Tensor  # (T,) int64
+    vision: torch.Tensor  # (T,) bool: image placeholder positions (V)
+    text: torch.Tensor  # (T,) bool: prompt+answer text positions, no specials, no vision (X)
+    labels: torch.Tensor  # (T,) int64: token ids on the answer span, IGNORE elsewhere
+    answer_start: int
+    fingerprint: str  # sha256 of the token ids (int32 little-endian bytes)
+
+    @property
+    def length(self) -> int:
+        return int(self.input_ids.numel())
+
+
+def token_fingerprint(ids: torch.Tensor) -> str:
+    return hashlib.sha256(ids.to(torch.int32).cpu().numpy().astype("<i4").tobytes()).hexdigest()
+
+
+@dataclass
+class ModelInputs:
+    """A padded batch: `tensors` go to the model as keyword arguments."""
+
+    tensors: dict[str, torch.Tensor]
+    layouts: list[TokenLayout]
+    padding_side: str
+
+    @property
+    def sample_ids(self) -> list[str]:
+        return [lay.sample_id for lay in self.layouts]
+
+    def padded(self, name: str) -> torch.Tensor:
+        """A per-token layout field (`vision`, `text`, `labels`) padded like input_ids: (B, T)."""
+        T = self.tensors["input_ids"].shape[1]
+        fill = IGNORE if name == "labels" else False
+        rows = []
+        for lay in self.layouts:
+            v = getattr(lay, name)
+            pad = torch.full((T - v.numel(),), fill, dtype=v.dtype)
+            rows.append(torch.cat([pad, v]) if self.padding_side == "left" else torch.cat([v, pad]))
+        return torch.stack(rows)
+
+    def to(self, device) -> "ModelInputs":
+        self.tensors = {k: v.to(device) for k, v in self.tensors.items()}
+        return self
+
+
+class Family:
+    """Processor-level logic of one family, shared by teacher and student loading code."""
+
+    def __init__(self, family: str, processor, *, text_tokens: str = "paper"):
+        if family not in FAMILIES:
+            raise ModelError(f"unknown family {family!r}")
+        if text_tokens not in ("paper", "not_vision"):
+            raise ValueError("text_tokens must be 'paper' (exclude specials) or 'not_vision' (reference code)")
+        self.name = family
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.text_tokens = text_tokens
+        self.image_token_id = int(processor.image_token_id)
+        self.pad_token_id = int(self.tokenizer.pad_token_id)
+        self.eos_token_id = int(self.tokenizer.eos_token_id)
+        # Every special/added control token (chat delimiters, image delimiters, padding): these are
+        # neither vision nor text query positions in the paper's token sets.
+        specials = set(self.tokenizer.all_special_ids) | self._vision_delimiters()
+        specials |= {int(i) for i, t in self.tokenizer.added_tokens_decoder.items() if t.special}
+        self.special_ids = torch.tensor(sorted(specials), dtype=torch.long)
+
+    @classmethod
+    def from_pretrained(cls, path, *, image_processing: dict | None = None, text_tokens: str = "paper") -> "Family":
+        family = detect_family(path)
+        return cls(family, load_processor(family, path, image_processing), text_tokens=text_tokens)
+
+    def _vision_delimiters(self) -> set[int]:
+        tok = self.tokenizer
+        names = ["<|vision_start|>", "<|vision_end|>"] if self.name == "qwen2_5_vl" else ["<img>", "</img>"]
+        ids = {tok.convert_tokens_to_ids(n) for n in names}
+        return {int(i) for i in ids if i is not None and i != tok.unk_token_id}
+
+    def fingerprint(self) -> str:
+        """Processor and chat-template fingerprint: settings that change token ids or pixels."""
+        ip = self.processor.image_processor.to_dict()
+        payload = {
+            "family": self.name,
+            "chat_template": self.processor.chat_template,
+            "image_processor": {k: v for k, v in sorted(ip.items()) if k not in ("processor_class",)},
+            "vocab": hashlib.sha256(json.dumps(self.tokenizer.get_vocab(), sort_keys=True).encode()).hexdigest(),
+            "image_seq_length": getattr(self.processor, "image_seq_length", None),
+            "text_tokens": self.text_tokens,
+        }
+        return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+    # ----- messages -----
+    @staticmethod
+    def messages(sample: Sample, with_answer: bool) -> list[dict]:
+        # Images first, then the question: samples about the same images share a token prefix.
+        content = [{"type": "image"} for _ in sample.images] + [{"type": "text", "text": sample.question}]
+        msgs = [{"role": "user", "content": content}]
+        if with_answer:
+            msgs.append({"role": "assistant", "content": [{"type": "text", "text": sample.answer}]})
+        return msgs
+
+    @staticmethod
+    def load_images(sample: Sample) -> list[Image.Image]:
+        imgs = []
+        for p in sample.images:
+            try:
+                with Image.open(p) as im:
+                    imgs.append(im.convert("RGB"))
+            except (OSError, ValueError) as e:
+                raise DataError(f"sample {sample.id}: cannot read image {p}: {e}. Fix or remove the file, or pass --skip-bad") from e
+        return imgs
+
+    # ----- one sample -----
+    def encode(self, sample: Sample, with_answer: bool = True) -> tuple[dict[str, torch.Tensor], TokenLayout]:
+        """Process one sample (unpadded). Returns the processor's tensors and the token layout."""
+        proc = self.processor
+        full_text = proc.apply_chat_template(self.messages(sample, with_answer), tokenize=False, add_generation_prompt=not with_answer)
+        imgs = self.load_images(sample)
+        enc = proc(images=imgs or None, text=[full_text], return_tensors="pt")
+        ids = enc["input_ids"][0]
+        T = ids.numel()
+        if with_answer:
+            prompt_text = proc.apply_chat_template(self.messages(sample, False), tokenize=False, add_generation_prompt=True)
+            if not full_text.startswith(prompt_text):
+                raise AlignmentError(f"sample {sample.id}: the chat template's prompt is not a prefix of the full conversation")
+            tail = self.tokenizer(full_text[len(prompt_text):], add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+            if tail.numel() == 0 or tail.numel() > T or not torch.equal(ids[T - tail.numel():], tail):
+                raise AlignmentError(f"sample {sample.id}: cannot locate the answer span in the token ids (tokens merge across the prompt/answer boundary)")
+            answer_start = T - tail.numel()
+            labels = torch.full_like(ids, IGNORE)
+            # Label the answer and its end-of-turn token; not what the template appends after it.
+            span = ids[answer_start:]
+            eos = (span == self.eos_token_id).nonzero()
+            end = answer_start + (int(eos[0]) + 1 if len(eos) else span.numel())
+            labels[answer_start:end] = ids[answer_start:end]
+        else:
+            answer_start = T
+            labels = torch.full_like(ids, IGNORE)
+        vision = ids == self.image_token_id
+        if self.text_tokens == "paper":
+            text = ~vision & ~torch.isin(ids, self.special_ids)
+        else:
+            text = ~vision
+        expected = self.expected_vision_tokens(enc)
+        if int(vision.sum()) != expected:
+            raise AlignmentError(f"sample {sample.id}: {int(vision.sum())} image tokens in the text but the images give {expected}")
+        tensors = {k: v for k, v in enc.items() if isinstance(v, torch.Tensor)}
+        lay = TokenLayout(sample.id, ids, vision, text, labels, answer_start, token_fingerprint(ids))
+        return tensors, lay
+
+    def expected_vision_tokens(self, enc) -> int:
+        if self.name == "qwen2_5_vl":
+            merge = self.processor.image_processor.merge_size ** 2
+            return int(enc["image_grid_thw"].prod(-1).sum()) // merge if "image_grid_thw" in enc else 0
+        if "pixel_values" not in enc:
+            return 0
+        return int(enc["pixel_values"].shape[0]) * int(self.processor.image_seq_length)
+
+    def vision_tokens_per_image(self, sample: Sample) -> list[int]:
+        """Number of vision tokens each image of `sample` contributes (processor arithmetic)."""
+        counts = []
+        for im in self.load_images(sample):
+            enc = self.processor.image_processor(images=[im], return_tensors="pt")
+            if self.name == "qwen2_5_vl":
+                counts.append(int(enc["image_grid_thw"].prod()) // self.processor.image_processor.merge_size ** 2)
+            else:
+                counts.append(int(enc["num_patches"][0]) * int(self.processor.image_seq_length))
+        return counts
+
+    # ----- batches -----
+    def build_inputs(self, samples: Sequence[Sample], with_answer: bool = True, padding_side: str | None = None) -> ModelInputs:
+        """Encode and pad a batch. Default padding: left for InternVL, right for Qwen (as their processors)."""
+        side = padding_side or ("left" if self.name == "internvl" else "right")
+        encoded = [self.encode(s, with_answer) for s in samples]
+        T = max(lay.length for _, lay in encoded)
+        cols: dict[str, list] = {}
+        for tensors, lay in encoded:
+            n = T - lay.length
+            for k, v in tensors.items():
+                if k in ("input_ids", "attention_mask", "mm_token_type_ids"):
+                    fill = self.pad_token_id if k == "input_ids" else 0
+                    pad = torch.full((1, n), fill, dtype=v.dtype)
+                    v = torch.cat([pad, v], 1) if side == "left" else torch.cat([v, pad], 1)
+                cols.setdefault(k, []).append(v)
+        tensors = {k: torch.cat(v, 0) for k, v in cols.items()}
+        return ModelInputs(tensors, [lay for _, lay in encoded], side)
+
+
+def check_same_family(a: Family, b: Family, what_a="teacher", what_b="student") -> None:
+    if a.name != b.name:
+        raise AlignmentError(f"{what_a} is {a.name} but {what_b} is {b.name}: distillation needs one family (same tokenizer and image processing)")
+    if a.fingerprint() != b.fingerprint():
+        raise AlignmentError(
+            f"{what_a} and {what_b} processors differ (chat template, tokenizer vocabulary or image settings); "
+            "their token sequences would not line up position by position"
+        )

@@ -1,0 +1,75 @@
+"""Image+text processors of both families, without torchvision.
+
+The stock `Qwen2_5_VLProcessor` and `InternVLProcessor` refuse to build without torchvision
+(their video processor needs it), and `AutoProcessor.from_pretrained` fails the same way. drivekd
+never processes video, so these subclasses drop the video processor. `load_processor` also pins
+the PIL image-processing backend: with torchvision installed (GPU machines) transformers may pick
+another backend, and teacher and student must always see the same pixels.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from transformers import InternVLProcessor, Qwen2_5_VLProcessor
+
+
+class Qwen2_5_VLProcessorNoVideo(Qwen2_5_VLProcessor):
+    # ProcessorMixin derives its sub-processor attributes from this signature: no video_processor.
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        super().__init__(image_processor=image_processor, tokenizer=tokenizer, video_processor=None, chat_template=chat_template, **kwargs)
+
+
+class InternVLProcessorNoVideo(InternVLProcessor):
+    # image_seq_length must be explicit here, or it silently falls back to the default 256.
+    def __init__(self, image_processor=None, tokenizer=None, image_seq_length: int = 256, chat_template=None, **kwargs):
+        super().__init__(
+            image_processor=image_processor, tokenizer=tokenizer, video_processor=None,
+            image_seq_length=image_seq_length, chat_template=chat_template, **kwargs,
+        )
+
+
+def _read_chat_template(path: Path, tokenizer) -> str | None:
+    for name in ("chat_template.jinja",):
+        if (path / name).is_file():
+            return (path / name).read_text()
+    if (path / "chat_template.json").is_file():
+        return json.loads((path / "chat_template.json").read_text()).get("chat_template")
+    proc_cfg = path / "processor_config.json"
+    if proc_cfg.is_file():
+        tmpl = json.loads(proc_cfg.read_text()).get("chat_template")
+        if tmpl:
+            return tmpl
+    return getattr(tokenizer, "chat_template", None)
+
+
+def _processor_kwargs(path: Path) -> dict:
+    proc_cfg = path / "processor_config.json"
+    return json.loads(proc_cfg.read_text()) if proc_cfg.is_file() else {}
+
+
+def load_processor(family: str, path: str | Path, image_processing: dict | None = None):
+    """Load the processor of a local checkpoint folder, PIL backend, no video.
+
+    `image_processing` overrides image-processor settings (e.g. Qwen's `max_pixels`); teacher and
+    student must use the same overrides, which the fingerprint check enforces.
+    """
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    template = _read_chat_template(path, tokenizer)
+    overrides = dict(image_processing or {})
+    if family == "qwen2_5_vl":
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+        ip = Qwen2VLImageProcessorPil.from_pretrained(path, **overrides)
+        return Qwen2_5_VLProcessorNoVideo(image_processor=ip, tokenizer=tokenizer, chat_template=template)
+    if family == "internvl":
+        from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
+
+        ip = GotOcr2ImageProcessorPil.from_pretrained(path, **overrides)
+        seq = int(_processor_kwargs(path).get("image_seq_length", 256))
+        return InternVLProcessorNoVideo(image_processor=ip, tokenizer=tokenizer, image_seq_length=seq, chat_template=template)
+    raise ValueError(f"unknown family {family!r}")
