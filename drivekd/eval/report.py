@@ -1,0 +1,332 @@
+"""Evaluation reports: report.json, report.md (the paper's Table 1 layout) and a bar chart.
+
+`score_and_report` is the whole no-model pipeline (judge -> scores -> files) that both CLI paths
+call; `compare_reports` puts several runs side by side.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from drivekd.errors import DataError
+from drivekd.eval.predictions import atomic_write_text
+from drivekd.eval.score import CAPABILITIES, score_predictions
+
+REPORT_JSON = "report.json"
+REPORT_MD = "report.md"
+REPORT_PNG = "report.png"
+JUDGE_LOG = "judge.jsonl"
+
+_TABLE1_HEADER = "| Model | Perception | Reasoning | Planning | Average | Memory (GB) | tok/s | TTFT (s) |"
+_TABLE1_RULE = "|---|---:|---:|---:|---:|---:|---:|---:|"
+_DEFINITIONS = {
+    "mcq_accuracy": "multiple-choice accuracy (%); capabilities without multiple-choice questions "
+    "(DriveBench planning) need judge grades (--judge-url) and show n/a",
+    "judge_mean": "mean LLM-judge grade (0-100) over all graded questions of the capability "
+    "(DriveBench GPT score)",
+}
+
+
+def _fmt(value: Any, digits: int = 2) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def _deploy_cells(deploy: Mapping[str, Any] | None) -> list[str]:
+    deploy = deploy or {}
+    return [
+        _fmt(deploy.get("peak_memory_gb"), 1) if deploy.get("peak_memory_gb") is not None else "-",
+        _fmt(deploy.get("tokens_per_s"), 1) if deploy.get("tokens_per_s") is not None else "-",
+        _fmt(deploy.get("ttft_s"), 2) if deploy.get("ttft_s") is not None else "-",
+    ]
+
+
+def table1_row(report: Mapping[str, Any]) -> str:
+    """One markdown row in the Table 1 layout."""
+    t = report["table1"]
+    cells = [str(report.get("model", "model"))] + [_fmt(t[c]) for c in CAPABILITIES] + [_fmt(t["average"])]
+    return "| " + " | ".join(cells + _deploy_cells(report.get("deploy"))) + " |"
+
+
+def report_markdown(report: Mapping[str, Any]) -> str:
+    """The markdown text of report.md."""
+    lines = [f"# DriveBench evaluation: {report.get('model', 'model')}", ""]
+    lines += [f"{report['n_records']} questions. Capability score: {_DEFINITIONS[report['score_definition']]}.", ""]
+    lines += [_TABLE1_HEADER, _TABLE1_RULE, table1_row(report), ""]
+
+    lines += ["## Per capability", "", "| Capability | Questions | MCQ | MCQ correct | MCQ accuracy (%) | Unanswerable | Score |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for cap in CAPABILITIES:
+        c = report["capabilities"][cap]
+        lines.append(f"| {cap} | {c['n_questions']} | {c['mcq_total']} | {c['mcq_correct']} | {_fmt(c['mcq_accuracy'])} | {c['unanswerable']} | {_fmt(c['score'])} |")
+    lines.append("")
+
+    lines += ["## Per question type", "", "| Question type | Capability | Questions | MCQ | MCQ accuracy (%) | Unanswerable | Judge mean |", "|---|---|---:|---:|---:|---:|---:|"]
+    for qtype, q in report["question_types"].items():
+        judge = q.get("judge") or {}
+        lines.append(f"| {qtype} | {q['capability']} | {q['n_questions']} | {q['mcq_total']} | {_fmt(q['mcq_accuracy'])} | {q['unanswerable']} | {_fmt(judge.get('mean'))} |")
+    lines.append("")
+
+    un = report["unanswerable"]
+    n_mcq = sum(report["capabilities"][c]["mcq_total"] for c in CAPABILITIES)
+    lines += ["## Unanswerable predictions", ""]
+    lines.append(f"{un['count']} of {n_mcq} multiple-choice predictions state no readable option (counted as wrong).")
+    if un["ids"]:
+        shown = ", ".join(un["ids"][:20]) + (f", ... ({len(un['ids']) - 20} more in report.json)" if len(un["ids"]) > 20 else "")
+        lines.append(f"Ids: {shown}")
+    if report.get("mcq_reference_unreadable"):
+        lines.append(f"{len(report['mcq_reference_unreadable'])} tag-0 records have a reference that is neither a letter nor Yes/No; they are scored as open questions.")
+    lines.append("")
+
+    lines += ["## Judge", ""]
+    judge = report.get("judge")
+    if judge:
+        lines += [f"{judge['runs']} grading runs; mean ± sample std (ddof=1) over runs of the per-run capability mean.", ""]
+        lines += ["| Capability | Mean ± std | Graded |", "|---|---:|---:|"]
+        for cap in CAPABILITIES:
+            j = judge["per_capability"].get(cap)
+            cell = "n/a" if j is None else f"{_fmt(j['mean'])} ± {_fmt(j['std'])}"
+            graded = report["capabilities"][cap].get("judge_coverage", "0")
+            lines.append(f"| {cap} | {cell} | {graded} |")
+    else:
+        lines.append("No judge grades (pass --judge-url to grade with an LLM judge).")
+    lines.append("")
+
+    cons = report["consistency"]
+    lines += ["## Reasoning-planning consistency", ""]
+    lines.append(f"Pearson r = {_fmt(cons['pearson'], 3)}, Spearman rho = {_fmt(cons['spearman'], 3)}, n = {cons['n_groups']} image groups")
+    lines.append(f"(per image: mean reasoning score vs mean planning score; score = {cons['score']}; n/a below 3 groups or with zero variance).")
+    return "\n".join(lines) + "\n"
+
+
+def _bar_png(
+    path: Path,
+    names: Sequence[str],
+    series: Sequence[Sequence[float | None]],
+    title: str,
+    errors: Sequence[Sequence[float | None]] | None = None,
+) -> Path:
+    """Grouped bars: one group per metric (perception, reasoning, planning, average), one bar per
+    series; `errors` (judge std over runs) are drawn as error bars where given."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    metrics = ["Perception", "Reasoning", "Planning", "Average"]
+    n = len(series)
+    width = 0.8 / n
+    fig = Figure(figsize=(max(6.0, 1.6 * len(metrics) * max(1, n) ** 0.5 + 2), 4.2), dpi=120)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    for i, (name, values) in enumerate(zip(names, series)):
+        xs = [m + (i - (n - 1) / 2) * width for m in range(len(metrics))]
+        heights = [v if v is not None else 0.0 for v in values]
+        errs = list(errors[i]) if errors is not None else [None] * len(values)
+        bars = ax.bar(xs, heights, width * 0.92, label=name)
+        for x, h, e in zip(xs, heights, errs):
+            if e:
+                ax.errorbar([x], [h], yerr=[e], color="black", capsize=3, linewidth=1)
+        for bar, v, e in zip(bars, values, errs):
+            label = "n/a" if v is None else f"{v:.1f}"
+            ax.annotate(label, (bar.get_x() + bar.get_width() / 2, bar.get_height() + (e or 0.0)), xytext=(0, 2),
+                        textcoords="offset points", ha="center", va="bottom", fontsize=8 if n > 2 else 9)
+    ax.set_xticks(range(len(metrics)), metrics)
+    tops = [(v or 0.0) + (e or 0.0) for i, vs in enumerate(series) for v, e in zip(vs, (errors[i] if errors else [None] * len(vs)))]
+    ax.set_ylim(0, max(105.0, max(tops, default=0.0) + 8.0))
+    ax.set_ylabel("score (%)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(axis="y", alpha=0.3)
+    ax.set_axisbelow(True)
+    if n > 1:
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
+    fig.savefig(path)
+    return path
+
+
+def _values(report: Mapping[str, Any]) -> list[float | None]:
+    t = report["table1"]
+    return [t[c] for c in CAPABILITIES] + [t["average"]]
+
+
+def _errors(report: Mapping[str, Any]) -> list[float | None]:
+    """Judge std over runs per capability (None without a judge); the average gets none."""
+    judge = (report.get("judge") or {}).get("per_capability") or {}
+    return [(judge.get(c) or {}).get("std") for c in CAPABILITIES] + [None]
+
+
+def write_report(
+    out_dir: str | Path,
+    report_dict: Mapping[str, Any],
+    deploy: Mapping[str, Any] | None = None,
+    model_name: str | None = None,
+) -> dict[str, Path]:
+    """Write report.json, report.md and report.png into `out_dir`; returns their paths.
+
+    `deploy` (peak_memory_gb, tokens_per_s, ttft_s) fills the Table 1 deployment columns.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    report = dict(report_dict)
+    report["model"] = model_name or report.get("model") or out_dir.resolve().name
+    if deploy is not None:
+        report["deploy"] = dict(deploy)
+    report.setdefault("deploy", None)
+    paths = {
+        "json": atomic_write_text(out_dir / REPORT_JSON, json.dumps(report, indent=2, ensure_ascii=False) + "\n"),
+        "md": atomic_write_text(out_dir / REPORT_MD, report_markdown(report)),
+    }
+    what = "MCQ accuracy" if report["score_definition"] == "mcq_accuracy" else "judge score (error bars: std over runs)"
+    paths["png"] = _bar_png(out_dir / REPORT_PNG, [report["model"]], [_values(report)], f"{report['model']}: DriveBench {what}", [_errors(report)])
+    return paths
+
+
+def load_report(path_or_dir: str | Path) -> dict[str, Any]:
+    """A report.json, given the file or the run folder holding it."""
+    path = Path(path_or_dir)
+    if path.is_dir():
+        path = path / REPORT_JSON
+    if not path.is_file():
+        raise DataError(f"no report at {path}: run `drivekd-eval score` (or an evaluation) for that run first")
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+        report["table1"]
+    except (ValueError, KeyError, TypeError):
+        raise DataError(f"{path} is not a drivekd report.json") from None
+    report.setdefault("model", path.parent.name)
+    return report
+
+
+def compare_reports(paths_or_dirs: Sequence[str | Path], out: str | Path) -> dict[str, Path]:
+    """Side-by-side Table 1 of several runs: comparison.md, comparison.json, comparison.png in `out`."""
+    if not paths_or_dirs:
+        raise DataError("nothing to compare: give one or more run folders (or report.json files)")
+    reports = [load_report(p) for p in paths_or_dirs]
+    names: list[str] = []
+    for rep, src in zip(reports, paths_or_dirs):
+        name = str(rep["model"])
+        if name in names:  # two runs of the same model: tell them apart by folder
+            name = f"{name} ({Path(src).resolve().name})"
+        names.append(name)
+        rep["model"] = name
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    definitions = sorted({r["score_definition"] for r in reports})
+    lines = ["# DriveBench comparison", ""]
+    if len(definitions) > 1:
+        lines += ["Warning: the runs use different capability scores (" + ", ".join(definitions) + "); rows are not comparable.", ""]
+    lines += [f"Capability score: {_DEFINITIONS[d]}." for d in definitions] + [""]
+    lines += [_TABLE1_HEADER, _TABLE1_RULE] + [table1_row(r) for r in reports] + [""]
+    lines += ["| Model | Unanswerable | Pearson | Spearman | n groups |", "|---|---:|---:|---:|---:|"]
+    for r in reports:
+        c = r["consistency"]
+        lines.append(f"| {r['model']} | {r['unanswerable']['count']} | {_fmt(c['pearson'], 3)} | {_fmt(c['spearman'], 3)} | {c['n_groups']} |")
+    rows = [
+        {"model": r["model"], "source": str(src), **r["table1"], "deploy": r.get("deploy"), "score_definition": r["score_definition"]}
+        for r, src in zip(reports, paths_or_dirs)
+    ]
+    paths = {
+        "json": atomic_write_text(out / "comparison.json", json.dumps(rows, indent=2, ensure_ascii=False) + "\n"),
+        "md": atomic_write_text(out / "comparison.md", "\n".join(lines) + "\n"),
+    }
+    paths["png"] = _bar_png(out / "comparison.png", names, [_values(r) for r in reports], "DriveBench comparison", [_errors(r) for r in reports])
+    return paths
+
+
+def score_and_report(
+    records: Sequence[Mapping[str, Any]],
+    out_dir: str | Path,
+    judge: Any = None,
+    deploy: Mapping[str, Any] | None = None,
+    model_name: str | None = None,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Grade (when `judge`, a `drivekd.eval.judge.JudgeSettings`, is given), score and write the report.
+
+    The judge's raw answers go to `out_dir/judge.jsonl`, which also lets an interrupted grading
+    resume. Returns the report dict as written to report.json.
+    """
+    out_dir = Path(out_dir)
+    score_predictions(records)  # validate every record before spending any judge call
+    grades = None
+    if judge is not None:
+        from drivekd.eval.judge import grade_records
+
+        grades = grade_records(
+            records, judge.client(), runs=judge.runs, log_path=out_dir / JUDGE_LOG, workers=judge.workers, progress=progress
+        )
+    report = score_predictions(records, grades)
+    paths = write_report(out_dir, report, deploy=deploy, model_name=model_name)
+    return json.loads(paths["json"].read_text(encoding="utf-8"))
+
+
+def evaluate_model(
+    model_dir: str | Path,
+    data: str | Path,
+    out_dir: str | Path,
+    images: str | Path | None = None,
+    batch_size: int = 8,
+    max_new_tokens: int = 512,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    deploy: bool = False,
+    judge: Any = None,
+    limit: int | None = None,
+    compare: Sequence[str | Path] = (),
+    model_name: str | None = None,
+) -> dict[str, Any]:
+    """Generation-based evaluation: load samples, generate (resumable), measure, score, report.
+
+    Every option is checked before any model loads. Generation comes from
+    `drivekd.eval.generate` (imported here, so scoring works without it).
+    """
+    from drivekd.errors import ConfigError
+
+    model_dir, data, out_dir = Path(model_dir), Path(data), Path(out_dir)
+    if not model_dir.is_dir():
+        raise ConfigError(f"--model {model_dir} is not a folder: give a saved student/teacher checkpoint folder")
+    if not data.is_file():
+        raise ConfigError(f"--data {data} does not exist: give a DriveBench (or Drive-KD) JSON file")
+    if images is not None and not Path(images).is_dir():
+        raise ConfigError(f"--images {images} is not a folder: give the root the image paths are relative to")
+    checks = [
+        (batch_size >= 1, f"--batch-size must be >= 1, got {batch_size}"),
+        (max_new_tokens >= 1, f"--max-new-tokens must be >= 1, got {max_new_tokens}"),
+        (temperature >= 0, f"--temperature must be >= 0, got {temperature}"),
+        (0 < top_p <= 1, f"--top-p must be in (0, 1], got {top_p}"),
+        (limit is None or limit >= 1, f"--limit must be >= 1, got {limit}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+    for run in compare:  # fail now, not after hours of generation
+        load_report(run)
+
+    try:
+        from drivekd.data.loaders import load_samples
+    except ImportError as e:
+        raise ConfigError(f"the data loader (drivekd.data.loaders) is not available in this install: {e}") from None
+    samples = load_samples(data, images_root=images)
+    if limit is not None:
+        samples = samples[:limit]
+    if not samples:
+        raise DataError(f"--data {data} holds no samples")
+    try:
+        from drivekd.eval.generate import generate_predictions, measure_deploy
+    except ImportError as e:
+        raise ConfigError(
+            f"model generation (drivekd.eval.generate) is not available: {e}; "
+            "to score an existing predictions file use `drivekd-eval score FILE`"
+        ) from None
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    records = generate_predictions(model_dir, samples, out_dir, batch_size, max_new_tokens, temperature, top_p, progress=True)
+    pred_path = out_dir / "predictions.json"
+    if not pred_path.exists():
+        from drivekd.eval.predictions import write_predictions
+
+        write_predictions(pred_path, records)
+    deploy_metrics = measure_deploy(model_dir, samples) if deploy else None
+    report = score_and_report(records, out_dir, judge=judge, deploy=deploy_metrics, model_name=model_name or model_dir.name, progress=True)
+    if compare:
+        compare_reports([out_dir, *compare], out_dir / "compare")
+    return report
