@@ -1,0 +1,157 @@
+"""drivekd-cache: build, inspect and verify teacher stores. Parses flags and calls drivekd.store."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from drivekd.errors import DriveKDError
+
+
+def _fail(e: Exception) -> None:
+    click.echo(f"error: {e}", err=True)
+    sys.exit(2)
+
+
+def _parse_layers(spec: str | None) -> list[int] | None:
+    if not spec:
+        return None
+    out: list[int] = []
+    for part in spec.split(","):
+        part = part.strip()
+        if "-" in part[1:]:
+            a, b = part.split("-", 1)
+            out.extend(range(int(a), int(b) + 1))
+        elif part:
+            out.append(int(part))
+    return out
+
+
+@click.group()
+def main() -> None:
+    """Run each teacher once and store its head-mean attention targets (Zarr v3)."""
+
+
+@main.command()
+@click.option("--teacher", "role", type=click.Choice(["perception", "reasoning", "planning", "all"]), required=True, help="Which teacher role(s) to build.")
+@click.option("--model", "model_dir", type=click.Path(path_type=Path), help="Teacher checkpoint folder (default: [teachers].<role> in drivekd.toml).")
+@click.option("--data", type=click.Path(path_type=Path), help="Training data JSON (Drive-KD or DriveBench format).")
+@click.option("--images", type=click.Path(path_type=Path), help="Image root for relative paths (default: the data file's folder).")
+@click.option("--out", type=click.Path(path_type=Path), help="Store folder (default: cache/).")
+@click.option("--layers", help="Override the recipe layers, e.g. '0' or '0-26' or '1,3,5' (applies to every selected role).")
+@click.option("--batch-size", type=int, default=None, help="Samples per teacher forward (default 1).")
+@click.option("--encoding", type=click.Choice(["lossless", "lossy"]), default=None, help="lossless fp16 (default) or mantissa-rounded.")
+@click.option("--keepbits", type=int, default=None, help="Mantissa bits kept by --encoding lossy (default 4).")
+@click.option("--skip-bad", is_flag=True, help="Record samples with missing/corrupt images as skipped instead of stopping.")
+@click.option("--overwrite", is_flag=True, help="Delete a role built with other settings and rebuild it.")
+@click.option("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available).")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None, help="Teacher dtype (default bfloat16 on GPU, float32 on CPU).")
+@click.option("--config", "config_path", type=click.Path(path_type=Path), help="Project config (default ./drivekd.toml if present).")
+@click.option("--no-progress", is_flag=True)
+def build(role, model_dir, data, images, out, layers, batch_size, encoding, keepbits, skip_bad, overwrite, device, dtype, config_path, no_progress):
+    """Run the teacher(s) once over every sample and write their targets."""
+    import torch
+
+    from drivekd.config import load_config
+    from drivekd.store.build import BuildConfig, build as run_build
+    from drivekd.store.targets import ROLES
+    from drivekd.store.zarr_store import Encoding
+
+    try:
+        cfg = load_config(config_path)
+        roles = list(ROLES) if role == "all" else [role]
+        teachers_cfg = cfg.get("teachers", {})
+        teachers = {}
+        for r in roles:
+            path = model_dir or teachers_cfg.get(r)
+            if path is None:
+                raise DriveKDError(f"no checkpoint for role {r}: pass --model DIR or set [teachers].{r} in drivekd.toml")
+            teachers[r] = Path(path)
+        c = cfg.get("cache", {})
+        d = cfg.get("data", {})
+        data_path = data or d.get("train")
+        if data_path is None:
+            raise DriveKDError("no data: pass --data FILE or set [data].train in drivekd.toml")
+        dev = device or c.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
+        enc = Encoding(mode=encoding or c.get("encoding", "lossless"), keepbits=keepbits if keepbits is not None else c.get("keepbits", 4))
+        layer_list = _parse_layers(layers) or c.get("layers")
+        bc = BuildConfig(
+            teachers=teachers,
+            data=Path(data_path),
+            images=Path(images) if images else (Path(d["images"]) if d.get("images") else None),
+            out=Path(out or c.get("out", "cache")),
+            layers={r: layer_list for r in roles} if layer_list else None,
+            batch_size=batch_size or c.get("batch_size", 1),
+            encoding=enc,
+            skip_bad=skip_bad or bool(c.get("skip_bad", False)),
+            overwrite=overwrite,
+            device=dev,
+            dtype=dtype or c.get("dtype") or ("bfloat16" if dev.startswith("cuda") else "float32"),
+            progress=not no_progress,
+        )
+        res = run_build(bc)
+    except DriveKDError as e:
+        _fail(e)
+    if res["rank"] == 0:
+        parts = [f"{res['written']} samples written", f"{res['already']} already complete", f"{res['skipped']} skipped"]
+        click.echo(f"drivekd-cache: {', '.join(parts)} in {res['seconds']:.1f} s -> {bc.out}")
+        for r, s in res["roles"].items():
+            ratio = f"{s['compression_ratio']:.2f}x" if s["compression_ratio"] else "n/a"
+            click.echo(f"  {r}: {s['complete']} complete, {s['skipped']} skipped, {s['missing'] + s['incomplete']} missing; "
+                       f"{s['bytes_on_disk'] / 2**20:.2f} MiB on disk, {ratio} smaller than fp16 square maps")
+            if s["skipped_ids"]:
+                click.echo(f"  {r} skipped ids: {', '.join(s['skipped_ids'])}")
+
+
+@main.command()
+@click.argument("store", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def info(store, as_json):
+    """Roles, teacher, layers, sample counts, bytes on disk, compression ratio."""
+    from drivekd.store.zarr_store import TeacherStore
+
+    try:
+        st = TeacherStore(store)
+        summaries = {r: st.summary(r) for r in st.roles()}
+    except DriveKDError as e:
+        _fail(e)
+    if as_json:
+        click.echo(json.dumps(summaries, indent=2))
+        return
+    if not summaries:
+        click.echo(f"{store}: no roles built yet")
+    for r, s in summaries.items():
+        ratio = f"{s['compression_ratio']:.2f}x" if s["compression_ratio"] else "n/a"
+        click.echo(f"{r}: teacher {s['teacher']} ({s['family']}, {s['teacher_fingerprint']}), layers {s['layers']}, encoding {s['encoding']['mode']}")
+        click.echo(f"  samples: {s['complete']} complete, {s['incomplete'] + s['missing']} missing/incomplete, {s['skipped']} skipped")
+        click.echo(f"  {s['bytes_on_disk'] / 2**20:.2f} MiB on disk; attention {s['attn_bytes'] / 2**20:.2f} MiB vs "
+                   f"{s['fp16_square_bytes'] / 2**20:.2f} MiB as fp16 square maps ({ratio})")
+
+
+@main.command()
+@click.argument("store", type=click.Path(path_type=Path))
+def verify(store):
+    """Check every sample is complete and readable; non-zero exit naming what is wrong."""
+    from drivekd.store.zarr_store import TeacherStore
+
+    try:
+        st = TeacherStore(store)
+        roles = st.roles()
+        if not roles:
+            raise DriveKDError(f"{store}: no roles built")
+        problems = [p for r in roles for p in st.verify(r)]
+    except DriveKDError as e:
+        _fail(e)
+    if problems:
+        for p in problems[:50]:
+            click.echo(f"problem: {p}", err=True)
+        click.echo(f"verify: {len(problems)} problem(s) in {store}", err=True)
+        sys.exit(1)
+    click.echo(f"verify: {store} OK ({', '.join(roles)})")
+
+
+if __name__ == "__main__":
+    main()

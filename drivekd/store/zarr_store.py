@@ -1,0 +1,341 @@
+"""The teacher store: a Zarr v3 hierarchy of compressed head-mean attention maps.
+
+Layout (see docs/STORE.md; readable with any Zarr v3 client, no drivekd needed):
+
+    STORE/zarr.json                          root group, attrs {"drivekd": {"schema_version": 1}}
+    STORE/<role>/zarr.json                   role group, attrs: the build metadata (teacher, layers, ...)
+    STORE/<role>/samples/<id>/zarr.json      sample group, attrs {"status": "complete", "length": T, ...}
+    STORE/<role>/samples/<id>/input_ids      int32 (T,)   teacher token ids
+    STORE/<role>/samples/<id>/vision         bool  (T,)   vision positions
+    STORE/<role>/samples/<id>/text           bool  (T,)   text query positions
+    STORE/<role>/samples/<id>/attn           float16 (n_layers, T*(T+1)/2), one chunk per layer:
+                                             row k = layer layers[k], the lower triangle row-major
+                                             (row i contributes keys 0..i)
+
+A sample counts only when its group's `status` is "complete"; that attribute is written after
+every array of the sample (zarr's local store writes each file atomically), so a killed build
+leaves at worst an incomplete sample, which the next build redoes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+import zarr
+from zarr.codecs import BloscCodec
+
+from drivekd.errors import StoreError
+from drivekd.store.targets import ROLES, RoleInfo, SampleTargets
+
+SCHEMA_VERSION = 1
+_SAFE_KEY = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}$")
+
+# Build metadata that must match for a build to add samples to an existing role.
+MUST_MATCH = ("teacher_fingerprint", "processor_fingerprint", "layers", "encoding", "family", "text_tokens")
+
+
+@dataclass(frozen=True)
+class Encoding:
+    """How maps are stored. Lossless from fp16 by default; `lossy` rounds mantissas first.
+
+    lossy keeps `keepbits` of fp16's 10 mantissa bits (round to nearest even) before the
+    lossless compressor: values stay plain fp16 for any reader, and the zeroed low bits compress
+    well. Relative error per entry <= 2^-(keepbits+1).
+    """
+
+    mode: str = "lossless"  # "lossless" or "lossy"
+    keepbits: int = 4
+    clevel: int = 5
+
+    def __post_init__(self):
+        if self.mode not in ("lossless", "lossy"):
+            raise StoreError(f"encoding must be 'lossless' or 'lossy', not {self.mode!r} (--encoding)")
+        if not 0 <= self.keepbits <= 10:
+            raise StoreError(f"--keepbits must be in 0..10 (fp16 has 10 mantissa bits), not {self.keepbits}")
+
+    def to_dict(self) -> dict:
+        d = {"mode": self.mode, "compressor": "blosc-zstd-bitshuffle", "clevel": self.clevel}
+        if self.mode == "lossy":
+            d["keepbits"] = self.keepbits
+        return d
+
+    def compressor(self) -> BloscCodec:
+        return BloscCodec(cname="zstd", clevel=self.clevel, shuffle="bitshuffle", typesize=2)
+
+    def quantise(self, x: np.ndarray) -> np.ndarray:
+        """fp16 array -> fp16 array as stored (identity when lossless)."""
+        if self.mode == "lossless" or self.keepbits >= 10:
+            return x
+        drop = 10 - self.keepbits
+        u = x.view(np.uint16).astype(np.uint32)
+        # Round half to even on the dropped bits, then clear them.
+        half = (1 << (drop - 1)) - 1 + ((u >> drop) & 1)
+        u = ((u + half) >> drop) << drop
+        return u.astype(np.uint16).view(np.float16)
+
+
+def check_key(sample_id: str) -> str:
+    """A sample id as a store key. Ids with separators or '..' could escape the store: refused."""
+    if not isinstance(sample_id, str) or not _SAFE_KEY.match(sample_id) or ".." in sample_id:
+        raise StoreError(
+            f"sample id {sample_id!r} is not a safe store key (allowed: letters, digits, '.', '_', '-'; no '..', "
+            "no path separators); load data with drivekd.data.load_samples, which sanitises ids"
+        )
+    return sample_id
+
+
+@lru_cache(maxsize=8)
+def _tril_index(T: int) -> tuple[torch.Tensor, torch.Tensor]:
+    i, j = torch.tril_indices(T, T)
+    return i, j
+
+
+def pack_tril(m: torch.Tensor) -> torch.Tensor:
+    """(T, T) -> (T*(T+1)/2,) lower triangle, row-major."""
+    i, j = _tril_index(m.shape[-1])
+    return m[i, j]
+
+
+def unpack_tril(v: torch.Tensor, T: int) -> torch.Tensor:
+    """(T*(T+1)/2,) -> (T, T) with zeros above the diagonal."""
+    if v.numel() != T * (T + 1) // 2:
+        raise StoreError(f"packed map has {v.numel()} entries, expected {T * (T + 1) // 2} for T={T}")
+    out = torch.zeros(T, T, dtype=v.dtype)
+    i, j = _tril_index(T)
+    out[i, j] = v
+    return out
+
+
+def teacher_fingerprint(path: str | Path) -> str:
+    """Config plus a cheap weights fingerprint: each safetensors header, size and sampled bytes.
+
+    Hashing every byte of a 16 GB checkpoint would add minutes to each build; the header lists
+    every tensor's name, dtype, shape and offset, and sampled blocks catch retrained weights.
+    """
+    path = Path(path)
+    h = hashlib.sha256()
+    h.update((path / "config.json").read_bytes())
+    for f in sorted(path.glob("*.safetensors")):
+        size = f.stat().st_size
+        with f.open("rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            h.update(fh.read(n))
+            for k in range(16):
+                fh.seek(min(size - 1, 8 + n + k * max(1, (size - 8 - n) // 16)))
+                h.update(fh.read(65536))
+        h.update(f"{f.name}:{size}".encode())
+    return h.hexdigest()
+
+
+def _dir_bytes(p: Path) -> int:
+    return sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) if p.exists() else 0
+
+
+class TeacherStore:
+    """Reader (and low-level writer) of a teacher store. Implements `TargetSource`."""
+
+    def __init__(self, path: str | Path, mode: str = "r"):
+        self.path = Path(path)
+        if mode == "r":
+            if not (self.path / "zarr.json").is_file():
+                raise StoreError(f"no teacher store at {self.path}; build one with `drivekd-cache build --out {self.path}`")
+            self.root = zarr.open_group(str(self.path), mode="r")
+            meta = dict(self.root.attrs).get("drivekd", {})
+            version = meta.get("schema_version")
+            if version != SCHEMA_VERSION:
+                raise StoreError(
+                    f"{self.path}: store schema version {version!r}, this drivekd reads {SCHEMA_VERSION}; "
+                    "rebuild it with `drivekd-cache build --overwrite`"
+                )
+        else:
+            self.path.mkdir(parents=True, exist_ok=True)
+            self.root = zarr.open_group(str(self.path), mode="a")
+            meta = dict(self.root.attrs).get("drivekd")
+            if meta is None:
+                self.root.attrs["drivekd"] = {"schema_version": SCHEMA_VERSION, "kind": "teacher-store"}
+            elif meta.get("schema_version") != SCHEMA_VERSION:
+                raise StoreError(f"{self.path}: schema version {meta.get('schema_version')!r}; use --overwrite or a new --out")
+
+    # ----- roles -----
+    def roles(self) -> list[str]:
+        return [r for r in ROLES if (self.path / r / "zarr.json").is_file()]
+
+    def role_meta(self, role: str) -> dict:
+        if role not in self.roles():
+            raise StoreError(
+                f"role {role!r} is not in store {self.path} (have: {', '.join(self.roles()) or 'none'}); "
+                f"build it with `drivekd-cache build --teacher {role}`"
+            )
+        return dict(zarr.open_group(str(self.path / role), mode="r").attrs)
+
+    def role_info(self, role: str) -> RoleInfo:
+        m = self.role_meta(role)
+        return RoleInfo(role, tuple(m["layers"]), int(m["num_teacher_layers"]), m["teacher_fingerprint"], m["family"], m["processor_fingerprint"])
+
+    def init_role(self, role: str, meta: dict, overwrite: bool = False) -> None:
+        """Create the role group, or check that an existing one was built with the same settings."""
+        rdir = self.path / role
+        if (rdir / "zarr.json").is_file():
+            old = dict(zarr.open_group(str(rdir), mode="r").attrs)
+            diffs = [k for k in MUST_MATCH if old.get(k) != meta.get(k)]
+            if diffs and not overwrite:
+                lines = "; ".join(f"{k}: store has {old.get(k)!r}, this build {meta.get(k)!r}" for k in diffs)
+                raise StoreError(
+                    f"role {role} of {self.path} was built with different settings ({lines}). "
+                    "Use another --out, or --overwrite to delete this role and rebuild it"
+                )
+            if overwrite and diffs:
+                shutil.rmtree(rdir)
+            else:
+                g = zarr.open_group(str(rdir), mode="a")
+                g.attrs.update({k: v for k, v in meta.items() if k not in MUST_MATCH})
+                return
+        g = self.root.require_group(role)
+        g.attrs.update({"schema_version": SCHEMA_VERSION, **meta})
+        g.require_group("samples")
+
+    # ----- samples -----
+    def _sample_dir(self, role: str, sample_id: str) -> Path:
+        return self.path / role / "samples" / check_key(sample_id)
+
+    def sample_status(self, role: str, sample_id: str) -> str:
+        """'complete', 'skipped', 'incomplete' (started, not finished) or 'missing'."""
+        d = self._sample_dir(role, sample_id)
+        zj = d / "zarr.json"
+        if not zj.is_file():
+            return "incomplete" if d.exists() else "missing"
+        try:
+            attrs = json.loads(zj.read_text()).get("attributes", {})
+        except (OSError, ValueError):
+            return "incomplete"
+        return attrs.get("status", "incomplete")
+
+    def write_sample(self, role: str, sample_id: str, input_ids, vision, text, maps: list[torch.Tensor], layers, encoding: Encoding, fault=None) -> int:
+        """Write one sample's arrays, then its completion mark. Returns bytes of attention written."""
+        d = self._sample_dir(role, sample_id)
+        if d.exists():
+            shutil.rmtree(d)  # an incomplete earlier attempt
+        T = int(input_ids.numel())
+        g = zarr.open_group(str(d), mode="w", attributes={"status": "writing", "length": T})
+        g.create_array("input_ids", data=input_ids.to(torch.int32).numpy(), chunks=(T,), compressors=BloscCodec(cname="zstd", clevel=3))
+        g.create_array("vision", data=vision.numpy(), chunks=(T,))
+        g.create_array("text", data=text.numpy(), chunks=(T,))
+        P = T * (T + 1) // 2
+        attn = g.create_array("attn", shape=(len(layers), P), chunks=(1, P), dtype="float16", compressors=encoding.compressor(), fill_value=0)
+        for k, m in enumerate(maps):
+            attn[k] = encoding.quantise(pack_tril(m).to(torch.float16).numpy())
+            if fault is not None:
+                fault()
+        from drivekd.families.base import token_fingerprint
+
+        # The completion mark, last.
+        g.attrs.update({"status": "complete", "length": T, "fingerprint": token_fingerprint(input_ids), "layers": list(layers)})
+        return len(layers) * P * 2
+
+    def mark_skipped(self, role: str, sample_id: str, reason: str) -> None:
+        d = self._sample_dir(role, sample_id)
+        if d.exists():
+            shutil.rmtree(d)
+        zarr.open_group(str(d), mode="w", attributes={"status": "skipped", "reason": reason})
+
+    def get(self, role: str, sample_id: str, layers: list[int] | None = None) -> SampleTargets:
+        info = self.role_info(role)
+        status = self.sample_status(role, sample_id)
+        if status != "complete":
+            hint = "it was skipped as bad input" if status == "skipped" else f"it is {status}"
+            raise StoreError(
+                f"sample {sample_id!r} has no complete {role} targets in {self.path} ({hint}); "
+                f"run `drivekd-cache build --teacher {role}` again to complete the store"
+            )
+        want = list(info.layers) if layers is None else [int(l) for l in layers]
+        missing = [l for l in want if l not in info.layers]
+        if missing:
+            raise StoreError(f"role {role} of {self.path} stores layers {list(info.layers)}, not {missing}; rebuild with --layers")
+        g = zarr.open_group(str(self._sample_dir(role, sample_id)), mode="r")
+        T = int(g.attrs["length"])
+        attn = g["attn"]
+        maps = {}
+        for l in want:
+            row = torch.from_numpy(np.asarray(attn[info.layers.index(l)]))
+            maps[l] = unpack_tril(row.float(), T)
+        return SampleTargets(
+            sample_id, g.attrs["fingerprint"], torch.from_numpy(np.asarray(g["vision"][:])), torch.from_numpy(np.asarray(g["text"][:])), maps
+        )
+
+    def read_input_ids(self, role: str, sample_id: str) -> torch.Tensor:
+        g = zarr.open_group(str(self._sample_dir(role, sample_id)), mode="r")
+        return torch.from_numpy(np.asarray(g["input_ids"][:]).astype(np.int64))
+
+    # ----- reporting -----
+    def summary(self, role: str) -> dict:
+        meta = self.role_meta(role)
+        ids = meta.get("sample_ids", [])
+        counts = {"complete": 0, "skipped": 0, "incomplete": 0, "missing": 0}
+        raw = 0
+        for sid in ids:
+            st = self.sample_status(role, sid)
+            counts[st] += 1
+        sdir = self.path / role / "samples"
+        attn_bytes = 0
+        for d in sdir.iterdir() if sdir.exists() else []:
+            zj = d / "zarr.json"
+            if not zj.is_file():
+                continue
+            attrs = json.loads(zj.read_text()).get("attributes", {})
+            if attrs.get("status") == "complete":
+                T = int(attrs["length"])
+                raw += len(meta["layers"]) * T * T * 2  # fp16 square maps
+                attn_bytes += _dir_bytes(d / "attn")
+        return {
+            "role": role,
+            "teacher": meta.get("teacher_path"),
+            "teacher_fingerprint": meta.get("teacher_fingerprint", "")[:16],
+            "family": meta.get("family"),
+            "layers": meta.get("layers"),
+            "encoding": meta.get("encoding"),
+            **counts,
+            "skipped_ids": [s for s in ids if self.sample_status(role, s) == "skipped"],
+            "bytes_on_disk": _dir_bytes(self.path / role),
+            "attn_bytes": attn_bytes,
+            "fp16_square_bytes": raw,
+            "compression_ratio": (raw / attn_bytes) if attn_bytes else None,
+        }
+
+    def verify(self, role: str) -> list[str]:
+        """Every expected sample complete and readable, fingerprints consistent. Returns problems."""
+        problems = []
+        meta = self.role_meta(role)
+        for sid in meta.get("sample_ids", []):
+            st = self.sample_status(role, sid)
+            if st == "skipped":
+                continue
+            if st != "complete":
+                problems.append(f"{role}/{sid}: {st}")
+                continue
+            try:
+                t = self.get(role, sid)
+                from drivekd.families.base import token_fingerprint
+
+                ids = self.read_input_ids(role, sid)
+                if token_fingerprint(ids) != t.fingerprint:
+                    problems.append(f"{role}/{sid}: fingerprint does not match the stored token ids")
+                if not (t.vision.numel() == t.text.numel() == ids.numel()):
+                    problems.append(f"{role}/{sid}: masks and token ids differ in length")
+                for l, m in t.maps.items():
+                    if not torch.isfinite(m).all():
+                        problems.append(f"{role}/{sid}: layer {l} has non-finite values")
+            except Exception as e:  # noqa: BLE001 - verify reports every unreadable sample
+                problems.append(f"{role}/{sid}: unreadable ({type(e).__name__}: {e})")
+        return problems
+
+
+def role_meta_dict(**kw) -> dict:
+    return {k: (asdict(v) if hasattr(v, "__dataclass_fields__") else v) for k, v in kw.items()}
