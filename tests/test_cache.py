@@ -1,0 +1,224 @@
+"""drivekd-cache: store contents, resume after kill -9, sharded build, bad input, refusals."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from click.testing import CliRunner
+
+from drivekd.cli.cache import main as cache_cli
+from drivekd.data import load_samples
+from drivekd.errors import StoreError
+from drivekd.families import Family, capture_attention, load_model
+from drivekd.store.build import BuildConfig, build, recipe_layers
+from drivekd.store.zarr_store import Encoding, TeacherStore, check_key, pack_tril, unpack_tril
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def small_data(demo_data, tmp_path_factory) -> Path:
+    """Five samples of the demo data (a six-view group and single views), images resolved."""
+    recs = json.loads((demo_data / "train.json").read_text())
+    six = [r for r in recs if len(r["images"]) == 6][:2]
+    one = [r for r in recs if len(r["images"]) == 1][:3]
+    d = tmp_path_factory.mktemp("small")
+    for r in six + one:
+        r["images"] = [str(demo_data / p) for p in r["images"]]
+    (d / "train.json").write_text(json.dumps(six + one))
+    return d / "train.json"
+
+
+def _cfg(tiny_models, data, out, **kw):
+    t = tiny_models / "internvl-teacher"
+    return BuildConfig(teachers={"perception": t, "reasoning": t, "planning": t}, data=data, images=None, out=out, progress=False, **kw)
+
+
+@pytest.fixture(scope="module")
+def built(tiny_models, small_data, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("store") / "cache"
+    res = build(_cfg(tiny_models, small_data, out))
+    assert res["written"] == 5
+    return out
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_store_matches_direct_capture(tiny_models, small_data, built):
+    store = TeacherStore(built)
+    assert store.roles() == ["perception", "reasoning", "planning"]
+    L = 6
+    assert store.role_info("perception").layers == (0,)
+    assert store.role_info("planning").layers == (L - 2,)
+    assert store.role_info("reasoning").layers == tuple(range(L - 1)) == tuple(recipe_layers("reasoning", L))
+    fam = Family.from_pretrained(tiny_models / "internvl-teacher")
+    model = load_model(tiny_models / "internvl-teacher")
+    samples = load_samples(small_data)
+    for s in samples[:2]:
+        inputs = fam.build_inputs([s])
+        with torch.no_grad(), capture_attention(model, [0, 4]) as maps:
+            model(**inputs.tensors)
+        t = store.get("reasoning", s.id, [0, 4])
+        lay = inputs.layouts[0]
+        assert t.fingerprint == lay.fingerprint
+        assert torch.equal(t.vision, lay.vision) and torch.equal(t.text, lay.text)
+        for l in (0, 4):
+            ref = maps[l][0]
+            # fp16 storage: relative rounding 2^-11.
+            assert torch.allclose(t.maps[l], ref, rtol=1e-3, atol=1e-6)
+            assert torch.triu(t.maps[l], 1).abs().max() == 0
+        # The planning role holds the same layer-4 map as the reasoning role.
+        assert torch.equal(store.get("planning", s.id).maps[4], t.maps[4])
+
+
+def test_store_is_plain_zarr(built):
+    """Readable with zarr alone, as docs/STORE.md describes."""
+    root = zarr.open_group(str(built), mode="r")
+    assert root.attrs["drivekd"]["schema_version"] == 1
+    role = root["perception"]
+    sid = role.attrs["sample_ids"][0]
+    g = role["samples"][sid]
+    assert g.attrs["status"] == "complete"
+    T = g.attrs["length"]
+    attn = g["attn"]
+    assert attn.dtype == np.float16 and attn.shape == (1, T * (T + 1) // 2)
+    row0 = np.asarray(attn[0])
+    # Lower-triangle row-major: the first query row has one key, attending to itself with weight 1.
+    assert abs(float(row0[0]) - 1.0) < 1e-3
+
+
+def test_info_and_verify_cli(built, tmp_path):
+    r = CliRunner().invoke(cache_cli, ["info", str(built), "--json"])
+    assert r.exit_code == 0, r.output
+    info = json.loads(r.output)
+    assert info["perception"]["complete"] == 5 and info["perception"]["compression_ratio"] > 2
+    assert CliRunner().invoke(cache_cli, ["verify", str(built)]).exit_code == 0
+    # Break one sample: verify must fail naming it.
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(built, broken)
+    sid = zarr.open_group(str(broken / "planning"), mode="r").attrs["sample_ids"][1]
+    chunk = next(p for p in (broken / "planning" / "samples" / sid / "attn" / "c").rglob("*") if p.is_file())
+    chunk.write_bytes(b"garbage")
+    r = CliRunner().invoke(cache_cli, ["verify", str(broken)])
+    assert r.exit_code == 1 and sid in r.output
+
+
+def test_kill_and_resume_is_bit_identical(tiny_models, small_data, built, tmp_path):
+    out = tmp_path / "cache"
+    cmd = [sys.executable, "-m", "drivekd.cli.cache", "build", "--teacher", "all", "--model", str(tiny_models / "internvl-teacher"),
+           "--data", str(small_data), "--out", str(out), "--no-progress"]
+    # SIGKILL in the middle of the 3rd sample's reasoning rows (after 12 attention-row writes).
+    p = subprocess.run(cmd, env={**os.environ, "DRIVEKD_FAULT_KILL_AFTER": "12"}, capture_output=True, text=True)
+    assert p.returncode == -9, p.stderr[-2000:]
+    st = TeacherStore(out)
+    statuses = [st.sample_status("reasoning", s) for s in st.role_meta("reasoning")["sample_ids"]]
+    assert "complete" in statuses and statuses != ["complete"] * 5
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "already complete" in p.stdout
+    assert _files(out) == _files(built)
+
+
+def test_two_rank_build_equals_single(tiny_models, small_data, built, tmp_path):
+    out = tmp_path / "cache"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}", "-m", "drivekd.cli.cache", "build",
+           "--teacher", "all", "--model", str(tiny_models / "internvl-teacher"), "--data", str(small_data), "--out", str(out), "--no-progress"]
+    p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert _files(out) == _files(built)
+
+
+def test_refuses_other_settings_and_overwrites(tiny_models, small_data, built, tmp_path):
+    import shutil
+
+    out = tmp_path / "cache"
+    shutil.copytree(built, out)
+    cfg = _cfg(tiny_models, small_data, out, layers={"perception": [1], "reasoning": [0], "planning": [4]})
+    with pytest.raises(StoreError, match=r"layers: store has \[0\], this build \[1\]"):
+        build(cfg)
+    with pytest.raises(StoreError, match="encoding"):
+        build(_cfg(tiny_models, small_data, out, encoding=Encoding("lossy", keepbits=3)))
+    with pytest.raises(StoreError, match="teacher_fingerprint"):
+        other = tiny_models / "qwen2_5_vl-teacher"
+        build(BuildConfig(teachers={"perception": other}, data=small_data, images=None, out=out, progress=False))
+    cfg = _cfg(tiny_models, small_data, out, layers={"perception": [1]}, overwrite=True)
+    cfg.teachers = {"perception": cfg.teachers["perception"]}
+    res = build(cfg)
+    assert res["written"] == 5 and TeacherStore(out).role_info("perception").layers == (1,)
+
+
+def test_bad_image_stops_or_is_skipped(tiny_models, small_data, tmp_path):
+    recs = json.loads(small_data.read_text())
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG not really")
+    recs[3]["images"] = [str(bad)]
+    data = tmp_path / "train.json"
+    data.write_text(json.dumps(recs))
+    bad_id = load_samples(data, check_images=False)[3].id
+    t = str(tiny_models / "internvl-teacher")
+    out = tmp_path / "cache"
+    r = CliRunner().invoke(cache_cli, ["build", "--teacher", "perception", "--model", t, "--data", str(data), "--out", str(out), "--no-progress"])
+    assert r.exit_code == 2 and bad_id in r.output and "broken.png" in r.output
+    assert TeacherStore(out).sample_status("perception", bad_id) != "complete"
+    r = CliRunner().invoke(cache_cli, ["build", "--teacher", "perception", "--model", t, "--data", str(data), "--out", str(out), "--no-progress", "--skip-bad"])
+    assert r.exit_code == 0, r.output
+    assert "skipped ids: " + bad_id in r.output
+    st = TeacherStore(out)
+    assert st.sample_status("perception", bad_id) == "skipped"
+    assert st.summary("perception")["complete"] == 4
+    with pytest.raises(StoreError, match="skipped"):
+        st.get("perception", bad_id)
+
+
+def test_reader_errors(built):
+    st = TeacherStore(built)
+    sid = st.role_meta("perception")["sample_ids"][0]
+    with pytest.raises(StoreError, match="missing"):
+        st.get("perception", "no-such-sample")
+    with pytest.raises(StoreError, match=r"stores layers \[0\], not \[3\]"):
+        st.get("perception", sid, [3])
+    with pytest.raises(StoreError, match="no teacher store"):
+        TeacherStore(built / "nope")
+    for evil in ["../escape", "a/b", "..", "/abs", "a\\b"]:
+        with pytest.raises(StoreError, match="not a safe store key"):
+            check_key(evil)
+
+
+def test_missing_role_names_command(tiny_models, small_data, tmp_path):
+    t = tiny_models / "qwen2_5_vl-teacher"
+    out = tmp_path / "cache"
+    build(BuildConfig(teachers={"planning": t}, data=small_data, images=None, out=out, progress=False))
+    st = TeacherStore(out)
+    assert st.roles() == ["planning"] and st.role_info("planning").family == "qwen2_5_vl"
+    with pytest.raises(StoreError, match="--teacher perception"):
+        st.role_info("perception")
+
+
+def test_pack_roundtrip_and_lossy_bound():
+    m = torch.tril(torch.rand(7, 7))
+    assert torch.equal(unpack_tril(pack_tril(m), 7), m)
+    x = (torch.rand(10000) * 0.5 + 1e-4).to(torch.float16).numpy()
+    for k in (2, 4, 7):
+        q = Encoding("lossy", keepbits=k).quantise(x)
+        rel = np.abs(q.astype(np.float32) - x.astype(np.float32)) / x.astype(np.float32)
+        assert rel.max() <= 2.0 ** -(k + 1) + 1e-6
+        assert rel.max() > 0
+    assert np.array_equal(Encoding().quantise(x), x)
