@@ -138,7 +138,7 @@ def build(cfg: BuildConfig) -> dict:
             by_ckpt.setdefault(Path(cfg.teachers[role]).resolve(), []).append(role)
 
     fault = _fault_hook()
-    totals = {"written": 0, "skipped": 0, "already": 0, "bytes": 0, "seconds": 0.0}
+    totals = {"written": 0, "skipped": 0, "already": 0, "bytes": 0, "seconds": 0.0, "loop_seconds": 0.0}
     t0 = time.perf_counter()
     for ckpt, roles in by_ckpt.items():
         family = Family.from_pretrained(ckpt, image_processing=cfg.image_processing)
@@ -161,7 +161,7 @@ def build(cfg: BuildConfig) -> dict:
             "encoding": cfg.encoding.to_dict(),
             "dataset_fingerprint": dataset_fingerprint(samples),
             "sample_ids": ids,
-            "layout": "attn[k] = lower triangle (row-major) of layer layers[k], float16",
+            "layout": "attn[k, i*(i+1)/2 + j] = A_layers[k][i, j] * (i + 1), j <= i, float16",
         }
         if rank == 0:
             for role in roles:
@@ -179,6 +179,7 @@ def build(cfg: BuildConfig) -> dict:
         model = load_model(ckpt, dtype=dtype, device=cfg.device).eval()
         bar = tqdm(total=sum(len(b) for b in todo), desc=f"teacher {'+'.join(roles)}", unit="sample",
                    disable=not cfg.progress or rank != 0, dynamic_ncols=True)
+        t_loop = time.perf_counter()
         # One writer thread: compression and file writes of batch k overlap the forward of k+1.
         with ThreadPoolExecutor(max_workers=1) as writer:
             pending = []
@@ -218,6 +219,7 @@ def build(cfg: BuildConfig) -> dict:
                 bar.update(len(good))
                 bar.set_postfix_str(f"{totals['bytes'] / 2**20:.1f} MiB raw fp16 written")
             totals["bytes"] += sum(f.result() for f in pending)
+        totals["loop_seconds"] += time.perf_counter() - t_loop  # teacher pass after the model loaded
         bar.close()
     _barrier(world)
     totals["seconds"] = time.perf_counter() - t0
