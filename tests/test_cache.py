@@ -88,19 +88,26 @@ def test_store_matches_direct_capture(tiny_models, small_data, built):
 
 
 def test_store_is_plain_zarr(built):
-    """Readable with zarr alone, as docs/STORE.md describes."""
+    """Readable with zarr alone, as docs/STORE.md describes (prefix blocks included)."""
     root = zarr.open_group(str(built), mode="r")
-    assert root.attrs["drivekd"]["schema_version"] == 1
+    assert root.attrs["drivekd"]["schema_version"] == 2
     role = root["perception"]
-    sid = role.attrs["sample_ids"][0]
-    g = role["samples"][sid]
-    assert g.attrs["status"] == "complete"
-    T = g.attrs["length"]
-    attn = g["attn"]
-    assert attn.dtype == np.float16 and attn.shape == (1, T * (T + 1) // 2)
-    row0 = np.asarray(attn[0])
-    # Lower-triangle row-major: the first query row has one key, attending to itself with weight 1.
-    assert abs(float(row0[0]) - 1.0) < 1e-3
+    for sid in role.attrs["sample_ids"]:
+        g = role["samples"][sid]
+        assert g.attrs["status"] == "complete"
+        T = g.attrs["length"]
+        packed = np.asarray(g["attn"][0], dtype=np.float32)
+        P = 0
+        if g.attrs.get("prefix"):
+            P = g.attrs["prefix_length"]
+            packed = np.concatenate([np.asarray(role["prefixes"][g.attrs["prefix"]]["attn"][0], dtype=np.float32), packed])
+        assert g["attn"].dtype == np.float16 and g["attn"].shape == (1, T * (T + 1) // 2 - P * (P + 1) // 2)
+        A = np.zeros((T, T), np.float32)
+        for i in range(T):
+            A[i, : i + 1] = packed[i * (i + 1) // 2 : (i + 1) * (i + 2) // 2] / (i + 1)
+        # Causal rows sum to one; the first query attends only to itself.
+        assert abs(A[0, 0] - 1) < 1e-3 and np.allclose(A.sum(1), 1, atol=3e-3)
+    assert any(role["samples"][s].attrs.get("prefix") for s in role.attrs["sample_ids"])
 
 
 def test_info_and_verify_cli(built, tmp_path):
@@ -125,8 +132,8 @@ def test_kill_and_resume_is_bit_identical(tiny_models, small_data, built, tmp_pa
     out = tmp_path / "cache"
     cmd = [sys.executable, "-m", "drivekd.cli.cache", "build", "--teacher", "all", "--model", str(tiny_models / "internvl-teacher"),
            "--data", str(small_data), "--out", str(out), "--no-progress"]
-    # SIGKILL in the middle of the 3rd sample's reasoning rows (after 12 attention-row writes).
-    p = subprocess.run(cmd, env={**os.environ, "DRIVEKD_FAULT_KILL_AFTER": "12"}, capture_output=True, text=True)
+    # SIGKILL in the middle of the 3rd sample (after 24 attention-row writes: a shared prefix and two members of 7 rows each).
+    p = subprocess.run(cmd, env={**os.environ, "DRIVEKD_FAULT_KILL_AFTER": "24"}, capture_output=True, text=True)
     assert p.returncode == -9, p.stderr[-2000:]
     st = TeacherStore(out)
     statuses = [st.sample_status("reasoning", s) for s in st.role_meta("reasoning")["sample_ids"]]

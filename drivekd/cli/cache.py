@@ -49,9 +49,10 @@ def main() -> None:
 @click.option("--overwrite", is_flag=True, help="Delete a role built with other settings and rebuild it.")
 @click.option("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available).")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None, help="Teacher dtype (default bfloat16 on GPU, float32 on CPU).")
+@click.option("--share-prefix/--no-share-prefix", default=True, help="Run each image group's shared token prefix once (default on).")
 @click.option("--config", "config_path", type=click.Path(path_type=Path), help="Project config (default ./drivekd.toml if present).")
 @click.option("--no-progress", is_flag=True)
-def build(role, model_dir, data, images, out, layers, batch_size, encoding, keepbits, skip_bad, overwrite, device, dtype, config_path, no_progress):
+def build(role, model_dir, data, images, out, layers, batch_size, encoding, keepbits, skip_bad, overwrite, device, dtype, share_prefix, config_path, no_progress):
     """Run the teacher(s) once over every sample and write their targets."""
     import torch
 
@@ -91,6 +92,7 @@ def build(role, model_dir, data, images, out, layers, batch_size, encoding, keep
             device=dev,
             dtype=dtype or c.get("dtype") or ("bfloat16" if dev.startswith("cuda") else "float32"),
             progress=not no_progress,
+            share_prefix=share_prefix and bool(c.get("share_prefix", True)),
         )
         res = run_build(bc)
     except DriveKDError as e:
@@ -129,6 +131,10 @@ def info(store, as_json):
         click.echo(f"  samples: {s['complete']} complete, {s['incomplete'] + s['missing']} missing/incomplete, {s['skipped']} skipped")
         click.echo(f"  {s['bytes_on_disk'] / 2**20:.2f} MiB on disk; attention {s['attn_bytes'] / 2**20:.2f} MiB vs "
                    f"{s['fp16_square_bytes'] / 2**20:.2f} MiB as fp16 square maps ({ratio})")
+        if s["prefix_groups"]:
+            click.echo(f"  shared prefixes: {s['prefix_groups']} groups, {s['questions_per_group']:.1f} questions per group, "
+                       f"{s['unshared_samples']} unshared samples; {s['bytes_saved_by_sharing'] / 2**20:.2f} MiB of fp16 "
+                       f"lower triangles not stored ({100 * s['bytes_saved_by_sharing'] / max(1, s['tril_fp16_bytes']):.0f}%)")
 
 
 @main.command()

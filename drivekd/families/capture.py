@@ -54,6 +54,13 @@ def head_mean_attention(query: torch.Tensor, key: torch.Tensor, attention_mask, 
     query: (B, H, Q, D) after RoPE; key: (B, Hkv, K, D) (grouped-query heads are expanded here).
     Returns (B, Q, K). Fully masked rows (padding queries) come out as exactly zero.
     """
+    # Under bf16 autocast (GPU training) the matmul below would run in bf16 and the fp32-min fill
+    # would overflow it: the map is always formed in fp32.
+    with torch.autocast(query.device.type, enabled=False):
+        return _head_mean_fp32(query, key, attention_mask, scaling)
+
+
+def _head_mean_fp32(query, key, attention_mask, scaling: float) -> torch.Tensor:
     B, H, Q, D = query.shape
     Hkv, K = key.shape[1], key.shape[2]
     rep = H // Hkv

@@ -62,6 +62,7 @@ class BuildConfig:
     dtype: str = "float32"
     image_processing: dict | None = None
     progress: bool = True
+    share_prefix: bool = True  # run each image group's shared token prefix once
 
     def validate(self) -> None:
         if not self.teachers:
@@ -112,6 +113,164 @@ def _dist():
     if not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     return dist.get_rank(), world
+
+
+def image_groups(samples: list[Sample]) -> list[list[Sample]]:
+    """Samples grouped by their images, groups in order of first appearance, members in data order."""
+    groups: dict[tuple, list[Sample]] = {}
+    for s in samples:
+        groups.setdefault(s.group_key, []).append(s)
+    return list(groups.values())
+
+
+def common_prefix_length(seqs: list[torch.Tensor]) -> int:
+    n = min(int(x.numel()) for x in seqs)
+    first = seqs[0][:n]
+    same = torch.ones(n, dtype=torch.bool)
+    for x in seqs[1:]:
+        same &= x[:n] == first
+    diff = (~same).nonzero()
+    return int(diff[0]) if len(diff) else n
+
+
+class _Pass:
+    """The teacher pass over units of one checkpoint: forward, cut per sample, queue the writes."""
+
+    def __init__(self, store, family, model, roles, layers, union, cfg, fault, totals, bar):
+        self.store, self.family, self.model, self.roles, self.layers = store, family, model, roles, layers
+        self.union, self.cfg, self.fault, self.totals, self.bar = union, cfg, fault, totals, bar
+        self.writer = None
+        self.pending = []
+
+    def readable(self, unit: list[Sample]) -> list[Sample]:
+        good = []
+        for s in unit:
+            try:
+                Family.load_images(s)
+                good.append(s)
+            except DataError as e:
+                if not self.cfg.skip_bad:
+                    raise
+                for r in self.roles:
+                    self.store.mark_skipped(r, s.id, str(e))
+                self.totals["skipped"] += 1
+                self.bar.update(1)
+        return good
+
+    def _todo_roles(self, s: Sample) -> list[str]:
+        return [r for r in self.roles if self.store.sample_status(r, s.id) != "complete"]
+
+    def _submit(self, fn, *args, **kw):
+        self.pending.append(self.writer.submit(fn, *args, **kw))
+
+    def collect(self, wait: bool) -> None:
+        done = [f for f in self.pending if wait or f.done()]
+        self.totals["bytes"] += sum(f.result() for f in done)
+        self.pending = [f for f in self.pending if f not in done]
+        self.bar.set_postfix_str(f"{self.totals['bytes'] / 2**20:.1f} MiB fp16 written")
+
+    def run_batch(self, good: list[Sample]) -> None:
+        """Unshared: one padded forward over the batch, each sample's full map."""
+        cfg = self.cfg
+        inputs = self.family.build_inputs(good).to(cfg.device)
+        am = inputs.tensors["attention_mask"].bool()
+        with torch.no_grad(), capture_attention(self.model, self.union, attention_mask=am) as maps:
+            self.model(**inputs.tensors)
+        maps = {l: m.float().cpu() for l, m in maps.items()}
+        for b, (s, lay) in enumerate(zip(good, inputs.layouts)):
+            pos = am[b].cpu().nonzero().squeeze(1)  # the sample's own rows/columns in the padded batch
+            lo, hi = int(pos[0]), int(pos[-1]) + 1
+            for r in self._todo_roles(s):
+                rmaps = [maps[l][b, lo:hi, lo:hi].contiguous() for l in self.layers[r]]
+                self._submit(self.store.write_sample, r, s.id, lay.input_ids, lay.vision, lay.text, rmaps, self.layers[r], cfg.encoding, self.fault)
+        self.totals["written"] += len(good)
+        self.bar.update(len(good))
+
+    def run_group(self, good: list[Sample]) -> None:
+        """Shared: the group's common token prefix once, then each question's suffix against its KV cache."""
+        cfg = self.cfg
+        enc = [self.family.encode(s) for s in good]
+        need = [bool(self._todo_roles(s)) for s in good]
+        res = shared_forward(self.model, enc, self.union, need, cfg.device)
+        P, key = res.prefix_length, res.key
+        prefix_ids = enc[0][1].input_ids[:P]
+        for r in self.roles:
+            if self.store.prefix_status(r, key) != "complete":
+                self._submit(self.store.write_prefix, r, key, prefix_ids, [res.prefix[l] for l in self.layers[r]], self.layers[r],
+                             cfg.encoding, len(good), self.fault)
+        for s, (_, lay), rows in zip(good, enc, res.suffixes):
+            for r in self._todo_roles(s) if rows is not None else []:
+                self._submit(self.store.write_sample, r, s.id, lay.input_ids, lay.vision, lay.text, [rows[l] for l in self.layers[r]],
+                             self.layers[r], cfg.encoding, self.fault, prefix=(key, P))
+            self.totals["written"] += 1
+            self.bar.update(1)
+
+
+@dataclass
+class SharedMaps:
+    prefix_length: int  # P
+    key: str  # content hash of the prefix tokens and pixels
+    prefix: dict[int, torch.Tensor]  # layer -> (P, P)
+    suffixes: list[dict[int, torch.Tensor] | None]  # per sample: layer -> (T_i - P, T_i), None if not needed
+
+
+def shared_forward(model, encoded, layers, need=None, device="cpu") -> SharedMaps:
+    """Head-mean maps of a group of samples that share their images, computing the shared prefix once.
+
+    encoded: [(processor tensors, TokenLayout)] per sample (Family.encode, batch 1, unpadded).
+    Under causal attention the first P rows of every member's map depend only on the common P
+    tokens: they come from one prefix forward; each member then runs only its suffix against the
+    prefix's KV cache. Equal to per-sample forwards within fp32 rounding.
+    """
+    ids = [lay.input_ids for _, lay in encoded]
+    need = need or [True] * len(encoded)
+    # Every suffix keeps at least one token.
+    P = min(common_prefix_length(ids), min(int(x.numel()) for x in ids) - 1)
+    t0 = encoded[0][0]
+    # The same token ids can carry other pixels: the key hashes both.
+    h = hashlib.sha256(ids[0][:P].to(torch.int32).numpy().tobytes())
+    h.update(t0["pixel_values"].float().numpy().tobytes())
+    key = "p-" + h.hexdigest()[:32]
+    prefix_in = {"input_ids": t0["input_ids"][:, :P], "attention_mask": t0["attention_mask"][:, :P], "pixel_values": t0["pixel_values"]}
+    full_pos = _mrope_positions(model, t0, device)  # (3, 1, T) for Qwen2.5-VL, None for 1-D RoPE
+    if full_pos is not None:
+        prefix_in.update(image_grid_thw=t0["image_grid_thw"], mm_token_type_ids=t0["mm_token_type_ids"][:, :P], position_ids=full_pos[..., :P])
+    with torch.no_grad(), capture_attention(model, layers) as pmaps:
+        out = model(**{k: v.to(device) for k, v in prefix_in.items()}, use_cache=True)
+    cache = out.past_key_values
+    prefix = {l: m[0].float().cpu() for l, m in pmaps.items()}
+    suffixes: list[dict[int, torch.Tensor] | None] = []
+    for (tens, lay), want in zip(encoded, need):
+        if not want:
+            suffixes.append(None)
+            continue
+        T = lay.length
+        pos = _mrope_positions(model, tens, device)
+        suf = {
+            "input_ids": tens["input_ids"][:, P:],
+            "attention_mask": torch.ones(1, T, dtype=torch.long),
+            "cache_position": torch.arange(P, T),
+            # Explicit positions: the cached branch cannot rebuild M-RoPE positions itself.
+            "position_ids": pos[..., P:] if pos is not None else torch.arange(P, T)[None],
+        }
+        if "mm_token_type_ids" in tens:
+            suf["mm_token_type_ids"] = tens["mm_token_type_ids"][:, P:]
+        with torch.no_grad(), capture_attention(model, layers) as smaps:
+            model(**{k: v.to(device) for k, v in suf.items()}, past_key_values=cache, use_cache=True)
+        cache.crop(-(T - P))  # drop this suffix: back to the bare prefix for the next question
+        suffixes.append({l: m[0].float().cpu() for l, m in smaps.items()})  # (T - P, T)
+    return SharedMaps(P, key, prefix, suffixes)
+
+
+def _mrope_positions(model, tens, device) -> torch.Tensor | None:
+    """Qwen2.5-VL's M-RoPE position ids of the whole sequence, (3, 1, T); None for 1-D RoPE families."""
+    if "image_grid_thw" not in tens:
+        return None
+    pos, _ = model.model.get_rope_index(
+        tens["input_ids"].to(device), tens["mm_token_type_ids"].to(device),
+        image_grid_thw=tens["image_grid_thw"].to(device), attention_mask=tens["attention_mask"].to(device),
+    )
+    return pos.cpu()
 
 
 def _barrier(world: int) -> None:
@@ -169,56 +328,31 @@ def build(cfg: BuildConfig) -> dict:
         _barrier(world)
 
         union = sorted(set().union(*layers.values()))
-        batches = [samples[i : i + cfg.batch_size] for i in range(0, len(samples), cfg.batch_size)]
-        mine = [b for k, b in enumerate(batches) if k % world == rank]
-        todo = [b for b in mine if any(store.sample_status(r, s.id) not in ("complete", "skipped") for s in b for r in roles)]
-        totals["already"] += sum(len(b) for b in mine) - sum(len(b) for b in todo)
+        # Units of work, fixed by the dataset order whatever is already stored: image groups when
+        # sharing prefixes (a group's prefix runs once), else fixed batches.
+        units = image_groups(samples) if cfg.share_prefix else [samples[i : i + cfg.batch_size] for i in range(0, len(samples), cfg.batch_size)]
+        mine = [u for k, u in enumerate(units) if k % world == rank]
+        todo = [u for u in mine if any(store.sample_status(r, s.id) not in ("complete", "skipped") for s in u for r in roles)]
+        totals["already"] += sum(len(u) for u in mine) - sum(len(u) for u in todo)
         if not todo:
             continue
         dtype = getattr(torch, cfg.dtype)
         model = load_model(ckpt, dtype=dtype, device=cfg.device).eval()
-        bar = tqdm(total=sum(len(b) for b in todo), desc=f"teacher {'+'.join(roles)}", unit="sample",
+        bar = tqdm(total=sum(len(u) for u in todo), desc=f"teacher {'+'.join(roles)}", unit="sample",
                    disable=not cfg.progress or rank != 0, dynamic_ncols=True)
         t_loop = time.perf_counter()
-        # One writer thread: compression and file writes of batch k overlap the forward of k+1.
+        pass_ = _Pass(store, family, model, roles, layers, union, cfg, fault, totals, bar)
+        # One writer thread: compression and file writes overlap the next forward.
         with ThreadPoolExecutor(max_workers=1) as writer:
-            pending = []
-            for batch in todo:
-                good = []
-                for s in batch:
-                    try:
-                        Family.load_images(s)
-                        good.append(s)
-                    except DataError as e:
-                        if not cfg.skip_bad:
-                            raise
-                        for r in roles:
-                            store.mark_skipped(r, s.id, str(e))
-                        totals["skipped"] += 1
-                        bar.update(1)
-                if not good:
-                    continue
-                inputs = family.build_inputs(good).to(cfg.device)
-                am = inputs.tensors["attention_mask"].bool()
-                with torch.no_grad(), capture_attention(model, union, attention_mask=am) as maps:
-                    model(**inputs.tensors)
-                maps = {l: m.float().cpu() for l, m in maps.items()}
-                for b, (s, lay) in enumerate(zip(good, inputs.layouts)):
-                    # Cut the sample's own rows/columns out of the padded batch.
-                    pos = am[b].cpu().nonzero().squeeze(1)
-                    lo, hi = int(pos[0]), int(pos[-1]) + 1
-                    for r in roles:
-                        if store.sample_status(r, s.id) == "complete":
-                            continue
-                        rmaps = [maps[l][b, lo:hi, lo:hi].contiguous() for l in layers[r]]
-                        pending.append(writer.submit(store.write_sample, r, s.id, lay.input_ids, lay.vision, lay.text, rmaps, layers[r], cfg.encoding, fault))
-                done_bytes = sum(f.result() for f in pending if f.done())
-                totals["bytes"] += done_bytes
-                pending = [f for f in pending if not f.done()]
-                totals["written"] += len(good)
-                bar.update(len(good))
-                bar.set_postfix_str(f"{totals['bytes'] / 2**20:.1f} MiB raw fp16 written")
-            totals["bytes"] += sum(f.result() for f in pending)
+            pass_.writer = writer
+            for unit in todo:
+                good = pass_.readable(unit)
+                if cfg.share_prefix and len(good) > 1:
+                    pass_.run_group(good)
+                elif good:
+                    pass_.run_batch(good)
+                pass_.collect(wait=False)
+            pass_.collect(wait=True)
         totals["loop_seconds"] += time.perf_counter() - t_loop  # teacher pass after the model loaded
         bar.close()
     _barrier(world)

@@ -39,7 +39,8 @@ from zarr.codecs import BloscCodec
 from drivekd.errors import StoreError
 from drivekd.store.targets import ROLES, RoleInfo, SampleTargets
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # v1: no prefix sharing; every v1 sample reads as a v2 sample without prefix
 _SAFE_KEY = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}$")
 
 # Build metadata that must match for a build to add samples to an existing role.
@@ -120,11 +121,17 @@ def unpack_tril(v: torch.Tensor | np.ndarray, T: int, dtype=np.float32) -> torch
     return torch.from_numpy(out)
 
 
-def encode_map(m: torch.Tensor, encoding: "Encoding") -> np.ndarray:
-    """(T, T) fp32 map -> packed fp16 as stored: row i scaled by (i + 1), then quantised."""
-    T = m.shape[-1]
-    scaled = m.float() * torch.arange(1, T + 1, dtype=torch.float32)[:, None]
-    return encoding.quantise(pack_tril(scaled.to(torch.float16)).numpy())
+def encode_map(m: torch.Tensor, encoding: "Encoding", row0: int = 0) -> np.ndarray:
+    """Rows row0..row0+n-1 of a causal map -> packed fp16 as stored.
+
+    m: (n, K) with K >= row0 + n; its row r is query row0 + r, whose keys are 0..row0+r. A full map
+    is row0 = 0, m (T, T). Each row is scaled by its key count (row0 + r + 1), then quantised.
+    """
+    n = m.shape[0]
+    counts = torch.arange(row0 + 1, row0 + n + 1, dtype=torch.float32)
+    a = (m.float() * counts[:, None]).to(torch.float16).numpy()
+    packed = np.concatenate([a[r, : row0 + r + 1] for r in range(n)]) if n else np.zeros(0, np.float16)
+    return encoding.quantise(packed)
 
 
 _INV_SCALE: dict[int, np.ndarray] = {}
@@ -182,7 +189,7 @@ class TeacherStore:
             self.root = zarr.open_group(str(self.path), mode="r")
             meta = dict(self.root.attrs).get("drivekd", {})
             version = meta.get("schema_version")
-            if version != SCHEMA_VERSION:
+            if version not in READABLE_VERSIONS:
                 raise StoreError(
                     f"{self.path}: store schema version {version!r}, this drivekd reads {SCHEMA_VERSION}; "
                     "rebuild it with `drivekd-cache build --overwrite`"
@@ -194,7 +201,10 @@ class TeacherStore:
             if meta is None:
                 self.root.attrs["drivekd"] = {"schema_version": SCHEMA_VERSION, "kind": "teacher-store"}
             elif meta.get("schema_version") != SCHEMA_VERSION:
-                raise StoreError(f"{self.path}: schema version {meta.get('schema_version')!r}; use --overwrite or a new --out")
+                raise StoreError(
+                    f"{self.path}: a schema-version {meta.get('schema_version')!r} store; this drivekd writes version "
+                    f"{SCHEMA_VERSION} (prefix-shared). It can still be read; to build into it, delete it or pass a new --out"
+                )
 
     # ----- roles -----
     def roles(self) -> list[str]:
@@ -235,10 +245,13 @@ class TeacherStore:
             else:
                 g = zarr.open_group(str(rdir), mode="a")
                 g.attrs.update({k: v for k, v in meta.items() if k not in MUST_MATCH})
+                g.require_group("prefixes")
                 return
         g = self.root.require_group(role)
         g.attrs.update({"schema_version": SCHEMA_VERSION, **meta})
+        # Zarr v3 has no implicit groups: create both parents so plain zarr clients can walk them.
         g.require_group("samples")
+        g.require_group("prefixes")
 
     # ----- samples -----
     def _sample_dir(self, role: str, sample_id: str) -> Path:
@@ -256,27 +269,65 @@ class TeacherStore:
             return "incomplete"
         return attrs.get("status", "incomplete")
 
-    def write_sample(self, role: str, sample_id: str, input_ids, vision, text, maps: list[torch.Tensor], layers, encoding: Encoding, fault=None) -> int:
-        """Write one sample's arrays, then its completion mark. Returns bytes of attention written."""
+    def write_sample(self, role: str, sample_id: str, input_ids, vision, text, maps: list[torch.Tensor], layers, encoding: Encoding,
+                     fault=None, prefix: tuple[str, int] | None = None) -> int:
+        """Write one sample's arrays, then its completion mark. Returns raw fp16 bytes of attention written.
+
+        Without `prefix`, maps are (T, T). With prefix (key, P), the sample's first P rows live in the
+        prefix group `key` and maps are its suffix rows, (T - P, T).
+        """
+        from drivekd.families.base import token_fingerprint
+
         d = self._sample_dir(role, sample_id)
         if d.exists():
             shutil.rmtree(d)  # an incomplete earlier attempt
         T = int(input_ids.numel())
+        row0 = prefix[1] if prefix else 0
         g = zarr.open_group(str(d), mode="w", attributes={"status": "writing", "length": T})
         g.create_array("input_ids", data=input_ids.to(torch.int32).numpy(), chunks=(T,), compressors=BloscCodec(cname="zstd", clevel=3))
         g.create_array("vision", data=vision.numpy(), chunks=(T,))
         g.create_array("text", data=text.numpy(), chunks=(T,))
-        P = T * (T + 1) // 2
-        attn = g.create_array("attn", shape=(len(layers), P), chunks=(1, P), dtype="float16", compressors=encoding.compressor(), fill_value=0)
+        n = T * (T + 1) // 2 - row0 * (row0 + 1) // 2
+        attn = g.create_array("attn", shape=(len(layers), n), chunks=(1, n), dtype="float16", compressors=encoding.compressor(), fill_value=0)
+        for k, m in enumerate(maps):
+            attn[k] = encode_map(m, encoding, row0)
+            if fault is not None:
+                fault()
+        mark = {"status": "complete", "length": T, "fingerprint": token_fingerprint(input_ids), "layers": list(layers)}
+        if prefix:
+            mark.update({"prefix": prefix[0], "prefix_length": row0})
+        g.attrs.update(mark)  # the completion mark, last
+        return len(layers) * n * 2
+
+    # ----- shared prefixes (schema 2) -----
+    def _prefix_dir(self, role: str, key: str) -> Path:
+        return self.path / role / "prefixes" / check_key(key)
+
+    def prefix_status(self, role: str, key: str) -> str:
+        zj = self._prefix_dir(role, key) / "zarr.json"
+        if not zj.is_file():
+            return "missing"
+        try:
+            return json.loads(zj.read_text()).get("attributes", {}).get("status", "incomplete")
+        except (OSError, ValueError):
+            return "incomplete"
+
+    def write_prefix(self, role: str, key: str, input_ids, maps: list[torch.Tensor], layers, encoding: Encoding, members: int, fault=None) -> int:
+        """A group's shared prefix block: (P, P) maps, stored once. Complete before any member sample."""
+        d = self._prefix_dir(role, key)
+        if d.exists():
+            shutil.rmtree(d)
+        P = int(input_ids.numel())
+        g = zarr.open_group(str(d), mode="w", attributes={"status": "writing", "length": P})
+        g.create_array("input_ids", data=input_ids.to(torch.int32).numpy(), chunks=(P,), compressors=BloscCodec(cname="zstd", clevel=3))
+        n = P * (P + 1) // 2
+        attn = g.create_array("attn", shape=(len(layers), n), chunks=(1, n), dtype="float16", compressors=encoding.compressor(), fill_value=0)
         for k, m in enumerate(maps):
             attn[k] = encode_map(m, encoding)
             if fault is not None:
                 fault()
-        from drivekd.families.base import token_fingerprint
-
-        # The completion mark, last.
-        g.attrs.update({"status": "complete", "length": T, "fingerprint": token_fingerprint(input_ids), "layers": list(layers)})
-        return len(layers) * P * 2
+        g.attrs.update({"status": "complete", "length": P, "members": members, "layers": list(layers)})
+        return len(layers) * n * 2
 
     def mark_skipped(self, role: str, sample_id: str, reason: str) -> None:
         d = self._sample_dir(role, sample_id)
@@ -300,9 +351,20 @@ class TeacherStore:
         g = zarr.open_group(str(self._sample_dir(role, sample_id)), mode="r")
         T = int(g.attrs["length"])
         attn = g["attn"]
+        pattn = None
+        if g.attrs.get("prefix"):
+            key = g.attrs["prefix"]
+            if self.prefix_status(role, key) != "complete":
+                raise StoreError(f"sample {sample_id!r}: its shared prefix {key} in role {role} is not complete; run the build again")
+            pattn = zarr.open_group(str(self._prefix_dir(role, key)), mode="r")["attn"]
         maps = {}
         for l in want:
-            maps[l] = decode_map(np.asarray(attn[info.layers.index(l)]), T)
+            k = info.layers.index(l)
+            packed = np.asarray(attn[k])
+            if pattn is not None:
+                # Row-major lower triangle: the prefix rows come first, then the suffix rows.
+                packed = np.concatenate([np.asarray(pattn[k]), packed])
+            maps[l] = decode_map(packed, T)
         return SampleTargets(
             sample_id, g.attrs["fingerprint"], torch.from_numpy(np.asarray(g["vision"][:])), torch.from_numpy(np.asarray(g["text"][:])), maps
         )
@@ -320,8 +382,11 @@ class TeacherStore:
         for sid in ids:
             st = self.sample_status(role, sid)
             counts[st] += 1
+        nl = len(meta["layers"])
         sdir = self.path / role / "samples"
         attn_bytes = 0
+        tril_entries = 0  # entries every complete sample's full lower triangles would hold
+        prefix_use: dict[str, int] = {}
         for d in sdir.iterdir() if sdir.exists() else []:
             zj = d / "zarr.json"
             if not zj.is_file():
@@ -329,8 +394,21 @@ class TeacherStore:
             attrs = json.loads(zj.read_text()).get("attributes", {})
             if attrs.get("status") == "complete":
                 T = int(attrs["length"])
-                raw += len(meta["layers"]) * T * T * 2  # fp16 square maps
+                raw += nl * T * T * 2  # fp16 square maps
+                tril_entries += nl * T * (T + 1) // 2
                 attn_bytes += _dir_bytes(d / "attn")
+                if attrs.get("prefix"):
+                    prefix_use[attrs["prefix"]] = prefix_use.get(attrs["prefix"], 0) + 1
+        stored_entries = 0
+        for key in prefix_use:
+            attn_bytes += _dir_bytes(self._prefix_dir(role, key) / "attn")
+        pdir = self.path / role / "prefixes"
+        for d in pdir.iterdir() if pdir.exists() else []:
+            zj = d / "zarr.json"
+            if zj.is_file() and d.name in prefix_use:
+                P = int(json.loads(zj.read_text())["attributes"]["length"])
+                stored_entries -= nl * P * (P + 1) // 2 * (prefix_use[d.name] - 1)  # kept once, used n times
+        groups = len(prefix_use)
         return {
             "role": role,
             "teacher": meta.get("teacher_path"),
@@ -344,6 +422,12 @@ class TeacherStore:
             "attn_bytes": attn_bytes,
             "fp16_square_bytes": raw,
             "compression_ratio": (raw / attn_bytes) if attn_bytes else None,
+            "prefix_groups": groups,
+            "questions_per_group": (sum(prefix_use.values()) / groups) if groups else None,
+            "unshared_samples": counts["complete"] - sum(prefix_use.values()),
+            # fp16 bytes of lower-triangle entries not stored thanks to sharing (before compression)
+            "bytes_saved_by_sharing": -stored_entries * 2,
+            "tril_fp16_bytes": tril_entries * 2,
         }
 
     def verify(self, role: str) -> list[str]:
@@ -362,6 +446,12 @@ class TeacherStore:
                 from drivekd.families.base import token_fingerprint
 
                 ids = self.read_input_ids(role, sid)
+                g = zarr.open_group(str(self._sample_dir(role, sid)), mode="r")
+                if g.attrs.get("prefix"):
+                    pg = zarr.open_group(str(self._prefix_dir(role, g.attrs["prefix"])), mode="r")
+                    pids = torch.from_numpy(np.asarray(pg["input_ids"][:]).astype(np.int64))
+                    if not torch.equal(pids, ids[: pids.numel()]):
+                        problems.append(f"{role}/{sid}: token ids do not start with its shared prefix {g.attrs['prefix']}")
                 if token_fingerprint(ids) != t.fingerprint:
                     problems.append(f"{role}/{sid}: fingerprint does not match the stored token ids")
                 if not (t.vision.numel() == t.text.numel() == ids.numel()):
