@@ -1,0 +1,162 @@
+"""Run checkpoints: RUN/step-NNNNNN/ and RUN/final/, valid only once complete.
+
+A checkpoint folder holds
+
+    model.safetensors, config.json, ...     the student (save_pretrained, safetensors)
+    processor / tokenizer files            the family's processor (save_pretrained)
+    trainer_state.pt                       optimizer, scheduler, re-weighting, RNG states: tensors
+                                           and plain containers only, read with weights_only=True
+    trainer_state.json                     step, data position, world size, the resolved config
+    COMPLETE                               written last
+
+It is written into RUN/.tmp-<name>-<pid>/ and renamed into place after COMPLETE exists, so a
+kill at any moment leaves either the previous checkpoints or a complete new one (plus a .tmp
+folder that the next run removes). Only COMPLETE folders are ever read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from drivekd.errors import DriveKDError
+
+MARKER = "COMPLETE"
+STATE_PT = "trainer_state.pt"
+STATE_JSON = "trainer_state.json"
+FORMAT_VERSION = 1
+_STEP_RE = re.compile(r"^step-(\d{6,})$")
+
+
+def step_name(step: int) -> str:
+    return f"step-{step:06d}"
+
+
+def is_complete(path: str | Path) -> bool:
+    return (Path(path) / MARKER).is_file()
+
+
+def list_checkpoints(run: str | Path) -> list[tuple[int, Path]]:
+    """Complete step checkpoints of a run, oldest first."""
+    run = Path(run)
+    out = []
+    if run.is_dir():
+        for p in run.iterdir():
+            m = _STEP_RE.match(p.name)
+            if m and p.is_dir() and is_complete(p):
+                out.append((int(m.group(1)), p))
+    return sorted(out)
+
+
+def latest_checkpoint(run: str | Path) -> Path | None:
+    cks = list_checkpoints(run)
+    return cks[-1][1] if cks else None
+
+
+def clean_partial(run: str | Path) -> None:
+    """Remove leftovers of interrupted saves (.tmp-* folders, step folders without COMPLETE)."""
+    run = Path(run)
+    if not run.is_dir():
+        return
+    for p in run.iterdir():
+        if p.is_dir() and (p.name.startswith(".tmp-") or p.name.startswith(".old-") or (_STEP_RE.match(p.name) and not is_complete(p))):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def rng_state() -> dict[str, Any]:
+    """Every RNG the process might use, as tensors / plain lists (weights_only-loadable)."""
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(_py_state(state["python"]))
+    n = state["numpy"]
+    np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _py_state(s) -> tuple:
+    # random.getstate() is (version, tuple of 625 ints, gauss_next); lists after a round trip.
+    version, internal, gauss = s
+    return (version, tuple(internal), gauss)
+
+
+def save_checkpoint(
+    run: Path,
+    name: str,
+    model,
+    processor,
+    state: dict[str, Any],
+    meta: dict[str, Any],
+) -> Path:
+    """Write a complete checkpoint RUN/<name>/ atomically. `state` goes to trainer_state.pt (tensors
+    and plain containers), `meta` to trainer_state.json. Refuses to write non-finite weights."""
+    bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
+    if bad:
+        raise DriveKDError(f"refusing to checkpoint {name}: non-finite weights in {', '.join(bad[:5])}")
+    run = Path(run)
+    run.mkdir(parents=True, exist_ok=True)
+    tmp = run / f".tmp-{name}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    model.save_pretrained(tmp, safe_serialization=True)
+    processor.save_pretrained(tmp)
+    torch.save(state, tmp / STATE_PT)
+    (tmp / STATE_JSON).write_text(json.dumps({"format_version": FORMAT_VERSION, **meta}, indent=2, sort_keys=True) + "\n")
+    _fsync_dir_files(tmp)
+    (tmp / MARKER).write_text("ok\n")
+    final = run / name
+    if final.exists():
+        # Replacing a checkpoint of the same name (a run resumed before it): move the old one
+        # aside first so that there is always one complete copy on disk.
+        old = run / f".old-{name}-{os.getpid()}"
+        os.rename(final, old)
+        os.rename(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, final)
+    return final
+
+
+def _fsync_dir_files(d: Path) -> None:
+    for f in d.iterdir():
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+
+
+def prune(run: Path, keep_last: int) -> None:
+    """Delete all but the newest `keep_last` step checkpoints."""
+    for _, p in list_checkpoints(run)[:-keep_last] if keep_last > 0 else []:
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def read_meta(ckpt: str | Path) -> dict[str, Any]:
+    ckpt = Path(ckpt)
+    if not is_complete(ckpt):
+        raise DriveKDError(f"{ckpt} is not a complete checkpoint (no {MARKER} marker)")
+    return json.loads((ckpt / STATE_JSON).read_text())
+
+
+def load_state(ckpt: str | Path) -> dict[str, Any]:
+    """trainer_state.pt, read with weights_only=True (tensors and plain containers only)."""
+    return torch.load(Path(ckpt) / STATE_PT, map_location="cpu", weights_only=True)

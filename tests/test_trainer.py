@@ -1,0 +1,237 @@
+"""The training loop on tiny models: resume, recipes x projections, losses fall, alignment, NaNs."""
+
+import json
+import math
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from drivekd.data.loaders import load_samples
+from drivekd.errors import AlignmentError, DriveKDError
+from drivekd.families import Family, load_model
+from drivekd.store.targets import InMemoryTargets, SampleTargets
+from drivekd.trainer.checkpoint import is_complete, list_checkpoints, load_state, read_meta
+from drivekd.trainer.config import TrainConfig
+from drivekd.trainer.loop import train
+from drivekd.trainer.online import compute_targets
+
+TEACHER_LAYERS = {"perception": [0], "reasoning": [0, 1, 2, 3, 4], "planning": [4]}  # tiny teacher: 6 layers
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Tiny ops: one thread is as fast, and far faster when other jobs share the cores.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def samples(demo_data):
+    return load_samples(demo_data / "train.json")
+
+
+@pytest.fixture(scope="module")
+def targets(tiny_models, samples):
+    return compute_targets(tiny_models / "internvl-teacher", samples, TEACHER_LAYERS)
+
+
+def _cfg(tiny_models, demo_data, out, **kw):
+    base = dict(
+        student=tiny_models / "internvl-student", data=demo_data / "train.json", out=out, num_workers=0, progress=False,
+        max_steps=2, grad_accum=1, micro_batch=1, save_every=0, dynamic_weights=False, warmup_ratio=0.0,
+    )
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(path / "model.safetensors"))
+
+
+def test_resume_continues_exactly(tiny_models, demo_data, targets, tmp_path):
+    """Run 4 steps with a checkpoint every 2; resuming from step 2 gives steps 3-4 exactly."""
+    kw = dict(max_steps=4, save_every=2, grad_accum=2, micro_batch=1, lr=1e-3, dynamic_weights=True)
+    full = train(_cfg(tiny_models, demo_data, tmp_path / "full", num_workers=1, **kw), targets)
+    assert len(full.losses) == 4 and all(math.isfinite(l) for l in full.losses)
+    steps = [s for s, _ in list_checkpoints(tmp_path / "full")]
+    assert steps == [2, 4]
+    for _, p in list_checkpoints(tmp_path / "full"):
+        assert is_complete(p) and read_meta(p)["config"]["recipe"] == "multi"
+        state = load_state(p)  # weights_only=True
+        assert {"optimizer", "scheduler", "rng", "reweight"} <= set(state)
+    assert not list((tmp_path / "full").glob(".tmp-*"))
+    lines = [json.loads(l) for l in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [1, 2, 3, 4]
+    for key in ("loss", "loss_ce", "loss_perception", "raw_reasoning", "weights", "lr", "grad_norms", "grad_cos",
+                "projections_fired", "samples_per_s", "tokens_per_s", "peak_mem_bytes"):
+        assert key in lines[-1], key
+
+    resumed = train(_cfg(tiny_models, demo_data, tmp_path / "resumed", resume_from=tmp_path / "full" / "step-000002", **kw), targets)
+    assert resumed.steps == 4
+    assert resumed.losses == pytest.approx(full.losses[2:], rel=1e-6, abs=0)
+    a, b = _weights(tmp_path / "full" / "final"), _weights(tmp_path / "resumed" / "final")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
+    # The dynamic weights moved, and the resumed run continued them.
+    assert full.metrics[-1]["weights"] != {"ce": 1.0, "perception": 1.0, "reasoning": 1.0, "planning": 1.0}
+    assert resumed.metrics[-1]["weights"] == pytest.approx(full.metrics[-1]["weights"], rel=1e-6)
+
+    # final/ loads as an ordinary checkpoint.
+    fam = Family.from_pretrained(tmp_path / "full" / "final")
+    model = load_model(tmp_path / "full" / "final")
+    inputs = fam.build_inputs(load_samples(demo_data / "train.json")[:1])
+    with torch.no_grad():
+        assert torch.isfinite(model(**inputs.tensors).logits).all()
+
+    # --resume on a run folder picks its latest complete checkpoint; a half-written one is ignored.
+    (tmp_path / "full" / "step-000006").mkdir()
+    again = train(_cfg(tiny_models, demo_data, tmp_path / "full", resume=True, **kw), targets)
+    assert again.steps == 4 and again.losses == []
+    assert not (tmp_path / "full" / "step-000006").exists()
+
+
+ROLES_OF = {"perception": ["ce", "perception"], "reasoning": ["ce", "reasoning"], "planning": ["ce", "planning"],
+            "multi": ["ce", "perception", "reasoning", "planning"]}
+
+
+@pytest.mark.parametrize("recipe", ["perception", "reasoning", "planning", "multi"])
+@pytest.mark.parametrize("projection", ["agp", "g1", "g2", "none"])
+def test_every_recipe_and_projection(tiny_models, demo_data, targets, tmp_path, recipe, projection):
+    dynamic = projection in ("agp", "g2")
+    res = train(_cfg(tiny_models, demo_data, tmp_path / "run", recipe=recipe, projection=projection, max_steps=1,
+                     dynamic_weights=dynamic, micro_batch=2 if recipe == "multi" else 1), targets)
+    rec = res.metrics[-1]
+    assert res.plan.row_names == ROLES_OF[recipe]
+    assert math.isfinite(rec["loss"]) and rec["loss"] > 0
+    for name in ROLES_OF[recipe]:
+        assert math.isfinite(rec[f"loss_{name}"])
+    if projection == "none" and not dynamic:
+        assert rec["grad_norms"] is None  # fast path: one backward of the weighted sum
+    else:
+        assert all(v is not None and v > 0 for v in rec["grad_norms"].values())
+    assert is_complete(tmp_path / "run" / "final")
+
+
+def test_losses_fall(tiny_models, demo_data, targets, tmp_path):
+    """CE and every attention term decrease over a short run (4 samples, 4 epochs, higher lr)."""
+    sub = tmp_path / "data.json"
+    records = json.loads((demo_data / "train.json").read_text())[:6:2] + json.loads((demo_data / "train.json").read_text())[1:2]
+    sub.write_text(json.dumps(records))
+    # Attention MSEs are ~1e-9..1e-7 (maps are ~1/T per entry) against a CE of ~5: large static
+    # weights let them move the shared parameters within 16 steps.
+    cfg = _cfg(tiny_models, demo_data, tmp_path / "run", data=sub, images=demo_data, max_steps=16, lr=3e-3, projection="agp",
+               w_perception=1e8, w_reasoning=1e8, w_planning=1e8, max_grad_norm=0.0, mix="1,1,1;1,1,1;1,1,1")
+    res = train(cfg, targets)
+    first, last = res.metrics[:4], res.metrics[-4:]  # each epoch visits all 4 samples once
+    for key in ("loss_ce", "raw_perception", "raw_reasoning", "raw_planning"):
+        a = sum(r[key] for r in first) / 4
+        b = sum(r[key] for r in last) / 4
+        assert b < 0.9 * a, (key, a, b)
+
+
+def test_micro_batch_pads_targets(tiny_models, samples, targets, tmp_path, demo_data):
+    """A padded micro-batch of 2 gives each sample the losses it has alone (both padding sides)."""
+    from drivekd.trainer.config import validate
+    from drivekd.trainer.data import Collate
+    from drivekd.trainer.loop import Dist, Trainer
+
+    pair = [samples[0], samples[3]]  # one view and six views: very different lengths
+    for family in ("internvl", "qwen2_5_vl"):
+        tg = targets if family == "internvl" else compute_targets(tiny_models / "qwen2_5_vl-teacher", pair, TEACHER_LAYERS)
+        cfg = _cfg(tiny_models, demo_data, tmp_path / family, student=tiny_models / f"{family}-student")
+        plan = validate(replace(cfg, data=_subset(demo_data, tmp_path, [0, 3]), images=demo_data), tg)
+        trainer = Trainer(plan, tg, Dist("cpu"))
+        collate = Collate(trainer.family, plan.terms, tg)
+        items = [(s, {r: tg.get(r, s.id, plan.terms[k].teacher_layers) for k, r in enumerate(plan.row_names[1:])}) for s in pair]
+        both = collate(items)
+        assert both.inputs.tensors["attention_mask"].eq(0).any()
+        assert both.inputs.padding_side == ("left" if family == "internvl" else "right")
+
+        def per_sample(batch):
+            from drivekd.families.capture import capture_attention
+
+            with torch.no_grad(), capture_attention(trainer.model, plan.student_layers, attention_mask=batch.inputs.tensors["attention_mask"].bool()) as maps:
+                _, values, _ = trainer._losses(batch, maps)
+            return values
+
+        joint = per_sample(both)
+        alone = torch.cat([per_sample(collate([it])) for it in items], dim=1)
+        torch.testing.assert_close(joint, alone, rtol=2e-4, atol=1e-9)
+
+
+def _subset(demo_data, tmp_path, idx):
+    records = json.loads((demo_data / "train.json").read_text())
+    p = tmp_path / f"subset-{'-'.join(map(str, idx))}.json"
+    p.write_text(json.dumps([records[i] for i in idx]))
+    return p
+
+
+def test_alignment_mismatch_names_sample(tiny_models, demo_data, samples, targets, tmp_path):
+    victim = samples[2]
+    other = replace(victim, answer=victim.answer + " And more words.")
+    wrong = compute_targets(tiny_models / "internvl-teacher", [other], TEACHER_LAYERS)
+    table = {r: {s.id: targets.get(r, s.id) for s in samples} for r in TEACHER_LAYERS}
+    for r in TEACHER_LAYERS:
+        table[r][victim.id] = wrong.get(r, victim.id)
+    bad = InMemoryTargets({r: targets.role_info(r) for r in TEACHER_LAYERS}, table)
+    data = _subset(demo_data, tmp_path, [2])
+    with pytest.raises(AlignmentError, match=rf"sample {victim.id}.*length \d+ \(student\) vs \d+ \(store\).*first differing position \d+"):
+        train(_cfg(tiny_models, demo_data, tmp_path / "run", data=data, images=demo_data, max_steps=1), bad)
+
+
+def _poisoned(targets, samples, sid):
+    table = {r: {s.id: targets.get(r, s.id) for s in samples} for r in TEACHER_LAYERS}
+    t = table["perception"][sid]
+    table["perception"][sid] = SampleTargets(t.sample_id, t.fingerprint, t.vision, t.text, {0: torch.full_like(t.maps[0], float("nan"))})
+    return InMemoryTargets({r: targets.role_info(r) for r in TEACHER_LAYERS}, table)
+
+
+def test_nonfinite_loss_stops_or_skips(tiny_models, demo_data, samples, targets, tmp_path):
+    sid = samples[0].id
+    bad = _poisoned(targets, samples, sid)
+    data = _subset(demo_data, tmp_path, [0, 1])
+    cfg = _cfg(tiny_models, demo_data, tmp_path / "stop", data=data, images=demo_data, max_steps=2, save_every=1, grad_accum=2)
+    with pytest.raises(DriveKDError, match=rf"non-finite loss at step 1 .*{sid}"):
+        train(cfg, bad)
+    assert not list_checkpoints(tmp_path / "stop")
+    res = train(replace(cfg, out=tmp_path / "skip", skip_nonfinite=True), bad)
+    assert [r["skipped"] for r in res.metrics] == [[sid], [sid]]
+    assert all(math.isfinite(l) for l in res.losses)
+    for w in _weights(tmp_path / "skip" / "final").values():
+        assert torch.isfinite(w).all()
+
+
+def test_gradient_checkpointing_same_step(tiny_models, demo_data, targets, tmp_path):
+    kw = dict(max_steps=1, lr=1e-3, dynamic_weights=True)
+    a = train(_cfg(tiny_models, demo_data, tmp_path / "a", **kw), targets)
+    b = train(_cfg(tiny_models, demo_data, tmp_path / "b", gradient_checkpointing=True, **kw), targets)
+    assert a.losses == pytest.approx(b.losses, rel=1e-5)
+    wa, wb = _weights(tmp_path / "a" / "final"), _weights(tmp_path / "b" / "final")
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-6)
+
+
+def test_bf16_autocast_step(tiny_models, demo_data, targets, tmp_path):
+    res = train(_cfg(tiny_models, demo_data, tmp_path / "run", dtype="bfloat16", max_steps=1), targets)
+    assert math.isfinite(res.losses[0])
+
+
+def test_zero_weights_skip_rows(tiny_models, demo_data, targets, tmp_path):
+    """An identity mixing matrix leaves one teacher row per single-sample micro-step; a zero static
+    weight removes the term (no targets read, no backward, no re-weighting)."""
+    res = train(_cfg(tiny_models, demo_data, tmp_path / "eye", mix="1,0,0;0,1,0;0,0,1", max_steps=2, grad_accum=3,
+                     dynamic_weights=True), targets)
+    shares = [r["active_share"] for r in res.metrics]
+    assert all(s["ce"] == 1.0 for s in shares)
+    # Each sample has one capability, so each micro-step fills exactly one teacher row.
+    assert all(abs(sum(s[k] for k in ("perception", "reasoning", "planning")) - 1.0) < 1e-9 for s in shares)
+    res = train(_cfg(tiny_models, demo_data, tmp_path / "off", w_perception=0.0, w_ce=0.0, max_steps=1, dynamic_weights=True), targets)
+    assert res.plan.row_names == ["ce", "reasoning", "planning"]
+    rec = res.metrics[-1]
+    assert rec["weights"]["ce"] == 0.0 and rec["active_share"]["ce"] == 0.0 and rec["grad_norms"]["ce"] is None
