@@ -30,3 +30,12 @@ def demo_data(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("demo-data")
     make_demo_data(out, groups=4, questions_per_group=3, seed=0)
     return out
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Training tests run tiny ops: one thread is as fast, and far faster when other jobs share the cores."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

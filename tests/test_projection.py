@@ -200,12 +200,17 @@ def test_agp_stage1_keeps_anchor(seed):
         g0 = B[0].double()
         assert float(follower @ g0) >= -1e-6 * float(follower.norm() * g0.norm())
     assert float(M[0, 0]) > 1.0  # the conflict was really removed
-    # Stage 2 against the unprojected m_j: if it fires nowhere, lambda is just sum_k m_k.
-    B2 = torch.stack([B[0], B[1], B[0].abs(), B[0] * 0.1])
+    # Only stage 1 conflicts (follower 1 against the anchor; the m_k agree): lambda = sum_k m_k,
+    # and row 0's coefficient is K-1 plus what stage 1 added.
+    g = torch.Generator().manual_seed(seed)
+    pos = torch.rand(4, 800, generator=g)  # non-negative rows: no pairwise conflict among them
+    c = float(pos[1] @ pos[0] / (pos[0] @ pos[0]))
+    follower = pos[1] - 1.8 * c * pos[0]  # <follower, g_sup> = -0.8 <pos_1, pos_0> < 0
+    B2 = torch.stack([pos[0], follower, pos[2], pos[3]])
     _, info2 = combine(B2, "agp", [2, 1, 3], return_info=True)
-    stage1 = int(sum(float(x) < 0 for x in (B2[1:].double() @ B2[0].double())))
-    if int(info2["fired"]) == stage1:
-        torch.testing.assert_close(info2["coef"], info2["merged"].sum(0))
+    assert int(info2["fired"]) == 1
+    torch.testing.assert_close(info2["coef"], info2["merged"].sum(0))
+    assert float(info2["coef"][0]) > 3.0 and info2["coef"][1:].tolist() == [1.0, 1.0, 1.0]
 
 
 def test_gram_and_info():

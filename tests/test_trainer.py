@@ -21,13 +21,7 @@ from drivekd.trainer.online import compute_targets
 TEACHER_LAYERS = {"perception": [0], "reasoning": [0, 1, 2, 3, 4], "planning": [4]}  # tiny teacher: 6 layers
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny ops: one thread is as fast, and far faster when other jobs share the cores.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

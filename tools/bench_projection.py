@@ -220,7 +220,8 @@ def memory_case_cuda(N: int, dtype: torch.dtype, mode: str) -> int:
 def measure_memory(N: int, dtype_name: str, mode: str, device: str) -> int:
     if device == "cuda":
         return memory_case_cuda(N, getattr(torch, dtype_name), mode)
-    cmd = [sys.executable, os.path.abspath(__file__), "--_memory-case", str(N), dtype_name, mode]
+    cmd = [sys.executable, os.path.abspath(__file__), "--threads", str(torch.get_num_threads()),
+           "--_memory-case", str(N), dtype_name, mode]
     res = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return int(json.loads(res.stdout.strip().splitlines()[-1])["extra_bytes"])
 
@@ -235,14 +236,19 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--repeats", type=int, default=7, help="timed repeats per variant (median reported)")
     ap.add_argument("--ref-repeats", type=int, default=3, help="repeats of the (slow) reference-style AGP")
+    ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
     ap.add_argument("--no-memory", action="store_true", help="skip the extra-memory measurement")
     ap.add_argument("--_memory-case", nargs=3, metavar=("N", "DTYPE", "MODE"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
     if args._memory_case:
+        if args.threads:
+            torch.set_num_threads(args.threads)
         N, dtype_name, mode = args._memory_case
         print(json.dumps({"extra_bytes": memory_case(int(N), getattr(torch, dtype_name), mode)}))
         return
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda: CUDA is not available here; run with --device cpu")
 

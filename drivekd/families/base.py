@@ -136,6 +136,7 @@ class Family:
             raise ValueError("text_tokens must be 'paper' (exclude specials) or 'not_vision' (reference code)")
         self.name = family
         self.processor = processor
+        self._image_memo: tuple = (None, None)  # (images key, decoded PIL images) of the last group
         self.tokenizer = processor.tokenizer
         self.text_tokens = text_tokens
         self.image_token_id = int(processor.image_token_id)
@@ -181,6 +182,25 @@ class Family:
             msgs.append({"role": "assistant", "content": [{"type": "text", "text": sample.answer}]})
         return msgs
 
+    def _images_key(self, sample: Sample) -> tuple:
+        key = []
+        for p in sample.images:
+            try:
+                st = p.stat()
+                key.append((str(p), st.st_size, st.st_mtime_ns))
+            except OSError:
+                return ()  # unreadable: no memo, load_images raises the named error
+        return tuple(key)
+
+    def images(self, sample: Sample) -> list[Image.Image]:
+        """The sample's decoded images, memoised for the last image group (raises DataError)."""
+        key = self._images_key(sample)
+        if key and self._image_memo[0] == key:
+            return self._image_memo[1]
+        imgs = self.load_images(sample)
+        self._image_memo = (key, imgs) if key else (None, None)
+        return imgs
+
     @staticmethod
     def load_images(sample: Sample) -> list[Image.Image]:
         imgs = []
@@ -197,8 +217,13 @@ class Family:
         """Process one sample (unpadded). Returns the processor's tensors and the token layout."""
         proc = self.processor
         full_text = proc.apply_chat_template(self.messages(sample, with_answer), tokenize=False, add_generation_prompt=not with_answer)
-        imgs = self.load_images(sample)
-        enc = proc(images=imgs or None, text=[full_text], return_tensors="pt")
+        # Questions about one image group come in a row: decode and preprocess its images once.
+        imgs = self.images(sample)
+        proc._memo_key = self._image_memo[0]
+        try:
+            enc = proc(images=imgs or None, text=[full_text], return_tensors="pt")
+        finally:
+            proc._memo_key = None
         ids = enc["input_ids"][0]
         T = ids.numel()
         if with_answer:

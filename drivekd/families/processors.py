@@ -9,19 +9,43 @@ another backend, and teacher and student must always see the same pixels.
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
 from transformers import InternVLProcessor, Qwen2_5_VLProcessor
 
 
-class Qwen2_5_VLProcessorNoVideo(Qwen2_5_VLProcessor):
+class _GroupImageMemo:
+    """Reuse the image processing of the previous call when the same images come again.
+
+    Several questions ask about one image group (up to 8 per six-camera group in Drive-KD data);
+    processing six camera images costs more than the prefix-shared teacher pass of a question.
+    `Family.encode` sets `_memo_key` (image paths, sizes, mtimes) around each call; the memo
+    holds one group.
+    """
+
+    _memo_key = None
+    _memo = (None, None)
+
+    def _process_images(self, images, **kwargs):
+        key = self._memo_key
+        if key is not None and self._memo[0] == key:
+            processed, replacements = self._memo[1]
+            return copy.copy(processed), list(replacements)
+        out = super()._process_images(images, **kwargs)
+        if key is not None:
+            self._memo = (key, (copy.copy(out[0]), list(out[1])))
+        return out
+
+
+class Qwen2_5_VLProcessorNoVideo(_GroupImageMemo, Qwen2_5_VLProcessor):
     # ProcessorMixin derives its sub-processor attributes from this signature: no video_processor.
     def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
         super().__init__(image_processor=image_processor, tokenizer=tokenizer, video_processor=None, chat_template=chat_template, **kwargs)
 
 
-class InternVLProcessorNoVideo(InternVLProcessor):
+class InternVLProcessorNoVideo(_GroupImageMemo, InternVLProcessor):
     # image_seq_length must be explicit here, or it silently falls back to the default 256.
     def __init__(self, image_processor=None, tokenizer=None, image_seq_length: int = 256, chat_template=None, **kwargs):
         super().__init__(

@@ -11,7 +11,10 @@ linear combination of the K raw rows of ``grads``. So we:
 3. read the buffer a second time for ONE product lambda^T B (fp32 accumulation).
 
 Two passes over the buffer instead of one pass per dot product and per projected vector, and no
-per-parameter Python loop. The public entry point is :func:`combine`.
+per-parameter Python loop. Extra memory: none for fp32 rows with ``accumulate_into``, else the
+output N-vector; bf16/fp16 rows add an fp32 upcast scratch (see :func:`combine`). The public entry
+point is :func:`combine` (``drivekd.projection.combine`` is re-exported as the function: import
+this module with ``importlib.import_module`` if you need it).
 """
 
 from __future__ import annotations
@@ -31,10 +34,11 @@ MAX_ROWS = 4
 # which torch parallelises over blocks; fp32 sums stay inside a block, the nb partial Grams are
 # summed in fp64. A single (K x N) @ (N x K) sgemm is compute-bound (~3x slower) on this shape.
 _CPU_BLOCK = 8192
-# Half-precision rows are upcast to an fp32 scratch of at most _CPU_CHUNK (CPU) / _CUDA_CHUNK
-# columns at a time (64 MiB for K = 4), and never more than one N-vector (see combine).
+# Half-precision rows are upcast to an fp32 scratch of at most _CPU_CHUNK (CPU: 2 MiB for K = 4,
+# about one core's L2, measured best single-threaded) / _CUDA_CHUNK (64 MiB) columns at a time,
+# and never more than one N-vector (see combine).
 _HALF = (torch.bfloat16, torch.float16)
-_CPU_CHUNK = 1 << 22
+_CPU_CHUNK = 1 << 17
 _CUDA_CHUNK = 1 << 22
 _MIN_CHUNK = 4096
 
@@ -87,9 +91,13 @@ def combine(
             coefficients of the stage-1 vectors m_k (AGP) / c_k (G2), else None, "order": the
             permutation used}. All tensors stay on the grads' device.
         accumulate_into: optional contiguous (N,) tensor of the result dtype on the grads' device;
-            the result is added into it in place (no N-vector is allocated) and it is returned.
+            the result is added into it in place (no output N-vector is allocated) and it is
+            returned. Extra memory then: 0 for fp32/fp64 rows, an fp32 upcast scratch of at most
+            one N-vector (K x min(N/K, 2^17 on CPU, 2^22 on CUDA) floats) for bf16/fp16 rows.
+            Without it: the output N-vector, plus at most N/16 floats of scratch for bf16/fp16.
         zero_tol: relative tolerance under which a combined vector counts as numerically zero
-            (see ``_is_zero``). ``None``: 1e-5 for a Gram from fp32/bf16/fp16 rows, 1e-12 for fp64.
+            (see ``_Space.norms``). ``None``: 1e-5 for a Gram from fp32/bf16/fp16 rows, 1e-12 for
+            fp64.
 
     Returns:
         The combined (N,) gradient, fp32 for fp32/bf16/fp16 rows (the optimiser's gradients are
@@ -107,11 +115,10 @@ def combine(
     if accumulate_into is not None:
         _check_out(accumulate_into, N, out_dtype, grads.device)
 
-    # Half-precision rows are upcast chunk-wise into an fp32 scratch. Every chunk costs two
-    # parallel regions per pass, so chunks are large: the scratch may take up to one N-vector.
-    # With accumulate_into it serves both passes (extra memory: the scratch only); otherwise it is
-    # freed before the output N-vector is allocated and the product pass uses one of N/16 floats
-    # (peak extra: 1 + 1/16 N-vectors).
+    # Half-precision rows are upcast chunk-wise into an fp32 scratch (K x chunk) of at most one
+    # N-vector. With accumulate_into it serves both passes (extra memory: the scratch only);
+    # otherwise it is freed before the output N-vector is allocated and the product pass uses one
+    # of at most N/16 floats (peak extra <= 1 + 1/16 N-vectors).
     half = grads.dtype in _HALF
     need_gram = method != "none" or return_info
     scratch = _scratch(grads, N) if half and (need_gram or accumulate_into is not None) else None

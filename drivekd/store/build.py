@@ -146,7 +146,7 @@ class _Pass:
         good = []
         for s in unit:
             try:
-                Family.load_images(s)
+                self.family.images(s)  # decoded once per image group, reused by encode
                 good.append(s)
             except DataError as e:
                 if not self.cfg.skip_bad:
