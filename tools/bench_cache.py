@@ -61,7 +61,9 @@ def run_case(case: str, work: Path) -> dict:
 
         shutil.rmtree(out, ignore_errors=True)
         base = _rss_gb()
-        res = build(BuildConfig(teachers={role: teacher}, data=data, images=None, out=out, progress=False))
+        # Unshared: this measures capture + store against the same forwards; bench_prefix.py
+        # measures what prefix sharing saves on top.
+        res = build(BuildConfig(teachers={role: teacher}, data=data, images=None, out=out, progress=False, share_prefix=False))
         return {"case": case, "seconds": res["loop_seconds"], "n": len(samples), "extra_peak_gb": _peak_gb() - base}
     model = load_model(teacher, capture=False, attn="eager" if case == "reference" else "sdpa").eval()
     base = _rss_gb()
@@ -140,7 +142,8 @@ def loss_change(work: Path) -> dict:
         import shutil
 
         shutil.rmtree(st_dir, ignore_errors=True)
-        build(BuildConfig(teachers={"reasoning": teacher}, data=data, images=None, out=st_dir, encoding=Encoding("lossy", keepbits=keep), progress=False))
+        build(BuildConfig(teachers={"reasoning": teacher}, data=data, images=None, out=st_dir, encoding=Encoding("lossy", keepbits=keep),
+                          progress=False, share_prefix=False))
         st = TeacherStore(st_dir)
         info = st.summary("reasoning")
         l_t2v, l_full = losses(st)

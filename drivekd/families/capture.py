@@ -65,25 +65,31 @@ def _head_mean_fp32(query, key, attention_mask, scaling: float) -> torch.Tensor:
     Hkv, K = key.shape[1], key.shape[2]
     rep = H // Hkv
     allowed = _allowed(attention_mask, Q, K, query.device)  # (B|1, 1, Q, K)
+    masked = ~allowed
     neg = torch.finfo(torch.float32).min
     per_head = B * Q * K
     chunk = max(1, min(H, MAX_CHUNK_ELEMENTS // max(per_head, 1)))
     acc = None
+    # Every (B, c, Q, K) pass costs as much as the matmul, so the scale goes onto Q (Q*D, not Q*K
+    # elements) and the fill and sums work in place; none of those backward functions need their
+    # outputs, so this is safe under autograd.
     for h0 in range(0, H, chunk):
         h1 = min(H, h0 + chunk)
-        q = query[:, h0:h1].float()  # (B, c, Q, D)
+        q = query[:, h0:h1].float() * scaling  # (B, c, Q, D)
         kv_idx = torch.arange(h0, h1, device=query.device) // rep
         k = key.index_select(1, kv_idx).float()  # (B, c, K, D)
-        s = torch.matmul(q, k.transpose(-1, -2)) * scaling  # (B, c, Q, K)
+        s = torch.matmul(q, k.transpose(-1, -2))  # (B, c, Q, K)
         # finfo.min, not -inf: a fully padded row must give finite values, not NaN.
-        s = s.masked_fill(~allowed, neg)
+        s.masked_fill_(masked, neg)
         p = torch.softmax(s, dim=-1).sum(dim=1)  # (B, Q, K)
-        acc = p if acc is None else acc + p
-    out = acc / H
+        acc = p if acc is None else acc.add_(p)
+    acc.div_(H)
     # Rows with no allowed key (left-padding queries) are uniform after softmax; zero them so a
     # padded map never carries a signal.
     row_valid = allowed.any(dim=-1).squeeze(1)  # (B|1, Q)
-    return out * row_valid[..., None].to(out.dtype)
+    if not bool(row_valid.all()):
+        acc.mul_(row_valid[..., None].to(acc.dtype))
+    return acc
 
 
 def _capture_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
