@@ -226,7 +226,7 @@ def main(work: Path, groups: int, questions: int, size: str, case: str | None) -
     sq = lc["lossless"]["fp16_square_per_layer"]
     print("\n3. bytes per sample per layer               bytes     vs fp16 TxT   loss change t2v / full: tiny student | neighbour-layer proxy")
     print(f"   fp16 square map                    {sq:12.0f}        1.00x")
-    print(f"   lossless (tril, zstd+bitshuffle)   {lc['lossless']['bytes_per_layer']:12.0f}   {sq / lc['lossless']['bytes_per_layer']:9.2f}x   0 (exact fp16)")
+    print(f"   lossless (tril, zstd-1+shuffle)   {lc['lossless']['bytes_per_layer']:12.0f}   {sq / lc['lossless']['bytes_per_layer']:9.2f}x   0 (exact fp16)")
     for keep in KEEPBITS:
         d = lc[f"lossy{keep}"]
         print(f"   lossy keepbits={keep}                  {d['bytes_per_layer']:12.0f}   {sq / d['bytes_per_layer']:9.2f}x   "

@@ -62,7 +62,7 @@ def main(out: Path, steps: int) -> None:
     run(["drivekd.cli.cache", "info", "cache"], out)
     run(["drivekd.cli.train", "--config", cfg, "--out", "runs/multi-agp", "--resume"], out)
     run(["drivekd.cli.eval", "--model", "runs/multi-agp/final", "--data", "data/drivebench.json", "--images", "data",
-         "--out", "eval/multi-agp", "--max-new-tokens", "16", "--deploy"], out)
+         "--out", "eval/multi-agp", "--name", "multi-agp (tiny demo student)", "--max-new-tokens", "16", "--deploy"], out)
     report = out / "eval" / "multi-agp" / "report.md"
     click.echo(report.read_text() if report.is_file() else "no report written")
     click.echo(f"demo done: {out}")

@@ -44,7 +44,7 @@ def main() -> None:
 @click.option("--layers", help="Override the recipe layers, e.g. '0' or '0-26' or '1,3,5' (applies to every selected role).")
 @click.option("--batch-size", type=int, default=None, help="Samples per teacher forward (default 1).")
 @click.option("--encoding", type=click.Choice(["lossless", "lossy"]), default=None, help="lossless fp16 (default) or mantissa-rounded.")
-@click.option("--keepbits", type=int, default=None, help="Mantissa bits kept by --encoding lossy (default 4).")
+@click.option("--keepbits", type=int, default=None, help="Mantissa bits kept by --encoding lossy (default 7: <1% loss change in tools/bench_cache.py).")
 @click.option("--skip-bad", is_flag=True, help="Record samples with missing/corrupt images as skipped instead of stopping.")
 @click.option("--overwrite", is_flag=True, help="Delete a role built with other settings and rebuild it.")
 @click.option("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available).")
@@ -77,7 +77,7 @@ def build(role, model_dir, data, images, out, layers, batch_size, encoding, keep
         if data_path is None:
             raise DriveKDError("no data: pass --data FILE or set [data].train in drivekd.toml")
         dev = device or c.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
-        enc = Encoding(mode=encoding or c.get("encoding", "lossless"), keepbits=keepbits if keepbits is not None else c.get("keepbits", 4))
+        enc = Encoding(mode=encoding or c.get("encoding", "lossless"), keepbits=keepbits if keepbits is not None else c.get("keepbits", 7))
         layer_list = _parse_layers(layers) or c.get("layers")
         bc = BuildConfig(
             teachers=teachers,
