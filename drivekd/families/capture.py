@@ -25,6 +25,8 @@ CAPTURE_IMPL = "drivekd_capture"
 # Scores of at most this many elements (B * heads * Q * K) are formed at once: bounds the
 # transient memory of the capture at ~256 MB in fp32 whatever T is.
 MAX_CHUNK_ELEMENTS = 64 * 1024 * 1024
+# Query rows per block of the causal (lower-triangle) computation.
+ROW_BLOCK = 256
 
 
 @dataclass
@@ -64,25 +66,34 @@ def _head_mean_fp32(query, key, attention_mask, scaling: float) -> torch.Tensor:
     B, H, Q, D = query.shape
     Hkv, K = key.shape[1], key.shape[2]
     rep = H // Hkv
+    off = K - Q  # queries are the last Q positions (K > Q with a prefix cache)
     allowed = _allowed(attention_mask, Q, K, query.device)  # (B|1, 1, Q, K)
     masked = ~allowed
     neg = torch.finfo(torch.float32).min
-    per_head = B * Q * K
-    chunk = max(1, min(H, MAX_CHUNK_ELEMENTS // max(per_head, 1)))
-    acc = None
-    # Every (B, c, Q, K) pass costs as much as the matmul, so the scale goes onto Q (Q*D, not Q*K
-    # elements) and the fill and sums work in place; none of those backward functions need their
-    # outputs, so this is safe under autograd.
+    # Causal masks hide every key after a query: a block of query rows [a, b) needs keys
+    # [0, off + b) only, which halves the scores, softmax and transient memory. Should a mask
+    # ever allow a later key (not for these causal LMs), fall back to full rows.
+    future = torch.ones(Q, K, dtype=torch.bool, device=query.device).triu(off + 1)
+    causal = not bool((allowed & future).any())
+    rows = max(1, min(Q, ROW_BLOCK))
+    per_row_block = B * rows * K
+    chunk = max(1, min(H, MAX_CHUNK_ELEMENTS // max(per_row_block, 1)))
+    acc = torch.zeros(B, Q, K, dtype=torch.float32, device=query.device)
+    q_all = query.float() * scaling  # scale on Q: Q*D elements, not Q*K
+    k_all = key.float()
+    # In-place fill and sums: none of those ops' backward functions need their outputs, so this
+    # is safe under autograd (the slices of acc join the graph through CopySlices).
     for h0 in range(0, H, chunk):
         h1 = min(H, h0 + chunk)
-        q = query[:, h0:h1].float() * scaling  # (B, c, Q, D)
         kv_idx = torch.arange(h0, h1, device=query.device) // rep
-        k = key.index_select(1, kv_idx).float()  # (B, c, K, D)
-        s = torch.matmul(q, k.transpose(-1, -2))  # (B, c, Q, K)
-        # finfo.min, not -inf: a fully padded row must give finite values, not NaN.
-        s.masked_fill_(masked, neg)
-        p = torch.softmax(s, dim=-1).sum(dim=1)  # (B, Q, K)
-        acc = p if acc is None else acc.add_(p)
+        k = k_all.index_select(1, kv_idx)  # (B, c, K, D)
+        for a in range(0, Q, rows):
+            b = min(Q, a + rows)
+            kend = off + b if causal else K
+            s = torch.matmul(q_all[:, h0:h1, a:b], k[:, :, :kend].transpose(-1, -2))  # (B, c, b-a, kend)
+            # finfo.min, not -inf: a fully padded row must give finite values, not NaN.
+            s.masked_fill_(masked[..., a:b, :kend], neg)
+            acc[:, a:b, :kend].add_(torch.softmax(s, dim=-1).sum(dim=1))
     acc.div_(H)
     # Rows with no allowed key (left-padding queries) are uniform after softmax; zero them so a
     # padded map never carries a signal.
