@@ -219,6 +219,19 @@ def test_missing_role_names_command(tiny_models, small_data, tmp_path):
         st.role_info("perception")
 
 
+def test_device_packing_equals_host_packing():
+    """The GPU path packs with a boolean mask; it must give the host path's bytes (run here on CPU)."""
+    from drivekd.store.zarr_store import _pack_masked, pack_rows
+
+    m = torch.rand(9, 9).tril()
+    for row0, rows in ((0, m), (4, m[4:])):
+        counts = torch.arange(row0 + 1, row0 + rows.shape[0] + 1, dtype=torch.float32)[:, None]
+        dev = _pack_masked((rows * counts).to(torch.float16), row0).numpy()
+        assert np.array_equal(dev, pack_rows(rows, row0))
+    # Suffix rows after a prefix continue the full map's packed sequence.
+    assert np.array_equal(np.concatenate([pack_rows(m[:4]), pack_rows(m[4:], 4)]), pack_rows(m))
+
+
 def test_pack_roundtrip_and_lossy_bound():
     m = torch.tril(torch.rand(7, 7))
     assert torch.equal(unpack_tril(pack_tril(m), 7), m)

@@ -50,9 +50,10 @@ def main() -> None:
 @click.option("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available).")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None, help="Teacher dtype (default bfloat16 on GPU, float32 on CPU).")
 @click.option("--share-prefix/--no-share-prefix", default=True, help="Run each image group's shared token prefix once (default on).")
+@click.option("--writers", type=int, default=None, help="Threads that compress and write targets (default: min(4, CPUs)).")
 @click.option("--config", "config_path", type=click.Path(path_type=Path), help="Project config (default ./drivekd.toml if present).")
 @click.option("--no-progress", is_flag=True)
-def build(role, model_dir, data, images, out, layers, batch_size, encoding, keepbits, skip_bad, overwrite, device, dtype, share_prefix, config_path, no_progress):
+def build(role, model_dir, data, images, out, layers, batch_size, encoding, keepbits, skip_bad, overwrite, device, dtype, share_prefix, writers, config_path, no_progress):
     """Run the teacher(s) once over every sample and write their targets."""
     import torch
 
@@ -94,6 +95,8 @@ def build(role, model_dir, data, images, out, layers, batch_size, encoding, keep
             progress=not no_progress,
             share_prefix=share_prefix and bool(c.get("share_prefix", True)),
         )
+        if writers or c.get("writers"):
+            bc.writers = writers or int(c["writers"])
         res = run_build(bc)
     except DriveKDError as e:
         _fail(e)

@@ -26,7 +26,7 @@ from drivekd.errors import ConfigError, DataError
 from drivekd.families.base import Family, load_model
 from drivekd.families.capture import capture_attention
 from drivekd.store.targets import ROLES
-from drivekd.store.zarr_store import Encoding, TeacherStore, teacher_fingerprint
+from drivekd.store.zarr_store import Encoding, TeacherStore, pack_rows, teacher_fingerprint
 
 
 def recipe_layers(role: str, num_layers: int) -> list[int]:
@@ -63,6 +63,9 @@ class BuildConfig:
     image_processing: dict | None = None
     progress: bool = True
     share_prefix: bool = True  # run each image group's shared token prefix once
+    # Threads that quantise, compress and write (Blosc releases the GIL). With a fast GPU teacher
+    # a reasoning role writes ~27 layers per sample: one thread would bound the build.
+    writers: int = field(default_factory=lambda: max(1, min(4, os.cpu_count() or 1)))
 
     def validate(self) -> None:
         if not self.teachers:
@@ -76,6 +79,8 @@ class BuildConfig:
             raise ConfigError(f"--data {self.data}: no such file (or set [data].train in drivekd.toml)")
         if self.batch_size < 1:
             raise ConfigError(f"--batch-size must be >= 1, not {self.batch_size}")
+        if self.writers < 1:
+            raise ConfigError(f"--writers must be >= 1, not {self.writers}")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ConfigError(f"--dtype must be float32, bfloat16 or float16, not {self.dtype!r}")
 
@@ -133,6 +138,12 @@ def common_prefix_length(seqs: list[torch.Tensor]) -> int:
     return int(diff[0]) if len(diff) else n
 
 
+def _for_writer(m: torch.Tensor, row0: int = 0):
+    """What the writer threads get: on a GPU, the packed fp16 rows (packing there is ~free and
+    halves the transfer); on CPU, the fp32 tensor, packed by the writer to overlap the forward."""
+    return pack_rows(m, row0) if m.is_cuda else m.float().cpu()
+
+
 class _Pass:
     """The teacher pass over units of one checkpoint: forward, cut per sample, queue the writes."""
 
@@ -161,7 +172,9 @@ class _Pass:
         return [r for r in self.roles if self.store.sample_status(r, s.id) != "complete"]
 
     def _submit(self, fn, *args, **kw):
-        self.pending.append(self.writer.submit(fn, *args, **kw))
+        fut = self.writer.submit(fn, *args, **kw)
+        self.pending.append(fut)
+        return fut
 
     def collect(self, wait: bool) -> None:
         done = [f for f in self.pending if wait or f.done()]
@@ -176,12 +189,11 @@ class _Pass:
         am = inputs.tensors["attention_mask"].bool()
         with torch.no_grad(), capture_attention(self.model, self.union, attention_mask=am) as maps:
             self.model(**inputs.tensors)
-        maps = {l: m.float().cpu() for l, m in maps.items()}
         for b, (s, lay) in enumerate(zip(good, inputs.layouts)):
             pos = am[b].cpu().nonzero().squeeze(1)  # the sample's own rows/columns in the padded batch
             lo, hi = int(pos[0]), int(pos[-1]) + 1
             for r in self._todo_roles(s):
-                rmaps = [maps[l][b, lo:hi, lo:hi].contiguous() for l in self.layers[r]]
+                rmaps = [_for_writer(maps[l][b, lo:hi, lo:hi].contiguous()) for l in self.layers[r]]
                 self._submit(self.store.write_sample, r, s.id, lay.input_ids, lay.vision, lay.text, rmaps, self.layers[r], cfg.encoding, self.fault)
         self.totals["written"] += len(good)
         self.bar.update(len(good))
@@ -194,14 +206,16 @@ class _Pass:
         res = shared_forward(self.model, enc, self.union, need, cfg.device)
         P, key = res.prefix_length, res.key
         prefix_ids = enc[0][1].input_ids[:P]
+        prefix_done = {}
         for r in self.roles:
             if self.store.prefix_status(r, key) != "complete":
-                self._submit(self.store.write_prefix, r, key, prefix_ids, [res.prefix[l] for l in self.layers[r]], self.layers[r],
-                             cfg.encoding, len(good), self.fault)
+                prefix_done[r] = self._submit(self.store.write_prefix, r, key, prefix_ids, [_for_writer(res.prefix[l]) for l in self.layers[r]],
+                                              self.layers[r], cfg.encoding, len(good), self.fault)
         for s, (_, lay), rows in zip(good, enc, res.suffixes):
             for r in self._todo_roles(s) if rows is not None else []:
-                self._submit(self.store.write_sample, r, s.id, lay.input_ids, lay.vision, lay.text, [rows[l] for l in self.layers[r]],
-                             self.layers[r], cfg.encoding, self.fault, prefix=(key, P))
+                self._submit(self.store.write_sample, r, s.id, lay.input_ids, lay.vision, lay.text,
+                             [_for_writer(rows[l], P) for l in self.layers[r]], self.layers[r], cfg.encoding, self.fault,
+                             prefix=(key, P), after=prefix_done.get(r))
             self.totals["written"] += 1
             self.bar.update(1)
 
@@ -238,7 +252,7 @@ def shared_forward(model, encoded, layers, need=None, device="cpu") -> SharedMap
     with torch.no_grad(), capture_attention(model, layers) as pmaps:
         out = model(**{k: v.to(device) for k, v in prefix_in.items()}, use_cache=True)
     cache = out.past_key_values
-    prefix = {l: m[0].float().cpu() for l, m in pmaps.items()}
+    prefix = {l: m[0] for l, m in pmaps.items()}  # on the model's device
     suffixes: list[dict[int, torch.Tensor] | None] = []
     for (tens, lay), want in zip(encoded, need):
         if not want:
@@ -258,7 +272,7 @@ def shared_forward(model, encoded, layers, need=None, device="cpu") -> SharedMap
         with torch.no_grad(), capture_attention(model, layers) as smaps:
             model(**{k: v.to(device) for k, v in suf.items()}, past_key_values=cache, use_cache=True)
         cache.crop(-(T - P))  # drop this suffix: back to the bare prefix for the next question
-        suffixes.append({l: m[0].float().cpu() for l, m in smaps.items()})  # (T - P, T)
+        suffixes.append({l: m[0] for l, m in smaps.items()})  # (T - P, T), on the model's device
     return SharedMaps(P, key, prefix, suffixes)
 
 
@@ -342,8 +356,8 @@ def build(cfg: BuildConfig) -> dict:
                    disable=not cfg.progress or rank != 0, dynamic_ncols=True)
         t_loop = time.perf_counter()
         pass_ = _Pass(store, family, model, roles, layers, union, cfg, fault, totals, bar)
-        # One writer thread: compression and file writes overlap the next forward.
-        with ThreadPoolExecutor(max_workers=1) as writer:
+        # Writer threads: packing (on CPU), compression and file writes overlap the next forward.
+        with ThreadPoolExecutor(max_workers=cfg.writers) as writer:
             pass_.writer = writer
             for unit in todo:
                 good = pass_.readable(unit)

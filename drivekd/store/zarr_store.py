@@ -124,17 +124,33 @@ def unpack_tril(v: torch.Tensor | np.ndarray, T: int, dtype=np.float32) -> torch
     return torch.from_numpy(out)
 
 
-def encode_map(m: torch.Tensor, encoding: "Encoding", row0: int = 0) -> np.ndarray:
-    """Rows row0..row0+n-1 of a causal map -> packed fp16 as stored.
+def pack_rows(m: torch.Tensor, row0: int = 0) -> np.ndarray:
+    """Rows row0..row0+n-1 of a causal map -> packed fp16 (row-scaled), before quantisation.
 
-    m: (n, K) with K >= row0 + n; its row r is query row0 + r, whose keys are 0..row0+r. A full map
-    is row0 = 0, m (T, T). Each row is scaled by its key count (row0 + r + 1), then quantised.
+    m: (n, K) with K >= row0 + n, on any device; its row r is query row0 + r, whose keys are
+    0..row0+r. A full map is row0 = 0, m (T, T). Each row is scaled by its key count. On a GPU the
+    scaling, fp16 cast and packing run there, so the host receives half the bytes and the writer
+    threads only compress; on CPU row slices (memcpy) beat a boolean-mask gather.
     """
-    n = m.shape[0]
-    counts = torch.arange(row0 + 1, row0 + n + 1, dtype=torch.float32)
-    a = (m.float() * counts[:, None]).to(torch.float16).numpy()
-    packed = np.concatenate([a[r, : row0 + r + 1] for r in range(n)]) if n else np.zeros(0, np.float16)
-    return encoding.quantise(packed)
+    n, K = m.shape
+    counts = torch.arange(row0 + 1, row0 + n + 1, dtype=torch.float32, device=m.device)
+    a = (m.float() * counts[:, None]).to(torch.float16)
+    if a.is_cuda:
+        return _pack_masked(a, row0).cpu().numpy()
+    a = a.numpy()
+    return np.concatenate([a[r, : row0 + r + 1] for r in range(n)]) if n else np.zeros(0, np.float16)
+
+
+def _pack_masked(a: torch.Tensor, row0: int) -> torch.Tensor:
+    """The device-side packing: boolean-mask selection, which is row-major."""
+    n, K = a.shape
+    keep = torch.arange(K, device=a.device)[None, :] <= (row0 + torch.arange(n, device=a.device))[:, None]
+    return a[keep]
+
+
+def encode_map(m: torch.Tensor, encoding: "Encoding", row0: int = 0) -> np.ndarray:
+    """Rows of a causal map -> packed fp16 exactly as stored (see pack_rows, then quantise)."""
+    return encoding.quantise(pack_rows(m, row0))
 
 
 _INV_SCALE: dict[int, np.ndarray] = {}
@@ -272,12 +288,13 @@ class TeacherStore:
             return "incomplete"
         return attrs.get("status", "incomplete")
 
-    def write_sample(self, role: str, sample_id: str, input_ids, vision, text, maps: list[torch.Tensor], layers, encoding: Encoding,
-                     fault=None, prefix: tuple[str, int] | None = None) -> int:
+    def write_sample(self, role: str, sample_id: str, input_ids, vision, text, maps: list, layers, encoding: Encoding,
+                     fault=None, prefix: tuple[str, int] | None = None, after=None) -> int:
         """Write one sample's arrays, then its completion mark. Returns raw fp16 bytes of attention written.
 
-        Without `prefix`, maps are (T, T). With prefix (key, P), the sample's first P rows live in the
-        prefix group `key` and maps are its suffix rows, (T - P, T).
+        maps: per layer, a (T, T) map, or with prefix (key, P) its suffix rows (T - P, T) (the first
+        P rows live in the prefix group `key`), or the same already packed by `pack_rows`.
+        `after`: a future (the prefix's write) that must finish before this sample is marked complete.
         """
         from drivekd.families.base import token_fingerprint
 
@@ -293,9 +310,11 @@ class TeacherStore:
         n = T * (T + 1) // 2 - row0 * (row0 + 1) // 2
         attn = g.create_array("attn", shape=(len(layers), n), chunks=(1, n), dtype="float16", compressors=encoding.compressor(), fill_value=0)
         for k, m in enumerate(maps):
-            attn[k] = encode_map(m, encoding, row0)
+            attn[k] = encoding.quantise(m) if isinstance(m, np.ndarray) else encode_map(m, encoding, row0)
             if fault is not None:
                 fault()
+        if after is not None:
+            after.result()  # the shared prefix is complete before any member is
         mark = {"status": "complete", "length": T, "fingerprint": token_fingerprint(input_ids), "layers": list(layers)}
         if prefix:
             mark.update({"prefix": prefix[0], "prefix_length": row0})
@@ -315,7 +334,7 @@ class TeacherStore:
         except (OSError, ValueError):
             return "incomplete"
 
-    def write_prefix(self, role: str, key: str, input_ids, maps: list[torch.Tensor], layers, encoding: Encoding, members: int, fault=None) -> int:
+    def write_prefix(self, role: str, key: str, input_ids, maps: list, layers, encoding: Encoding, members: int, fault=None) -> int:
         """A group's shared prefix block: (P, P) maps, stored once. Complete before any member sample."""
         d = self._prefix_dir(role, key)
         if d.exists():
@@ -326,7 +345,7 @@ class TeacherStore:
         n = P * (P + 1) // 2
         attn = g.create_array("attn", shape=(len(layers), n), chunks=(1, n), dtype="float16", compressors=encoding.compressor(), fill_value=0)
         for k, m in enumerate(maps):
-            attn[k] = encode_map(m, encoding)
+            attn[k] = encoding.quantise(m) if isinstance(m, np.ndarray) else encode_map(m, encoding)
             if fault is not None:
                 fault()
         g.attrs.update({"status": "complete", "length": P, "members": members, "layers": list(layers)})
