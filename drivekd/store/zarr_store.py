@@ -263,11 +263,11 @@ class TeacherStore:
                 shutil.rmtree(rdir)
             else:
                 g = zarr.open_group(str(rdir), mode="a")
-                g.attrs.update({k: v for k, v in meta.items() if k not in MUST_MATCH})
+                g.update_attributes({k: v for k, v in meta.items() if k not in MUST_MATCH})
                 g.require_group("prefixes")
                 return
         g = self.root.require_group(role)
-        g.attrs.update({"schema_version": SCHEMA_VERSION, **meta})
+        g.update_attributes({"schema_version": SCHEMA_VERSION, **meta})
         # Zarr v3 has no implicit groups: create both parents so plain zarr clients can walk them.
         g.require_group("samples")
         g.require_group("prefixes")
@@ -315,10 +315,13 @@ class TeacherStore:
                 fault()
         if after is not None:
             after.result()  # the shared prefix is complete before any member is
-        mark = {"status": "complete", "length": T, "fingerprint": token_fingerprint(input_ids), "layers": list(layers)}
+        mark = {"length": T, "fingerprint": token_fingerprint(input_ids), "layers": list(layers)}
         if prefix:
             mark.update({"prefix": prefix[0], "prefix_length": row0})
-        g.attrs.update(mark)  # the completion mark, last
+        # The completion mark, last, in ONE zarr.json write: `g.attrs.update` would write the file
+        # once per key (MutableMapping.update), and a kill between two of those writes could leave
+        # "complete" without the fingerprint.
+        g.update_attributes({**mark, "status": "complete"})
         return len(layers) * n * 2
 
     # ----- shared prefixes (schema 2) -----
@@ -348,7 +351,7 @@ class TeacherStore:
             attn[k] = encoding.quantise(m) if isinstance(m, np.ndarray) else encode_map(m, encoding)
             if fault is not None:
                 fault()
-        g.attrs.update({"status": "complete", "length": P, "members": members, "layers": list(layers)})
+        g.update_attributes({"length": P, "members": members, "layers": list(layers), "status": "complete"})  # one write, see write_sample
         return len(layers) * n * 2
 
     def mark_skipped(self, role: str, sample_id: str, reason: str) -> None:
