@@ -526,7 +526,7 @@ def _q_safe_actions(scene, rng):
 
 
 def _action_reason(scene: dict) -> str:
-    c, a = scene["traffic_light"]["colour"], scene["ego_action"]
+    a = scene["ego_action"]
     lead = _describe(scene, scene["lead"]) if scene["lead"] in scene["refs"] else "the vehicle ahead"
     if a == "stop":
         crossing = any(o["state"] == "crossing" for o in scene["objects"])

@@ -28,7 +28,7 @@ import hashlib
 import json
 import re
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -404,9 +404,12 @@ class TeacherStore:
         ids = meta.get("sample_ids", [])
         counts = {"complete": 0, "skipped": 0, "incomplete": 0, "missing": 0}
         raw = 0
+        skipped_ids = []
         for sid in ids:
             st = self.sample_status(role, sid)
             counts[st] += 1
+            if st == "skipped":
+                skipped_ids.append(sid)
         nl = len(meta["layers"])
         sdir = self.path / role / "samples"
         attn_bytes = 0
@@ -442,7 +445,7 @@ class TeacherStore:
             "layers": meta.get("layers"),
             "encoding": meta.get("encoding"),
             **counts,
-            "skipped_ids": [s for s in ids if self.sample_status(role, s) == "skipped"],
+            "skipped_ids": skipped_ids,
             "bytes_on_disk": _dir_bytes(self.path / role),
             "attn_bytes": attn_bytes,
             "fp16_square_bytes": raw,
@@ -487,7 +490,3 @@ class TeacherStore:
             except Exception as e:  # noqa: BLE001 - verify reports every unreadable sample
                 problems.append(f"{role}/{sid}: unreadable ({type(e).__name__}: {e})")
         return problems
-
-
-def role_meta_dict(**kw) -> dict:
-    return {k: (asdict(v) if hasattr(v, "__dataclass_fields__") else v) for k, v in kw.items()}
