@@ -1,10 +1,11 @@
-"""The training run's typed config and its up-front validation.
+"""The run planner: `validate(cfg, targets)` checks a whole run before any model loads and
+resolves it into a `RunPlan` - everything the training loop needs.
 
-`TrainConfig` holds exactly the `drivekd-train` flags (underscores for dashes; the same keys are
-accepted in the [train] table of drivekd.toml). `validate(cfg, targets)` checks the whole run
-before any model loads - flags, data, store roles and layers, the student's depth read from its
-config.json - and returns a `RunPlan`: everything the loop needs, resolved. Each problem raises
-one `ConfigError` (or `AlignmentError`/`StoreError`) naming the flag to change.
+It reads the data, opens the store, checks roles, layers, processor fingerprints and coverage of
+every sample, reads the student's depth from its config.json, and checks a resume against the
+checkpoint it would continue. The settings themselves (`TrainConfig`) check their own values when
+built (drivekd.trainer.settings). Each problem raises one `ConfigError` (or `AlignmentError` /
+`StoreError`) naming the flag to change.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,164 +23,11 @@ from drivekd.data.sample import Sample
 from drivekd.errors import AlignmentError, ConfigError, StoreError
 from drivekd.layers import LayerSpecError, mid_range_spec, parse_role_layers
 from drivekd.losses.recipes import TermPlan, plan_term
-from drivekd.roles import CAPABILITIES, ROLES
+from drivekd.roles import ROLES, capability_index, role_index
 from drivekd.store.targets import RoleInfo, TargetSource
+from drivekd.trainer.settings import DEFAULT_MIX, RESUME_FREE, TrainConfig, flag
 
 log = logging.getLogger(__name__)
-
-RECIPES = ("perception", "reasoning", "planning", "multi")
-PROJECTIONS = ("agp", "g1", "g2", "none")
-DTYPES = ("auto", "float32", "bfloat16", "float16")
-DEFAULT_MIX = "0.8,0.1,0.1;0.1,0.8,0.1;0.1,0.1,0.8"
-
-# Keys that may differ between a checkpoint's run and the run resuming it (they do not change the
-# numbers): everything else must match, or the resumed run would not continue the same run.
-RESUME_FREE = {"resume", "resume_from", "num_workers", "progress", "save_every", "keep_last", "log_every", "out", "cache",
-               "data", "images", "student", "device"}
-PATH_KEYS = ("student", "data", "images", "cache", "out", "resume_from")
-
-
-@dataclass
-class TrainConfig:
-    """One `drivekd-train` run. Defaults follow METHOD.md section 8."""
-
-    student: Path | None = None
-    """Student checkpoint folder (HF, safetensors)."""
-    data: Path | None = None
-    """Training data JSON (Drive-KD or DriveBench format)."""
-    out: Path | None = None
-    """Run folder: metrics.jsonl, step-NNNNNN/ checkpoints, final/."""
-    cache: Path | None = None
-    """Teacher store (Zarr). Not needed when targets are passed to `train` directly."""
-    images: Path | None = None
-    """Image root for relative paths (default: the data file's folder)."""
-
-    recipe: str = "multi"
-    """perception | reasoning | planning (one teacher, its capability split) | multi (all samples, three teachers, mixing matrix)."""
-    signal: str | None = None
-    """Ablation: t2v | full for every teacher term (default: each recipe's own)."""
-    loss: str = "mse"
-    """mse | cosine attention loss."""
-    layers: str | None = None
-    """Layer spec, e.g. '0', 'L-2', '1..L-3'; with several terms 'perception=0;planning=L-2'."""
-    mid_range: str | None = None
-    """Reasoning layer range variant, e.g. 'mid2' (indices 1..L-3); default 0..L-2."""
-    full_reduction: str = "paper"
-    """Full-map MSE reduction: paper (eq. 11, per-query mean over valid keys) | reference (mean over T x T)."""
-    text_tokens: str = "paper"
-    """Text query set X: paper (no special tokens) | not_vision (reference code). Must match the store."""
-    mix: str = DEFAULT_MIX
-    """3x3 mixing matrix M, rows = sample capability, columns = teacher (perception, reasoning, planning)."""
-    w_ce: float = 1.0
-    """Static weight of the answer CE."""
-    w_perception: float = 1.0
-    """Static weight of the perception teacher term."""
-    w_reasoning: float = 1.0
-    """Static weight of the reasoning teacher term."""
-    w_planning: float = 1.0
-    """Static weight of the planning teacher term."""
-    projection: str = "agp"
-    """Gradient-conflict handling: agp | g1 | g2 | none."""
-    dynamic_weights: bool = True
-    """Online loss re-weighting (METHOD.md section 7)."""
-    reweight_alpha: float = 0.0
-    """Re-weighting alpha (reaction to relative loss decay)."""
-    reweight_lr: float = 3e-4
-    """Learning rate of the re-weighting AdamW."""
-
-    lr: float = 5e-5
-    """Peak learning rate (AdamW)."""
-    epochs: int = 3
-    """Passes over the training samples (ignored when max_steps is set)."""
-    micro_batch: int = 1
-    """Samples per forward pass per process."""
-    grad_accum: int = 4
-    """Micro-steps per optimizer step."""
-    warmup_ratio: float = 0.03
-    """Share of optimizer steps with linear warmup."""
-    min_lr_ratio: float = 0.01
-    """Cosine floor as a fraction of lr."""
-    weight_decay: float = 0.0
-    """AdamW weight decay."""
-    max_grad_norm: float = 1.0
-    """Clip the global gradient norm before each optimizer step (0: no clipping)."""
-    seed: int = 42
-    """Seed of the data order, the AGP permutations and torch's RNG."""
-    dtype: str = "auto"
-    """Compute dtype under autocast (weights and optimizer stay fp32): auto = bfloat16 on GPU, float32 on CPU."""
-    grad_buffer_dtype: str = "float32"
-    """dtype of the per-loss gradient rows (float32 | bfloat16): bf16 halves their memory."""
-    device: str = "auto"
-    """cpu, cuda, cuda:1 ... (auto: cuda when available; under torchrun cuda:LOCAL_RANK)."""
-    gradient_checkpointing: bool = False
-    """Recompute decoder activations in backward (less memory, ~30% more time)."""
-    max_steps: int | None = None
-    """Stop after this many optimizer steps (overrides epochs; tests and demos)."""
-    num_workers: int = 2
-    """DataLoader workers reading targets and decoding images while the model computes."""
-    save_every: int = 500
-    """Checkpoint every N optimizer steps (0: only the final model)."""
-    keep_last: int = 2
-    """Keep the last K step checkpoints."""
-    resume: bool = False
-    """Continue from the latest complete checkpoint in --out (a fresh start if there is none)."""
-    resume_from: Path | None = None
-    """Continue from this checkpoint folder."""
-    skip_nonfinite: bool = False
-    """Skip a micro-batch whose loss is NaN/inf instead of stopping."""
-    log_every: int = 1
-    """Write a metrics line every N optimizer steps."""
-    progress: bool = True
-    """Show a tqdm progress bar."""
-
-    @classmethod
-    def keys(cls) -> list[str]:
-        return [f.name for f in fields(cls)]
-
-    def to_json(self) -> dict[str, Any]:
-        return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any], where: str = "config") -> "TrainConfig":
-        unknown = sorted(set(d) - set(cls.keys()))
-        if unknown:
-            raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)} (valid: {', '.join(cls.keys())})")
-        kw = {}
-        for k, v in d.items():
-            kw[k] = Path(v) if k in PATH_KEYS and v is not None else v
-        return cls(**kw)
-
-
-def flag(key: str) -> str:
-    return "--" + key.replace("_", "-")
-
-
-def config_from_sources(cli: dict[str, Any], config_path: str | Path | None = None) -> TrainConfig:
-    """Merge drivekd.toml ([train], plus [data]/[cache] fallbacks) with the flags given on the
-    command line (`cli` holds only explicitly given flags; they win)."""
-    from drivekd.config import load_config
-
-    raw = load_config(config_path)
-    merged: dict[str, Any] = {}
-    if raw:
-        base = Path(raw["_path"]).parent
-        train = dict(raw.get("train", {}))
-        unknown = sorted(set(train) - set(TrainConfig.keys()))
-        if unknown:
-            raise ConfigError(f"{raw['_path']}: unknown key(s) in [train]: {', '.join(unknown)} "
-                              f"(keys are the drivekd-train flag names with underscores)")
-        for k in PATH_KEYS:
-            if isinstance(train.get(k), str) and not Path(train[k]).is_absolute():
-                train[k] = str((base / train[k]).resolve())
-        if "data" not in train and raw.get("data", {}).get("train"):
-            train["data"] = raw["data"]["train"]
-        if "images" not in train and raw.get("data", {}).get("images"):
-            train["images"] = raw["data"]["images"]
-        if "cache" not in train and raw.get("cache", {}).get("out"):
-            train["cache"] = raw["cache"]["out"]
-        merged.update(train)
-    merged.update({k: v for k, v in cli.items() if v is not None})
-    return TrainConfig.from_dict(merged, where=str(raw.get("_path", "flags")))
 
 
 # ----------------------------------------------------------------------------- the resolved run
@@ -204,6 +52,7 @@ class RunPlan:
     world: int = 1
     notes: list[str] = field(default_factory=list)
     source: Any = None  # the opened TargetSource
+    student_family: Any = None  # the student's drivekd.families.Family (processor loaded once, here)
 
     @property
     def student_layers(self) -> list[int]:
@@ -214,12 +63,18 @@ class RunPlan:
     def multi(self) -> bool:
         return self.cfg.recipe == "multi"
 
+    @property
+    def total_micro(self) -> int:
+        """Micro-steps of the whole run (per process)."""
+        cfg = self.cfg
+        return cfg.max_steps * cfg.grad_accum if cfg.max_steps else cfg.epochs * self.micro_per_epoch
+
     def mix_weights(self, capabilities: list[str]) -> torch.Tensor:
         """(B, n_terms) per-sample weights M[c_b, k] of the active terms (all ones for a single recipe)."""
         if not self.multi:
             return torch.ones(len(capabilities), len(self.terms))
-        rows = torch.tensor([CAPABILITIES.index(c) for c in capabilities])
-        cols = torch.tensor([ROLES.index(t.role) for t in self.terms])
+        rows = torch.tensor([capability_index(c) for c in capabilities], dtype=torch.long)
+        cols = torch.tensor([role_index(t.role) for t in self.terms], dtype=torch.long)
         return self.mix[rows][:, cols]
 
 
@@ -257,59 +112,18 @@ def student_depth(student: Path) -> tuple[str, int]:
     return family, n
 
 
-def _check_options(cfg: TrainConfig) -> None:
-    def choice(key, options):
-        v = getattr(cfg, key)
-        if v not in options:
-            raise ConfigError(f"{flag(key)} must be one of {', '.join(options)}, got {v!r}")
-
-    def positive(key, allow_zero=False, integer=False):
-        v = getattr(cfg, key)
-        if integer and (not isinstance(v, int) or isinstance(v, bool)):
-            raise ConfigError(f"{flag(key)} must be an integer, got {v!r}")
-        if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v < 0 or (v == 0 and not allow_zero):
-            raise ConfigError(f"{flag(key)} must be {'>= 0' if allow_zero else '> 0'}, got {v!r}")
-
+def _check_required(cfg: TrainConfig) -> None:
+    """What a real run needs beyond valid values: the inputs, and a device this machine has."""
     for key in ("student", "data", "out"):
         if getattr(cfg, key) is None:
             raise ConfigError(f"{flag(key)} is required (or set {key} in the [train] table of drivekd.toml)")
-    choice("recipe", RECIPES)
-    if cfg.signal is not None:
-        choice("signal", ("t2v", "full"))
-    choice("loss", ("mse", "cosine"))
-    choice("full_reduction", ("paper", "reference"))
-    choice("text_tokens", ("paper", "not_vision"))
-    choice("projection", PROJECTIONS)
-    choice("dtype", DTYPES)
-    choice("grad_buffer_dtype", ("float32", "bfloat16"))
-    for key in ("w_ce", "w_perception", "w_reasoning", "w_planning", "weight_decay", "max_grad_norm", "reweight_alpha",
-                "warmup_ratio", "min_lr_ratio"):
-        positive(key, allow_zero=True)
-    for key in ("lr", "reweight_lr"):
-        positive(key)
-    for key in ("epochs", "micro_batch", "grad_accum", "keep_last", "log_every"):
-        positive(key, integer=True)
-    for key in ("num_workers", "save_every"):
-        positive(key, allow_zero=True, integer=True)
-    if cfg.max_steps is not None:
-        positive("max_steps", integer=True)
-    if cfg.warmup_ratio >= 1:
-        raise ConfigError(f"--warmup-ratio must be in [0, 1), got {cfg.warmup_ratio}")
-    if cfg.min_lr_ratio > 1:
-        raise ConfigError(f"--min-lr-ratio must be in [0, 1], got {cfg.min_lr_ratio}")
-    if not isinstance(cfg.seed, int) or isinstance(cfg.seed, bool) or cfg.seed < 0:
-        raise ConfigError(f"--seed must be an integer >= 0, got {cfg.seed!r}")
-    if cfg.device != "auto" and cfg.device.startswith("cuda") and not torch.cuda.is_available():
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"--device {cfg.device}: CUDA is not available on this machine; use --device cpu")
-    if cfg.device != "auto" and not cfg.device.startswith(("cpu", "cuda")):
-        raise ConfigError(f"--device must be auto, cpu or cuda[:N], got {cfg.device!r}")
-    if cfg.resume and cfg.resume_from is not None:
-        raise ConfigError("give either --resume (latest checkpoint in --out) or --resume-from DIR, not both")
 
 
 def _plan_terms(cfg: TrainConfig, student_L: int, infos: dict[str, RoleInfo]) -> list[TermPlan]:
     roles = list(ROLES) if cfg.recipe == "multi" else [cfg.recipe]
-    weights = {r: getattr(cfg, f"w_{r}") for r in ROLES}
+    weights = {r: cfg.term_weight(r) for r in ROLES}
     try:
         per_role = parse_role_layers(cfg.layers, roles)
     except LayerSpecError as e:
@@ -390,7 +204,7 @@ def validate(cfg: TrainConfig, targets: TargetSource | None = None, world: int =
     from drivekd.data.loaders import load_samples
     from drivekd.trainer.checkpoint import is_complete, latest_checkpoint, read_meta
 
-    _check_options(cfg)
+    _check_required(cfg)
     student = Path(cfg.student)
     if not student.is_dir():
         raise ConfigError(f"--student {student}: no such folder")
@@ -406,12 +220,12 @@ def validate(cfg: TrainConfig, targets: TargetSource | None = None, world: int =
         if not samples:
             raise ConfigError(f"--recipe {cfg.recipe}: {cfg.data} has no {cfg.recipe} samples (a single-teacher recipe "
                               "trains on its capability split only)")
-    if cfg.w_ce == 0 and all(getattr(cfg, f"w_{r}") == 0 for r in ROLES):
+    if cfg.w_ce == 0 and all(cfg.term_weight(r) == 0 for r in ROLES):
         raise ConfigError("--w-ce and every teacher weight are 0: nothing to train")
 
     source = open_source(cfg, targets)
     roles = list(ROLES) if cfg.recipe == "multi" else [cfg.recipe]
-    roles = [r for r in roles if getattr(cfg, f"w_{r}") > 0]
+    roles = [r for r in roles if cfg.term_weight(r) > 0]
     have = source.roles()
     missing = [r for r in roles if r not in have]
     if missing:
@@ -420,10 +234,11 @@ def validate(cfg: TrainConfig, targets: TargetSource | None = None, world: int =
             f"{', '.join(have) or 'none'}; build them with `drivekd-cache build --teacher ROLE` (--cache) or set their weight to 0"
         )
     infos = {r: source.role_info(r) for r in roles}
-    if infos:
-        from drivekd.families.base import Family
+    from drivekd.families.base import Family
 
-        fp = Family.from_pretrained(student, text_tokens=cfg.text_tokens).fingerprint()
+    student_family = Family.from_pretrained(student, text_tokens=cfg.text_tokens)
+    if infos:
+        fp = student_family.fingerprint()
         for r, info in infos.items():
             if info.family != family:
                 raise AlignmentError(f"--cache: the {r} teacher is {info.family} but --student is {family}; distillation needs one family")
@@ -437,10 +252,7 @@ def validate(cfg: TrainConfig, targets: TargetSource | None = None, world: int =
     if not samples:
         raise ConfigError(f"--data {cfg.data}: no trainable samples left")
 
-    G = cfg.micro_batch * world
-    micro_per_epoch = math.ceil(len(samples) / G)
-    total_micro = cfg.max_steps * cfg.grad_accum if cfg.max_steps else cfg.epochs * micro_per_epoch
-    total_steps = math.ceil(total_micro / cfg.grad_accum)
+    micro_per_epoch = math.ceil(len(samples) / (cfg.micro_batch * world))
 
     resume_dir = None
     out = Path(cfg.out)
@@ -455,20 +267,23 @@ def validate(cfg: TrainConfig, targets: TargetSource | None = None, world: int =
     elif out.exists() and any(out.iterdir()):
         raise ConfigError(f"--out {out} already holds a run; pass --resume to continue it, or choose another --out")
     if resume_dir is not None:
-        old = read_meta(resume_dir)["config"]
+        meta = read_meta(resume_dir)
+        old = meta["config"]
         new = cfg.to_json()
         diffs = [k for k in new if k not in RESUME_FREE and old.get(k) != new[k]]
         if diffs:
             lines = "; ".join(f"{flag(k)}: checkpoint {old.get(k)!r}, now {new[k]!r}" for k in diffs)
             raise ConfigError(f"cannot resume from {resume_dir}: settings differ ({lines}); resume with the same settings")
-        if read_meta(resume_dir)["world"] != world:
-            raise ConfigError(f"cannot resume from {resume_dir}: it was written by {read_meta(resume_dir)['world']} "
+        if meta["world"] != world:
+            raise ConfigError(f"cannot resume from {resume_dir}: it was written by {meta['world']} "
                               f"process(es), now {world}; use the same --nproc_per_node")
 
     row_names = ["ce"] + [t.role for t in terms]
-    static = [cfg.w_ce] + [getattr(cfg, f"w_{t.role}") for t in terms]
-    return RunPlan(cfg, samples, family, student_L, terms, row_names, static, mix, infos, resume_dir, total_steps,
-                   micro_per_epoch, world, notes, source)
+    static = [cfg.w_ce] + [cfg.term_weight(t.role) for t in terms]
+    plan = RunPlan(cfg, samples, family, student_L, terms, row_names, static, mix, infos, resume_dir, 0, micro_per_epoch,
+                   world, notes, source, student_family)
+    plan.total_steps = math.ceil(plan.total_micro / cfg.grad_accum)
+    return plan
 
 
 def describe(plan: RunPlan) -> str:
@@ -478,4 +293,4 @@ def describe(plan: RunPlan) -> str:
             f"{plan.cfg.projection}, terms: {terms or 'CE only'}")
 
 
-__all__ = ["RunPlan", "TrainConfig", "config_from_sources", "describe", "flag", "parse_mix", "validate"]
+__all__ = ["RunPlan", "describe", "parse_mix", "student_depth", "validate"]
