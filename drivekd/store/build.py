@@ -23,7 +23,7 @@ from tqdm import tqdm
 from drivekd.data.loaders import load_samples
 from drivekd.data.sample import Sample
 from drivekd.errors import ConfigError, DataError
-from drivekd.families.base import Family, load_model
+from drivekd.families.base import Family, family_class, load_model
 from drivekd.families.capture import capture_attention
 from drivekd.layers import LayerSpecError, check_spec, recipe_layers, resolve_layers, spec_of
 from drivekd.roles import ROLES
@@ -236,7 +236,8 @@ def shared_forward(model, encoded, layers, need=None, device="cpu") -> SharedMap
     h.update(t0["pixel_values"].float().numpy().tobytes())
     key = "p-" + h.hexdigest()[:32]
     prefix_in = {"input_ids": t0["input_ids"][:, :P], "attention_mask": t0["attention_mask"][:, :P], "pixel_values": t0["pixel_values"]}
-    full_pos = _mrope_positions(model, t0, device)  # (3, 1, T) for Qwen2.5-VL, None for 1-D RoPE
+    rope_positions = family_class(model.config.model_type).rope_positions
+    full_pos = rope_positions(model, t0, device)  # (3, 1, T) for Qwen2.5-VL, None for 1-D RoPE
     if full_pos is not None:
         prefix_in.update(image_grid_thw=t0["image_grid_thw"], mm_token_type_ids=t0["mm_token_type_ids"][:, :P], position_ids=full_pos[..., :P])
     with torch.no_grad(), capture_attention(model, layers) as pmaps:
@@ -249,7 +250,7 @@ def shared_forward(model, encoded, layers, need=None, device="cpu") -> SharedMap
             suffixes.append(None)
             continue
         T = lay.length
-        pos = _mrope_positions(model, tens, device)
+        pos = rope_positions(model, tens, device)
         suf = {
             "input_ids": tens["input_ids"][:, P:],
             "attention_mask": torch.ones(1, T, dtype=torch.long),
@@ -264,17 +265,6 @@ def shared_forward(model, encoded, layers, need=None, device="cpu") -> SharedMap
         cache.crop(-(T - P))  # drop this suffix: back to the bare prefix for the next question
         suffixes.append({l: m[0] for l, m in smaps.items()})  # (T - P, T), on the model's device
     return SharedMaps(P, key, prefix, suffixes)
-
-
-def _mrope_positions(model, tens, device) -> torch.Tensor | None:
-    """Qwen2.5-VL's M-RoPE position ids of the whole sequence, (3, 1, T); None for 1-D RoPE families."""
-    if "image_grid_thw" not in tens:
-        return None
-    pos, _ = model.model.get_rope_index(
-        tens["input_ids"].to(device), tens["mm_token_type_ids"].to(device),
-        image_grid_thw=tens["image_grid_thw"].to(device), attention_mask=tens["attention_mask"].to(device),
-    )
-    return pos.cpu()
 
 
 def _barrier(world: int) -> None:
