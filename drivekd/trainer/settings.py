@@ -18,6 +18,7 @@ from typing import Any
 
 from drivekd.errors import ConfigError
 from drivekd.roles import ROLES
+from drivekd.trainer.report_to import default_report_to, parse_report_to
 
 RECIPES = (*ROLES, "multi")
 PROJECTIONS = ("agp", "g1", "g2", "none")
@@ -27,7 +28,7 @@ GROUPS = ("inputs", "distillation", "gradients", "optimisation", "runtime", "che
 # Keys that may differ between a checkpoint's run and the run resuming it (they do not change the
 # numbers): everything else must match, or the resumed run would not continue the same run.
 RESUME_FREE = {"resume", "resume_from", "num_workers", "progress", "save_every", "keep_last", "log_every", "out", "cache",
-               "data", "images", "student", "device"}
+               "data", "images", "student", "device", "report_to"}
 
 
 def opt(default: Any, help: str, *, group: str, choices: tuple | None = None, minimum: str | None = None,
@@ -113,6 +114,8 @@ class TrainConfig:
     skip_nonfinite: bool = opt(False, "Skip a micro-batch whose loss is NaN/inf instead of stopping.", group="runtime")
     log_every: int = opt(1, "Write a metrics line every N optimizer steps.", group="runtime", minimum=">0")
     progress: bool = opt(True, "Show a tqdm progress bar.", group="runtime")
+    report_to: str = opt(default_report_to(), "Also log every metrics line to: tensorboard (RUN/tensorboard/; the default "
+                         "when installed), wandb (offline unless WANDB_MODE is set), a comma list, or none.", group="runtime")
 
     # ----- checkpoints
     save_every: int = opt(500, "Checkpoint every N optimizer steps (0: only the final model).", group="checkpoints",
@@ -147,6 +150,7 @@ class TrainConfig:
             raise ConfigError(f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.device != "auto" and not self.device.startswith(("cpu", "cuda")):
             raise ConfigError(f"--device must be auto, cpu or cuda[:N], got {self.device!r}")
+        parse_report_to(self.report_to)  # unknown names, or a reporter whose package is missing
         if self.resume and self.resume_from is not None:
             raise ConfigError("give either --resume (latest checkpoint in --out) or --resume-from DIR, not both")
 
