@@ -28,7 +28,7 @@ from drivekd.analyze.measure import CONFIDENCE_FIELDS, TOPK, measure_sample
 from drivekd.analyze.sampling import REWORDING_FIELD, select
 from drivekd.analyze.settings import AnalyzeConfig
 from drivekd.data.loaders import load_samples
-from drivekd.errors import ConfigError, DriveKDError, ModelError
+from drivekd.errors import ConfigError, DataError, DriveKDError, ModelError
 from drivekd.families.base import Family, detect_family, load_model
 from drivekd.store.build import _barrier, _dist, _fault_hook, dataset_fingerprint
 from drivekd.store.zarr_store import teacher_fingerprint
@@ -138,7 +138,11 @@ def analyze(cfg: AnalyzeConfig) -> dict:
         bar = tqdm(total=len(mine), initial=done_before, desc="analyze", unit="question", dynamic_ncols=True,
                    disable=not cfg.progress or rank != 0)
         for s in todo:
-            rec = measure_sample(model, family, s, L, list(cfg.temperatures), cfg.device)
+            try:
+                rec = measure_sample(model, family, s, L, list(cfg.temperatures), cfg.device)
+            except DataError as e:  # an unreadable image: the loader's advice names the cache's --skip-bad
+                raise DataError(str(e).split(". Fix or remove")[0] + f". Fix or remove the file, or drop sample {s.id} "
+                                f"from --data {cfg.data}") from None
             rec.update(id=s.id, capability=s.capability, rewording_of=sel.rewording_of.get(s.id))
             _atomic_write(out / PARTS / f"{s.id}.pt", lambda p: torch.save(rec, p))
             bar.update(1)

@@ -56,16 +56,15 @@ def rewordings(samples: list[Sample], data_name: str = "the data") -> dict[str, 
         if orig == s.id:
             raise DataError(f"{data_name}: sample {s.id}: `{REWORDING_FIELD}` names the sample itself")
         o = by_id[orig]
+        if isinstance(o.record, dict) and o.record.get(REWORDING_FIELD) is not None:
+            raise DataError(f"{data_name}: sample {s.id}: `{REWORDING_FIELD}` names {orig}, itself a rewording; "
+                            "name the original question")
         if o.group_key != s.group_key:
             raise DataError(f"{data_name}: sample {s.id}: a rewording must ask about the same images as {orig}, in the same order")
         if o.capability != s.capability:
             raise DataError(f"{data_name}: sample {s.id}: a rewording must keep the capability of {orig} "
                             f"({o.capability}, not {s.capability})")
         out[s.id] = orig
-    for rid, orig in out.items():
-        if orig in out:
-            raise DataError(f"{data_name}: sample {rid}: `{REWORDING_FIELD}` names {orig}, itself a rewording; "
-                            "name the original question")
     return out
 
 
