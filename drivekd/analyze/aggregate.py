@@ -186,7 +186,7 @@ def suggest(analysis: dict, L: int) -> dict:
         h = sum(d["hidden"][1:]) / L  # decoder-layer outputs only
         a = sum(d["attention"]) / L
         signal = "attention" if a <= h else "hidden"
-        notes.append(f"mean dispersion across questions of one image: attention {a:.4f}, hidden state {h:.4f}")
+        notes.append(f"mean dispersion across questions of one image: attention {a:.3g}, hidden state {h:.3g}")
         if signal == "hidden":
             notes.append("the hidden state disperses less than attention here: the recipes' attention signal is not "
                          "supported by this model and data (drivekd distils attention; consider the CE+Hidden baseline)")

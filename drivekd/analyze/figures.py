@@ -41,7 +41,7 @@ def _finish(ax, title, ylabel, L, marks: dict[str, int] | None = None):
     ax.set_xlabel("layer (0 = embeddings, l = decoder layer l-1)")
     ax.set_xticks(range(0, L + 1, max(1, (L + 1) // 14)))
     ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=10)
+    ax.set_title(title, fontsize=10, pad=12)  # room for matplotlib's axis offset label (e.g. "1e-6")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
 
