@@ -267,3 +267,13 @@ def test_two_ranks_equal_one(analysed, tiny_models, rw_data, demo_data, tmp_path
     got = json.loads((out / "analysis.json").read_text())
     for k in ("representation", "intra_consistency", "dispersion", "confidence"):
         assert got[k] == want[k], k
+
+
+def test_unreadable_image_names_the_sample(tiny_models, rw_data, demo_data, tmp_path):
+    recs = json.loads(rw_data.read_text())[:2]
+    recs[1]["images"] = ["missing.png"] * len(recs[1]["images"])
+    p = tmp_path / "bad.json"
+    p.write_text(json.dumps(recs))
+    cfg = AnalyzeConfig(model=tiny_models / "internvl-teacher", data=p, images=demo_data, out=tmp_path / "o", progress=False)
+    with pytest.raises(DataError, match=r"sample q1: cannot read image .*missing.png.*drop sample q1 from --data"):
+        analyze(cfg)
