@@ -45,7 +45,7 @@ TABLE_KEYS = {
     "data": ("train", "images", "eval"),
     "teachers": ROLES,
     "cache": ("out", "device", "dtype", "encoding", "keepbits", "layers", "batch_size", "skip_bad", "share_prefix",
-              "writers"),
+              "writers", "text_tokens"),
 }
 # Keys holding paths: resolved against the config file's folder.
 PATH_KEYS = {

@@ -19,7 +19,7 @@ from typing import Any
 from drivekd.errors import ConfigError
 from drivekd.roles import ROLES
 
-RECIPES = (*ROLES, "multi")
+RECIPES = (*ROLES, "multi", "sft")
 PROJECTIONS = ("agp", "g1", "g2", "none")
 DEFAULT_MIX = "0.8,0.1,0.1;0.1,0.8,0.1;0.1,0.1,0.8"
 GROUPS = ("inputs", "distillation", "gradients", "optimisation", "runtime", "checkpoints")
@@ -53,7 +53,10 @@ class TrainConfig:
 
     # ----- distillation: which teacher terms, which signal, which layers, how mixed
     recipe: str = opt("multi", "perception | reasoning | planning (one teacher, its capability split) | multi (all samples, "
-                      "three teachers, mixing matrix).", group="distillation", choices=RECIPES)
+                      "three teachers, mixing matrix) | sft (CE only, the fine-tuning baseline; no store needed).",
+                      group="distillation", choices=RECIPES)
+    split: str | None = opt(None, "With --recipe sft: train on one capability split, as the single-teacher recipes do "
+                            "(default: all samples).", group="distillation", choices=ROLES)
     signal: str | None = opt(None, "Ablation: t2v | full for every teacher term (default: each recipe's own).",
                              group="distillation", choices=("t2v", "full"))
     loss: str = opt("mse", "Attention loss.", group="distillation", choices=("mse", "cosine"))
@@ -66,7 +69,8 @@ class TrainConfig:
     text_tokens: str = opt("paper", "Text query set X: paper (no special tokens) | not_vision (reference code). Must match "
                            "the store.", group="distillation", choices=("paper", "not_vision"))
     mix: str = opt(DEFAULT_MIX, "3x3 mixing matrix M, rows ';' columns ',': rows = sample capability, columns = teacher "
-                   "(perception, reasoning, planning).", group="distillation")
+                   "(perception, reasoning, planning); each row is normalised to sum 1, as the reference trainer does.",
+                   group="distillation")
     w_ce: float = opt(1.0, "Static weight of the answer CE.", group="distillation", minimum=">=0")
     w_perception: float = opt(1.0, "Static weight of the perception teacher term (0 switches it off).",
                               group="distillation", minimum=">=0")
@@ -94,7 +98,9 @@ class TrainConfig:
                               minimum=">=0")
     min_lr_ratio: float = opt(0.01, "Cosine floor as a fraction of lr, in [0, 1].", group="optimisation", minimum=">=0")
     weight_decay: float = opt(0.0, "AdamW weight decay.", group="optimisation", minimum=">=0")
-    max_grad_norm: float = opt(1.0, "Clip the global gradient norm before each optimizer step (0: no clipping).",
+    max_grad_norm: float = opt(0.0, "Clip the global gradient norm before each optimizer step (0: no clipping, as the "
+                               "paper and the reference trainer; AGP sums ~K-1 copies of the CE gradient, so a small "
+                               "norm would clip every step).",
                                group="optimisation", minimum=">=0")
     seed: int = opt(42, "Seed of the data order, the AGP permutations and torch's RNG.", group="optimisation",
                     minimum=">=0")
@@ -147,6 +153,8 @@ class TrainConfig:
             raise ConfigError(f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.device != "auto" and not self.device.startswith(("cpu", "cuda")):
             raise ConfigError(f"--device must be auto, cpu or cuda[:N], got {self.device!r}")
+        if self.split is not None and self.recipe != "sft":
+            raise ConfigError(f"--split applies to --recipe sft (recipe {self.recipe!r} chooses its own split)")
         if self.resume and self.resume_from is not None:
             raise ConfigError("give either --resume (latest checkpoint in --out) or --resume-from DIR, not both")
 
