@@ -15,6 +15,7 @@ import click
 from click.core import ParameterSource
 
 from drivekd.errors import DriveKDError
+from drivekd.images import image_options
 
 P = click.Path(path_type=Path)
 
@@ -64,6 +65,7 @@ P = click.Path(path_type=Path)
 @click.option("--skip-nonfinite", is_flag=True, default=None, help="Skip samples with a NaN/inf loss instead of stopping.")
 @click.option("--log-every", type=int, help="Metrics line every N steps (default 1).")
 @click.option("--progress/--no-progress", default=None, help="tqdm progress bar (default on).")
+@image_options
 @click.pass_context
 def main(ctx: click.Context, config_path, **flags) -> None:
     """Distil a driving VLM student from stored teacher attention (Drive-KD)."""

@@ -149,9 +149,16 @@ class Family:
         self.special_ids = torch.tensor(sorted(specials), dtype=torch.long)
 
     @classmethod
-    def from_pretrained(cls, path, *, image_processing: dict | None = None, text_tokens: str = "paper") -> "Family":
+    def from_pretrained(cls, path, *, image_processing=None, text_tokens: str = "paper") -> "Family":
+        """`image_processing`: `drivekd.images.ImageSettings` (the user's [images] settings) or raw kwargs."""
         family = detect_family(path)
         return cls(family, load_processor(family, path, image_processing), text_tokens=text_tokens)
+
+    def image_settings(self) -> dict:
+        """The image settings this processor applies, in [images] keys (recorded in the store)."""
+        from drivekd.images import effective
+
+        return effective(self.name, self.processor.image_processor)
 
     def _vision_delimiters(self) -> set[int]:
         tok = self.tokenizer

@@ -20,6 +20,7 @@ import torch
 
 from drivekd.data.sample import CAPABILITIES, Sample
 from drivekd.errors import AlignmentError, ConfigError, StoreError
+from drivekd.images import ImageSettings, check_store, pop_flags
 from drivekd.losses.recipes import LayerSpecError, TermPlan, mid_range_spec, parse_role_layers, plan_term
 from drivekd.store.targets import ROLES, RoleInfo, TargetSource
 
@@ -129,6 +130,8 @@ class TrainConfig:
     """Write a metrics line every N optimizer steps."""
     progress: bool = True
     """Show a tqdm progress bar."""
+    image_settings: ImageSettings = field(default_factory=ImageSettings)
+    """[images] table / --tiling, --max-patches, --min-pixels, --max-pixels; must match the store's."""
 
     @classmethod
     def keys(cls) -> list[str]:
@@ -145,6 +148,8 @@ class TrainConfig:
         kw = {}
         for k, v in d.items():
             kw[k] = Path(v) if k in PATH_KEYS and v is not None else v
+        if isinstance(kw.get("image_settings"), dict):
+            kw["image_settings"] = ImageSettings(**kw["image_settings"])
         return cls(**kw)
 
 
@@ -158,7 +163,8 @@ def config_from_sources(cli: dict[str, Any], config_path: str | Path | None = No
     from drivekd.config import load_config
 
     raw = load_config(config_path)
-    merged: dict[str, Any] = {}
+    cli = dict(cli)
+    merged: dict[str, Any] = {"image_settings": ImageSettings.from_sources(pop_flags(cli), raw)}
     if raw:
         base = Path(raw["_path"]).parent
         train = dict(raw.get("train", {}))
@@ -421,10 +427,12 @@ def validate(cfg: TrainConfig, targets: TargetSource | None = None, world: int =
     if infos:
         from drivekd.families.base import Family
 
-        fp = Family.from_pretrained(student, text_tokens=cfg.text_tokens).fingerprint()
+        fam = Family.from_pretrained(student, text_tokens=cfg.text_tokens, image_processing=cfg.image_settings)
+        fp = fam.fingerprint()
         for r, info in infos.items():
             if info.family != family:
                 raise AlignmentError(f"--cache: the {r} teacher is {info.family} but --student is {family}; distillation needs one family")
+            check_store(source, r, fam)
             if info.processor != fp:
                 raise AlignmentError(
                     f"--cache: the {r} targets were built with another processor/chat template/--text-tokens setting than "
