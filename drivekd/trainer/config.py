@@ -18,11 +18,13 @@ from typing import Any
 
 import torch
 
-from drivekd.data.sample import CAPABILITIES, Sample
+from drivekd.data.sample import Sample
 from drivekd.errors import AlignmentError, ConfigError, StoreError
 from drivekd.images import ImageSettings, check_store, pop_flags
-from drivekd.losses.recipes import LayerSpecError, TermPlan, mid_range_spec, parse_role_layers, plan_term
-from drivekd.store.targets import ROLES, RoleInfo, TargetSource
+from drivekd.layers import LayerSpecError, mid_range_spec, parse_role_layers
+from drivekd.losses.recipes import TermPlan, plan_term
+from drivekd.roles import CAPABILITIES, ROLES
+from drivekd.store.targets import RoleInfo, TargetSource
 
 log = logging.getLogger(__name__)
 
