@@ -19,7 +19,7 @@ from torch import nn
 
 from drivekd.projection import GradBuffers, combine
 from drivekd.projection.combine import coefficients
-from drivekd.projection.gram import GramEngine
+from drivekd.projection.gram_engine import GramEngine
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 METHODS = ("agp", "g1", "g2", "none")

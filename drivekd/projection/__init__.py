@@ -4,7 +4,7 @@ per-loss gradients (``coefficients``), two engines that get that Gram (rows: ``G
 
 from drivekd.projection.buffers import GradBuffers
 from drivekd.projection.combine import MAX_ROWS, METHODS, coefficients, combine, gram
-from drivekd.projection.gram import GramEngine
+from drivekd.projection.gram_engine import GramEngine
 from drivekd.projection.reweight import DynamicWeights, inverse_softplus
 
 __all__ = ["METHODS", "MAX_ROWS", "coefficients", "combine", "gram", "GradBuffers", "GramEngine", "DynamicWeights",
