@@ -122,7 +122,8 @@ def test_coefficients_equals_combine_info():
 
 
 def make_trainer(tiny_models, demo_data, targets, family: str, world: int = 1, **kw):
-    from drivekd.trainer.config import TrainConfig, validate
+    from drivekd.trainer.plan import validate
+    from drivekd.trainer.settings import TrainConfig
     from drivekd.trainer.loop import Dist, Trainer
 
     cfg = TrainConfig(student=tiny_models / f"{family}-student", data=demo_data / "train.json", out=Path("unused"),
