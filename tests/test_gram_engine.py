@@ -154,7 +154,7 @@ def forward(tr, batch):
 @pytest.fixture(scope="module")
 def targets(tiny_models, demo_data):
     from drivekd.data.loaders import load_samples
-    from drivekd.trainer.online import compute_targets
+    from online_targets import compute_targets
 
     out = {}
     for fam in ("internvl", "qwen2_5_vl"):

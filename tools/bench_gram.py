@@ -96,11 +96,10 @@ def tiny(reps: int):
     import tempfile
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from drivekd.data.demo import make_demo_data
+    from drivekd.demo import make_demo_data, make_tiny_models
     from drivekd.data.loaders import load_samples
     from drivekd.families.capture import capture_attention
-    from drivekd.families.tiny import make_tiny_models
-    from drivekd.trainer.online import compute_targets
+    from online_targets import compute_targets
     from test_gram_engine import TEACHER_LAYERS, batch_of, make_trainer
 
     with tempfile.TemporaryDirectory() as d:
