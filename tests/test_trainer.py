@@ -256,3 +256,39 @@ def test_zero_weights_skip_rows(tiny_models, demo_data, targets, tmp_path):
     assert res.plan.row_names == ["ce", "reasoning", "planning"]
     rec = res.metrics[-1]
     assert rec["weights"]["ce"] == 0.0 and rec["active_share"]["ce"] == 0.0 and rec["grad_norms"]["ce"] is None
+
+
+def test_sft_baseline_needs_no_store(tiny_models, demo_data, tmp_path):
+    """The CE baseline of the ablation table: --recipe sft trains without a store (optionally on one
+    capability split), and a multi run with every teacher weight 0 is the same CE-only run (it
+    crashed with an IndexError in the mixing lookup)."""
+    sft = train(_cfg(tiny_models, demo_data, tmp_path / "sft", recipe="sft", lr=1e-3, max_steps=2, grad_accum=2))
+    assert sft.plan.row_names == ["ce"] and sft.plan.terms == [] and all(math.isfinite(l) for l in sft.losses)
+    split = train(_cfg(tiny_models, demo_data, tmp_path / "split", recipe="sft", split="planning", max_steps=1))
+    assert {s.capability for s in split.plan.samples} == {"planning"}
+    off = train(_cfg(tiny_models, demo_data, tmp_path / "off", lr=1e-3, max_steps=2, grad_accum=2, projection="none",
+                     w_perception=0.0, w_reasoning=0.0, w_planning=0.0))
+    assert off.plan.row_names == ["ce"]
+    assert off.losses == pytest.approx(sft.losses, rel=1e-6)  # same data order, same CE-only step
+
+
+def test_reference_text_set_end_to_end(tiny_models, demo_data, tmp_path):
+    """--text-tokens not_vision (the reference trainer's X set) runs end to end: the build stores it,
+    the trainer uses it, and a student with the other setting is refused, naming --text-tokens."""
+    from drivekd.store.build import BuildConfig, build
+    from drivekd.store.zarr_store import TeacherStore
+
+    recs = [r for r in json.loads((demo_data / "train.json").read_text()) if r["question_type"] == "planning"][:2]
+    data = tmp_path / "two.json"
+    data.write_text(json.dumps(recs))
+    t = tiny_models / "internvl-teacher"
+    build(BuildConfig(teachers={"planning": t}, data=data, images=demo_data, out=tmp_path / "c", progress=False,
+                      text_tokens="not_vision"))
+    st = TeacherStore(tmp_path / "c").get("planning", load_samples(data, demo_data)[0].id)
+    assert bool((st.text == ~st.vision).all())  # specials count as text under not_vision
+    kw = dict(data=data, images=demo_data, cache=tmp_path / "c", recipe="planning", max_steps=1)
+    res = train(_cfg(tiny_models, demo_data, tmp_path / "nv", text_tokens="not_vision", **kw))
+    assert math.isfinite(res.losses[0])
+    with pytest.raises(AlignmentError, match="--text-tokens"):
+        train(_cfg(tiny_models, demo_data, tmp_path / "paper", **{**kw, "recipe": "multi", "w_perception": 0.0,
+                                                                     "w_reasoning": 0.0}))

@@ -26,6 +26,7 @@ from drivekd.data.sample import Sample
 from drivekd.errors import ConfigError, DataError
 from drivekd.families.base import Family, family_class, load_model
 from drivekd.families.capture import capture_attention
+from drivekd.images import ImageSettings
 from drivekd.layers import LayerSpecError, check_spec, recipe_layers, resolve_layers, spec_of
 from drivekd.roles import ROLES
 from drivekd.store.zarr_store import Encoding, TeacherStore, pack_rows, teacher_fingerprint
@@ -46,7 +47,8 @@ class BuildConfig:
     overwrite: bool = False
     device: str = "cpu"
     dtype: str = "float32"
-    image_processing: dict | None = None
+    image_processing: ImageSettings | dict | None = None  # [images] table / image flags, or raw processor kwargs
+    text_tokens: str = "paper"  # the text query set X stored with each sample: paper | not_vision
     progress: bool = True
     share_prefix: bool = True  # run each image group's shared token prefix once
     # Threads that quantise, compress and write (Blosc releases the GIL). With a fast GPU teacher
@@ -72,6 +74,8 @@ class BuildConfig:
             raise ConfigError(f"--batch-size must be >= 1, not {self.batch_size}")
         if self.writers < 1:
             raise ConfigError(f"--writers must be >= 1, not {self.writers}")
+        if self.text_tokens not in ("paper", "not_vision"):
+            raise ConfigError(f"--text-tokens must be paper or not_vision, not {self.text_tokens!r}")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ConfigError(f"--dtype must be float32, bfloat16 or float16, not {self.dtype!r}")
 
@@ -298,7 +302,7 @@ def build(cfg: BuildConfig) -> dict:
     totals = {"written": 0, "skipped": 0, "already": 0, "bytes": 0, "seconds": 0.0, "loop_seconds": 0.0}
     t0 = time.perf_counter()
     for ckpt, roles in by_ckpt.items():
-        family = Family.from_pretrained(ckpt, image_processing=cfg.image_processing)
+        family = Family.from_pretrained(ckpt, image_processing=cfg.image_processing, text_tokens=cfg.text_tokens)
         ncfg = json.loads((ckpt / "config.json").read_text())
         L = int((ncfg.get("text_config") or ncfg)["num_hidden_layers"])
         layers = {}
@@ -313,6 +317,7 @@ def build(cfg: BuildConfig) -> dict:
             "teacher_path": str(ckpt),
             "teacher_fingerprint": teacher_fingerprint(ckpt),
             "processor_fingerprint": family.fingerprint(),
+            "image_settings": family.image_settings(),  # trainer names a mismatch (drivekd.images.check_store)
             "text_tokens": family.text_tokens,
             "num_teacher_layers": L,
             "encoding": cfg.encoding.to_dict(),
