@@ -8,9 +8,8 @@ softmax(QK^T * scaling + mask) block by block (head chunks x causal row blocks) 
 mean (B, T, T) in fp32. Memory beyond sdpa: the selected layers' (B, T, T) maps plus one block's scores.
 
 The same forward code serves the teacher (no gradient) and the student (gradient through Q and K).
-With gradients, `HeadMeanAttention` (a custom autograd function, flash-attention style) saves only
-query, key, one log-sum-exp per (batch, head, query row) and the mask it was given; its backward
-recomputes each block's probabilities. Autograd through the plain loop (kept as
+With gradients, `HeadMeanAttention` (a custom autograd function) saves only query, key and the mask
+it was given (tensors sdpa keeps anyway); its backward recomputes each block's probabilities. Autograd through the plain loop (kept as
 `head_mean_attention_reference`) would instead keep every block's fp32 softmax, H x T^2 / 2 x 4 bytes
 per captured layer (~90 MB for InternVL3-1B at T = 1800; 23 layers in the reasoning recipe).
 """
@@ -119,20 +118,17 @@ def _out_mask(row_valid, padding, Q: int, K: int):
     return (None if rows is None else rows[:, :, None].float(), None if cols is None else cols[:, None, :].float())
 
 
-def _forward(query, key, attention_mask, scaling: float, padding, want_lse: bool):
-    """Head-mean map (B, Q, K) fp32 and, if asked, the log-sum-exp (B, H, Q) of every row's scores."""
+def _forward(query, key, attention_mask, scaling: float, padding):
+    """Head-mean map (B, Q, K) fp32."""
     B, H, Q, D = query.shape
     Hkv, K = key.shape[1], key.shape[2]
     rep = H // Hkv
     masked, causal, row_valid = _geometry(query, key, attention_mask)
     acc = torch.zeros(B, Q, K, dtype=torch.float32, device=query.device)
-    lse = torch.empty(B, H, Q, dtype=torch.float32, device=query.device) if want_lse else None
     q_all = query.float() * scaling  # scale on Q: Q*D elements, not Q*K
     k_all = key.float()
     for h0, h1, a, b, kend in _blocks(B, H, Hkv, Q, K, causal):
         s, _, _ = _scores(q_all, k_all, masked, h0, h1, a, b, kend, rep)  # (B, c, r, kend)
-        if want_lse:
-            lse[:, h0:h1, a:b] = torch.logsumexp(s, dim=-1)
         acc[:, a:b, :kend].add_(torch.softmax(s, dim=-1).sum(dim=1))
     acc.div_(H)
     rows, cols = _out_mask(row_valid, padding, Q, K)
@@ -140,37 +136,37 @@ def _forward(query, key, attention_mask, scaling: float, padding, want_lse: bool
         acc.mul_(rows)
     if cols is not None:
         acc.mul_(cols)
-    return acc, lse
+    return acc
 
 
 class HeadMeanAttention(torch.autograd.Function):
-    """A = mean_h softmax(Q_h K_h^T * scaling + mask), saving O(H Q) floats, not H x Q x K.
+    """A = mean_h softmax(Q_h K_h^T * scaling + mask), saving no new tensor for backward.
 
-    Saved for backward: query (B, H, Q, D) and key (B, Hkv, K, D) as given (the same tensors sdpa
-    saves, so no new storage), lse (B, H, Q) fp32, the attention mask and padding as given.
-    Backward, block by block: P_h = exp(S_h - lse_h), dS_h = P_h * (g - rowsum(P_h * g)) with
-    g = dA / H, dQ = dS K * scaling, dK = sum over the heads of a kv group of dS^T Q * scaling.
+    Saved: query (B, H, Q, D) and key (B, Hkv, K, D) as given (the tensors sdpa saves too), the
+    attention mask and padding as given (shared by every layer). Backward, block by block:
+    P_h = softmax(S_h) recomputed, dS_h = P_h * (g - rowsum(P_h * g)) with g = dA / H,
+    dQ = dS K * scaling, dK = sum over the heads of a kv group of dS^T Q * scaling.
     """
 
     @staticmethod
     def forward(ctx, query, key, attention_mask, scaling, padding):
         with torch.autocast(query.device.type, enabled=False):
-            acc, lse = _forward(query, key, attention_mask, scaling, padding, want_lse=True)
+            acc = _forward(query, key, attention_mask, scaling, padding)
         ctx.scaling = scaling
         # The mask and padding are the tensors every captured layer receives: no new storage.
-        ctx.save_for_backward(query, key, lse, attention_mask, padding)
+        ctx.save_for_backward(query, key, attention_mask, padding)
         return acc
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
-        query, key, lse, attention_mask, padding = ctx.saved_tensors
+        query, key, attention_mask, padding = ctx.saved_tensors
         with torch.autocast(query.device.type, enabled=False):
-            dq, dk = _backward(query, key, lse, attention_mask, padding, ctx.scaling, grad)
+            dq, dk = _backward(query, key, attention_mask, padding, ctx.scaling, grad)
         return dq.to(query.dtype), dk.to(key.dtype), None, None, None
 
 
-def _backward(query, key, lse, attention_mask, padding, scaling: float, grad):
+def _backward(query, key, attention_mask, padding, scaling: float, grad):
     B, H, Q, D = query.shape
     Hkv, K = key.shape[1], key.shape[2]
     rep = H // Hkv
@@ -188,7 +184,10 @@ def _backward(query, key, lse, attention_mask, padding, scaling: float, grad):
     for h0, h1, a, b, kend in _blocks(B, H, Hkv, Q, K, causal):
         c, r = h1 - h0, b - a
         s, qg, kg = _scores(q_all, k_all, masked, h0, h1, a, b, kend, rep)
-        p = s.sub_(lse[:, h0:h1, a:b, None]).exp_()  # (B, c, r, kend): P_h recomputed in place
+        # Every block holds whole rows (all keys up to the causal end), so P_h is recomputed with the
+        # forward's own softmax: bitwise the forward's P, and one fused op where flash attention's
+        # exp(S - lse) would need a saved log-sum-exp and two passes.
+        p = torch.softmax(s, dim=-1)  # (B, c, r, kend)
         gb = g[:, None, a:b, :kend]  # (B, 1, r, kend), shared by every head
         ds = p * gb
         ds.addcmul_(p, ds.sum(dim=-1, keepdim=True), value=-1.0)  # P * (g - rowsum(P * g))
@@ -211,11 +210,11 @@ def head_mean_attention(query: torch.Tensor, key: torch.Tensor, attention_mask, 
     """
     if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad):
         return HeadMeanAttention.apply(query, key, attention_mask, scaling, padding)
-    # Teacher pass (no gradients): the same forward, no log-sum-exp.
+    # Teacher pass (no gradients): the same forward.
     # Under bf16 autocast (GPU) the matmul would run in bf16 and the fp32-min fill would overflow
     # it: the map is always formed in fp32.
     with torch.autocast(query.device.type, enabled=False):
-        return _forward(query, key, attention_mask, scaling, padding, want_lse=False)[0]
+        return _forward(query, key, attention_mask, scaling, padding)
 
 
 def head_mean_attention_reference(query: torch.Tensor, key: torch.Tensor, attention_mask, scaling: float,
