@@ -14,7 +14,7 @@ All at InternVL3-1B text shapes (Qwen2.5-0.5B: hidden 896, intermediate 4864, 14
     CE on a 96-token answer span only (the floor: plain fine-tuning) vs the multi recipe's attention
     losses (t2v MSE at layer 0 and L-2, full MSE on 0..L-2; projection none: one backward) with
     the lean capture and with the reference capture. Each case runs in its own process: step time
-    (median), peak RSS, and the bytes autograd saves for backward in the step (counted with
+    (median CPU time of the process, robust to other jobs on a shared machine, and wall time), peak RSS, and the bytes autograd saves for backward in the step (counted with
     saved_tensors_hooks on the warm-up step; deterministic, unlike RSS).
 Vision layers are left out: the capture only touches the language model.
 """
@@ -28,6 +28,7 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -98,14 +99,14 @@ def case_kernel(args) -> dict:
         fb, fwd = [], []
         for _ in range(args.repeats):
             qq.grad = kk.grad = None
-            t0 = time.perf_counter()
+            t0 = time.process_time()
             a = fn(qq, kk, mask, scaling)
             (a * w).sum().backward()
-            fb.append(time.perf_counter() - t0)
+            fb.append(time.process_time() - t0)
             with torch.no_grad():
-                t0 = time.perf_counter()
+                t0 = time.process_time()
                 fn(q, k, mask, scaling)
-                fwd.append(time.perf_counter() - t0)
+                fwd.append(time.process_time() - t0)
         out[name] = {"saved": all_.total, "saved_new": new.total, "largest": all_.largest,
                      "fwd_bwd_s": statistics.median(fb), "nograd_fwd_s": statistics.median(fwd)}
     return out
@@ -181,13 +182,14 @@ def case_step(args, capture: str) -> dict:
     first = time.perf_counter() - t0
     for _ in range(args.warmup - 1):
         step()
-    times = []
+    times, cpu = [], []
     for _ in range(args.steps):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         step()
         times.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
     assert cap_mod._IMPL[0] is cap_mod.head_mean_attention  # the reference switch was undone
-    return {"step_s": statistics.median(times), "first_step_s": first, "peak_rss": peak_rss(), "base_rss": base_rss,
+    return {"step_s": statistics.median(times), "step_cpu_s": statistics.median(cpu), "first_step_s": first, "peak_rss": peak_rss(), "base_rss": base_rss,
             "saved": counter.total, "layers": layers, "params": sum(p.numel() for p in params)}
 
 
@@ -214,6 +216,10 @@ def run_case(name: str, args) -> dict:
     raise RuntimeError(f"case {name} failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
 
 
+def ratio(a: float, b: float) -> str:
+    return f"{a / b:.0f}x" if b else "(lean: none)"
+
+
 def report(r: dict, args) -> str:
     T, L = args.tokens, args.layers
     kn, ref = r["kernel"]["lean"], r["kernel"]["reference"]
@@ -221,22 +227,23 @@ def report(r: dict, args) -> str:
     lines.append(f"| a | saved for backward, one captured layer (T={T}, {H} heads, {HKV} kv heads, d {D}), all storages | "
                  f"{kn['saved'] / MiB:.2f} MiB | {ref['saved'] / MiB:.1f} MiB | {ref['saved'] / kn['saved']:.0f}x |")
     lines.append(f"| a | same, new storage only (query, key and mask are held by sdpa anyway) | {kn['saved_new'] / MiB:.3f} MiB | "
-                 f"{ref['saved_new'] / MiB:.1f} MiB | {ref['saved_new'] / kn['saved_new']:.0f}x |")
+                 f"{ref['saved_new'] / MiB:.1f} MiB | {ratio(ref['saved_new'], kn['saved_new'])} |")
     lines.append(f"| a | largest saved tensor (elements; heads x T x T = {H * T * T:,}) | {kn['largest']:,} | {ref['largest']:,} | |")
-    lines.append(f"| b | capture alone, forward + backward | {kn['fwd_bwd_s'] * 1e3:.0f} ms | {ref['fwd_bwd_s'] * 1e3:.0f} ms | "
+    lines.append(f"| b | capture alone, forward + backward (CPU time) | {kn['fwd_bwd_s'] * 1e3:.0f} ms | {ref['fwd_bwd_s'] * 1e3:.0f} ms | "
                  f"{ref['fwd_bwd_s'] / kn['fwd_bwd_s']:.2f} |")
-    lines.append(f"| b | capture alone, no-grad forward (teacher pass) | {kn['nograd_fwd_s'] * 1e3:.0f} ms | "
+    lines.append(f"| b | capture alone, no-grad forward, teacher pass (CPU time) | {kn['nograd_fwd_s'] * 1e3:.0f} ms | "
                  f"{ref['nograd_fwd_s'] * 1e3:.0f} ms | {ref['nograd_fwd_s'] / kn['nograd_fwd_s']:.2f} |")
     fl, le, rf = r["floor"], r["lean"], r["reference"]
     lines.append("")
     lines.append(f"(c) student step, {L} decoder layers at InternVL3-1B width ({fl['params'] / 1e6:.0f}M parameters with the tied "
                  f"151674-token embedding), T={T}, fp32, AdamW; capture on layers {le['layers']}:")
     lines.append("")
-    lines.append("| case | step time | / floor | peak RSS | / floor | RSS above imports | / floor | saved for backward | / floor |")
-    lines.append("|---|---|---|---|---|---|---|---|---|")
+    lines.append("| case | step CPU time | / floor | step wall time | / floor | peak RSS | / floor | RSS above imports | / floor | saved for backward | / floor |")
+    lines.append("|---|---|---|---|---|---|---|---|---|---|---|")
     for name, c in (("CE only (floor)", fl), ("multi + none, lean capture", le), ("multi + none, reference capture", rf)):
         above, above_fl = c["peak_rss"] - c["base_rss"], fl["peak_rss"] - fl["base_rss"]
-        lines.append(f"| {name} | {c['step_s']:.2f} s | {c['step_s'] / fl['step_s']:.3f}x | {c['peak_rss'] / MiB:.0f} MiB | "
+        lines.append(f"| {name} | {c['step_cpu_s']:.2f} s | {c['step_cpu_s'] / fl['step_cpu_s']:.3f}x | "
+                     f"{c['step_s']:.2f} s | {c['step_s'] / fl['step_s']:.3f}x | {c['peak_rss'] / MiB:.0f} MiB | "
                      f"{c['peak_rss'] / fl['peak_rss']:.3f}x | {above / MiB:.0f} MiB | {above / above_fl:.3f}x | "
                      f"{c['saved'] / MiB:.0f} MiB | {c['saved'] / fl['saved']:.3f}x |")
     return "\n".join(lines)
@@ -246,10 +253,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tokens", type=int, default=1800)
     ap.add_argument("--layers", type=int, default=4, help="decoder layers in (c); the capture takes 0..L-2")
-    ap.add_argument("--steps", type=int, default=2, help="timed steps per case in (c)")
+    ap.add_argument("--steps", type=int, default=1, help="timed steps per case in (c)")
     ap.add_argument("--warmup", type=int, default=1, help="untimed steps per case in (c) (the first counts saved bytes)")
     ap.add_argument("--repeats", type=int, default=3, help="timed repeats in (b)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--json", type=Path, help="also write the raw results here")
+    ap.add_argument("--report", type=Path, help="print the table of a --json file written earlier, run nothing")
     ap.add_argument("--case", choices=sorted(CASES), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.case:
@@ -258,8 +267,17 @@ def main() -> None:
         torch.set_num_threads(args.threads)
         print("RESULT " + json.dumps(CASES[args.case](args)))
         return
+    if args.report:
+        saved = json.loads(args.report.read_text())
+        print(report(saved["results"], argparse.Namespace(**saved["args"])))
+        return
     t0 = time.perf_counter()
-    results = {name: run_case(name, args) for name in CASES}
+    results = {}
+    for name in CASES:
+        results[name] = run_case(name, args)
+        print(f"{name}: {json.dumps(results[name])}", file=sys.stderr, flush=True)
+    if args.json:
+        args.json.write_text(json.dumps({"results": results, "args": {"tokens": args.tokens, "layers": args.layers}}, indent=1))
     print(report(results, args))
     print(f"\n(total {time.perf_counter() - t0:.0f} s, {args.threads} thread(s); each case in its own process)")
 

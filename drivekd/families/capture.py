@@ -188,6 +188,7 @@ def _backward(query, key, attention_mask, padding, scaling: float, grad):
         # forward's own softmax: bitwise the forward's P, and one fused op where flash attention's
         # exp(S - lse) would need a saved log-sum-exp and two passes.
         p = torch.softmax(s, dim=-1)  # (B, c, r, kend)
+        del s  # at most two block-sized tensors alive: p and ds
         gb = g[:, None, a:b, :kend]  # (B, 1, r, kend), shared by every head
         ds = p * gb
         ds.addcmul_(p, ds.sum(dim=-1, keepdim=True), value=-1.0)  # P * (g - rowsum(P * g))
