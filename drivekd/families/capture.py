@@ -59,7 +59,11 @@ def _geometry(query: torch.Tensor, key: torch.Tensor, attention_mask):
 
     Returns (masked (B|1, 1, Q, K) bool: True where a key is hidden; causal: whether every block of
     rows [a, b) may stop at key off + b; row_valid (B|1, Q) bool: rows with at least one key).
+    Without a mask (sdpa's plain causal skip: batch 1 or no padding) masked and row_valid are None:
+    only the diagonal square of each row block needs masking (see _scores).
     """
+    if attention_mask is None:
+        return None, True, None
     Q, K = query.shape[2], key.shape[2]
     off = K - Q  # queries are the last Q positions (K > Q with a prefix cache)
     allowed = _allowed(attention_mask, Q, K, query.device)  # (B|1, 1, Q, K)
@@ -99,7 +103,14 @@ def _scores(q_all, k_all, masked, h0, h1, a, b, kend, rep):
     kg = k_all[:, h0 // rep : h1 // rep, :kend]  # (B, g, kend, D)
     s = torch.matmul(qg, kg.transpose(-1, -2)).view(B, c, r, kend)
     # finfo.min, not -inf: a fully padded row must give finite values, not NaN.
-    return s.masked_fill_(masked[..., a:b, :kend], torch.finfo(torch.float32).min), qg, kg
+    neg = torch.finfo(torch.float32).min
+    if masked is None:
+        # Plain causal, queries last (kend = off + b): keys before off + a are visible to every row
+        # of the block; of the last r keys, row j sees the first j + 1 (a strict upper triangle hidden).
+        upper = torch.ones(r, r, dtype=torch.bool, device=s.device).triu_(1)
+        s[..., kend - r :].masked_fill_(upper, neg)
+        return s, qg, kg
+    return s.masked_fill_(masked[..., a:b, :kend], neg), qg, kg
 
 
 def _out_mask(row_valid, padding, Q: int, K: int):
@@ -109,10 +120,10 @@ def _out_mask(row_valid, padding, Q: int, K: int):
     queries still attend to real keys causally. Both are zeroed, and so are padding keys'
     columns, so a padded map never carries a signal.
     """
-    rows = None if bool(row_valid.all()) else row_valid
+    rows = None if row_valid is None or bool(row_valid.all()) else row_valid
     cols = None
     if padding is not None and Q == K == padding.shape[1]:
-        pad = padding.to(row_valid.device, torch.bool)
+        pad = padding.to(torch.bool)
         rows = pad if rows is None else rows & pad
         cols = pad
     return (None if rows is None else rows[:, :, None].float(), None if cols is None else cols[:, None, :].float())
