@@ -9,25 +9,12 @@ from pathlib import Path
 import click
 
 from drivekd.errors import DriveKDError
+from drivekd.roles import ROLES
 
 
 def _fail(e: Exception) -> None:
     click.echo(f"error: {e}", err=True)
     sys.exit(2)
-
-
-def _parse_layers(spec: str | None) -> list[int] | None:
-    if not spec:
-        return None
-    out: list[int] = []
-    for part in spec.split(","):
-        part = part.strip()
-        if "-" in part[1:]:
-            a, b = part.split("-", 1)
-            out.extend(range(int(a), int(b) + 1))
-        elif part:
-            out.append(int(part))
-    return out
 
 
 @click.group()
@@ -36,12 +23,13 @@ def main() -> None:
 
 
 @main.command()
-@click.option("--teacher", "role", type=click.Choice(["perception", "reasoning", "planning", "all"]), required=True, help="Which teacher role(s) to build.")
+@click.option("--teacher", "role", type=click.Choice([*ROLES, "all"]), required=True, help="Which teacher role(s) to build.")
 @click.option("--model", "model_dir", type=click.Path(path_type=Path), help="Teacher checkpoint folder (default: [teachers].<role> in drivekd.toml).")
 @click.option("--data", type=click.Path(path_type=Path), help="Training data JSON (Drive-KD or DriveBench format).")
 @click.option("--images", type=click.Path(path_type=Path), help="Image root for relative paths (default: the data file's folder).")
 @click.option("--out", type=click.Path(path_type=Path), help="Store folder (default: cache/).")
-@click.option("--layers", help="Override the recipe layers, e.g. '0' or '0-26' or '1,3,5' (applies to every selected role).")
+@click.option("--layers", help="Override the recipe layers (applies to every selected role): N, L-N, ranges A..B, "
+              "comma-separated, e.g. '0', 'L-2', '0..L-2', '1,3,5'.")
 @click.option("--batch-size", type=int, default=None, help="Samples per teacher forward (default 1).")
 @click.option("--encoding", type=click.Choice(["lossless", "lossy"]), default=None, help="lossless fp16 (default) or mantissa-rounded.")
 @click.option("--keepbits", type=int, default=None, help="Mantissa bits kept by --encoding lossy (default 7: <1% loss change in tools/bench_cache.py).")
@@ -49,17 +37,19 @@ def main() -> None:
 @click.option("--overwrite", is_flag=True, help="Delete a role built with other settings and rebuild it.")
 @click.option("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available).")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None, help="Teacher dtype (default bfloat16 on GPU, float32 on CPU).")
+@click.option("--text-tokens", type=click.Choice(["paper", "not_vision"]), default=None,
+              help="Text query set X stored for the losses: paper (no special tokens, default) or not_vision (the "
+                   "reference trainer's); drivekd-train --text-tokens must match.")
 @click.option("--share-prefix/--no-share-prefix", default=True, help="Run each image group's shared token prefix once (default on).")
 @click.option("--writers", type=int, default=None, help="Threads that compress and write targets (default: min(4, CPUs)).")
 @click.option("--config", "config_path", type=click.Path(path_type=Path), help="Project config (default ./drivekd.toml if present).")
 @click.option("--no-progress", is_flag=True)
-def build(role, model_dir, data, images, out, layers, batch_size, encoding, keepbits, skip_bad, overwrite, device, dtype, share_prefix, writers, config_path, no_progress):
+def build(role, model_dir, data, images, out, layers, batch_size, encoding, keepbits, skip_bad, overwrite, device, dtype, text_tokens, share_prefix, writers, config_path, no_progress):
     """Run the teacher(s) once over every sample and write their targets."""
     import torch
 
     from drivekd.config import load_config
     from drivekd.store.build import BuildConfig, build as run_build
-    from drivekd.store.targets import ROLES
     from drivekd.store.zarr_store import Encoding
 
     try:
@@ -79,7 +69,7 @@ def build(role, model_dir, data, images, out, layers, batch_size, encoding, keep
             raise DriveKDError("no data: pass --data FILE or set [data].train in drivekd.toml")
         dev = device or c.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
         enc = Encoding(mode=encoding or c.get("encoding", "lossless"), keepbits=keepbits if keepbits is not None else c.get("keepbits", 7))
-        layer_list = _parse_layers(layers) or c.get("layers")
+        layer_list = layers or c.get("layers")
         bc = BuildConfig(
             teachers=teachers,
             data=Path(data_path),
@@ -94,6 +84,7 @@ def build(role, model_dir, data, images, out, layers, batch_size, encoding, keep
             dtype=dtype or c.get("dtype") or ("bfloat16" if dev.startswith("cuda") else "float32"),
             progress=not no_progress,
             share_prefix=share_prefix and bool(c.get("share_prefix", True)),
+            text_tokens=text_tokens or c.get("text_tokens", "paper"),
         )
         if writers or c.get("writers"):
             bc.writers = writers or int(c["writers"])

@@ -23,26 +23,11 @@ from tqdm import tqdm
 from drivekd.data.loaders import load_samples
 from drivekd.data.sample import Sample
 from drivekd.errors import ConfigError, DataError
-from drivekd.families.base import Family, load_model
+from drivekd.families.base import Family, family_class, load_model
 from drivekd.families.capture import capture_attention
-from drivekd.store.targets import ROLES
+from drivekd.layers import LayerSpecError, check_spec, recipe_layers, resolve_layers, spec_of
+from drivekd.roles import ROLES
 from drivekd.store.zarr_store import Encoding, TeacherStore, pack_rows, teacher_fingerprint
-
-
-def recipe_layers(role: str, num_layers: int) -> list[int]:
-    """Teacher layers a role's recipes need (METHOD.md section 4), 0-based.
-
-    perception: index 0; planning: L-2; reasoning: every index of layer-group matching over 0..L-2,
-    which also covers the "mid2" variant (1..L-3).
-    """
-    L = num_layers
-    if role == "perception":
-        return [0]
-    if role == "planning":
-        return [L - 2]
-    if role == "reasoning":
-        return list(range(0, L - 1))
-    raise ConfigError(f"--teacher: unknown role {role!r} (choose from {', '.join(ROLES)} or all)")
 
 
 @dataclass
@@ -53,7 +38,7 @@ class BuildConfig:
     data: Path
     images: Path | None
     out: Path
-    layers: dict[str, list[int]] | None = None  # role -> layers; None = recipe defaults
+    layers: dict[str, str | list[int]] | None = None  # role -> layer spec (drivekd.layers) or indices; None = recipe
     batch_size: int = 1
     encoding: Encoding = field(default_factory=Encoding)
     skip_bad: bool = False
@@ -61,6 +46,7 @@ class BuildConfig:
     device: str = "cpu"
     dtype: str = "float32"
     image_processing: dict | None = None
+    text_tokens: str = "paper"  # the text query set X stored with each sample: paper | not_vision
     progress: bool = True
     share_prefix: bool = True  # run each image group's shared token prefix once
     # Threads that quantise, compress and write (Blosc releases the GIL). With a fast GPU teacher
@@ -77,10 +63,17 @@ class BuildConfig:
                 raise ConfigError(f"--model for role {role}: {path} is not a folder (set --model or [teachers].{role} in drivekd.toml)")
         if not Path(self.data).is_file():
             raise ConfigError(f"--data {self.data}: no such file (or set [data].train in drivekd.toml)")
+        for role, spec in (self.layers or {}).items():
+            try:
+                check_spec(spec_of(spec))
+            except LayerSpecError as e:
+                raise ConfigError(f"--layers for role {role}: {e}") from None
         if self.batch_size < 1:
             raise ConfigError(f"--batch-size must be >= 1, not {self.batch_size}")
         if self.writers < 1:
             raise ConfigError(f"--writers must be >= 1, not {self.writers}")
+        if self.text_tokens not in ("paper", "not_vision"):
+            raise ConfigError(f"--text-tokens must be paper or not_vision, not {self.text_tokens!r}")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ConfigError(f"--dtype must be float32, bfloat16 or float16, not {self.dtype!r}")
 
@@ -246,7 +239,8 @@ def shared_forward(model, encoded, layers, need=None, device="cpu") -> SharedMap
     h.update(t0["pixel_values"].float().numpy().tobytes())
     key = "p-" + h.hexdigest()[:32]
     prefix_in = {"input_ids": t0["input_ids"][:, :P], "attention_mask": t0["attention_mask"][:, :P], "pixel_values": t0["pixel_values"]}
-    full_pos = _mrope_positions(model, t0, device)  # (3, 1, T) for Qwen2.5-VL, None for 1-D RoPE
+    rope_positions = family_class(model.config.model_type).rope_positions
+    full_pos = rope_positions(model, t0, device)  # (3, 1, T) for Qwen2.5-VL, None for 1-D RoPE
     if full_pos is not None:
         prefix_in.update(image_grid_thw=t0["image_grid_thw"], mm_token_type_ids=t0["mm_token_type_ids"][:, :P], position_ids=full_pos[..., :P])
     with torch.no_grad(), capture_attention(model, layers) as pmaps:
@@ -259,7 +253,7 @@ def shared_forward(model, encoded, layers, need=None, device="cpu") -> SharedMap
             suffixes.append(None)
             continue
         T = lay.length
-        pos = _mrope_positions(model, tens, device)
+        pos = rope_positions(model, tens, device)
         suf = {
             "input_ids": tens["input_ids"][:, P:],
             "attention_mask": torch.ones(1, T, dtype=torch.long),
@@ -274,17 +268,6 @@ def shared_forward(model, encoded, layers, need=None, device="cpu") -> SharedMap
         cache.crop(-(T - P))  # drop this suffix: back to the bare prefix for the next question
         suffixes.append({l: m[0] for l, m in smaps.items()})  # (T - P, T), on the model's device
     return SharedMaps(P, key, prefix, suffixes)
-
-
-def _mrope_positions(model, tens, device) -> torch.Tensor | None:
-    """Qwen2.5-VL's M-RoPE position ids of the whole sequence, (3, 1, T); None for 1-D RoPE families."""
-    if "image_grid_thw" not in tens:
-        return None
-    pos, _ = model.model.get_rope_index(
-        tens["input_ids"].to(device), tens["mm_token_type_ids"].to(device),
-        image_grid_thw=tens["image_grid_thw"].to(device), attention_mask=tens["attention_mask"].to(device),
-    )
-    return pos.cpu()
 
 
 def _barrier(world: int) -> None:
@@ -314,16 +297,16 @@ def build(cfg: BuildConfig) -> dict:
     totals = {"written": 0, "skipped": 0, "already": 0, "bytes": 0, "seconds": 0.0, "loop_seconds": 0.0}
     t0 = time.perf_counter()
     for ckpt, roles in by_ckpt.items():
-        family = Family.from_pretrained(ckpt, image_processing=cfg.image_processing)
+        family = Family.from_pretrained(ckpt, image_processing=cfg.image_processing, text_tokens=cfg.text_tokens)
         ncfg = json.loads((ckpt / "config.json").read_text())
         L = int((ncfg.get("text_config") or ncfg)["num_hidden_layers"])
         layers = {}
         for role in roles:
-            want = (cfg.layers or {}).get(role) or recipe_layers(role, L)
-            bad = [l for l in want if not 0 <= l < L]
-            if bad:
-                raise ConfigError(f"--layers {bad} for role {role}: the teacher {ckpt} has {L} decoder layers (0..{L - 1})")
-            layers[role] = sorted(set(int(l) for l in want))
+            spec = (cfg.layers or {}).get(role)
+            try:
+                layers[role] = recipe_layers(role, L) if spec is None else resolve_layers(spec_of(spec), L)
+            except LayerSpecError as e:
+                raise ConfigError(f"--layers for role {role} (teacher {ckpt}): {e}") from None
         meta_common = {
             "family": family.name,
             "teacher_path": str(ckpt),
