@@ -13,9 +13,9 @@ from drivekd.data.loaders import load_samples
 from drivekd.data.sample import Sample
 from drivekd.families import Family, capture_attention, load_model, num_decoder_layers
 from drivekd.families.capture import head_mean_attention, head_mean_attention_reference, reference_capture
-from drivekd.trainer.config import TrainConfig
+from drivekd.trainer.settings import TrainConfig
 from drivekd.trainer.loop import train
-from drivekd.trainer.online import compute_targets
+from online_targets import compute_targets
 
 FAMILIES = ["qwen2_5_vl", "internvl"]
 RTOL = 1e-5
