@@ -289,15 +289,13 @@ def test_gradient_checkpointing_equals_reference(tiny_models, samples, family):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_prefix_cache_rows_equal_reference(tiny_models, samples, family):
     """K > Q: a suffix run with gradients against a cached prefix (the shared teacher pass's shape)."""
-    from drivekd.store.build import _mrope_positions
-
     path = tiny_models / f"{family}-student"
     fam = Family.from_pretrained(path)
     tens, lay = fam.encode(samples[1])
     model = load_model(path).train()
     T = lay.length
     P = T - 9
-    pos = _mrope_positions(model, tens, "cpu")
+    pos = fam.rope_positions(model, tens, "cpu")  # explicit positions: the cached branch needs them
     layers = [1, 3]
     results = []
     for reference in (False, True):
