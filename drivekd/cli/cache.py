@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from drivekd.errors import DriveKDError
+from drivekd.images import ImageSettings, image_options
 from drivekd.roles import ROLES
 
 
@@ -44,7 +45,8 @@ def main() -> None:
 @click.option("--writers", type=int, default=None, help="Threads that compress and write targets (default: min(4, CPUs)).")
 @click.option("--config", "config_path", type=click.Path(path_type=Path), help="Project config (default ./drivekd.toml if present).")
 @click.option("--no-progress", is_flag=True)
-def build(role, model_dir, data, images, out, layers, batch_size, encoding, keepbits, skip_bad, overwrite, device, dtype, text_tokens, share_prefix, writers, config_path, no_progress):
+@image_options
+def build(role, model_dir, data, images, out, layers, batch_size, encoding, keepbits, skip_bad, overwrite, device, dtype, text_tokens, share_prefix, writers, config_path, no_progress, **image_flags):
     """Run the teacher(s) once over every sample and write their targets."""
     import torch
 
@@ -85,6 +87,7 @@ def build(role, model_dir, data, images, out, layers, batch_size, encoding, keep
             progress=not no_progress,
             share_prefix=share_prefix and bool(c.get("share_prefix", True)),
             text_tokens=text_tokens or c.get("text_tokens", "paper"),
+            image_processing=ImageSettings.from_sources(image_flags, cfg),
         )
         if writers or c.get("writers"):
             bc.writers = writers or int(c["writers"])

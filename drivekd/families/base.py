@@ -146,7 +146,8 @@ class Family:
         self.special_ids = torch.tensor(sorted(specials), dtype=torch.long)
 
     @classmethod
-    def from_pretrained(cls, path, *, image_processing: dict | None = None, text_tokens: str = "paper") -> "Family":
+    def from_pretrained(cls, path, *, image_processing=None, text_tokens: str = "paper") -> "Family":
+        """`image_processing`: `drivekd.images.ImageSettings` (the user's [images] settings) or raw kwargs."""
         klass = family_class(detect_family(path))
         return klass(load_processor(klass.name, path, image_processing), text_tokens=text_tokens)
 
@@ -169,6 +170,12 @@ class Family:
         """Position ids of a whole unpadded sequence when the family's RoPE needs them passed
         explicitly (a suffix run against a cached prefix); None for plain 1-D positions."""
         return None
+
+    def image_settings(self) -> dict:
+        """The image settings this processor applies, in [images] keys (recorded in the store)."""
+        from drivekd.images import effective
+
+        return effective(self.name, self.processor.image_processor)
 
     def _vision_delimiters(self) -> set[int]:
         tok = self.tokenizer

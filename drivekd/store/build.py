@@ -25,6 +25,7 @@ from drivekd.data.sample import Sample
 from drivekd.errors import ConfigError, DataError
 from drivekd.families.base import Family, family_class, load_model
 from drivekd.families.capture import capture_attention
+from drivekd.images import ImageSettings
 from drivekd.layers import LayerSpecError, check_spec, recipe_layers, resolve_layers, spec_of
 from drivekd.roles import ROLES
 from drivekd.store.zarr_store import Encoding, TeacherStore, pack_rows, teacher_fingerprint
@@ -45,7 +46,7 @@ class BuildConfig:
     overwrite: bool = False
     device: str = "cpu"
     dtype: str = "float32"
-    image_processing: dict | None = None
+    image_processing: ImageSettings | dict | None = None  # [images] table / image flags, or raw processor kwargs
     text_tokens: str = "paper"  # the text query set X stored with each sample: paper | not_vision
     progress: bool = True
     share_prefix: bool = True  # run each image group's shared token prefix once
@@ -312,6 +313,7 @@ def build(cfg: BuildConfig) -> dict:
             "teacher_path": str(ckpt),
             "teacher_fingerprint": teacher_fingerprint(ckpt),
             "processor_fingerprint": family.fingerprint(),
+            "image_settings": family.image_settings(),  # trainer names a mismatch (drivekd.images.check_store)
             "text_tokens": family.text_tokens,
             "num_teacher_layers": L,
             "encoding": cfg.encoding.to_dict(),

@@ -21,6 +21,7 @@ import torch
 
 from drivekd.data.sample import Sample
 from drivekd.errors import AlignmentError, ConfigError, StoreError
+from drivekd.images import check_store
 from drivekd.layers import LayerSpecError, mid_range_spec, parse_role_layers
 from drivekd.losses.recipes import TermPlan, plan_term
 from drivekd.roles import ROLES, capability_index, role_index
@@ -243,12 +244,13 @@ def validate(cfg: TrainConfig, targets: TargetSource | None = None, world: int =
     infos = {r: source.role_info(r) for r in roles}
     from drivekd.families.base import Family
 
-    student_family = Family.from_pretrained(student, text_tokens=cfg.text_tokens)
+    student_family = Family.from_pretrained(student, text_tokens=cfg.text_tokens, image_processing=cfg.image_settings)
     if infos:
         fp = student_family.fingerprint()
         for r, info in infos.items():
             if info.family != family:
                 raise AlignmentError(f"--cache: the {r} teacher is {info.family} but --student is {family}; distillation needs one family")
+            check_store(source, r, student_family)  # names each image setting that differs
             if info.processor != fp:
                 raise AlignmentError(
                     f"--cache: the {r} targets were built with another processor/chat template/--text-tokens setting than "
@@ -277,7 +279,9 @@ def validate(cfg: TrainConfig, targets: TargetSource | None = None, world: int =
         meta = read_meta(resume_dir)
         old = meta["config"]
         new = cfg.to_json()
-        diffs = [k for k in new if k not in RESUME_FREE and old.get(k) != new[k]]
+        # A key a checkpoint predates (written by an older drivekd) had its default then.
+        defaults = TrainConfig().to_json()
+        diffs = [k for k in new if k not in RESUME_FREE and old.get(k, defaults[k]) != new[k]]
         if diffs:
             lines = "; ".join(f"{flag(k)}: checkpoint {old.get(k)!r}, now {new[k]!r}" for k in diffs)
             raise ConfigError(f"cannot resume from {resume_dir}: settings differ ({lines}); resume with the same settings")

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from drivekd.errors import ConfigError
+from drivekd.images import ImageSettings, pop_flags
 from drivekd.roles import ROLES
 
 RECIPES = (*ROLES, "multi", "sft")
@@ -128,9 +129,20 @@ class TrainConfig:
                        group="checkpoints")
     resume_from: Path | None = opt(None, "Continue from this checkpoint folder.", group="checkpoints")
 
+    # ----- image settings: their own typed object and flags (drivekd.images), shared with the cache and eval
+    image_settings: ImageSettings = field(default_factory=ImageSettings, metadata={
+        "help": "[images] table / --tiling, --max-patches, --min-pixels, --max-pixels; must match the store's.",
+        "group": "inputs", "cli": False})
+
     def __post_init__(self) -> None:
+        if isinstance(self.image_settings, dict):
+            self.image_settings = ImageSettings(**self.image_settings)
+        if not isinstance(self.image_settings, ImageSettings):
+            raise ConfigError(f"image_settings must be an [images] table, got {self.image_settings!r}")
         for f in fields(self):
             v = getattr(self, f.name)
+            if not f.metadata.get("cli", True):
+                continue
             if f.name in PATH_KEYS:
                 if v is not None and not isinstance(v, Path):
                     if not isinstance(v, str):
@@ -216,7 +228,8 @@ def config_from_sources(cli: dict[str, Any], config_path: str | Path | None = No
     from drivekd.config import load_config
 
     raw = load_config(config_path)
-    merged: dict[str, Any] = {}
+    cli = dict(cli)
+    merged: dict[str, Any] = {"image_settings": ImageSettings.from_sources(pop_flags(cli), raw)}
     if raw:
         train = dict(raw.get("train", {}))
         unknown = sorted(set(train) - set(TrainConfig.keys()))
