@@ -159,17 +159,24 @@ class HeadMeanAttention(torch.autograd.Function):
     dQ = dS K * scaling, dK = sum over the heads of a kv group of dS^T Q * scaling.
     """
 
+    # Works under torch.func transforms: the Gram engine vmaps the backward over K grad_outputs, and
+    # gradient checkpointing then re-runs this forward inside that vmap. So: setup_context, a
+    # generated vmap rule, and a backward without in-place writes into unbatched buffers.
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, query, key, attention_mask, scaling, padding):
+    def forward(query, key, attention_mask, scaling, padding):
         with torch.autocast(query.device.type, enabled=False):
-            acc = _forward(query, key, attention_mask, scaling, padding)
+            return _forward(query, key, attention_mask, scaling, padding)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        query, key, attention_mask, scaling, padding = inputs
         ctx.scaling = scaling
         # The mask and padding are the tensors every captured layer receives: no new storage.
         ctx.save_for_backward(query, key, attention_mask, padding)
-        return acc
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         query, key, attention_mask, padding = ctx.saved_tensors
         with torch.autocast(query.device.type, enabled=False):
@@ -190,8 +197,9 @@ def _backward(query, key, attention_mask, padding, scaling: float, grad):
         g = g * cols
     q_all = query.float() * scaling
     k_all = key.float()
-    dq = torch.zeros(B, H, Q, D, dtype=torch.float32, device=query.device)
-    dk = torch.zeros(B, Hkv, K, D, dtype=torch.float32, device=query.device)
+    # Out of place (lists, cat, pad): under vmap, grad is batched and these buffers would not be.
+    dq_parts: dict[int, list[torch.Tensor]] = {}  # head chunk -> row blocks' (B, c, r, D)
+    dk_parts: dict[int, torch.Tensor] = {}  # head chunk -> (B, g, K, D), summed over row blocks
     for h0, h1, a, b, kend in _blocks(B, H, Hkv, Q, K, causal):
         c, r = h1 - h0, b - a
         s, qg, kg = _scores(q_all, k_all, masked, h0, h1, a, b, kend, rep)
@@ -204,11 +212,14 @@ def _backward(query, key, attention_mask, padding, scaling: float, grad):
         ds = p * gb
         ds.addcmul_(p, ds.sum(dim=-1, keepdim=True), value=-1.0)  # P * (g - rowsum(P * g))
         dsg = ds.view(B, c // rep, rep * r, kend)
-        dq[:, h0:h1, a:b] = torch.matmul(dsg, kg).view(B, c, r, D)
+        dq_parts.setdefault(h0, []).append(torch.matmul(dsg, kg).view(B, c, r, D))
         # (B, g, kend, rep*r) @ (B, g, rep*r, D): the sum over a kv group's heads is in the matmul.
-        dk[:, h0 // rep : h1 // rep, :kend] += torch.matmul(dsg.transpose(-1, -2), qg)
+        part = torch.nn.functional.pad(torch.matmul(dsg.transpose(-1, -2), qg), (0, 0, 0, K - kend))
+        dk_parts[h0] = part if h0 not in dk_parts else dk_parts[h0] + part
+    dq = torch.cat([torch.cat(dq_parts[h], dim=2) for h in sorted(dq_parts)], dim=1)
+    dk = torch.cat([dk_parts[h] for h in sorted(dk_parts)], dim=1)
     # S = (scaling * Q) K^T: dK already carries the scaling through q_all; dQ needs it here.
-    return dq.mul_(scaling), dk
+    return dq * scaling, dk
 
 
 def head_mean_attention(query: torch.Tensor, key: torch.Tensor, attention_mask, scaling: float,
