@@ -169,7 +169,8 @@ class _Pass:
         return good
 
     def _todo_roles(self, s: Sample) -> list[str]:
-        return [r for r in self.roles if self.store.sample_status(r, s.id) != "complete"]
+        # Complete with every file present; a sample marked complete with arrays missing is redone.
+        return [r for r in self.roles if self.store.sample_status(r, s.id) != "complete" or self.store.missing_files(r, s.id)]
 
     def _submit(self, fn, *args, **kw):
         fut = self.writer.submit(fn, *args, **kw)
@@ -208,7 +209,7 @@ class _Pass:
         prefix_ids = enc[0][1].input_ids[:P]
         prefix_done = {}
         for r in self.roles:
-            if self.store.prefix_status(r, key) != "complete":
+            if self.store.prefix_missing_files(r, key):
                 prefix_done[r] = self._submit(self.store.write_prefix, r, key, prefix_ids, [_for_writer(res.prefix[l]) for l in self.layers[r]],
                                               self.layers[r], cfg.encoding, len(good), self.fault)
         for s, (_, lay), rows in zip(good, enc, res.suffixes):
@@ -346,7 +347,7 @@ def build(cfg: BuildConfig) -> dict:
         # sharing prefixes (a group's prefix runs once), else fixed batches.
         units = image_groups(samples) if cfg.share_prefix else [samples[i : i + cfg.batch_size] for i in range(0, len(samples), cfg.batch_size)]
         mine = [u for k, u in enumerate(units) if k % world == rank]
-        todo = [u for u in mine if any(store.sample_status(r, s.id) not in ("complete", "skipped") for s in u for r in roles)]
+        todo = [u for u in mine if not all(store.is_done(r, s.id) for s in u for r in roles)]
         totals["already"] += sum(len(u) for u in mine) - sum(len(u) for u in todo)
         if not todo:
             continue
