@@ -22,9 +22,10 @@ from tqdm import tqdm
 
 from drivekd.data.loaders import load_samples
 from drivekd.data.sample import Sample
-from drivekd.errors import ConfigError, DataError
+from drivekd.errors import ConfigError, DataError, StoreError
 from drivekd.families.base import Family, load_model
 from drivekd.families.capture import capture_attention
+from drivekd.store.lock import StoreLock
 from drivekd.store.targets import ROLES
 from drivekd.store.zarr_store import Encoding, TeacherStore, pack_rows, teacher_fingerprint
 
@@ -288,6 +289,26 @@ def _mrope_positions(model, tens, device) -> torch.Tensor | None:
     return pos.cpu()
 
 
+def write_error(e: OSError, store: TeacherStore, roles: list[str], left: int) -> StoreError:
+    """One clear error for a failed store write: the file, the OS's reason and, for a full disk,
+    the free space the remaining samples need (estimated from samples already on disk)."""
+    import errno
+    import shutil
+
+    path = e.filename or store.path
+    if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+        return StoreError(f"cannot write the teacher store: {e.strerror or e} ({path}); the samples being written stay "
+                          f"incomplete and the next `drivekd-cache build` redoes them")
+    free = shutil.disk_usage(store.path).free
+    per = [store.sample_bytes(r) for r in roles]
+    need = sum(b for b in per if b) * max(left, 1)
+    est = (f"the {max(left, 1)} sample(s) left need about {need / 2**20:.1f} MiB more (measured on samples already stored)"
+           if need else "no sample is stored yet to estimate the space needed from")
+    return StoreError(f"disk full while writing the teacher store at {path}: {free / 2**20:.1f} MiB free on that file system; "
+                      f"{est}. Free space (or pass another --out) and run the same `drivekd-cache build` again: it keeps every "
+                      "complete sample and redoes the rest")
+
+
 def _barrier(world: int) -> None:
     if world > 1:
         import torch.distributed as dist
@@ -296,9 +317,35 @@ def _barrier(world: int) -> None:
 
 
 def build(cfg: BuildConfig) -> dict:
-    """Build (or resume) the store. Returns a summary dict (rank 0's view after all ranks finish)."""
+    """Build (or resume) the store. Returns a summary dict (rank 0's view after all ranks finish).
+
+    Holds the store lock of its roles throughout (drivekd.store.lock): a second build of the same
+    roles is refused naming this one, so no build ever deletes another's in-progress samples.
+    """
     cfg.validate()
     rank, world = _dist()
+    lock, refusal = None, None
+    if rank == 0:
+        try:
+            lock = StoreLock(cfg.out, [r for r in ROLES if r in cfg.teachers]).acquire()
+        except StoreError as e:
+            refusal = str(e)
+    if world > 1:  # the other ranks follow rank 0's lock
+        import torch.distributed as dist
+
+        box = [refusal]
+        dist.broadcast_object_list(box, src=0)
+        refusal = box[0]
+    if refusal:
+        raise StoreError(refusal)
+    try:
+        return _build_locked(cfg, rank, world)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _build_locked(cfg: BuildConfig, rank: int, world: int) -> dict:
     samples = load_samples(cfg.data, cfg.images, check_images=False)
     ids = [s.id for s in samples]
     store = TeacherStore(cfg.out, mode="a") if rank == 0 else None
@@ -358,16 +405,22 @@ def build(cfg: BuildConfig) -> dict:
         t_loop = time.perf_counter()
         pass_ = _Pass(store, family, model, roles, layers, union, cfg, fault, totals, bar)
         # Writer threads: packing (on CPU), compression and file writes overlap the next forward.
-        with ThreadPoolExecutor(max_workers=cfg.writers) as writer:
-            pass_.writer = writer
-            for unit in todo:
-                good = pass_.readable(unit)
-                if cfg.share_prefix and len(good) > 1:
-                    pass_.run_group(good)
-                elif good:
-                    pass_.run_batch(good)
-                pass_.collect(wait=False)
-            pass_.collect(wait=True)
+        try:
+            with ThreadPoolExecutor(max_workers=cfg.writers) as writer:
+                pass_.writer = writer
+                for unit in todo:
+                    good = pass_.readable(unit)
+                    if cfg.share_prefix and len(good) > 1:
+                        pass_.run_group(good)
+                    elif good:
+                        pass_.run_batch(good)
+                    pass_.collect(wait=False)
+                pass_.collect(wait=True)
+        except OSError as e:
+            # A failed write never reaches its sample's completion mark: it stays "writing" and
+            # the next build redoes it. Say what failed and how much room the rest needs.
+            left = sum(len(u) for u in todo) - totals["written"] - totals["skipped"]
+            raise write_error(e, store, roles, left) from None
         totals["loop_seconds"] += time.perf_counter() - t_loop  # teacher pass after the model loaded
         bar.close()
     _barrier(world)

@@ -509,6 +509,23 @@ class TeacherStore:
         return st == "skipped" or (st == "complete" and not self.missing_files(role, sample_id))
 
     # ----- reporting -----
+    def sample_bytes(self, role: str, probe: int = 16) -> int | None:
+        """Mean bytes on disk of a complete sample of `role` (a few probed; shared prefixes shared
+        out over their members); None when none is complete yet."""
+        sdir = self.path / role / "samples"
+        sizes = []
+        for d in sdir.iterdir() if sdir.exists() else []:
+            m = self._mark(d)
+            if m.get("status") == "complete":
+                b = _dir_bytes(d)
+                if m.get("prefix"):
+                    pm = self._mark(self._prefix_dir(role, m["prefix"]))
+                    b += _dir_bytes(self._prefix_dir(role, m["prefix"])) // max(1, int(pm.get("members", 1)))
+                sizes.append(b)
+                if len(sizes) >= probe:
+                    break
+        return int(sum(sizes) / len(sizes)) if sizes else None
+
     def summary(self, role: str) -> dict:
         meta = self.role_meta(role)
         ids = meta.get("sample_ids", [])
