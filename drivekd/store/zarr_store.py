@@ -473,6 +473,20 @@ class TeacherStore:
             return None
         return attrs.get("fingerprint") if attrs.get("status") == "complete" else None
 
+    def content_digest(self, role: str, sample_ids: list[str]) -> str:
+        """A digest of the targets these samples read: each complete sample's checksums (and its
+        shared prefix's) from their marks, no array read. Equal digests: the same stored values,
+        wherever the store was copied. Stores without checksums digest the token fingerprints."""
+        h = hashlib.sha256()
+        prefixes: dict[str, object] = {}
+        for sid in sample_ids:
+            m = self._mark(self._sample_dir(role, sid))
+            key = m.get("prefix")
+            if key and key not in prefixes:
+                prefixes[key] = self._mark(self._prefix_dir(role, key)).get("checksums")
+            h.update(json.dumps([sid, m.get("status"), m.get("fingerprint"), m.get("checksums"), prefixes.get(key)], sort_keys=True).encode())
+        return h.hexdigest()
+
     # ----- structure: every file of a complete sample present -----
     def _mark(self, d: Path) -> dict:
         try:

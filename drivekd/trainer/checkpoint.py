@@ -117,13 +117,19 @@ def save_checkpoint(
     tmp = run / f".tmp-{name}-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
-    tmp.mkdir()
-    model.save_pretrained(tmp, safe_serialization=True)
-    processor.save_pretrained(tmp)
-    torch.save(state, tmp / STATE_PT)
-    (tmp / STATE_JSON).write_text(json.dumps({"format_version": FORMAT_VERSION, **meta}, indent=2, sort_keys=True) + "\n")
-    _fsync_dir_files(tmp)
-    (tmp / MARKER).write_text("ok\n")
+    try:
+        tmp.mkdir()
+        model.save_pretrained(tmp, safe_serialization=True)
+        processor.save_pretrained(tmp)
+        torch.save(state, tmp / STATE_PT)
+        (tmp / STATE_JSON).write_text(json.dumps({"format_version": FORMAT_VERSION, **meta}, indent=2, sort_keys=True) + "\n")
+        _fsync_dir_files(tmp)
+        (tmp / MARKER).write_text("ok\n")
+    except (OSError, RuntimeError) as e:
+        # torch.save reports a full disk as RuntimeError("... unexpected pos ..."), safetensors and
+        # json as OSError: either way nothing of this save is kept, the previous checkpoint is intact.
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise save_error(e, run, name, model, state) from None
     final = run / name
     if final.exists():
         # Replacing a checkpoint of the same name (a run resumed before it): move the old one
@@ -135,6 +141,33 @@ def save_checkpoint(
     else:
         os.rename(tmp, final)
     return final
+
+
+def _state_bytes(obj) -> int:
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_state_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_state_bytes(v) for v in obj)
+    return 0
+
+
+def save_error(e: Exception, run: Path, name: str, model, state: dict) -> DriveKDError:
+    """One clear error for a failed checkpoint write: the folder, and for a full disk (or a write
+    torch could not finish) the free space one checkpoint needs."""
+    if isinstance(e, RuntimeError) and not any(w in str(e) for w in ("unexpected pos", "write", "file")):
+        raise e  # not an I/O failure: let it surface as it is
+    need = sum(p.numel() * p.element_size() for p in model.state_dict().values()) + _state_bytes(state)
+    free = shutil.disk_usage(run).free
+    errno_ = getattr(e, "errno", None)
+    import errno as _errno
+
+    full = errno_ in (_errno.ENOSPC, _errno.EDQUOT) or (not isinstance(e, OSError) and free < need)
+    what = (f"disk full: {free / 2**20:.1f} MiB free on that file system, a checkpoint needs about {need / 2**20:.1f} MiB"
+            if full else f"{getattr(e, 'strerror', None) or e}")
+    return DriveKDError(f"could not save checkpoint {name} in {run} ({what}); nothing of it was kept and the previous checkpoints "
+                        "are intact. Free space (or lower --keep-last), then continue with --resume")
 
 
 def _fsync_dir_files(d: Path) -> None:

@@ -32,7 +32,7 @@ DEFAULT_MIX = "0.8,0.1,0.1;0.1,0.8,0.1;0.1,0.1,0.8"
 
 # Keys that may differ between a checkpoint's run and the run resuming it (they do not change the
 # numbers): everything else must match, or the resumed run would not continue the same run.
-RESUME_FREE = {"resume", "resume_from", "num_workers", "progress", "save_every", "keep_last", "log_every", "out", "cache",
+RESUME_FREE = {"resume", "resume_from", "resume_allow_changed", "num_workers", "progress", "save_every", "keep_last", "log_every", "out", "cache",
                "data", "images", "student", "device"}
 PATH_KEYS = ("student", "data", "images", "cache", "out", "resume_from")
 
@@ -123,6 +123,8 @@ class TrainConfig:
     """Continue from the latest complete checkpoint in --out (a fresh start if there is none)."""
     resume_from: Path | None = None
     """Continue from this checkpoint folder."""
+    resume_allow_changed: str | None = None
+    """Resume although these changed since the checkpoint: data, cache, student (comma separated; recorded in run.json)."""
     skip_nonfinite: bool = False
     """Skip a micro-batch whose loss is NaN/inf instead of stopping."""
     log_every: int = 1
@@ -202,6 +204,7 @@ class RunPlan:
     world: int = 1
     notes: list[str] = field(default_factory=list)
     source: Any = None  # the opened TargetSource
+    identity: dict = field(default_factory=dict)  # data/store/student content identity (drivekd.trainer.identity)
 
     @property
     def student_layers(self) -> list[int]:
@@ -463,10 +466,16 @@ def validate(cfg: TrainConfig, targets: TargetSource | None = None, world: int =
             raise ConfigError(f"cannot resume from {resume_dir}: it was written by {read_meta(resume_dir)['world']} "
                               f"process(es), now {world}; use the same --nproc_per_node")
 
+    from drivekd.trainer import identity
+
+    run_id = identity.run_identity(cfg, source, [t.role for t in terms], [s.id for s in samples])
+    run_id["allowed_changes"] = identity.check_resume(resume_dir, run_id, cfg.resume_allow_changed)
+    identity.check_alignment_all(student, cfg.text_tokens, samples, source, [t.role for t in terms], cfg.progress)
+
     row_names = ["ce"] + [t.role for t in terms]
     static = [cfg.w_ce] + [getattr(cfg, f"w_{t.role}") for t in terms]
     return RunPlan(cfg, samples, family, student_L, terms, row_names, static, mix, infos, resume_dir, total_steps,
-                   micro_per_epoch, world, notes, source)
+                   micro_per_epoch, world, notes, source, identity=run_id)
 
 
 def describe(plan: RunPlan) -> str:
