@@ -94,16 +94,21 @@ def dataset_fingerprint(samples: list[Sample]) -> str:
 
 
 def _fault_hook():
-    """Test hook: DRIVEKD_FAULT_KILL_AFTER=N sends SIGKILL to this process after N attention-row
-    writes, a real kill -9 at a reproducible point (tests of resume use it)."""
+    """Test hooks: DRIVEKD_FAULT_KILL_AFTER=N sends SIGKILL to this process after N attention-row
+    writes, a real kill -9 at a reproducible point (tests of resume use it);
+    DRIVEKD_FAULT_SLOW_WRITES=S sleeps S seconds after each, so that a test's second build
+    certainly starts while the first is running (tests of the store lock)."""
     n = os.environ.get("DRIVEKD_FAULT_KILL_AFTER")
-    if not n:
+    slow = float(os.environ.get("DRIVEKD_FAULT_SLOW_WRITES") or 0)
+    if not n and not slow:
         return None
-    left = [int(n)]
+    left = [int(n) if n else -1]
 
     def hook():
+        if slow:
+            time.sleep(slow)
         left[0] -= 1
-        if left[0] <= 0:
+        if left[0] == 0:
             os.kill(os.getpid(), signal.SIGKILL)
 
     return hook
