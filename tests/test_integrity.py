@@ -80,6 +80,13 @@ def _prefixed(store: Path, role: str) -> tuple[str, list[str]]:
     return key, users[key]
 
 
+def _group(store: Path, role: str, sid: str) -> list[str]:
+    """The samples built in one unit with `sid` (those sharing its prefix), itself included."""
+    g = zarr.open_group(str(store / role), mode="r")
+    key = g["samples"][sid].attrs.get("prefix")
+    return [s for s in g.attrs["sample_ids"] if key and g["samples"][s].attrs.get("prefix") == key] or [sid]
+
+
 def _verify(store: Path, *flags):
     return CliRunner().invoke(cache_cli, ["verify", *flags, str(store)])
 
@@ -95,7 +102,7 @@ def _train(tiny_models, data, store, out, *extra):
 
 def test_flipped_bytes_in_an_attention_chunk_stop_verify_reader_and_training(tiny_models, data, built, tmp_path):
     store = _copy(built, tmp_path)
-    sid = "s3"  # a single view: no shared prefix
+    sid = "s3"
     chunk = store / "reasoning" / "samples" / sid / "attn" / "c" / "2" / "0"
     _flip(chunk, chunk.stat().st_size // 2)
     r = _verify(store)
@@ -131,6 +138,7 @@ def test_missing_chunk_is_an_error_never_zeros_and_is_rebuilt(tiny_models, data,
     store = _copy(built, tmp_path)
     chunk = store / "reasoning" / "samples" / "s4" / "attn" / "c" / "1" / "0"
     chunk.unlink()
+    group = _group(store, "reasoning", "s4")
     with pytest.raises(StoreError, match=rf"layer 1: chunk file {chunk} is missing"):
         TeacherStore(store).get("reasoning", "s4")
     for flags in ((), ("--quick",)):
@@ -138,7 +146,7 @@ def test_missing_chunk_is_an_error_never_zeros_and_is_rebuilt(tiny_models, data,
         assert r.exit_code == 1 and "reasoning/s4" in r.output, r.output
     # The next build sees the sample as not done and rebuilds it, bit-identical.
     res = build(_cfg(tiny_models, data, store))
-    assert res["already"] == 4
+    assert res["already"] == 5 - len(group)
     assert _files(store) == _files(built)
 
 
@@ -204,12 +212,13 @@ def test_sample_marked_complete_with_arrays_missing_is_rebuilt(tiny_models, data
     """What a racing build left behind: "complete", but no attn/zarr.json and only some chunks."""
     store = _copy(built, tmp_path)
     s = store / "reasoning" / "samples" / "s2" / "attn"
+    group = _group(store, "reasoning", "s2")
     (s / "zarr.json").unlink()
     shutil.rmtree(s / "c" / "3")
     with pytest.raises(StoreError, match=r"s2.*array .*attn is missing"):
         TeacherStore(store).get("reasoning", "s2")
     res = build(_cfg(tiny_models, data, store))
-    assert res["already"] == 4
+    assert res["already"] == 5 - len(group)
     assert _files(store) == _files(built)
 
 
@@ -222,32 +231,34 @@ def _records(data: Path) -> list[dict]:
 
 def test_resume_refuses_other_data_or_targets_unless_allowed(tiny_models, data, built, tmp_path):
     run = tmp_path / "run"
-    assert _train(tiny_models, data, built, run, "--max-steps", "2", "--save-every", "1").exit_code == 0
+    steps = ("--max-steps", "3", "--save-every", "1", "--keep-last", "3")
+    assert _train(tiny_models, data, built, run, *steps).exit_code == 0
+    ck = ("--resume-from", str(run / "step-000001"))
     # The same data at another path and a copy of the store: the same content, accepted.
     moved = tmp_path / "moved.json"
     shutil.copy(data, moved)
     copy = _copy(built, tmp_path)
-    r = _train(tiny_models, moved, copy, run, "--max-steps", "3", "--save-every", "1", "--resume")
+    r = _train(tiny_models, moved, copy, run, *steps, *ck)
     assert r.exit_code == 0, r.output
     # Other data (one sample fewer).
     fewer = tmp_path / "fewer.json"
     fewer.write_text(json.dumps(_records(data)[:4]))
-    r = _train(tiny_models, fewer, built, run, "--max-steps", "4", "--resume")
+    r = _train(tiny_models, fewer, built, run, *steps, *ck)
     assert r.exit_code == 2 and "--data content differs" in r.output and "--resume-allow-changed data" in r.output, r.output
     # Other targets: the perception role rebuilt with another encoding.
     cfg = _cfg(tiny_models, data, copy, encoding=Encoding("lossy", keepbits=3), overwrite=True)
     cfg.teachers = {"perception": cfg.teachers["perception"]}
     build(cfg)
-    r = _train(tiny_models, data, copy, run, "--max-steps", "4", "--resume")
+    r = _train(tiny_models, data, copy, run, *steps, *ck)
     assert r.exit_code == 2 and "--cache holds other targets (perception: encoding, stored target values)" in r.output, r.output
-    r = _train(tiny_models, data, copy, run, "--max-steps", "4", "--save-every", "1", "--resume", "--resume-allow-changed", "cache")
+    r = _train(tiny_models, data, copy, run, *steps, *ck, "--resume-allow-changed", "cache")
     assert r.exit_code == 0, r.output
     history = json.loads((run / "run.json").read_text())["history"]
-    assert [h["from_step"] for h in history] == [0, 2, 3]
+    assert [h["from_step"] for h in history] == [0, 1, 1]
     assert [h["identity"]["allowed_changes"] for h in history] == [[], [], ["cache"]]
     assert history[0]["identity"]["cache"]["perception"]["encoding"]["mode"] == "lossless"
     assert history[2]["identity"]["cache"]["perception"]["encoding"]["mode"] == "lossy"
-    r = _train(tiny_models, data, copy, run, "--max-steps", "5", "--resume", "--resume-allow-changed", "weights")
+    r = _train(tiny_models, data, copy, run, *steps, *ck, "--resume-allow-changed", "weights")
     assert r.exit_code == 2 and "--resume-allow-changed: unknown kind(s) weights" in r.output
 
 
