@@ -410,7 +410,7 @@ class TeacherStore:
         T = int(attrs["length"])
         sums = attrs.get("checksums")
         where = f"{role} targets of sample {sample_id!r}"
-        pd, psums = None, None
+        pd, pg, psums = None, None, None
         if attrs.get("prefix"):
             key = attrs["prefix"]
             if self.prefix_status(role, key) != "complete":
@@ -418,50 +418,61 @@ class TeacherStore:
             pd = self._prefix_dir(role, key)
             pg = zarr.open_group(str(pd), mode="r")
             psums = pg.attrs.get("checksums")
+        attn = self._open(d, "attn", where, g)
+        pattn = self._open(pd, "attn", f"{where} (shared prefix {attrs['prefix']})", pg) if pd is not None else None
         maps = {}
         for l in want:
             k = info.layers.index(l)
-            packed = self._read(d, "attn", k, sums, f"{where}, layer {l}")
-            if pd is not None:
+            packed = self._read(attn, d, "attn", k, sums, f"{where}, layer {l}")
+            if pattn is not None:
                 # Row-major lower triangle: the prefix rows come first, then the suffix rows.
-                head = self._read(pd, "attn", k, psums, f"{where}, layer {l} (shared prefix {attrs['prefix']}, used by other samples too)")
+                head = self._read(pattn, pd, "attn", k, psums, f"{where}, layer {l} (shared prefix {attrs['prefix']}, used by other samples too)")
                 packed = np.concatenate([head, packed])
             maps[l] = decode_map(packed, T)
-        vision = self._read(d, "vision", None, sums, where)
-        text = self._read(d, "text", None, sums, where)
+        vision = self._read(self._open(d, "vision", where, g), d, "vision", None, sums, where)
+        text = self._read(self._open(d, "text", where, g), d, "text", None, sums, where)
         return SampleTargets(sample_id, attrs["fingerprint"], torch.from_numpy(vision), torch.from_numpy(text), maps)
 
-    def _read(self, gdir: Path, name: str, row: int | None, sums: dict | None, where: str) -> np.ndarray:
+    def _fix(self) -> str:
+        return (f"the store is damaged: `drivekd-cache verify {self.path}` lists every damaged sample, "
+                f"`drivekd-cache verify --repair {self.path}` removes them and `drivekd-cache build` rebuilds them")
+
+    def _open(self, gdir: Path, name: str, where: str, group=None):
+        """An array of a sample/prefix group; through its opened `group` when given (~2.5x cheaper)."""
+        try:
+            return group[name] if group is not None else zarr.open_array(str(gdir / name), mode="r")
+        except Exception as e:  # noqa: BLE001 - absent or unreadable metadata
+            if not (gdir / name / "zarr.json").is_file():
+                raise StoreError(f"{where}: array {gdir / name} is missing (no zarr.json); {self._fix()}") from None
+            raise StoreError(f"{where}: array metadata {gdir / name / 'zarr.json'} is unreadable ({type(e).__name__}: {e}); {self._fix()}") from None
+
+    def _read(self, arr, gdir: Path, name: str, row: int | None, sums: dict | None, where: str) -> np.ndarray:
         """One array (or one layer row of attn) as stored, checked against its recorded checksum.
 
         Without checksums (schema <= 2) a missing attn chunk is still refused: zarr would return
         the fill value (zeros in those stores) as if it were a map.
         """
         f = chunk_file(gdir, name, row)
-        fix = (f"the store is damaged: `drivekd-cache verify {self.path}` lists every damaged sample, "
-               f"`drivekd-cache verify --repair {self.path}` removes them and `drivekd-cache build` rebuilds them")
         try:
-            arr = zarr.open_array(str(gdir / name), mode="r")
             v = np.asarray(arr[row] if row is not None else arr[:])
-        except Exception as e:  # noqa: BLE001 - any decoder/metadata failure is damage of this file
-            if not (gdir / name / "zarr.json").is_file():
-                raise StoreError(f"{where}: array {gdir / name} is missing (no zarr.json); {fix}") from None
-            raise StoreError(f"{where}: chunk {f} is unreadable ({type(e).__name__}: {e}); {fix}") from None
+        except Exception as e:  # noqa: BLE001 - any decoder failure is damage of this chunk
+            raise StoreError(f"{where}: chunk {f} is unreadable ({type(e).__name__}: {e}); {self._fix()}") from None
         expected = None
         if sums is not None:
             expected = sums["attn"][row] if row is not None else sums.get(name)
         if expected is not None:
             if checksum(v) != expected:
                 what = "is missing" if not f.is_file() else f"does not match the {ALGORITHM} checksum written with it"
-                raise StoreError(f"{where}: chunk file {f} {what}; {fix}")
+                raise StoreError(f"{where}: chunk file {f} {what}; {self._fix()}")
         elif row is not None and not f.is_file():
-            raise StoreError(f"{where}: chunk file {f} is missing (this store has no checksums; zarr would read zeros); {fix}")
+            raise StoreError(f"{where}: chunk file {f} is missing (this store has no checksums; zarr would read zeros); {self._fix()}")
         return v
 
     def read_input_ids(self, role: str, sample_id: str) -> torch.Tensor:
         d = self._sample_dir(role, sample_id)
         sums = zarr.open_group(str(d), mode="r").attrs.get("checksums")
-        v = self._read(d, "input_ids", None, sums, f"{role} token ids of sample {sample_id!r}")
+        where = f"{role} token ids of sample {sample_id!r}"
+        v = self._read(self._open(d, "input_ids", where), d, "input_ids", None, sums, where)
         return torch.from_numpy(v.astype(np.int64))
 
     def fingerprint(self, role: str, sample_id: str) -> str | None:
@@ -633,7 +644,8 @@ class TeacherStore:
                     continue
                 t = self.get(role, sid)  # checks every array's checksum
                 if key:
-                    pids = self._read(self._prefix_dir(role, key), "input_ids", None, None, "")
+                    pd = self._prefix_dir(role, key)
+                    pids = self._read(self._open(pd, "input_ids", key), pd, "input_ids", None, None, key)
                     if not np.array_equal(pids, ids[: pids.size].numpy()):
                         problems.append(Problem(role, sid, f"token ids do not start with its shared prefix {key}"))
                 if token_fingerprint(ids) != t.fingerprint:
@@ -654,9 +666,11 @@ class TeacherStore:
         try:
             mark = self._mark(d)
             sums = mark.get("checksums")
-            self._read(d, "input_ids", None, sums, f"shared prefix {key}")
+            where = f"shared prefix {key}"
+            self._read(self._open(d, "input_ids", where), d, "input_ids", None, sums, where)
+            attn = self._open(d, "attn", where)
             for k in range(len(mark.get("layers", []))):
-                self._read(d, "attn", k, sums, f"shared prefix {key}, layer {mark['layers'][k]}")
+                self._read(attn, d, "attn", k, sums, f"{where}, layer {mark['layers'][k]}")
         except StoreError as e:
             return f"its shared prefix is damaged ({e})"
         return ""
