@@ -111,7 +111,8 @@ def test_flipped_bytes_in_an_attention_chunk_stop_verify_reader_and_training(tin
     with pytest.raises(StoreError, match=rf"reasoning targets of sample '{sid}', layer 2: chunk file {chunk}"):
         TeacherStore(store).get("reasoning", sid)
     TeacherStore(store).get("reasoning", sid, [0, 1, 3, 4])  # the other layers of that sample are sound
-    r = _train(tiny_models, data, store, tmp_path / "run", "--max-steps", "5", "--save-every", "0")
+    # Read in a DataLoader worker, as by default: still one line naming it, no worker traceback.
+    r = _train(tiny_models, data, store, tmp_path / "run", "--max-steps", "5", "--save-every", "0", "--num-workers", "1")
     assert r.exit_code == 2 and sid in r.output and "layer 2" in r.output and str(chunk) in r.output, r.output
     assert "Traceback" not in r.output
 
