@@ -16,7 +16,8 @@ from drivekd.cli.cache import main as cache_cli
 from drivekd.data import load_samples
 from drivekd.errors import StoreError
 from drivekd.families import Family, capture_attention, load_model
-from drivekd.store.build import BuildConfig, build, recipe_layers
+from drivekd.layers import recipe_layers
+from drivekd.store.build import BuildConfig, build
 from drivekd.store.zarr_store import Encoding, TeacherStore, check_key, pack_tril, unpack_tril
 
 ROOT = Path(__file__).resolve().parents[1]

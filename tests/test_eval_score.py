@@ -53,9 +53,28 @@ def test_record_id():
     a = rec("f1", "perception", "A", "A", question="What is it?")
     assert record_id({**a, "id": "q7"}) == "q7"
     rid = record_id(a)
-    assert rid.startswith("f1_") and re.fullmatch(r"[A-Za-z0-9._-]+", rid)
+    assert rid.startswith("f1-") and re.fullmatch(r"[A-Za-z0-9._-]+", rid)
     assert record_id(dict(a)) == rid  # stable
     assert record_id({**a, "question": "What else?"}) != rid
+
+
+def test_record_id_is_the_sample_id(tmp_path):
+    """Predictions, the store and the training run name a record alike: the scorer's id of a
+    record is the id the data loader gives the same record (explicit, derived, unsafe ids)."""
+    import json
+
+    from drivekd.data import load_samples
+
+    recs = [rec("f1", "perception", "A", "A", question="<image>What is it?"),
+            rec("f/2 ..", "planning", "B", "B", question="Where to?"),
+            rec("f3", "behavior", "C", "C", id="my id/with spaces"),
+            rec("f4", "prediction", "D", "D", id=17)]
+    for r in recs:
+        r["image_path"] = {"CAM_FRONT": "a.jpg"}
+    path = tmp_path / "bench.json"
+    path.write_text(json.dumps(recs))
+    samples = load_samples(path, tmp_path, check_images=False)
+    assert [record_id(r) for r in recs] == [s.id for s in samples]
 
 
 def test_group_key():

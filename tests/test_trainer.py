@@ -14,7 +14,7 @@ from drivekd.errors import AlignmentError, DriveKDError
 from drivekd.families import Family, load_model
 from drivekd.store.targets import InMemoryTargets, SampleTargets
 from drivekd.trainer.checkpoint import is_complete, list_checkpoints, load_state, read_meta
-from drivekd.trainer.config import TrainConfig
+from drivekd.trainer.settings import TrainConfig
 from drivekd.trainer.loop import train
 from drivekd.trainer.online import compute_targets
 
@@ -131,7 +131,7 @@ def test_losses_fall(tiny_models, demo_data, targets, tmp_path):
 
 def test_micro_batch_pads_targets(tiny_models, samples, targets, tmp_path, demo_data):
     """A padded micro-batch of 2 gives each sample the losses it has alone (both padding sides)."""
-    from drivekd.trainer.config import validate
+    from drivekd.trainer.plan import validate
     from drivekd.trainer.data import Collate
     from drivekd.trainer.loop import Dist, Trainer
 

@@ -66,7 +66,7 @@ def prepare(work: Path) -> dict:
 
 
 def base_cfg(paths: dict, out: Path, steps: int, **kw):
-    from drivekd.trainer.config import TrainConfig
+    from drivekd.trainer.settings import TrainConfig
 
     d = dict(student=paths["models"] / "internvl-student", data=paths["data"] / "train.json", images=paths["data"], out=out,
              cache=paths["store"], recipe="multi", projection="agp", dynamic_weights=False, max_steps=steps, grad_accum=1,
@@ -152,7 +152,7 @@ def case_reference(paths, args) -> dict:
     from drivekd.losses.attention import answer_ce, attention_loss
     from drivekd.projection import GradBuffers, combine
     from drivekd.store.zarr_store import TeacherStore
-    from drivekd.trainer.config import validate
+    from drivekd.trainer.plan import validate
     from drivekd.trainer.data import StreamSampler
     from drivekd.trainer.loop import FlatGrads
 
@@ -204,7 +204,7 @@ def per_param_bytes(paths, args) -> dict:
     import torch
 
     from drivekd.data.loaders import load_samples
-    from drivekd.trainer.config import validate
+    from drivekd.trainer.plan import validate
     from drivekd.trainer.loop import Dist, Trainer
 
     out = {}

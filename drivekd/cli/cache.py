@@ -9,25 +9,12 @@ from pathlib import Path
 import click
 
 from drivekd.errors import DriveKDError
+from drivekd.roles import ROLES
 
 
 def _fail(e: Exception) -> None:
     click.echo(f"error: {e}", err=True)
     sys.exit(2)
-
-
-def _parse_layers(spec: str | None) -> list[int] | None:
-    if not spec:
-        return None
-    out: list[int] = []
-    for part in spec.split(","):
-        part = part.strip()
-        if "-" in part[1:]:
-            a, b = part.split("-", 1)
-            out.extend(range(int(a), int(b) + 1))
-        elif part:
-            out.append(int(part))
-    return out
 
 
 @click.group()
@@ -36,12 +23,13 @@ def main() -> None:
 
 
 @main.command()
-@click.option("--teacher", "role", type=click.Choice(["perception", "reasoning", "planning", "all"]), required=True, help="Which teacher role(s) to build.")
+@click.option("--teacher", "role", type=click.Choice([*ROLES, "all"]), required=True, help="Which teacher role(s) to build.")
 @click.option("--model", "model_dir", type=click.Path(path_type=Path), help="Teacher checkpoint folder (default: [teachers].<role> in drivekd.toml).")
 @click.option("--data", type=click.Path(path_type=Path), help="Training data JSON (Drive-KD or DriveBench format).")
 @click.option("--images", type=click.Path(path_type=Path), help="Image root for relative paths (default: the data file's folder).")
 @click.option("--out", type=click.Path(path_type=Path), help="Store folder (default: cache/).")
-@click.option("--layers", help="Override the recipe layers, e.g. '0' or '0-26' or '1,3,5' (applies to every selected role).")
+@click.option("--layers", help="Override the recipe layers (applies to every selected role): N, L-N, ranges A..B, "
+              "comma-separated, e.g. '0', 'L-2', '0..L-2', '1,3,5'.")
 @click.option("--batch-size", type=int, default=None, help="Samples per teacher forward (default 1).")
 @click.option("--encoding", type=click.Choice(["lossless", "lossy"]), default=None, help="lossless fp16 (default) or mantissa-rounded.")
 @click.option("--keepbits", type=int, default=None, help="Mantissa bits kept by --encoding lossy (default 7: <1% loss change in tools/bench_cache.py).")
@@ -59,7 +47,6 @@ def build(role, model_dir, data, images, out, layers, batch_size, encoding, keep
 
     from drivekd.config import load_config
     from drivekd.store.build import BuildConfig, build as run_build
-    from drivekd.store.targets import ROLES
     from drivekd.store.zarr_store import Encoding
 
     try:
@@ -79,7 +66,7 @@ def build(role, model_dir, data, images, out, layers, batch_size, encoding, keep
             raise DriveKDError("no data: pass --data FILE or set [data].train in drivekd.toml")
         dev = device or c.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
         enc = Encoding(mode=encoding or c.get("encoding", "lossless"), keepbits=keepbits if keepbits is not None else c.get("keepbits", 7))
-        layer_list = _parse_layers(layers) or c.get("layers")
+        layer_list = layers or c.get("layers")
         bc = BuildConfig(
             teachers=teachers,
             data=Path(data_path),

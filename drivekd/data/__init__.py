@@ -8,14 +8,13 @@ from drivekd.data.loaders import (
     CAPABILITY_ALIASES,
     LoadReport,
     SkippedRecord,
-    is_safe_id,
     load_samples,
     load_samples_report,
     normalize_capability,
-    safe_id,
     strip_image_tags,
 )
 from drivekd.data.sample import CAMERA_ORDER, CAPABILITIES, Sample
+from drivekd.ids import is_safe_key, safe_key
 
 __all__ = [
     "CAMERA_ORDER",
@@ -24,10 +23,10 @@ __all__ = [
     "LoadReport",
     "Sample",
     "SkippedRecord",
-    "is_safe_id",
+    "is_safe_key",
     "load_samples",
     "load_samples_report",
     "normalize_capability",
-    "safe_id",
+    "safe_key",
     "strip_image_tags",
 ]

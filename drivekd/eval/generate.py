@@ -4,8 +4,8 @@
 records (each input record plus "pred"). It is resumable at batch granularity: every finished
 answer is appended (flushed, fsynced) to `predictions.partial.jsonl` in the run folder, and a
 restarted run keeps every id found there or in a finished `predictions.json` (see
-`drivekd.eval.predictions`). Records are keyed by `drivekd.eval.score.record_id`, the key the
-scorer and judge use, so a predictions file written here is read back under the same ids.
+`drivekd.eval.predictions`). Records are keyed by `Sample.id` (`drivekd.ids`), which `drivekd.eval.score.record_id` gives
+back for the written record: the store, the training run and the scorer use one id per record.
 
 `measure_deploy` gives the paper's deployment columns (METHOD.md section 9): peak memory,
 generation throughput (new tokens / generation time) and the median time-to-first-token.
@@ -27,7 +27,6 @@ import torch
 from drivekd.data.sample import Sample
 from drivekd.errors import ConfigError, DataError
 from drivekd.eval.predictions import PREDICTIONS_FILE, PartialWriter, finalize_predictions, load_existing, partial_path
-from drivekd.eval.score import record_id
 
 log = logging.getLogger(__name__)
 
@@ -138,14 +137,16 @@ def drivebench_record(sample: Sample) -> dict[str, Any]:
 
 
 def _keyed(samples: Sequence[Sample]) -> tuple[list[dict[str, Any]], list[str]]:
+    """Records and their keys: each sample's own id (`drivekd.ids`), the id it has in the teacher
+    store and the training run; `record_id` of the record written gives the same id back."""
     records = [drivebench_record(s) for s in samples]
-    keys = [record_id(r) for r in records]
+    keys = [s.id for s in samples]
     seen: dict[str, int] = {}
     for i, k in enumerate(keys):
         if k in seen:
             raise DataError(
-                f"samples {samples[seen[k]].id} and {samples[i].id} get the same prediction id {k!r} "
-                "(same frame_token and question, or the same explicit `id`): remove the duplicate or give them distinct `id` fields"
+                f"two samples have the id {k!r} (same frame_token and question, or the same explicit `id`): "
+                "remove the duplicate or give them distinct `id` fields"
             )
         seen[k] = i
     return records, keys

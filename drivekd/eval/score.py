@@ -30,7 +30,6 @@ Definitions used in the report:
 
 from __future__ import annotations
 
-import hashlib
 import math
 import re
 from collections import defaultdict
@@ -38,10 +37,12 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from drivekd.data.loaders import strip_image_tags
 from drivekd.errors import DataError
+from drivekd.ids import content_hash, drivebench_id, explicit_id
+from drivekd.roles import CAPABILITIES
 from drivekd.eval.parse import extract_choice, extract_yes_no, options_in_question
 
-CAPABILITIES = ("perception", "reasoning", "planning")
 
 # DriveBench question_type (and the capability names themselves) -> capability.
 _CAPABILITY_OF = {
@@ -66,15 +67,15 @@ def capability_of(question_type: str) -> str:
 
 
 def record_id(rec: Mapping[str, Any]) -> str:
-    """A stable id for a DriveBench record: its "id" if present, else frame_token + short question hash.
-
-    Storage-safe ([A-Za-z0-9._-]); never derived from the record's position in the file.
-    """
+    """The id of a DriveBench(-like) record: the same id `drivekd.data.load_samples` gives the
+    sample, so predictions, the teacher store and the training run name a record alike
+    (`drivekd.ids`): its "id" if present, else frame_token + a hash of the question."""
     if rec.get("id") not in (None, ""):
-        return str(rec["id"])
-    frame = re.sub(r"[^A-Za-z0-9._-]", "_", str(rec.get("frame_token") or "noframe"))
-    digest = hashlib.sha1(str(rec.get("question", "")).encode("utf-8")).hexdigest()[:10]
-    return f"{frame}_{digest}"
+        return explicit_id(rec["id"])
+    question = strip_image_tags(str(rec.get("question", "")))
+    if rec.get("frame_token"):
+        return drivebench_id(str(rec["frame_token"]), question)
+    return "rec-" + content_hash([question, str(rec.get("image_path", rec.get("images", "")))])[:16]
 
 
 def group_key(rec: Mapping[str, Any]) -> str | None:

@@ -20,9 +20,9 @@ from drivekd.data.sample import Sample
 from drivekd.errors import AlignmentError, DataError, ModelError
 from drivekd.families.capture import CAPTURE_IMPL
 from drivekd.families.processors import load_processor
+from drivekd.roles import IGNORE_INDEX
 
 FAMILIES = ("internvl", "qwen2_5_vl")
-IGNORE = -100
 
 _MODEL_TYPES = {"qwen2_5_vl": "qwen2_5_vl", "internvl": "internvl"}
 
@@ -85,7 +85,7 @@ class TokenLayout:
     input_ids: torch.Tensor  # (T,) int64
     vision: torch.Tensor  # (T,) bool: image placeholder positions (V)
     text: torch.Tensor  # (T,) bool: prompt+answer text positions, no specials, no vision (X)
-    labels: torch.Tensor  # (T,) int64: token ids on the answer span, IGNORE elsewhere
+    labels: torch.Tensor  # (T,) int64: token ids on the answer span, IGNORE_INDEX elsewhere
     answer_start: int
     fingerprint: str  # sha256 of the token ids (int32 little-endian bytes)
 
@@ -113,7 +113,7 @@ class ModelInputs:
     def padded(self, name: str) -> torch.Tensor:
         """A per-token layout field (`vision`, `text`, `labels`) padded like input_ids: (B, T)."""
         T = self.tensors["input_ids"].shape[1]
-        fill = IGNORE if name == "labels" else False
+        fill = IGNORE_INDEX if name == "labels" else False
         rows = []
         for lay in self.layouts:
             v = getattr(lay, name)
@@ -234,7 +234,7 @@ class Family:
             if tail.numel() == 0 or tail.numel() > T or not torch.equal(ids[T - tail.numel():], tail):
                 raise AlignmentError(f"sample {sample.id}: cannot locate the answer span in the token ids (tokens merge across the prompt/answer boundary)")
             answer_start = T - tail.numel()
-            labels = torch.full_like(ids, IGNORE)
+            labels = torch.full_like(ids, IGNORE_INDEX)
             # Label the answer and its end-of-turn token; not what the template appends after it.
             span = ids[answer_start:]
             eos = (span == self.eos_token_id).nonzero()
@@ -242,7 +242,7 @@ class Family:
             labels[answer_start:end] = ids[answer_start:end]
         else:
             answer_start = T
-            labels = torch.full_like(ids, IGNORE)
+            labels = torch.full_like(ids, IGNORE_INDEX)
         vision = ids == self.image_token_id
         if self.text_tokens == "paper":
             text = ~vision & ~torch.isin(ids, self.special_ids)

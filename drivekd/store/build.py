@@ -25,25 +25,10 @@ from drivekd.data.sample import Sample
 from drivekd.errors import ConfigError, DataError, StoreError
 from drivekd.families.base import Family, load_model
 from drivekd.families.capture import capture_attention
+from drivekd.layers import LayerSpecError, check_spec, recipe_layers, resolve_layers, spec_of
+from drivekd.roles import ROLES
 from drivekd.store.lock import StoreLock
-from drivekd.store.targets import ROLES
 from drivekd.store.zarr_store import Encoding, TeacherStore, pack_rows, teacher_fingerprint
-
-
-def recipe_layers(role: str, num_layers: int) -> list[int]:
-    """Teacher layers a role's recipes need (METHOD.md section 4), 0-based.
-
-    perception: index 0; planning: L-2; reasoning: every index of layer-group matching over 0..L-2,
-    which also covers the "mid2" variant (1..L-3).
-    """
-    L = num_layers
-    if role == "perception":
-        return [0]
-    if role == "planning":
-        return [L - 2]
-    if role == "reasoning":
-        return list(range(0, L - 1))
-    raise ConfigError(f"--teacher: unknown role {role!r} (choose from {', '.join(ROLES)} or all)")
 
 
 @dataclass
@@ -54,7 +39,7 @@ class BuildConfig:
     data: Path
     images: Path | None
     out: Path
-    layers: dict[str, list[int]] | None = None  # role -> layers; None = recipe defaults
+    layers: dict[str, str | list[int]] | None = None  # role -> layer spec (drivekd.layers) or indices; None = recipe
     batch_size: int = 1
     encoding: Encoding = field(default_factory=Encoding)
     skip_bad: bool = False
@@ -78,6 +63,11 @@ class BuildConfig:
                 raise ConfigError(f"--model for role {role}: {path} is not a folder (set --model or [teachers].{role} in drivekd.toml)")
         if not Path(self.data).is_file():
             raise ConfigError(f"--data {self.data}: no such file (or set [data].train in drivekd.toml)")
+        for role, spec in (self.layers or {}).items():
+            try:
+                check_spec(spec_of(spec))
+            except LayerSpecError as e:
+                raise ConfigError(f"--layers for role {role}: {e}") from None
         if self.batch_size < 1:
             raise ConfigError(f"--batch-size must be >= 1, not {self.batch_size}")
         if self.writers < 1:
@@ -372,11 +362,11 @@ def _build_locked(cfg: BuildConfig, rank: int, world: int) -> dict:
         L = int((ncfg.get("text_config") or ncfg)["num_hidden_layers"])
         layers = {}
         for role in roles:
-            want = (cfg.layers or {}).get(role) or recipe_layers(role, L)
-            bad = [l for l in want if not 0 <= l < L]
-            if bad:
-                raise ConfigError(f"--layers {bad} for role {role}: the teacher {ckpt} has {L} decoder layers (0..{L - 1})")
-            layers[role] = sorted(set(int(l) for l in want))
+            spec = (cfg.layers or {}).get(role)
+            try:
+                layers[role] = recipe_layers(role, L) if spec is None else resolve_layers(spec_of(spec), L)
+            except LayerSpecError as e:
+                raise ConfigError(f"--layers for role {role} (teacher {ckpt}): {e}") from None
         meta_common = {
             "family": family.name,
             "teacher_path": str(ckpt),

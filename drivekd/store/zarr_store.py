@@ -2,7 +2,7 @@
 
 Layout (see docs/STORE.md; readable with any Zarr v3 client, no drivekd needed):
 
-    STORE/zarr.json                          root group, attrs {"drivekd": {"schema_version": 3}}
+    STORE/zarr.json                          root group, attrs {"drivekd": {"schema_version": 3, "kind": "teacher-store"}}
     STORE/<role>/zarr.json                   role group, attrs: the build metadata (teacher, layers, ...)
     STORE/<role>/samples/<id>/zarr.json      sample group, attrs {"status": "complete", "length": T, ...}
     STORE/<role>/samples/<id>/input_ids      int32 (T,)   teacher token ids
@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +38,7 @@ import zarr
 from zarr.codecs import BloscCodec
 
 from drivekd.errors import StoreError
+from drivekd.ids import is_safe_key
 from drivekd.store.integrity import ALGORITHM, PREFIX_VECTORS, SAMPLE_VECTORS, absent, checksum, chunk_file, expected_files
 from drivekd.store.targets import ROLES, RoleInfo, SampleTargets
 
@@ -49,7 +49,6 @@ READABLE_VERSIONS = (1, 2, 3)
 # Keep chunks equal to the fill value on disk (a text-only sample's all-False vision mask): then
 # every complete sample has every chunk file, and an absent one is damage, never "all fill".
 _DENSE = {"write_empty_chunks": True}
-_SAFE_KEY = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}$")
 
 # Build metadata that must match for a build to add samples to an existing role.
 MUST_MATCH = ("teacher_fingerprint", "processor_fingerprint", "layers", "encoding", "family", "text_tokens")
@@ -100,7 +99,7 @@ class Encoding:
 
 def check_key(sample_id: str) -> str:
     """A sample id as a store key. Ids with separators or '..' could escape the store: refused."""
-    if not isinstance(sample_id, str) or not _SAFE_KEY.match(sample_id) or ".." in sample_id:
+    if not is_safe_key(sample_id):
         raise StoreError(
             f"sample id {sample_id!r} is not a safe store key (allowed: letters, digits, '.', '_', '-'; no '..', "
             "no path separators); load data with drivekd.data.load_samples, which sanitises ids"

@@ -117,7 +117,7 @@ def check_resume(resume_dir: Path | None, identity: dict[str, Any], allow_spec: 
     return sorted(diffs)
 
 
-def check_alignment_all(student: Path, text_tokens: str, samples, source: TargetSource, roles: list[str], progress: bool = True) -> None:
+def check_alignment_all(family, samples, source: TargetSource, roles: list[str], progress: bool = True) -> None:
     """Every sample's student token fingerprint against the store's, before step 1: one pass of
     the data's tokenisation. Names every mismatching sample (the first ones in detail)."""
     if not roles:
@@ -125,10 +125,8 @@ def check_alignment_all(student: Path, text_tokens: str, samples, source: Target
     from tqdm import tqdm
 
     from drivekd.errors import DriveKDError
-    from drivekd.families.base import Family
     from drivekd.trainer.data import check_alignment
 
-    family = Family.from_pretrained(student, text_tokens=text_tokens)
     stored = getattr(source, "fingerprint", None)
     bad: list[str] = []
     details: list[str] = []

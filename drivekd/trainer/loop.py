@@ -43,8 +43,9 @@ from drivekd.losses.attention import answer_positions, attention_loss, token_ce
 from drivekd.projection import GradBuffers, combine
 from drivekd.store.targets import TargetSource
 from drivekd.trainer import checkpoint as ckpt
-from drivekd.trainer.config import RunPlan, TrainConfig, describe, validate
 from drivekd.trainer.identity import write_run_json
+from drivekd.trainer.plan import RunPlan, describe, validate
+from drivekd.trainer.settings import TrainConfig
 from drivekd.trainer.data import Batch, Collate, Failed, StreamSampler, TargetDataset, make_loader
 
 log = logging.getLogger(__name__)
