@@ -697,3 +697,6 @@ class Problem:
 
     def __str__(self) -> str:
         return f"{self.role}/{self.sample_id}: {self.message}"
+
+    def __contains__(self, text: str) -> bool:  # reads like the message strings verify used to return
+        return text in str(self)
