@@ -119,7 +119,8 @@ def info(store, as_json):
         click.echo("note: " + NO_CHECKSUMS.format(store=store, v=st.schema_version))
     for r, s in summaries.items():
         ratio = f"{s['compression_ratio']:.2f}x" if s["compression_ratio"] else "n/a"
-        click.echo(f"{r}: teacher {s['teacher']} ({s['family']}, {s['teacher_fingerprint']}), layers {s['layers']}, encoding {s['encoding']['mode']}")
+        click.echo(f"{r}: teacher {s['teacher']} ({s['family']}, {s['teacher_fingerprint']}), layers {s['layers']}, encoding {s['encoding']['mode']}, "
+                   f"schema {s['schema_version']} ({'crc32c checksums' if s['checksums'] else 'no checksums'})")
         click.echo(f"  samples: {s['complete']} complete, {s['incomplete'] + s['missing']} missing/incomplete, {s['skipped']} skipped")
         click.echo(f"  {s['bytes_on_disk'] / 2**20:.2f} MiB on disk; attention {s['attn_bytes'] / 2**20:.2f} MiB vs "
                    f"{s['fp16_square_bytes'] / 2**20:.2f} MiB as fp16 square maps ({ratio})")
