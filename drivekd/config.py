@@ -14,6 +14,10 @@
 
     [train]                             # drivekd-train flags, underscores for dashes
 
+    [images]                            # image settings for cache, train and eval (drivekd/images.py)
+    tiling = false                      # InternVL: one 448-px tile per camera (--tiling/--no-tiling)
+    max_pixels = 200704                 # Qwen2.5-VL: <= 256 tokens per camera (--min-pixels/--max-pixels)
+
 Relative paths are resolved against the config file's folder. Command-line flags override it.
 """
 
@@ -45,7 +49,7 @@ TABLE_KEYS = {
     "data": ("train", "images", "eval"),
     "teachers": ROLES,
     "cache": ("out", "device", "dtype", "encoding", "keepbits", "layers", "batch_size", "skip_bad", "share_prefix",
-              "writers"),
+              "writers", "text_tokens"),
 }
 # Keys holding paths: resolved against the config file's folder.
 PATH_KEYS = {

@@ -3,6 +3,7 @@
 from dataclasses import fields, replace
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 from drivekd.config import load_config
@@ -41,6 +42,9 @@ def test_every_setting_is_a_flag_with_its_default_and_help():
 
     by_name = {p.name: p for p in main.params}
     for f in fields(TrainConfig):
+        if not f.metadata.get("cli", True):  # image_settings: its own flags (drivekd.images)
+            assert {"tiling", "max_patches", "min_pixels", "max_pixels"} <= set(by_name)
+            continue
         assert f.name in by_name, f"{f.name} has no CLI option"
         assert flag(f.name) in by_name[f.name].opts[0] or by_name[f.name].opts[0].startswith(flag(f.name))
     out = CliRunner().invoke(main, ["--help"], terminal_width=200).output
@@ -93,3 +97,20 @@ def test_cache_build_takes_the_trainer_layer_grammar(tiny_models, demo_data, tmp
     assert TeacherStore(tmp_path / "c").role_info("planning").layers == (0, 1, L - 2)
     r = CliRunner().invoke(cache_cli, [*base, "--out", str(tmp_path / "d"), "--layers", "0-26"])
     assert r.exit_code == 2 and "--layers" in r.output and "Traceback" not in r.output, r.output
+
+
+def test_mixing_rows_are_normalised_like_the_reference():
+    from drivekd.trainer.plan import parse_mix
+
+    m = parse_mix("8,1,1;1,8,1;2,2,16")
+    assert torch.allclose(m.sum(1), torch.ones(3))
+    assert torch.allclose(m[0], torch.tensor([0.8, 0.1, 0.1]))
+    with pytest.raises(ConfigError, match="--mix: the reasoning row is all zeros"):
+        parse_mix("1,0,0;0,0,0;0,0,1")
+
+
+def test_no_clipping_by_default_as_the_paper():
+    # AGP sums ~K-1 copies of the CE gradient: a 1.0 default clipped every step.
+    assert TrainConfig().max_grad_norm == 0.0
+    with pytest.raises(ConfigError, match="--split applies to --recipe sft"):
+        TrainConfig(recipe="multi", split="planning")

@@ -16,7 +16,7 @@
     counting the tensors autograd saves, extrapolated to 24+24 layers: predicted peak memory of
     InternVL3-1B (multi, AGP, T ~ 1800, micro-batch 1) against an A100-40GB.
 
-Runs on CPU with the tiny checkpoints (drivekd.families.tiny) and synthetic demo data.
+Runs on CPU with the tiny checkpoints (drivekd.demo.tiny_models) and synthetic demo data.
 """
 
 from __future__ import annotations
@@ -49,8 +49,8 @@ def peak_rss() -> int:
 
 def prepare(work: Path) -> dict:
     """Tiny models, demo data and a teacher store (built once, reused)."""
-    from drivekd.data.demo import make_demo_data
-    from drivekd.families.tiny import make_tiny_models
+    from drivekd.demo.scenes import make_demo_data
+    from drivekd.demo.tiny_models import make_tiny_models
     from drivekd.store.build import BuildConfig, build
 
     models, data, store = work / "models", work / "data", work / "store"

@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from drivekd.errors import DriveKDError
+from drivekd.images import ImageSettings, image_options
 from drivekd.roles import ROLES
 
 
@@ -37,11 +38,15 @@ def main() -> None:
 @click.option("--overwrite", is_flag=True, help="Delete a role built with other settings and rebuild it.")
 @click.option("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available).")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None, help="Teacher dtype (default bfloat16 on GPU, float32 on CPU).")
+@click.option("--text-tokens", type=click.Choice(["paper", "not_vision"]), default=None,
+              help="Text query set X stored for the losses: paper (no special tokens, default) or not_vision (the "
+                   "reference trainer's); drivekd-train --text-tokens must match.")
 @click.option("--share-prefix/--no-share-prefix", default=True, help="Run each image group's shared token prefix once (default on).")
 @click.option("--writers", type=int, default=None, help="Threads that compress and write targets (default: min(4, CPUs)).")
 @click.option("--config", "config_path", type=click.Path(path_type=Path), help="Project config (default ./drivekd.toml if present).")
 @click.option("--no-progress", is_flag=True)
-def build(role, model_dir, data, images, out, layers, batch_size, encoding, keepbits, skip_bad, overwrite, device, dtype, share_prefix, writers, config_path, no_progress):
+@image_options
+def build(role, model_dir, data, images, out, layers, batch_size, encoding, keepbits, skip_bad, overwrite, device, dtype, text_tokens, share_prefix, writers, config_path, no_progress, **image_flags):
     """Run the teacher(s) once over every sample and write their targets."""
     import torch
 
@@ -81,6 +86,8 @@ def build(role, model_dir, data, images, out, layers, batch_size, encoding, keep
             dtype=dtype or c.get("dtype") or ("bfloat16" if dev.startswith("cuda") else "float32"),
             progress=not no_progress,
             share_prefix=share_prefix and bool(c.get("share_prefix", True)),
+            text_tokens=text_tokens or c.get("text_tokens", "paper"),
+            image_processing=ImageSettings.from_sources(image_flags, cfg),
         )
         if writers or c.get("writers"):
             bc.writers = writers or int(c["writers"])

@@ -16,6 +16,7 @@ import click
 
 from drivekd.errors import ConfigError, DriveKDError
 from drivekd.eval.judge import DEFAULT_KEY_ENV
+from drivekd.images import ImageSettings, image_options, pop_flags
 
 _PATH = click.Path(path_type=Path)
 
@@ -87,9 +88,11 @@ def _print_summary(report: dict, out_dir: Path) -> None:
 @click.option("--compare", multiple=True, type=_PATH, help="Another run folder to compare with (repeatable).")
 @click.option("--name", default=None, help="Model name in the report (default: the --model folder name).")
 @_judge_options
+@image_options
 @click.pass_context
 def main(ctx: click.Context, model_dir, data, images, out_dir, batch_size, max_new_tokens, temperature, top_p, deploy, limit, compare, name, **judge_kw):
     """Evaluate a driving VLM on DriveBench, or score / compare existing runs (see the commands)."""
+    image_flags = pop_flags(judge_kw)  # --tiling, --max-patches, --min-pixels, --max-pixels
     if ctx.invoked_subcommand is not None:
         if any(v is not None for v in (model_dir, data, images, out_dir, judge_kw["judge_url"])) or compare:
             raise ConfigError(
@@ -103,12 +106,13 @@ def main(ctx: click.Context, model_dir, data, images, out_dir, batch_size, max_n
     missing = [flag for flag, v in (("--model", model_dir), ("--data", data), ("--out", out_dir)) if v is None]
     if missing:
         raise ConfigError(f"generation needs {', '.join(missing)} (or use `drivekd-eval score FILE` to score existing predictions)")
+    from drivekd.config import load_config
     from drivekd.eval.report import evaluate_model
 
     report = evaluate_model(
         model_dir, data, out_dir, images=images, batch_size=batch_size, max_new_tokens=max_new_tokens,
         temperature=temperature, top_p=top_p, deploy=deploy, judge=_judge_settings(**judge_kw), limit=limit,
-        compare=compare, model_name=name,
+        compare=compare, model_name=name, image_settings=ImageSettings.from_sources(image_flags, load_config(None)),
     )
     _print_summary(report, out_dir)
 

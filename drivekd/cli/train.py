@@ -18,6 +18,7 @@ import click
 from click.core import ParameterSource
 
 from drivekd.errors import DriveKDError
+from drivekd.images import image_options
 from drivekd.trainer.settings import GROUPS, TrainConfig, flag, kind
 
 
@@ -54,7 +55,8 @@ class _GroupedHelp(click.Command):
 
 def _with_settings(cmd):
     for f in reversed(fields(TrainConfig)):
-        cmd.params.insert(0, _option(f))
+        if f.metadata.get("cli", True):
+            cmd.params.insert(0, _option(f))
     return cmd
 
 
@@ -62,6 +64,7 @@ def _with_settings(cmd):
 @click.command(cls=_GroupedHelp, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 120})
 @click.option("--config", "config_path", type=click.Path(path_type=Path),
               help="Project config (TOML, [train] table); default ./drivekd.toml if present.")
+@image_options
 @click.pass_context
 def main(ctx: click.Context, config_path, **flags) -> None:
     """Distil a driving VLM student from stored teacher attention (Drive-KD)."""

@@ -1,7 +1,6 @@
-"""Data: the Sample type, loaders for the Drive-KD and DriveBench formats, synthetic demo data.
+"""Data: the Sample type and loaders for the Drive-KD and DriveBench formats.
 
-The demo generator (`drivekd.data.demo.make_demo_data`) is imported from its module, so importing
-this package stays light.
+Synthetic demo scenes live in `drivekd.demo` (a fixture, not part of the library).
 """
 
 from drivekd.data.loaders import (

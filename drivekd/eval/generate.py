@@ -72,10 +72,10 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
         raise ConfigError(f"unknown dtype {dtype!r}: use one of {', '.join(sorted(_DTYPES))}") from None
 
 
-def _load(model_dir: str | Path, device: torch.device, dtype: torch.dtype):
+def _load(model_dir: str | Path, device: torch.device, dtype: torch.dtype, image_settings=None):
     from drivekd.families import Family, load_model
 
-    family = Family.from_pretrained(model_dir)
+    family = Family.from_pretrained(model_dir, image_processing=image_settings)  # [images] settings
     model = load_model(model_dir, dtype=dtype, device=device, capture=False)  # plain sdpa
     model.eval()
     return family, model
@@ -188,6 +188,7 @@ def generate_predictions(
     progress: bool = True,
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
+    image_settings=None,
 ) -> PredictionRecords:
     """Answer every sample; write `out_dir/predictions.json`; return its records (input order).
 
@@ -216,7 +217,7 @@ def generate_predictions(
     if pending:
         dev = resolve_device(device)
         dt = resolve_dtype(dtype, dev)
-        family, model = _load(model_dir, dev, dt)
+        family, model = _load(model_dir, dev, dt, image_settings)
         cfg = _generation_config(model, family, max_new_tokens, temperature, top_p)
         from tqdm.auto import tqdm
 
@@ -259,6 +260,7 @@ def measure_deploy(
     runs: int = 5,
     max_new_tokens: int = 32,
     batch_size: int = 1,
+    image_settings=None,
 ) -> dict[str, Any]:
     """Peak memory, generation throughput and median time-to-first-token (METHOD.md section 9).
 
@@ -282,7 +284,7 @@ def measure_deploy(
     if dev.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(dev)
-    family, model = _load(model_dir, dev, dt)
+    family, model = _load(model_dir, dev, dt, image_settings)
     batch = list(samples[:batch_size])
     inputs = family.build_inputs(batch, with_answer=False, padding_side="left").to(dev)
     full = _generation_config(model, family, max_new_tokens, 0.0, 1.0, min_new_tokens=max_new_tokens)

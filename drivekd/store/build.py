@@ -23,8 +23,9 @@ from tqdm import tqdm
 from drivekd.data.loaders import load_samples
 from drivekd.data.sample import Sample
 from drivekd.errors import ConfigError, DataError, StoreError
-from drivekd.families.base import Family, load_model
+from drivekd.families.base import Family, family_class, load_model
 from drivekd.families.capture import capture_attention
+from drivekd.images import ImageSettings
 from drivekd.layers import LayerSpecError, check_spec, recipe_layers, resolve_layers, spec_of
 from drivekd.roles import ROLES
 from drivekd.store.lock import StoreLock
@@ -46,7 +47,8 @@ class BuildConfig:
     overwrite: bool = False
     device: str = "cpu"
     dtype: str = "float32"
-    image_processing: dict | None = None
+    image_processing: ImageSettings | dict | None = None  # [images] table / image flags, or raw processor kwargs
+    text_tokens: str = "paper"  # the text query set X stored with each sample: paper | not_vision
     progress: bool = True
     share_prefix: bool = True  # run each image group's shared token prefix once
     # Threads that quantise, compress and write (Blosc releases the GIL). With a fast GPU teacher
@@ -72,6 +74,8 @@ class BuildConfig:
             raise ConfigError(f"--batch-size must be >= 1, not {self.batch_size}")
         if self.writers < 1:
             raise ConfigError(f"--writers must be >= 1, not {self.writers}")
+        if self.text_tokens not in ("paper", "not_vision"):
+            raise ConfigError(f"--text-tokens must be paper or not_vision, not {self.text_tokens!r}")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ConfigError(f"--dtype must be float32, bfloat16 or float16, not {self.dtype!r}")
 
@@ -243,7 +247,8 @@ def shared_forward(model, encoded, layers, need=None, device="cpu") -> SharedMap
     h.update(t0["pixel_values"].float().numpy().tobytes())
     key = "p-" + h.hexdigest()[:32]
     prefix_in = {"input_ids": t0["input_ids"][:, :P], "attention_mask": t0["attention_mask"][:, :P], "pixel_values": t0["pixel_values"]}
-    full_pos = _mrope_positions(model, t0, device)  # (3, 1, T) for Qwen2.5-VL, None for 1-D RoPE
+    rope_positions = family_class(model.config.model_type).rope_positions
+    full_pos = rope_positions(model, t0, device)  # (3, 1, T) for Qwen2.5-VL, None for 1-D RoPE
     if full_pos is not None:
         prefix_in.update(image_grid_thw=t0["image_grid_thw"], mm_token_type_ids=t0["mm_token_type_ids"][:, :P], position_ids=full_pos[..., :P])
     with torch.no_grad(), capture_attention(model, layers) as pmaps:
@@ -256,7 +261,7 @@ def shared_forward(model, encoded, layers, need=None, device="cpu") -> SharedMap
             suffixes.append(None)
             continue
         T = lay.length
-        pos = _mrope_positions(model, tens, device)
+        pos = rope_positions(model, tens, device)
         suf = {
             "input_ids": tens["input_ids"][:, P:],
             "attention_mask": torch.ones(1, T, dtype=torch.long),
@@ -271,17 +276,6 @@ def shared_forward(model, encoded, layers, need=None, device="cpu") -> SharedMap
         cache.crop(-(T - P))  # drop this suffix: back to the bare prefix for the next question
         suffixes.append({l: m[0] for l, m in smaps.items()})  # (T - P, T), on the model's device
     return SharedMaps(P, key, prefix, suffixes)
-
-
-def _mrope_positions(model, tens, device) -> torch.Tensor | None:
-    """Qwen2.5-VL's M-RoPE position ids of the whole sequence, (3, 1, T); None for 1-D RoPE families."""
-    if "image_grid_thw" not in tens:
-        return None
-    pos, _ = model.model.get_rope_index(
-        tens["input_ids"].to(device), tens["mm_token_type_ids"].to(device),
-        image_grid_thw=tens["image_grid_thw"].to(device), attention_mask=tens["attention_mask"].to(device),
-    )
-    return pos.cpu()
 
 
 def write_error(e: OSError, store: TeacherStore, roles: list[str], left: int) -> StoreError:
@@ -357,7 +351,7 @@ def _build_locked(cfg: BuildConfig, rank: int, world: int) -> dict:
     totals = {"written": 0, "skipped": 0, "already": 0, "bytes": 0, "seconds": 0.0, "loop_seconds": 0.0}
     t0 = time.perf_counter()
     for ckpt, roles in by_ckpt.items():
-        family = Family.from_pretrained(ckpt, image_processing=cfg.image_processing)
+        family = Family.from_pretrained(ckpt, image_processing=cfg.image_processing, text_tokens=cfg.text_tokens)
         ncfg = json.loads((ckpt / "config.json").read_text())
         L = int((ncfg.get("text_config") or ncfg)["num_hidden_layers"])
         layers = {}
@@ -372,6 +366,7 @@ def _build_locked(cfg: BuildConfig, rank: int, world: int) -> dict:
             "teacher_path": str(ckpt),
             "teacher_fingerprint": teacher_fingerprint(ckpt),
             "processor_fingerprint": family.fingerprint(),
+            "image_settings": family.image_settings(),  # trainer names a mismatch (drivekd.images.check_store)
             "text_tokens": family.text_tokens,
             "num_teacher_layers": L,
             "encoding": cfg.encoding.to_dict(),

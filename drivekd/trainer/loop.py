@@ -232,7 +232,7 @@ class Trainer:
         dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if dev.type == "cuda" else "float32")
         self.autocast_dtype = None if dtype == "float32" else getattr(torch, dtype)
 
-        self.family = Family.from_pretrained(cfg.student, text_tokens=cfg.text_tokens)
+        self.family = Family.from_pretrained(cfg.student, text_tokens=cfg.text_tokens, image_processing=cfg.image_settings)
         # Weights and optimizer state in fp32; compute under autocast (mixed precision).
         model_dir = plan.resume_dir or cfg.student
         self.model = load_model(model_dir, dtype=torch.float32, device=dev)

@@ -21,6 +21,7 @@ import torch
 
 from drivekd.data.sample import Sample
 from drivekd.errors import AlignmentError, ConfigError, StoreError
+from drivekd.images import check_store
 from drivekd.layers import LayerSpecError, mid_range_spec, parse_role_layers
 from drivekd.losses.recipes import TermPlan, plan_term
 from drivekd.roles import ROLES, capability_index, role_index
@@ -80,7 +81,8 @@ class RunPlan:
 
 
 def parse_mix(spec: str) -> torch.Tensor:
-    """'a,b,c;d,e,f;g,h,i' -> (3, 3) float tensor. ConfigError naming --mix on a bad value."""
+    """'a,b,c;d,e,f;g,h,i' -> (3, 3) float tensor, each row normalised to sum 1 as the reference
+    trainer does (so '8,1,1;...' means the paper's default). ConfigError naming --mix on a bad value."""
     try:
         rows = [[float(x) for x in r.split(",")] for r in spec.strip().split(";") if r.strip()]
     except ValueError:
@@ -93,7 +95,12 @@ def parse_mix(spec: str) -> torch.Tensor:
     m = torch.tensor(rows, dtype=torch.float32)
     if not torch.isfinite(m).all() or (m < 0).any():
         raise ConfigError(f"--mix entries must be finite and >= 0, got {spec!r}")
-    return m
+    sums = m.sum(1, keepdim=True)
+    if (sums == 0).any():
+        row = ROLES[int((sums[:, 0] == 0).nonzero()[0])]
+        raise ConfigError(f"--mix: the {row} row is all zeros; each row (a sample capability) needs some teacher weight "
+                          "(rows are normalised to sum 1). To switch a teacher off use --w-<role> 0")
+    return m / sums
 
 
 def student_depth(student: Path) -> tuple[str, int]:
@@ -122,9 +129,8 @@ def _check_required(cfg: TrainConfig) -> None:
         raise ConfigError(f"--device {cfg.device}: CUDA is not available on this machine; use --device cpu")
 
 
-def _plan_terms(cfg: TrainConfig, student_L: int, infos: dict[str, RoleInfo]) -> list[TermPlan]:
-    roles = list(ROLES) if cfg.recipe == "multi" else [cfg.recipe]
-    weights = {r: cfg.term_weight(r) for r in ROLES}
+def _plan_terms(cfg: TrainConfig, roles: list[str], student_L: int, infos: dict[str, RoleInfo]) -> list[TermPlan]:
+    """The active teacher terms (`roles`: the recipe's roles with a weight > 0), resolved."""
     try:
         per_role = parse_role_layers(cfg.layers, roles)
     except LayerSpecError as e:
@@ -140,8 +146,6 @@ def _plan_terms(cfg: TrainConfig, student_L: int, infos: dict[str, RoleInfo]) ->
             raise ConfigError(f"--mid-range: {e}") from None
     terms = []
     for role in roles:
-        if weights[role] == 0:
-            continue  # a zero weight switches the term off: no targets read, no backward
         info = infos[role]
         what = "--mid-range" if role == "reasoning" and cfg.mid_range else "--layers"
         try:
@@ -216,18 +220,22 @@ def validate(cfg: TrainConfig, targets: TargetSource | None = None, world: int =
     if cfg.images is not None and not Path(cfg.images).is_dir():
         raise ConfigError(f"--images {cfg.images}: no such folder")
     samples = load_samples(cfg.data, cfg.images)
-    if cfg.recipe != "multi":
-        samples = [s for s in samples if s.capability == cfg.recipe]
+    split = cfg.split if cfg.recipe == "sft" else (None if cfg.recipe == "multi" else cfg.recipe)
+    if split is not None:
+        samples = [s for s in samples if s.capability == split]
         if not samples:
-            raise ConfigError(f"--recipe {cfg.recipe}: {cfg.data} has no {cfg.recipe} samples (a single-teacher recipe "
-                              "trains on its capability split only)")
-    if cfg.w_ce == 0 and all(cfg.term_weight(r) == 0 for r in ROLES):
-        raise ConfigError("--w-ce and every teacher weight are 0: nothing to train")
-
-    source = open_source(cfg, targets)
-    roles = list(ROLES) if cfg.recipe == "multi" else [cfg.recipe]
+            what = "--split" if cfg.recipe == "sft" else f"--recipe {cfg.recipe}"
+            raise ConfigError(f"{what}: {cfg.data} has no {split} samples (a single-teacher recipe trains on its "
+                              "capability split only)")
+    roles = [] if cfg.recipe == "sft" else list(ROLES) if cfg.recipe == "multi" else [cfg.recipe]
     roles = [r for r in roles if cfg.term_weight(r) > 0]
-    have = source.roles()
+    if cfg.w_ce == 0 and not roles:
+        raise ConfigError("--w-ce is 0 and no teacher term is on: nothing to train")
+
+    # Only teacher terms need targets: a CE-only run (--recipe sft, or every teacher weight 0)
+    # trains without a store.
+    source = open_source(cfg, targets) if roles else targets
+    have = source.roles() if roles else []
     missing = [r for r in roles if r not in have]
     if missing:
         raise ConfigError(
@@ -237,18 +245,19 @@ def validate(cfg: TrainConfig, targets: TargetSource | None = None, world: int =
     infos = {r: source.role_info(r) for r in roles}
     from drivekd.families.base import Family
 
-    student_family = Family.from_pretrained(student, text_tokens=cfg.text_tokens)
+    student_family = Family.from_pretrained(student, text_tokens=cfg.text_tokens, image_processing=cfg.image_settings)
     if infos:
         fp = student_family.fingerprint()
         for r, info in infos.items():
             if info.family != family:
                 raise AlignmentError(f"--cache: the {r} teacher is {info.family} but --student is {family}; distillation needs one family")
+            check_store(source, r, student_family)  # names each image setting that differs
             if info.processor != fp:
                 raise AlignmentError(
                     f"--cache: the {r} targets were built with another processor/chat template/--text-tokens setting than "
                     f"--student's; their tokens would not line up. Rebuild the store or match --text-tokens"
                 )
-    terms = _plan_terms(cfg, student_L, infos)
+    terms = _plan_terms(cfg, roles, student_L, infos)
     samples, notes = _check_coverage(source, terms, samples)
     if not samples:
         raise ConfigError(f"--data {cfg.data}: no trainable samples left")
@@ -271,7 +280,9 @@ def validate(cfg: TrainConfig, targets: TargetSource | None = None, world: int =
         meta = read_meta(resume_dir)
         old = meta["config"]
         new = cfg.to_json()
-        diffs = [k for k in new if k not in RESUME_FREE and old.get(k) != new[k]]
+        # A key a checkpoint predates (written by an older drivekd) had its default then.
+        defaults = TrainConfig().to_json()
+        diffs = [k for k in new if k not in RESUME_FREE and old.get(k, defaults[k]) != new[k]]
         if diffs:
             lines = "; ".join(f"{flag(k)}: checkpoint {old.get(k)!r}, now {new[k]!r}" for k in diffs)
             raise ConfigError(f"cannot resume from {resume_dir}: settings differ ({lines}); resume with the same settings")

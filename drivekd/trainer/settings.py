@@ -17,9 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from drivekd.errors import ConfigError
+from drivekd.images import ImageSettings, pop_flags
 from drivekd.roles import ROLES
 
-RECIPES = (*ROLES, "multi")
+RECIPES = (*ROLES, "multi", "sft")
 PROJECTIONS = ("agp", "g1", "g2", "none")
 DEFAULT_MIX = "0.8,0.1,0.1;0.1,0.8,0.1;0.1,0.1,0.8"
 GROUPS = ("inputs", "distillation", "gradients", "optimisation", "runtime", "checkpoints")
@@ -53,7 +54,10 @@ class TrainConfig:
 
     # ----- distillation: which teacher terms, which signal, which layers, how mixed
     recipe: str = opt("multi", "perception | reasoning | planning (one teacher, its capability split) | multi (all samples, "
-                      "three teachers, mixing matrix).", group="distillation", choices=RECIPES)
+                      "three teachers, mixing matrix) | sft (CE only, the fine-tuning baseline; no store needed).",
+                      group="distillation", choices=RECIPES)
+    split: str | None = opt(None, "With --recipe sft: train on one capability split, as the single-teacher recipes do "
+                            "(default: all samples).", group="distillation", choices=ROLES)
     signal: str | None = opt(None, "Ablation: t2v | full for every teacher term (default: each recipe's own).",
                              group="distillation", choices=("t2v", "full"))
     loss: str = opt("mse", "Attention loss.", group="distillation", choices=("mse", "cosine"))
@@ -66,7 +70,8 @@ class TrainConfig:
     text_tokens: str = opt("paper", "Text query set X: paper (no special tokens) | not_vision (reference code). Must match "
                            "the store.", group="distillation", choices=("paper", "not_vision"))
     mix: str = opt(DEFAULT_MIX, "3x3 mixing matrix M, rows ';' columns ',': rows = sample capability, columns = teacher "
-                   "(perception, reasoning, planning).", group="distillation")
+                   "(perception, reasoning, planning); each row is normalised to sum 1, as the reference trainer does.",
+                   group="distillation")
     w_ce: float = opt(1.0, "Static weight of the answer CE.", group="distillation", minimum=">=0")
     w_perception: float = opt(1.0, "Static weight of the perception teacher term (0 switches it off).",
                               group="distillation", minimum=">=0")
@@ -94,7 +99,9 @@ class TrainConfig:
                               minimum=">=0")
     min_lr_ratio: float = opt(0.01, "Cosine floor as a fraction of lr, in [0, 1].", group="optimisation", minimum=">=0")
     weight_decay: float = opt(0.0, "AdamW weight decay.", group="optimisation", minimum=">=0")
-    max_grad_norm: float = opt(1.0, "Clip the global gradient norm before each optimizer step (0: no clipping).",
+    max_grad_norm: float = opt(0.0, "Clip the global gradient norm before each optimizer step (0: no clipping, as the "
+                               "paper and the reference trainer; AGP sums ~K-1 copies of the CE gradient, so a small "
+                               "norm would clip every step).",
                                group="optimisation", minimum=">=0")
     seed: int = opt(42, "Seed of the data order, the AGP permutations and torch's RNG.", group="optimisation",
                     minimum=">=0")
@@ -124,9 +131,20 @@ class TrainConfig:
     resume_allow_changed: str | None = opt(None, "Resume although these changed since the checkpoint: data, cache, student "
                                            "(comma separated; recorded in run.json's history).", group="checkpoints")
 
+    # ----- image settings: their own typed object and flags (drivekd.images), shared with the cache and eval
+    image_settings: ImageSettings = field(default_factory=ImageSettings, metadata={
+        "help": "[images] table / --tiling, --max-patches, --min-pixels, --max-pixels; must match the store's.",
+        "group": "inputs", "cli": False})
+
     def __post_init__(self) -> None:
+        if isinstance(self.image_settings, dict):
+            self.image_settings = ImageSettings(**self.image_settings)
+        if not isinstance(self.image_settings, ImageSettings):
+            raise ConfigError(f"image_settings must be an [images] table, got {self.image_settings!r}")
         for f in fields(self):
             v = getattr(self, f.name)
+            if not f.metadata.get("cli", True):
+                continue
             if f.name in PATH_KEYS:
                 if v is not None and not isinstance(v, Path):
                     if not isinstance(v, str):
@@ -149,6 +167,8 @@ class TrainConfig:
             raise ConfigError(f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.device != "auto" and not self.device.startswith(("cpu", "cuda")):
             raise ConfigError(f"--device must be auto, cpu or cuda[:N], got {self.device!r}")
+        if self.split is not None and self.recipe != "sft":
+            raise ConfigError(f"--split applies to --recipe sft (recipe {self.recipe!r} chooses its own split)")
         if self.resume and self.resume_from is not None:
             raise ConfigError("give either --resume (latest checkpoint in --out) or --resume-from DIR, not both")
 
@@ -210,7 +230,8 @@ def config_from_sources(cli: dict[str, Any], config_path: str | Path | None = No
     from drivekd.config import load_config
 
     raw = load_config(config_path)
-    merged: dict[str, Any] = {}
+    cli = dict(cli)
+    merged: dict[str, Any] = {"image_settings": ImageSettings.from_sources(pop_flags(cli), raw)}
     if raw:
         train = dict(raw.get("train", {}))
         unknown = sorted(set(train) - set(TrainConfig.keys()))
