@@ -91,7 +91,7 @@ def test_store_matches_direct_capture(tiny_models, small_data, built):
 def test_store_is_plain_zarr(built):
     """Readable with zarr alone, as docs/STORE.md describes (prefix blocks included)."""
     root = zarr.open_group(str(built), mode="r")
-    assert root.attrs["drivekd"]["schema_version"] == 2
+    assert root.attrs["drivekd"]["schema_version"] == 3
     role = root["perception"]
     for sid in role.attrs["sample_ids"]:
         g = role["samples"][sid]

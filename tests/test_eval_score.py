@@ -232,3 +232,70 @@ def test_bad_records_are_named():
         score_predictions([{**good, "question_type": "weather"}])
     with pytest.raises(DataError, match="empty"):
         score_predictions([])
+
+
+# ----------------------------------------------------------------------------- malformed records (issue 11)
+
+
+def test_pred_of_wrong_type_is_named_not_a_traceback():
+    good = rec("f1", "perception", "A", "A", id="ok")
+    with pytest.raises(DataError, match=r"record 1 \(id num\): 'pred' must be a string, got int 3"):
+        score_predictions([good, rec("f1", "perception", "A", 3, id="num")])
+
+
+def test_record_without_answer_is_refused_not_dropped_from_the_denominator():
+    records = [rec("f1", "perception", "A", "A", id="ok"), {k: v for k, v in rec("f2", "perception", "B", "A", id="noans").items() if k != "answer"}]
+    with pytest.raises(DataError, match=r"record 1 \(id noans\) has no 'answer' field"):
+        score_predictions(records)
+
+
+def test_cli_lists_every_malformed_record_with_the_file(tmp_path):
+    from click.testing import CliRunner
+
+    from drivekd.cli.eval import main as eval_cli
+
+    records = [rec("f1", "perception", "A", "A", id="ok"), rec("f2", 7, "A", "A", id="seven"),
+               rec("f3", "planning", "A", None, id="nopred", tag=1), rec("f4", "weather", "A", "A", id="sky")]
+    path = tmp_path / "predictions.json"
+    path.write_text(__import__("json").dumps(records))
+    r = CliRunner().invoke(eval_cli, ["score", str(path), "--out", str(tmp_path / "report")])
+    assert r.exit_code == 2 and str(path) in r.output and "Traceback" not in r.output, r.output
+    for needle in ("record 1 (id seven): 'question_type' must be a string, got int 7", "record 2 (id nopred): 'pred' must be a string",
+                   "record 3 (id sky): unknown question_type 'weather'", "3 malformed"):
+        assert needle in r.output, r.output
+    assert not (tmp_path / "report" / "report.json").exists()
+
+
+def test_judge_timeout_flag_bounds_each_request(tmp_path, monkeypatch):
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from click.testing import CliRunner
+
+    from drivekd.cli.eval import main as eval_cli
+
+    for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    release = threading.Event()
+
+    class Slow(BaseHTTPRequestHandler):
+        def do_POST(self):
+            release.wait(30)  # longer than the timeout: the client must give up first
+
+        def log_message(self, *args):
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Slow)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    path = tmp_path / "predictions.json"
+    path.write_text(json.dumps([rec("f1", "perception", "A", "A", id="ok")]))
+    try:
+        r = CliRunner().invoke(eval_cli, ["score", str(path), "--judge-url", f"http://127.0.0.1:{httpd.server_port}/v1", "--judge-model", "m",
+                                          "--judge-runs", "1", "--judge-retries", "0", "--judge-timeout", "0.5"])
+    finally:
+        release.set()
+        httpd.shutdown()
+    assert r.exit_code == 2 and "timed out" in r.output, r.output
+    r = CliRunner().invoke(eval_cli, ["score", str(path), "--judge-url", "http://127.0.0.1:9/v1", "--judge-model", "m", "--judge-timeout", "0"])
+    assert r.exit_code == 2 and "--judge-timeout must be > 0" in r.output

@@ -219,3 +219,20 @@ def test_layer_specs_and_recipes():
     assert parse_role_layers("perception=0;planning=L-3", ["perception", "reasoning", "planning"]) == {"perception": "0", "planning": "L-3"}
     with pytest.raises(LayerSpecError, match="per role"):
         parse_role_layers("0", ["perception", "planning"])
+
+
+@pytest.mark.parametrize("signal,kind", [("full", "mse"), ("t2v", "mse"), ("full", "cosine")])
+def test_losses_keep_little_for_backward(signal, kind):
+    """The attention maps are a step's biggest tensors: a loss keeps at most one fp32 (B, T, T)
+    tensor per map it compares, plus bool masks (it kept three fp32 maps before)."""
+    B, T = 2, 64
+    student = torch.rand(B, T, T, requires_grad=True)
+    teacher = torch.rand(B, T, T)
+    valid = torch.ones(B, T, dtype=torch.bool)
+    text, vision = valid.clone(), torch.zeros(B, T, dtype=torch.bool)
+    vision[:, :10] = True
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        attention_loss(signal, kind, student, teacher, text=text, vision=vision, valid=valid).sum().backward()
+    big = {t.data_ptr(): t for t in saved if t.numel() == B * T * T and t.dtype == torch.float32 and t is not student}
+    assert len(big) <= (2 if kind == "cosine" else 1), [t.shape for t in big.values()]

@@ -122,9 +122,12 @@ def info(store, as_json):
         return
     if not summaries:
         click.echo(f"{store}: no roles built yet")
+    elif not st.checksummed:
+        click.echo("note: " + NO_CHECKSUMS.format(store=store, v=st.schema_version))
     for r, s in summaries.items():
         ratio = f"{s['compression_ratio']:.2f}x" if s["compression_ratio"] else "n/a"
-        click.echo(f"{r}: teacher {s['teacher']} ({s['family']}, {s['teacher_fingerprint']}), layers {s['layers']}, encoding {s['encoding']['mode']}")
+        click.echo(f"{r}: teacher {s['teacher']} ({s['family']}, {s['teacher_fingerprint']}), layers {s['layers']}, encoding {s['encoding']['mode']}, "
+                   f"schema {s['schema_version']} ({'crc32c checksums' if s['checksums'] else 'no checksums'})")
         click.echo(f"  samples: {s['complete']} complete, {s['incomplete'] + s['missing']} missing/incomplete, {s['skipped']} skipped")
         click.echo(f"  {s['bytes_on_disk'] / 2**20:.2f} MiB on disk; attention {s['attn_bytes'] / 2**20:.2f} MiB vs "
                    f"{s['fp16_square_bytes'] / 2**20:.2f} MiB as fp16 square maps ({ratio})")
@@ -134,10 +137,18 @@ def info(store, as_json):
                        f"lower triangles not stored ({100 * s['bytes_saved_by_sharing'] / max(1, s['tril_fp16_bytes']):.0f}%)")
 
 
+NO_CHECKSUMS = ("{store} is a schema-{v} store: its samples carry no checksums, so damaged content cannot be detected "
+                "(a missing attention chunk still is). To get them, rebuild it with this drivekd into a new --out")
+
+
 @main.command()
 @click.argument("store", type=click.Path(path_type=Path))
-def verify(store):
-    """Check every sample is complete and readable; non-zero exit naming what is wrong."""
+@click.option("--quick", is_flag=True, help="Check completeness and that every file exists, without reading the arrays.")
+@click.option("--repair", is_flag=True, help="Delete the damaged samples found (and damaged shared prefixes) so that the next build redoes them.")
+def verify(store, quick, repair):
+    """Check every sample is complete and its content matches the checksums written with it;
+    non-zero exit naming what is wrong."""
+    from drivekd.store.lock import StoreLock
     from drivekd.store.zarr_store import TeacherStore
 
     try:
@@ -145,15 +156,33 @@ def verify(store):
         roles = st.roles()
         if not roles:
             raise DriveKDError(f"{store}: no roles built")
-        problems = [p for r in roles for p in st.verify(r)]
+        if not st.checksummed:
+            click.echo("note: " + NO_CHECKSUMS.format(store=store, v=st.schema_version), err=True)
+        # --repair deletes samples: it must not race a build writing them.
+        lock = StoreLock(store, roles).acquire() if repair else None
+        try:
+            problems = [p for r in roles for p in st.verify(r, quick=quick)]
+            removed = st.repair(problems) if repair else []
+        finally:
+            if lock is not None:
+                lock.release()
     except DriveKDError as e:
         _fail(e)
     if problems:
         for p in problems[:50]:
             click.echo(f"problem: {p}", err=True)
+        if len(problems) > 50:
+            click.echo(f"... and {len(problems) - 50} more", err=True)
         click.echo(f"verify: {len(problems)} problem(s) in {store}", err=True)
+        if repair:
+            click.echo(f"repair: removed {len(removed)} damaged sample/prefix group(s); run the same `drivekd-cache build` "
+                       "again to rebuild them", err=True)
+        else:
+            click.echo("fix: `drivekd-cache verify --repair` removes the damaged samples, then `drivekd-cache build` "
+                       "(same flags) rebuilds them; incomplete ones need only the build", err=True)
         sys.exit(1)
-    click.echo(f"verify: {store} OK ({', '.join(roles)})")
+    how = "files present (--quick: content not read)" if quick else ("content matches its checksums" if st.checksummed else "readable")
+    click.echo(f"verify: {store} OK ({', '.join(roles)}; {how})")
 
 
 if __name__ == "__main__":

@@ -45,13 +45,15 @@ def _judge_options(f):
         click.option("--judge-workers", type=int, default=4, show_default=True, help="Concurrent judge requests."),
         click.option("--judge-retries", type=int, default=5, show_default=True, help="Retries per grading on connection errors, HTTP 429/5xx, malformed replies."),
         click.option("--judge-retry-delay", type=float, default=1.0, show_default=True, help="First back-off delay in seconds (doubles on every retry)."),
+        click.option("--judge-timeout", type=float, default=120.0, show_default=True, help="Seconds to wait for one judge reply before it counts as a failed attempt (and is retried)."),
     ]
     for option in reversed(options):
         f = option(f)
     return f
 
 
-def _judge_settings(judge_url, judge_model, judge_key_env, judge_runs, judge_temperature, judge_workers, judge_retries, judge_retry_delay):
+def _judge_settings(judge_url, judge_model, judge_key_env, judge_runs, judge_temperature, judge_workers, judge_retries, judge_retry_delay,
+                    judge_timeout):
     if judge_url is None:
         if judge_model is not None:
             raise ConfigError("--judge-model was given without --judge-url: give the judge endpoint too")
@@ -62,7 +64,7 @@ def _judge_settings(judge_url, judge_model, judge_key_env, judge_runs, judge_tem
         raise ConfigError("--judge-retries and --judge-retry-delay must be >= 0")
     return JudgeSettings(
         url=judge_url, model=judge_model or "", key_env=judge_key_env, runs=judge_runs, temperature=judge_temperature,
-        workers=judge_workers, retries=judge_retries, base_delay=judge_retry_delay,
+        workers=judge_workers, retries=judge_retries, base_delay=judge_retry_delay, timeout=judge_timeout,
     )
 
 
@@ -127,8 +129,11 @@ def score_command(predictions: Path, out_dir: Path | None, name: str | None, **j
     from drivekd.eval.predictions import read_predictions
     from drivekd.eval.report import score_and_report
 
+    from drivekd.eval.score import check_records
+
     judge = _judge_settings(**judge_kw)  # flags checked before reading anything
     records = read_predictions(predictions)
+    check_records(records, str(predictions))  # every malformed record named, before any judge call
     out_dir = out_dir or predictions.parent
     report = score_and_report(records, out_dir, judge=judge, model_name=name, progress=judge is not None)
     _print_summary(report, out_dir)

@@ -220,6 +220,38 @@ def consistency(items: Iterable[tuple[str | None, str, float | None]]) -> dict[s
     }
 
 
+def record_problems(i: int, rec: Any) -> list[str]:
+    """What is wrong with one prediction record (empty when it can be scored)."""
+    if not isinstance(rec, Mapping):
+        return [f"record {i} is a {type(rec).__name__}, expected a JSON object"]
+    rid = record_id(rec)
+    out = []
+    for key in ("pred", "answer", "question_type"):
+        if key not in rec:
+            out.append(f"record {i} (id {rid}) has no '{key}' field")
+        elif not isinstance(rec[key], str):
+            out.append(f"record {i} (id {rid}): '{key}' must be a string, got {type(rec[key]).__name__} {rec[key]!r}")
+    if isinstance(rec.get("question_type"), str) and rec["question_type"].strip().lower() not in _CAPABILITY_OF:
+        out.append(f"record {i} (id {rid}): unknown question_type {rec['question_type']!r} (expected one of {', '.join(sorted(_CAPABILITY_OF))})")
+    if "question" in rec and not isinstance(rec["question"], str):
+        out.append(f"record {i} (id {rid}): 'question' must be a string, got {type(rec['question']).__name__}")
+    try:
+        tags_of(rec)
+    except DataError:
+        out.append(f"record {i} (id {rid}): 'tag' must be an int or a list of ints, got {rec.get('tag')!r}")
+    return out
+
+
+def check_records(records: Sequence[Any], where: str = "prediction records") -> None:
+    """Refuse a predictions list with any malformed record, naming the file and EVERY bad record
+    (a record left out would silently shrink a denominator)."""
+    problems = [p for i, rec in enumerate(records) for p in record_problems(i, rec)]
+    if problems:
+        shown = "; ".join(problems[:20]) + (f"; and {len(problems) - 20} more" if len(problems) > 20 else "")
+        raise DataError(f"{where}: {len(problems)} malformed record field(s), nothing was scored: {shown}. "
+                        "Fix those records (each needs string 'pred', 'answer' and a known 'question_type')")
+
+
 def score_predictions(
     records: Sequence[Mapping[str, Any]],
     judge_grades: Mapping[str, Sequence[float | None]] | None = None,
@@ -227,6 +259,7 @@ def score_predictions(
     """Score DriveBench prediction records; returns a JSON-able report (see the module docstring)."""
     if not records:
         raise DataError("no prediction records to score: the predictions file is empty")
+    check_records(records)
     rows = []  # (id, record, capability, question_type)
     for i, rec in enumerate(records):
         if not isinstance(rec, Mapping):

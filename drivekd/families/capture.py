@@ -4,10 +4,14 @@
 (28 layers x 28 heads x 1800^2 in bf16 is ~5 GB). drivekd instead registers one attention function
 with `transformers.AttentionInterface` for the language model. It always computes the layer output
 with stock sdpa; only for the layers a `capture_attention` context selected does it also form
-softmax(QK^T * scaling + mask) head chunk by head chunk and keep the head mean (B, T, T) in fp32.
-Memory beyond sdpa: the selected layers' (B, T, T) maps plus one head chunk's scores.
+softmax(QK^T * scaling + mask) block by block (head chunks x causal row blocks) and keep the head
+mean (B, T, T) in fp32. Memory beyond sdpa: the selected layers' (B, T, T) maps plus one block's scores.
 
-The same function serves the teacher (no gradient) and the student (gradient through Q and K).
+The same forward code serves the teacher (no gradient) and the student (gradient through Q and K).
+With gradients, `HeadMeanAttention` (a custom autograd function) saves only query, key and the mask
+it was given (tensors sdpa keeps anyway); its backward recomputes each block's probabilities. Autograd through the plain loop (kept as
+`head_mean_attention_reference`) would instead keep every block's fp32 softmax, H x T^2 / 2 x 4 bytes
+per captured layer (~90 MB for InternVL3-1B at T = 1800; 23 layers in the reasoning recipe).
 """
 
 from __future__ import annotations
@@ -50,16 +54,203 @@ def _allowed(attention_mask: torch.Tensor | None, q_len: int, k_len: int, device
     return attention_mask[..., :k_len] == 0
 
 
-def head_mean_attention(query: torch.Tensor, key: torch.Tensor, attention_mask, scaling: float) -> torch.Tensor:
+def _geometry(query: torch.Tensor, key: torch.Tensor, attention_mask):
+    """Masks and block plan shared by forward and backward.
+
+    Returns (masked (B|1, 1, Q, K) bool: True where a key is hidden; causal: whether every block of
+    rows [a, b) may stop at key off + b; row_valid (B|1, Q) bool: rows with at least one key).
+    Without a mask (sdpa's plain causal skip: batch 1 or no padding) masked and row_valid are None:
+    only the diagonal square of each row block needs masking (see _scores).
+    """
+    if attention_mask is None:
+        return None, True, None
+    Q, K = query.shape[2], key.shape[2]
+    off = K - Q  # queries are the last Q positions (K > Q with a prefix cache)
+    allowed = _allowed(attention_mask, Q, K, query.device)  # (B|1, 1, Q, K)
+    # Causal masks hide every key after a query: a block of query rows [a, b) needs keys
+    # [0, off + b) only, which halves the scores, softmax and transient memory. Should a mask
+    # ever allow a later key (not for these causal LMs), fall back to full rows.
+    future = torch.ones(Q, K, dtype=torch.bool, device=query.device).triu(off + 1)
+    causal = not bool((allowed & future).any())
+    row_valid = allowed.any(dim=-1).squeeze(1)  # (B|1, Q)
+    return ~allowed, causal, row_valid
+
+
+def _blocks(B: int, H: int, Hkv: int, Q: int, K: int, causal: bool):
+    """(h0, h1, a, b, kend) blocks: head chunks of whole kv groups x causal row blocks.
+
+    A chunk holds whole groups of the rep = H / Hkv query heads that share a kv head, so its
+    scores are one batched matmul against the un-expanded key: (B, g, rep*rows, D) @ (B, g, D, kend).
+    """
+    rep = H // Hkv
+    off = K - Q
+    rows = max(1, min(Q, ROW_BLOCK))
+    per_group = B * rep * rows * K
+    groups = max(1, min(Hkv, MAX_CHUNK_ELEMENTS // max(per_group, 1)))
+    for g0 in range(0, Hkv, groups):
+        g1 = min(Hkv, g0 + groups)
+        for a in range(0, Q, rows):
+            b = min(Q, a + rows)
+            yield g0 * rep, g1 * rep, a, b, (off + b if causal else K)
+
+
+def _scores(q_all, k_all, masked, h0, h1, a, b, kend, rep):
+    """Masked fp32 scores of one block, (B, h1-h0, b-a, kend); q_all is already scaled."""
+    B, _, _, D = q_all.shape
+    c, r = h1 - h0, b - a
+    # (B, c, r, D) -> (B, g, rep*r, D): heads of one kv group stacked along rows (a small copy).
+    qg = q_all[:, h0:h1, a:b].reshape(B, c // rep, rep * r, D)
+    kg = k_all[:, h0 // rep : h1 // rep, :kend]  # (B, g, kend, D)
+    s = torch.matmul(qg, kg.transpose(-1, -2)).view(B, c, r, kend)
+    # finfo.min, not -inf: a fully padded row must give finite values, not NaN.
+    neg = torch.finfo(torch.float32).min
+    if masked is None:
+        # Plain causal, queries last (kend = off + b): keys before off + a are visible to every row
+        # of the block; of the last r keys, row j sees the first j + 1 (a strict upper triangle hidden).
+        upper = torch.ones(r, r, dtype=torch.bool, device=s.device).triu_(1)
+        s[..., kend - r :].masked_fill_(upper, neg)
+        return s, qg, kg
+    return s.masked_fill_(masked[..., a:b, :kend], neg), qg, kg
+
+
+def _out_mask(row_valid, padding, Q: int, K: int):
+    """(B|1, Q, 1) row and (B|1, 1, K) column keep-masks (fp32 0/1) of the map, or None.
+
+    Rows with no allowed key (left-padding queries) are uniform after softmax; right-padding
+    queries still attend to real keys causally. Both are zeroed, and so are padding keys'
+    columns, so a padded map never carries a signal.
+    """
+    rows = None if row_valid is None or bool(row_valid.all()) else row_valid
+    cols = None
+    if padding is not None and Q == K == padding.shape[1]:
+        pad = padding.to(torch.bool)
+        rows = pad if rows is None else rows & pad
+        cols = pad
+    return (None if rows is None else rows[:, :, None].float(), None if cols is None else cols[:, None, :].float())
+
+
+def _forward(query, key, attention_mask, scaling: float, padding):
+    """Head-mean map (B, Q, K) fp32."""
+    B, H, Q, D = query.shape
+    Hkv, K = key.shape[1], key.shape[2]
+    rep = H // Hkv
+    masked, causal, row_valid = _geometry(query, key, attention_mask)
+    acc = torch.zeros(B, Q, K, dtype=torch.float32, device=query.device)
+    q_all = query.float() * scaling  # scale on Q: Q*D elements, not Q*K
+    k_all = key.float()
+    for h0, h1, a, b, kend in _blocks(B, H, Hkv, Q, K, causal):
+        s, _, _ = _scores(q_all, k_all, masked, h0, h1, a, b, kend, rep)  # (B, c, r, kend)
+        acc[:, a:b, :kend].add_(torch.softmax(s, dim=-1).sum(dim=1))
+    acc.div_(H)
+    rows, cols = _out_mask(row_valid, padding, Q, K)
+    if rows is not None:
+        acc.mul_(rows)
+    if cols is not None:
+        acc.mul_(cols)
+    return acc
+
+
+class HeadMeanAttention(torch.autograd.Function):
+    """A = mean_h softmax(Q_h K_h^T * scaling + mask), saving no new tensor for backward.
+
+    Saved: query (B, H, Q, D) and key (B, Hkv, K, D) as given (the tensors sdpa saves too), the
+    attention mask and padding as given (shared by every layer). Backward, block by block:
+    P_h = softmax(S_h) recomputed, dS_h = P_h * (g - rowsum(P_h * g)) with g = dA / H,
+    dQ = dS K * scaling, dK = sum over the heads of a kv group of dS^T Q * scaling.
+    """
+
+    # Works under torch.func transforms: the Gram engine vmaps the backward over K grad_outputs, and
+    # gradient checkpointing then re-runs this forward inside that vmap. So: setup_context, a
+    # generated vmap rule, and a backward without in-place writes into unbatched buffers.
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(query, key, attention_mask, scaling, padding):
+        with torch.autocast(query.device.type, enabled=False):
+            return _forward(query, key, attention_mask, scaling, padding)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        query, key, attention_mask, scaling, padding = inputs
+        ctx.scaling = scaling
+        # The mask and padding are the tensors every captured layer receives: no new storage.
+        ctx.save_for_backward(query, key, attention_mask, padding)
+
+    @staticmethod
+    def backward(ctx, grad):
+        query, key, attention_mask, padding = ctx.saved_tensors
+        with torch.autocast(query.device.type, enabled=False):
+            dq, dk = _backward(query, key, attention_mask, padding, ctx.scaling, grad)
+        return dq.to(query.dtype), dk.to(key.dtype), None, None, None
+
+
+def _backward(query, key, attention_mask, padding, scaling: float, grad):
+    B, H, Q, D = query.shape
+    Hkv, K = key.shape[1], key.shape[2]
+    rep = H // Hkv
+    masked, causal, row_valid = _geometry(query, key, attention_mask)
+    g = grad.float() / H  # (B, Q, K): d/dP_h of the head mean
+    rows, cols = _out_mask(row_valid, padding, Q, K)
+    if rows is not None:
+        g = g * rows
+    if cols is not None:
+        g = g * cols
+    q_all = query.float() * scaling
+    k_all = key.float()
+    # Out of place (lists, cat, pad): under vmap, grad is batched and these buffers would not be.
+    dq_parts: dict[int, list[torch.Tensor]] = {}  # head chunk -> row blocks' (B, c, r, D)
+    dk_parts: dict[int, torch.Tensor] = {}  # head chunk -> (B, g, K, D), summed over row blocks
+    for h0, h1, a, b, kend in _blocks(B, H, Hkv, Q, K, causal):
+        c, r = h1 - h0, b - a
+        s, qg, kg = _scores(q_all, k_all, masked, h0, h1, a, b, kend, rep)
+        # Every block holds whole rows (all keys up to the causal end), so P_h is recomputed with the
+        # forward's own softmax: bitwise the forward's P, and one fused op where flash attention's
+        # exp(S - lse) would need a saved log-sum-exp and two passes.
+        p = torch.softmax(s, dim=-1)  # (B, c, r, kend)
+        del s  # at most two block-sized tensors alive: p and ds
+        gb = g[:, None, a:b, :kend]  # (B, 1, r, kend), shared by every head
+        ds = p * gb
+        ds.addcmul_(p, ds.sum(dim=-1, keepdim=True), value=-1.0)  # P * (g - rowsum(P * g))
+        dsg = ds.view(B, c // rep, rep * r, kend)
+        dq_parts.setdefault(h0, []).append(torch.matmul(dsg, kg).view(B, c, r, D))
+        # (B, g, kend, rep*r) @ (B, g, rep*r, D): the sum over a kv group's heads is in the matmul.
+        part = torch.nn.functional.pad(torch.matmul(dsg.transpose(-1, -2), qg), (0, 0, 0, K - kend))
+        dk_parts[h0] = part if h0 not in dk_parts else dk_parts[h0] + part
+    dq = torch.cat([torch.cat(dq_parts[h], dim=2) for h in sorted(dq_parts)], dim=1)
+    dk = torch.cat([dk_parts[h] for h in sorted(dk_parts)], dim=1)
+    # S = (scaling * Q) K^T: dK already carries the scaling through q_all; dQ needs it here.
+    return dq * scaling, dk
+
+
+def head_mean_attention(query: torch.Tensor, key: torch.Tensor, attention_mask, scaling: float,
+                        padding: torch.Tensor | None = None) -> torch.Tensor:
     """softmax(Q K^T * scaling + mask) averaged over heads, in fp32.
 
-    query: (B, H, Q, D) after RoPE; key: (B, Hkv, K, D) (grouped-query heads are expanded here).
-    Returns (B, Q, K). Fully masked rows (padding queries) come out as exactly zero.
+    query: (B, H, Q, D) after RoPE; key: (B, Hkv, K, D) (grouped-query heads share a kv head).
+    Returns (B, Q, K). Fully masked rows (padding queries) come out as exactly zero; with
+    `padding` (B, T) bool (True on real tokens) and Q == K == T, padding rows and columns too.
+    With gradients on, backward recomputes the probabilities (see HeadMeanAttention).
     """
-    # Under bf16 autocast (GPU training) the matmul below would run in bf16 and the fp32-min fill
-    # would overflow it: the map is always formed in fp32.
+    if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad):
+        return HeadMeanAttention.apply(query, key, attention_mask, scaling, padding)
+    # Teacher pass (no gradients): the same forward.
+    # Under bf16 autocast (GPU) the matmul would run in bf16 and the fp32-min fill would overflow
+    # it: the map is always formed in fp32.
     with torch.autocast(query.device.type, enabled=False):
-        return _head_mean_fp32(query, key, attention_mask, scaling)
+        return _forward(query, key, attention_mask, scaling, padding)
+
+
+def head_mean_attention_reference(query: torch.Tensor, key: torch.Tensor, attention_mask, scaling: float,
+                                  padding: torch.Tensor | None = None) -> torch.Tensor:
+    """The plain-autograd capture head_mean_attention replaced: same result, but autograd keeps
+    every block's fp32 softmax (H x Q x K / 2 floats per layer). Kept for equality tests and
+    tools/bench_capture.py."""
+    with torch.autocast(query.device.type, enabled=False):
+        a = _head_mean_fp32(query, key, attention_mask, scaling)
+    if padding is not None and a.shape[1] == a.shape[2] == padding.shape[1]:
+        m = padding.to(a.device, a.dtype)
+        a = a * m[:, :, None] * m[:, None, :]
+    return a
 
 
 def _head_mean_fp32(query, key, attention_mask, scaling: float) -> torch.Tensor:
@@ -117,13 +308,24 @@ def _capture_attention_forward(module, query, key, value, attention_mask, scalin
     if cap is not None and module.layer_idx in cap.layers:
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
         with torch.set_grad_enabled(cap.grad and torch.is_grad_enabled()):
-            a = head_mean_attention(query, key, attention_mask, scale)  # (B, Q, K)
-            if cap.padding is not None and a.shape[1] == a.shape[2] == cap.padding.shape[1]:
-                # Right-padding queries still attend to real keys causally: zero their rows too.
-                m = cap.padding.to(a.device, a.dtype)
-                a = a * m[:, :, None] * m[:, None, :]
-            cap.maps[module.layer_idx] = a
+            # (B, Q, K); padding rows and columns zeroed when Q == K == T (no prefix cache).
+            cap.maps[module.layer_idx] = _IMPL[0](query, key, attention_mask, scale, padding=cap.padding)
     return out
+
+
+# The head-mean function the capture calls; `reference_capture()` swaps in the reference.
+_IMPL = [head_mean_attention]
+
+
+@contextlib.contextmanager
+def reference_capture():
+    """Within the block, captures run `head_mean_attention_reference` (equality tests, benchmarks)."""
+    prev = _IMPL[0]
+    _IMPL[0] = head_mean_attention_reference
+    try:
+        yield
+    finally:
+        _IMPL[0] = prev
 
 
 AttentionInterface.register(CAPTURE_IMPL, _capture_attention_forward)

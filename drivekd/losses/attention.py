@@ -80,16 +80,18 @@ def full_attention_mse(student: torch.Tensor, teacher: torch.Tensor, valid: torc
     reference: the released trainer's mean over all T_b x T_b entries of the sample's own
         (unpadded) map, upper triangle included (equal to `F.mse_loss` on an unpadded map).
     """
-    d2 = (student.float() - teacher.float()).pow(2)
+    # Memory: autograd keeps one fp32 (B, T, T) difference and a bool mask per call (the maps are
+    # the big tensors of a step; multiplying by a float mask kept two more fp32 maps).
     if reduction == "paper":
-        m = causal_valid(valid).to(d2.dtype)
-        per_query = (d2 * m).sum(-1) / m.sum(-1).clamp_min(1)  # (B, T)
+        m = causal_valid(valid)
+        d2 = _masked_diff(student, teacher, m).pow(2)
+        per_query = d2.sum(-1) / m.sum(-1).clamp_min(1)  # (B, T)
         q = valid.to(d2.dtype)
         return (per_query * q).sum(-1) / q.sum(-1).clamp_min(1)
     if reduction == "reference":
-        m = (valid[:, :, None] & valid[:, None, :]).to(d2.dtype)
-        n = valid.sum(-1).to(d2.dtype).pow(2)
-        return (d2 * m).sum((-1, -2)) / n.clamp_min(1)
+        m = valid[:, :, None] & valid[:, None, :]
+        n = valid.sum(-1).to(torch.float32).pow(2)
+        return _masked_diff(student, teacher, m).pow(2).sum((-1, -2)) / n.clamp_min(1)
     raise ValueError(f"reduction must be one of {FULL_REDUCTIONS}, got {reduction!r}")
 
 
@@ -99,17 +101,20 @@ def t2v_mse(student: torch.Tensor, teacher: torch.Tensor, text: torch.Tensor, vi
     Taken from the full row-normalised maps (the t2v block is not re-normalised). Pairs with the
     text query before the image are included; both maps are zero there (causal).
     """
-    d2 = (student.float() - teacher.float()).pow(2)
-    m = (text[:, :, None] & vision[:, None, :]).to(d2.dtype)
-    n = text.sum(-1).to(d2.dtype) * vision.sum(-1).to(d2.dtype)
-    return (d2 * m).sum((-1, -2)) / n.clamp_min(1)
+    m = text[:, :, None] & vision[:, None, :]
+    n = text.sum(-1).to(torch.float32) * vision.sum(-1).to(torch.float32)
+    return _masked_diff(student, teacher, m).pow(2).sum((-1, -2)) / n.clamp_min(1)
+
+
+def _masked_diff(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(A_S - A_T) on the entries in the bool `mask`, 0 elsewhere, fp32 (B, T, T)."""
+    return torch.where(mask, student.float() - teacher.float(), 0.0)
 
 
 def _masked_cosine(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor, eps: float) -> torch.Tensor:
     """1 - <a_S, a_T> / (||a_S|| ||a_T|| + eps) over the entries in `mask`, per sample: (B,)."""
-    m = mask.to(torch.float32)
-    s = student.float() * m
-    t = teacher.float() * m
+    s = torch.where(mask, student.float(), 0.0)  # keeps a bool mask for backward, not a float one
+    t = torch.where(mask, teacher.float(), 0.0)
     dot = (s * t).sum((-1, -2))
     norm = s.pow(2).sum((-1, -2)).sqrt() * t.pow(2).sum((-1, -2)).sqrt()
     return 1.0 - dot / (norm + eps)

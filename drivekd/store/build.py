@@ -23,12 +23,13 @@ from tqdm import tqdm
 
 from drivekd.data.loaders import load_samples
 from drivekd.data.sample import Sample
-from drivekd.errors import ConfigError, DataError
+from drivekd.errors import ConfigError, DataError, StoreError
 from drivekd.families.base import Family, family_class, load_model
 from drivekd.families.capture import capture_attention
 from drivekd.images import ImageSettings
 from drivekd.layers import LayerSpecError, check_spec, recipe_layers, resolve_layers, spec_of
 from drivekd.roles import ROLES
+from drivekd.store.lock import StoreLock
 from drivekd.store.zarr_store import Encoding, TeacherStore, pack_rows, teacher_fingerprint
 
 
@@ -88,16 +89,21 @@ def dataset_fingerprint(samples: list[Sample]) -> str:
 
 
 def _fault_hook():
-    """Test hook: DRIVEKD_FAULT_KILL_AFTER=N sends SIGKILL to this process after N attention-row
-    writes, a real kill -9 at a reproducible point (tests of resume use it)."""
+    """Test hooks: DRIVEKD_FAULT_KILL_AFTER=N sends SIGKILL to this process after N attention-row
+    writes, a real kill -9 at a reproducible point (tests of resume use it);
+    DRIVEKD_FAULT_SLOW_WRITES=S sleeps S seconds after each, so that a test's second build
+    certainly starts while the first is running (tests of the store lock)."""
     n = os.environ.get("DRIVEKD_FAULT_KILL_AFTER")
-    if not n:
+    slow = float(os.environ.get("DRIVEKD_FAULT_SLOW_WRITES") or 0)
+    if not n and not slow:
         return None
-    left = [int(n)]
+    left = [int(n) if n else -1]
 
     def hook():
+        if slow:
+            time.sleep(slow)
         left[0] -= 1
-        if left[0] <= 0:
+        if left[0] == 0:
             os.kill(os.getpid(), signal.SIGKILL)
 
     return hook
@@ -164,7 +170,8 @@ class _Pass:
         return good
 
     def _todo_roles(self, s: Sample) -> list[str]:
-        return [r for r in self.roles if self.store.sample_status(r, s.id) != "complete"]
+        # Complete with every file present; a sample marked complete with arrays missing is redone.
+        return [r for r in self.roles if self.store.sample_status(r, s.id) != "complete" or self.store.missing_files(r, s.id)]
 
     def _submit(self, fn, *args, **kw):
         fut = self.writer.submit(fn, *args, **kw)
@@ -203,7 +210,7 @@ class _Pass:
         prefix_ids = enc[0][1].input_ids[:P]
         prefix_done = {}
         for r in self.roles:
-            if self.store.prefix_status(r, key) != "complete":
+            if self.store.prefix_missing_files(r, key):
                 prefix_done[r] = self._submit(self.store.write_prefix, r, key, prefix_ids, [_for_writer(res.prefix[l]) for l in self.layers[r]],
                                               self.layers[r], cfg.encoding, len(good), self.fault)
         for s, (_, lay), rows in zip(good, enc, res.suffixes):
@@ -275,6 +282,26 @@ def shared_forward(model, encoded, layers, need=None, device="cpu") -> SharedMap
     return SharedMaps(P, key, prefix, suffixes)
 
 
+def write_error(e: OSError, store: TeacherStore, roles: list[str], left: int) -> StoreError:
+    """One clear error for a failed store write: the file, the OS's reason and, for a full disk,
+    the free space the remaining samples need (estimated from samples already on disk)."""
+    import errno
+    import shutil
+
+    path = e.filename or store.path
+    if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+        return StoreError(f"cannot write the teacher store: {e.strerror or e} ({path}); the samples being written stay "
+                          f"incomplete and the next `drivekd-cache build` redoes them")
+    free = shutil.disk_usage(store.path).free
+    per = [store.sample_bytes(r) for r in roles]
+    need = sum(b for b in per if b) * max(left, 1)
+    est = (f"the {max(left, 1)} sample(s) left need about {need / 2**20:.1f} MiB more (measured on samples already stored)"
+           if need else "no sample is stored yet to estimate the space needed from")
+    return StoreError(f"disk full while writing the teacher store at {path}: {free / 2**20:.1f} MiB free on that file system; "
+                      f"{est}. Free space (or pass another --out) and run the same `drivekd-cache build` again: it keeps every "
+                      "complete sample and redoes the rest")
+
+
 def _barrier(world: int) -> None:
     if world > 1:
         import torch.distributed as dist
@@ -283,9 +310,35 @@ def _barrier(world: int) -> None:
 
 
 def build(cfg: BuildConfig) -> dict:
-    """Build (or resume) the store. Returns a summary dict (rank 0's view after all ranks finish)."""
+    """Build (or resume) the store. Returns a summary dict (rank 0's view after all ranks finish).
+
+    Holds the store lock of its roles throughout (drivekd.store.lock): a second build of the same
+    roles is refused naming this one, so no build ever deletes another's in-progress samples.
+    """
     cfg.validate()
     rank, world = _dist()
+    lock, refusal = None, None
+    if rank == 0:
+        try:
+            lock = StoreLock(cfg.out, [r for r in ROLES if r in cfg.teachers]).acquire()
+        except StoreError as e:
+            refusal = str(e)
+    if world > 1:  # the other ranks follow rank 0's lock
+        import torch.distributed as dist
+
+        box = [refusal]
+        dist.broadcast_object_list(box, src=0)
+        refusal = box[0]
+    if refusal:
+        raise StoreError(refusal)
+    try:
+        return _build_locked(cfg, rank, world)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _build_locked(cfg: BuildConfig, rank: int, world: int) -> dict:
     samples = load_samples(cfg.data, cfg.images, check_images=False)
     ids = [s.id for s in samples]
     store = TeacherStore(cfg.out, mode="a") if rank == 0 else None
@@ -335,7 +388,7 @@ def build(cfg: BuildConfig) -> dict:
         # sharing prefixes (a group's prefix runs once), else fixed batches.
         units = image_groups(samples) if cfg.share_prefix else [samples[i : i + cfg.batch_size] for i in range(0, len(samples), cfg.batch_size)]
         mine = [u for k, u in enumerate(units) if k % world == rank]
-        todo = [u for u in mine if any(store.sample_status(r, s.id) not in ("complete", "skipped") for s in u for r in roles)]
+        todo = [u for u in mine if not all(store.is_done(r, s.id) for s in u for r in roles)]
         totals["already"] += sum(len(u) for u in mine) - sum(len(u) for u in todo)
         if not todo:
             continue
@@ -346,16 +399,22 @@ def build(cfg: BuildConfig) -> dict:
         t_loop = time.perf_counter()
         pass_ = _Pass(store, family, model, roles, layers, union, cfg, fault, totals, bar)
         # Writer threads: packing (on CPU), compression and file writes overlap the next forward.
-        with ThreadPoolExecutor(max_workers=cfg.writers) as writer:
-            pass_.writer = writer
-            for unit in todo:
-                good = pass_.readable(unit)
-                if cfg.share_prefix and len(good) > 1:
-                    pass_.run_group(good)
-                elif good:
-                    pass_.run_batch(good)
-                pass_.collect(wait=False)
-            pass_.collect(wait=True)
+        try:
+            with ThreadPoolExecutor(max_workers=cfg.writers) as writer:
+                pass_.writer = writer
+                for unit in todo:
+                    good = pass_.readable(unit)
+                    if cfg.share_prefix and len(good) > 1:
+                        pass_.run_group(good)
+                    elif good:
+                        pass_.run_batch(good)
+                    pass_.collect(wait=False)
+                pass_.collect(wait=True)
+        except OSError as e:
+            # A failed write never reaches its sample's completion mark: it stays "writing" and
+            # the next build redoes it. Say what failed and how much room the rest needs.
+            left = sum(len(u) for u in todo) - totals["written"] - totals["skipped"]
+            raise write_error(e, store, roles, left) from None
         totals["loop_seconds"] += time.perf_counter() - t_loop  # teacher pass after the model loaded
         bar.close()
     _barrier(world)

@@ -43,6 +43,7 @@ from drivekd.losses.attention import answer_positions, attention_loss, token_ce
 from drivekd.projection import GradBuffers, combine
 from drivekd.store.targets import TargetSource
 from drivekd.trainer import checkpoint as ckpt
+from drivekd.trainer.identity import write_run_json
 from drivekd.trainer.plan import RunPlan, describe, validate
 from drivekd.trainer.report_to import report_metrics
 from drivekd.trainer.settings import TrainConfig
@@ -282,6 +283,7 @@ class Trainer:
                      "micro_per_epoch": self.plan.micro_per_epoch, "order": "randperm(seed * 1000003 + epoch)"},
             "world": self.dist.world,
             "config": self.cfg.to_json(),
+            "identity": self.plan.identity,
             **plan_json(self.plan),
         }
 
@@ -506,8 +508,8 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
             ckpt.clean_partial(self.out)
             _truncate_metrics(metrics_path, self.step)
-            (self.out / "run.json").write_text(json.dumps({"config": cfg.to_json(), **plan_json(plan), "world": self.dist.world,
-                                                           "notes": plan.notes}, indent=2) + "\n")
+            write_run_json(self.out / "run.json", {"config": cfg.to_json(), **plan_json(plan), "world": self.dist.world,
+                                                   "notes": plan.notes, "identity": plan.identity}, plan.resume_dir, self.step)
         self.dist.barrier()
         losses, records = [], []
         total_micro = self._total_micro()

@@ -54,6 +54,7 @@ class RunPlan:
     notes: list[str] = field(default_factory=list)
     source: Any = None  # the opened TargetSource
     student_family: Any = None  # the student's drivekd.families.Family (processor loaded once, here)
+    identity: dict = field(default_factory=dict)  # data/store/student content identity (drivekd.trainer.identity)
 
     @property
     def student_layers(self) -> list[int]:
@@ -289,10 +290,16 @@ def validate(cfg: TrainConfig, targets: TargetSource | None = None, world: int =
             raise ConfigError(f"cannot resume from {resume_dir}: it was written by {meta['world']} "
                               f"process(es), now {world}; use the same --nproc_per_node")
 
+    from drivekd.trainer import identity
+
+    run_id = identity.run_identity(cfg, source, [t.role for t in terms], [s.id for s in samples])
+    run_id["allowed_changes"] = identity.check_resume(resume_dir, run_id, cfg.resume_allow_changed)
+    identity.check_alignment_all(student_family, samples, source, [t.role for t in terms], cfg.progress)
+
     row_names = ["ce"] + [t.role for t in terms]
     static = [cfg.w_ce] + [cfg.term_weight(t.role) for t in terms]
     plan = RunPlan(cfg, samples, family, student_L, terms, row_names, static, mix, infos, resume_dir, 0, micro_per_epoch,
-                   world, notes, source, student_family)
+                   world, notes, source, student_family, identity=run_id)
     plan.total_steps = math.ceil(plan.total_micro / cfg.grad_accum)
     return plan
 

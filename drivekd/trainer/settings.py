@@ -28,7 +28,7 @@ GROUPS = ("inputs", "distillation", "gradients", "optimisation", "runtime", "che
 
 # Keys that may differ between a checkpoint's run and the run resuming it (they do not change the
 # numbers): everything else must match, or the resumed run would not continue the same run.
-RESUME_FREE = {"resume", "resume_from", "num_workers", "progress", "save_every", "keep_last", "log_every", "out", "cache",
+RESUME_FREE = {"resume", "resume_from", "resume_allow_changed", "num_workers", "progress", "save_every", "keep_last", "log_every", "out", "cache",
                "data", "images", "student", "device", "report_to"}
 
 
@@ -131,6 +131,8 @@ class TrainConfig:
     resume: bool = opt(False, "Continue from the latest complete checkpoint in --out (a fresh start if there is none).",
                        group="checkpoints")
     resume_from: Path | None = opt(None, "Continue from this checkpoint folder.", group="checkpoints")
+    resume_allow_changed: str | None = opt(None, "Resume although these changed since the checkpoint: data, cache, student "
+                                           "(comma separated; recorded in run.json's history).", group="checkpoints")
 
     # ----- image settings: their own typed object and flags (drivekd.images), shared with the cache and eval
     image_settings: ImageSettings = field(default_factory=ImageSettings, metadata={
