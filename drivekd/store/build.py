@@ -230,6 +230,13 @@ class SharedMaps:
     suffixes: list[dict[int, torch.Tensor] | None]  # per sample: layer -> (T_i - P, T_i), None if not needed
 
 
+def kv_cache_arg(model) -> str:
+    """The name of the KV-cache argument (and output field) of `model.forward`: transformers 5.24
+    renamed `past_key_values` to `cache` (the old name warns and goes in 5.40); earlier 5.x releases
+    know only the old name."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 def shared_forward(model, encoded, layers, need=None, device="cpu") -> SharedMaps:
     """Head-mean maps of a group of samples that share their images, computing the shared prefix once.
 
@@ -254,9 +261,7 @@ def shared_forward(model, encoded, layers, need=None, device="cpu") -> SharedMap
         prefix_in.update(image_grid_thw=t0["image_grid_thw"], mm_token_type_ids=t0["mm_token_type_ids"][:, :P], position_ids=full_pos[..., :P])
     with torch.no_grad(), capture_attention(model, layers) as pmaps:
         out = model(**{k: v.to(device) for k, v in prefix_in.items()}, use_cache=True)
-    # transformers 5.24 renamed the KV-cache argument and output `past_key_values` -> `cache` (the
-    # old name warns and goes in 5.40); earlier 5.x releases know only the old name.
-    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    cache_arg = kv_cache_arg(model)
     cache = out[cache_arg]
     prefix = {l: m[0] for l, m in pmaps.items()}  # on the model's device
     suffixes: list[dict[int, torch.Tensor] | None] = []
