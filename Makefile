@@ -5,23 +5,45 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.drivekd-installed
 DEMO ?= demo
+# The exact versions the suite last passed on: `make install` installs them, `make upgrade` refreshes them.
+LOCK := requirements.lock
+# torch stays out of the lock: it is installed first, on its own line (a machine that already has a
+# torch, e.g. a CUDA build, keeps it).
+TORCH := 2.13.0
+UPGRADE_VENV := .venv-upgrade
 
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install test demo analyze-demo clean bench
+.PHONY: install upgrade test demo analyze-demo clean bench
 
 install: $(STAMP)
 
 # torch first, pinned: an unpinned torch (directly or via a dependency's range) pulls GBs of CUDA
-# packages on a CPU machine. The editable install then finds torch satisfied.
-$(STAMP): pyproject.toml
+# packages on a CPU machine. The editable install then finds torch satisfied, and every other
+# package at the version of requirements.lock (-c: constraints, installed only where needed).
+$(STAMP): pyproject.toml $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e ".[dev]"
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q torch==$(TORCH)
+	$(PIP) install -q -c $(LOCK) -e ".[dev]"
 	touch $(STAMP)
+
+# Refresh requirements.lock: the newest versions pyproject.toml allows go into a scratch venv, the
+# whole suite runs there, and only if it passes is the lock rewritten from that venv (drivekd and
+# torch left out). To try a newer transformers minor, raise its upper bound in pyproject.toml first.
+upgrade:
+	rm -rf $(UPGRADE_VENV)
+	$(PYTHON) -m venv $(UPGRADE_VENV)
+	$(UPGRADE_VENV)/bin/python -m pip install -q --upgrade pip
+	$(UPGRADE_VENV)/bin/python -m pip install -q torch==$(TORCH)
+	$(UPGRADE_VENV)/bin/python -m pip install -q --upgrade -e ".[dev]"
+	$(UPGRADE_VENV)/bin/python -m pytest tests
+	{ sed -n '/^#/p' $(LOCK); $(UPGRADE_VENV)/bin/python -m pip freeze --exclude-editable | grep -v -i '^torch=='; } > $(LOCK).new
+	mv $(LOCK).new $(LOCK)
+	rm -rf $(UPGRADE_VENV)
+	@echo "requirements.lock refreshed; make install (or rm $(STAMP)) to use it, and commit it"
 
 test: install
 	$(PY) -m pytest tests
@@ -34,4 +56,4 @@ analyze-demo: install
 	$(PY) -m drivekd.analyze.demo --demo $(DEMO)
 
 clean:
-	rm -rf $(VENV) $(DEMO) .pytest_cache
+	rm -rf $(VENV) $(UPGRADE_VENV) $(DEMO) .pytest_cache

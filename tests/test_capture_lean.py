@@ -13,6 +13,7 @@ from drivekd.data.loaders import load_samples
 from drivekd.data.sample import Sample
 from drivekd.families import Family, capture_attention, load_model, num_decoder_layers
 from drivekd.families.capture import head_mean_attention, head_mean_attention_reference, reference_capture
+from drivekd.store.build import kv_cache_arg
 from drivekd.trainer.settings import TrainConfig
 from drivekd.trainer.loop import train
 from online_targets import compute_targets
@@ -306,14 +307,14 @@ def test_prefix_cache_rows_equal_reference(tiny_models, samples, family):
             pre.update(image_grid_thw=tens["image_grid_thw"], mm_token_type_ids=tens["mm_token_type_ids"][:, :P],
                        position_ids=pos[..., :P])
         with torch.no_grad():
-            cache = model(**pre, use_cache=True).past_key_values
+            cache = model(**pre, use_cache=True)[kv_cache_arg(model)]
         suf = {"input_ids": tens["input_ids"][:, P:], "attention_mask": torch.ones(1, T, dtype=torch.long),
                "cache_position": torch.arange(P, T), "position_ids": pos[..., P:] if pos is not None else torch.arange(P, T)[None]}
         if "mm_token_type_ids" in tens:
             suf["mm_token_type_ids"] = tens["mm_token_type_ids"][:, P:]
         ctx = reference_capture() if reference else torch.enable_grad()
         with ctx, capture_attention(model, layers, grad=True) as maps:
-            model(**suf, past_key_values=cache, use_cache=True)
+            model(**suf, **{kv_cache_arg(model): cache}, use_cache=True)
             assert all(maps[l].shape == (1, T - P, T) for l in layers)
             g = torch.Generator().manual_seed(3)
             sum((maps[l] * torch.randn(1, T - P, T, generator=g)).sum() for l in layers).backward()

@@ -296,6 +296,7 @@ def test_judge_timeout_flag_bounds_each_request(tmp_path, monkeypatch):
     finally:
         release.set()
         httpd.shutdown()
+        httpd.server_close()  # else its socket is left to the garbage collector (a ResourceWarning, an error here)
     assert r.exit_code == 2 and "timed out" in r.output, r.output
     r = CliRunner().invoke(eval_cli, ["score", str(path), "--judge-url", "http://127.0.0.1:9/v1", "--judge-model", "m", "--judge-timeout", "0"])
     assert r.exit_code == 2 and "--judge-timeout must be > 0" in r.output

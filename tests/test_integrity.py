@@ -203,6 +203,7 @@ def test_lock_is_refused_while_held_and_taken_over_when_its_holder_died(tmp_path
     finally:
         p.send_signal(signal.SIGKILL)
         p.wait()
+        p.stdout.close()  # else its pipe is left to the garbage collector (a ResourceWarning, an error here)
     assert json.loads((tmp_path / ".locks" / "planning.lock").read_text())["pid"] == p.pid  # left behind by kill -9
     with StoreLock(tmp_path, ["planning"]):  # stale: taken over
         assert json.loads((tmp_path / ".locks" / "planning.lock").read_text())["pid"] == os.getpid()

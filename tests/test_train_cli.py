@@ -135,6 +135,7 @@ def test_kill9_then_resume_equals_uninterrupted(tiny_models, data6, demo_data, s
         time.sleep(0.01)
     os.kill(proc.pid, signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL
+    proc.stdout.close()  # else its pipe is left to the garbage collector (a ResourceWarning, an error here)
     r = _run(_args(tiny_models, data6, demo_data, store, killed, *common, "--resume"))
     assert r.exit_code == 0, r.output
     clean = tmp_path / "clean"

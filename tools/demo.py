@@ -3,6 +3,7 @@
 tiny teacher/student checkpoints + synthetic driving data
   -> drivekd-cache build --teacher all         (one teacher pass, three roles, Zarr store)
   -> drivekd-train --recipe multi --projection agp  (student alone, targets from the store)
+  -> drivekd-report                            (runs/report/*.png: losses, weights, gradient conflict)
   -> drivekd-eval on the final checkpoint      (predictions, scores, report.md + chart)
 
 Every step runs the real command-line tool, as a user would, from the project config the demo
@@ -61,6 +62,7 @@ def main(out: Path, steps: int) -> None:
     run(["drivekd.cli.cache", "build", "--config", cfg, "--teacher", "all"], out)
     run(["drivekd.cli.cache", "info", "cache"], out)
     run(["drivekd.cli.train", "--config", cfg, "--out", "runs/multi-agp", "--resume"], out)
+    run(["drivekd.cli.report", "runs/multi-agp", "--out", "runs/report"], out)  # losses, weights, gradient conflict
     run(["drivekd.cli.eval", "--model", "runs/multi-agp/final", "--data", "data/drivebench.json", "--images", "data",
          "--out", "eval/multi-agp", "--name", "multi-agp (tiny demo student)", "--max-new-tokens", "16", "--deploy"], out)
     report = out / "eval" / "multi-agp" / "report.md"

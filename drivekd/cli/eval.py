@@ -15,7 +15,7 @@ from typing import Any
 import click
 
 from drivekd.errors import ConfigError, DriveKDError
-from drivekd.eval.judge import DEFAULT_KEY_ENV
+from drivekd.eval.judge import DEFAULT_KEY_ENV, DRIVEBENCH_TEMPERATURE
 from drivekd.images import ImageSettings, image_options, pop_flags
 
 _PATH = click.Path(path_type=Path)
@@ -39,7 +39,9 @@ def _judge_options(f):
         click.option("--judge-model", default=None, help="Model name the judge endpoint serves (required with --judge-url)."),
         click.option("--judge-key-env", default=DEFAULT_KEY_ENV, show_default=True, help="NAME of the environment variable holding the judge API key (never the key itself)."),
         click.option("--judge-runs", type=int, default=5, show_default=True, help="Gradings per prediction; the report gives mean and sample std over runs."),
-        click.option("--judge-temperature", type=float, default=0.0, show_default=True, help="Sampling temperature sent to the judge."),
+        click.option("--judge-temperature", type=float, default=DRIVEBENCH_TEMPERATURE, show_default=True,
+                     help="Sampling temperature sent to the judge. The default is DriveBench's: the runs then differ only by the "
+                          "endpoint's nondeterminism (std ~0); 1.0 measures the judge's sampling spread."),
         click.option("--judge-workers", type=int, default=4, show_default=True, help="Concurrent judge requests."),
         click.option("--judge-retries", type=int, default=5, show_default=True, help="Retries per grading on connection errors, HTTP 429/5xx, malformed replies."),
         click.option("--judge-retry-delay", type=float, default=1.0, show_default=True, help="First back-off delay in seconds (doubles on every retry)."),

@@ -11,8 +11,19 @@ from every log line and error message. With the variable unset no header is sent
 such as vLLM need none).
 
 Every raw judge answer is appended to a JSONL log (id, run, rubric, raw text, parsed grade,
-time). The log doubles as a resume file: a grade already logged for the same record, run, judge
-model and prompt is reused instead of asking again.
+temperature, time). The log doubles as a resume file: a grade already logged for the same record,
+run, judge model, temperature and prompt is reused instead of asking again.
+
+Sampling settings. DriveBench's GPT evaluation (worldbench/drivebench, evaluate/request.py and
+evaluate/eval.py) asks its judge at temperature 0.0 with max_tokens 3000, once per record; the
+Drive-KD paper grades five times and reports mean and standard deviation. drivekd follows
+DriveBench's temperature 0.0 (`DRIVEBENCH_TEMPERATURE`) so that its scores compare with
+DriveBench's: the five runs then differ only by the endpoint's own nondeterminism (a hosted GPT
+model varies a little at temperature 0; a local greedy server such as vLLM not at all, std 0), so
+the reported std is a floor on judge noise, not a sampling spread. Pass --judge-temperature 1.0 to
+measure how much the grade moves when the judge samples (scores then no longer match DriveBench's
+setting). max_tokens is not sent: a rubric answer is far below DriveBench's 3000 cap, and OpenAI's
+reasoning models refuse the parameter.
 """
 
 from __future__ import annotations
@@ -36,6 +47,7 @@ from drivekd.errors import DataError, DriveKDError
 from drivekd.eval.score import capability_of, is_mcq, record_id, tags_of
 
 DEFAULT_KEY_ENV = "DRIVEKD_JUDGE_API_KEY"
+DRIVEBENCH_TEMPERATURE = 0.0  # DriveBench's GPT evaluation (evaluate/request.py); see the module docstring
 
 
 class JudgeError(DriveKDError):
@@ -209,7 +221,7 @@ class JudgeClient:
         url: str,
         model: str,
         key_env: str = DEFAULT_KEY_ENV,
-        temperature: float = 0.0,
+        temperature: float = DRIVEBENCH_TEMPERATURE,
         retries: int = 5,
         base_delay: float = 1.0,
         max_delay: float = 60.0,
@@ -307,8 +319,8 @@ class JudgeSettings:
     url: str
     model: str
     key_env: str = DEFAULT_KEY_ENV  # name of the environment variable holding the key, not the key
-    runs: int = 5  # gradings per prediction (DriveBench: 5)
-    temperature: float = 0.0
+    runs: int = 5  # gradings per prediction (the Drive-KD paper: 5; DriveBench's own scorer: 1)
+    temperature: float = DRIVEBENCH_TEMPERATURE
     workers: int = 4  # concurrent requests
     retries: int = 5
     base_delay: float = 1.0  # seconds; doubles after every failed attempt
@@ -391,14 +403,15 @@ def grade_records(
     if log_path is not None:
         log_path = Path(log_path)
         log_path.parent.mkdir(parents=True, exist_ok=True)
+        # Entries of logs written before the temperature was logged carry none: graded again.
         done = {
-            (e.get("id"), e.get("run"), e.get("model"), e.get("prompt_sha1")): e["grade"]
+            (e.get("id"), e.get("run"), e.get("model"), e.get("temperature"), e.get("prompt_sha1")): e["grade"]
             for e in load_judge_log(log_path)
             if e.get("grade") is not None
         }
         todo = []
         for job in jobs:
-            key = (job[1], job[0], client.model, job[4])
+            key = (job[1], job[0], client.model, client.temperature, job[4])
             if key in done:
                 grades[job[1]][job[0]] = float(done[key])
             else:
@@ -415,7 +428,7 @@ def grade_records(
         if log_path is None:
             return
         entry = {
-            "id": rid, "run": run, "rubric": rubric, "model": client.model, "prompt_sha1": sha,
+            "id": rid, "run": run, "rubric": rubric, "model": client.model, "temperature": client.temperature, "prompt_sha1": sha,
             "raw": raw, "grade": grade, "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
         line = json.dumps(entry, ensure_ascii=False) + "\n"

@@ -9,6 +9,7 @@ r takes batches b with b % world == r; ranks write disjoint sample groups.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import os
 import signal
@@ -229,6 +230,13 @@ class SharedMaps:
     suffixes: list[dict[int, torch.Tensor] | None]  # per sample: layer -> (T_i - P, T_i), None if not needed
 
 
+def kv_cache_arg(model) -> str:
+    """The name of the KV-cache argument (and output field) of `model.forward`: transformers 5.24
+    renamed `past_key_values` to `cache` (the old name warns and goes in 5.40); earlier 5.x releases
+    know only the old name."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 def shared_forward(model, encoded, layers, need=None, device="cpu") -> SharedMaps:
     """Head-mean maps of a group of samples that share their images, computing the shared prefix once.
 
@@ -253,7 +261,8 @@ def shared_forward(model, encoded, layers, need=None, device="cpu") -> SharedMap
         prefix_in.update(image_grid_thw=t0["image_grid_thw"], mm_token_type_ids=t0["mm_token_type_ids"][:, :P], position_ids=full_pos[..., :P])
     with torch.no_grad(), capture_attention(model, layers) as pmaps:
         out = model(**{k: v.to(device) for k, v in prefix_in.items()}, use_cache=True)
-    cache = out.past_key_values
+    cache_arg = kv_cache_arg(model)
+    cache = out[cache_arg]
     prefix = {l: m[0] for l, m in pmaps.items()}  # on the model's device
     suffixes: list[dict[int, torch.Tensor] | None] = []
     for (tens, lay), want in zip(encoded, need):
@@ -272,7 +281,7 @@ def shared_forward(model, encoded, layers, need=None, device="cpu") -> SharedMap
         if "mm_token_type_ids" in tens:
             suf["mm_token_type_ids"] = tens["mm_token_type_ids"][:, P:]
         with torch.no_grad(), capture_attention(model, layers) as smaps:
-            model(**{k: v.to(device) for k, v in suf.items()}, past_key_values=cache, use_cache=True)
+            model(**{k: v.to(device) for k, v in suf.items()}, **{cache_arg: cache}, use_cache=True)
         cache.crop(-(T - P))  # drop this suffix: back to the bare prefix for the next question
         suffixes.append({l: m[0] for l, m in smaps.items()})  # (T - P, T), on the model's device
     return SharedMaps(P, key, prefix, suffixes)

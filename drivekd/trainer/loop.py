@@ -45,6 +45,7 @@ from drivekd.store.targets import TargetSource
 from drivekd.trainer import checkpoint as ckpt
 from drivekd.trainer.identity import write_run_json
 from drivekd.trainer.plan import RunPlan, describe, validate
+from drivekd.trainer.report_to import report_metrics
 from drivekd.trainer.settings import TrainConfig
 from drivekd.trainer.data import Batch, Collate, Failed, StreamSampler, TargetDataset, make_loader
 
@@ -531,6 +532,7 @@ class Trainer:
             if self.dist.main and (self.step % cfg.log_every == 0 or self.step == plan.total_steps):
                 with metrics_path.open("a") as fh:
                     fh.write(json.dumps(rec, allow_nan=False) + "\n")
+                report_metrics(self, rec)  # the same record to TensorBoard / W&B (--report-to)
             bar.update(1)
             bar.set_postfix(loss=f"{rec['loss']:.4g}" if rec["loss"] is not None else "-", lr=f"{rec['lr']:.2e}")
             if cfg.save_every and self.step % cfg.save_every == 0:

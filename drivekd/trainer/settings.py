@@ -19,6 +19,7 @@ from typing import Any
 from drivekd.errors import ConfigError
 from drivekd.images import ImageSettings, pop_flags
 from drivekd.roles import ROLES
+from drivekd.trainer.report_to import default_report_to, parse_report_to
 
 RECIPES = (*ROLES, "multi", "sft")
 PROJECTIONS = ("agp", "g1", "g2", "none")
@@ -28,7 +29,7 @@ GROUPS = ("inputs", "distillation", "gradients", "optimisation", "runtime", "che
 # Keys that may differ between a checkpoint's run and the run resuming it (they do not change the
 # numbers): everything else must match, or the resumed run would not continue the same run.
 RESUME_FREE = {"resume", "resume_from", "resume_allow_changed", "num_workers", "progress", "save_every", "keep_last", "log_every", "out", "cache",
-               "data", "images", "student", "device"}
+               "data", "images", "student", "device", "report_to"}
 
 
 def opt(default: Any, help: str, *, group: str, choices: tuple | None = None, minimum: str | None = None,
@@ -120,6 +121,8 @@ class TrainConfig:
     skip_nonfinite: bool = opt(False, "Skip a micro-batch whose loss is NaN/inf instead of stopping.", group="runtime")
     log_every: int = opt(1, "Write a metrics line every N optimizer steps.", group="runtime", minimum=">0")
     progress: bool = opt(True, "Show a tqdm progress bar.", group="runtime")
+    report_to: str = opt(default_report_to(), "Also log every metrics line to: tensorboard (RUN/tensorboard/; the default "
+                         "when installed), wandb (offline unless WANDB_MODE is set), a comma list, or none.", group="runtime")
 
     # ----- checkpoints
     save_every: int = opt(500, "Checkpoint every N optimizer steps (0: only the final model).", group="checkpoints",
@@ -169,6 +172,7 @@ class TrainConfig:
             raise ConfigError(f"--device must be auto, cpu or cuda[:N], got {self.device!r}")
         if self.split is not None and self.recipe != "sft":
             raise ConfigError(f"--split applies to --recipe sft (recipe {self.recipe!r} chooses its own split)")
+        parse_report_to(self.report_to)  # unknown names, or a reporter whose package is missing
         if self.resume and self.resume_from is not None:
             raise ConfigError("give either --resume (latest checkpoint in --out) or --resume-from DIR, not both")
 

@@ -1,0 +1,342 @@
+"""Plots and a markdown summary of one or more training runs, read from their metrics.jsonl.
+
+    drivekd-report runs/multi-agp runs/multi-none runs/multi-g1 --out runs/report
+
+Several runs are overlaid, one colour each, the same in every figure. Files written to --out:
+
+    losses.png       the weighted total loss and each row's loss (CE, then one per teacher term)
+    weights.png      each row's loss weight over steps (moves with --dynamic-weights)
+    conflict.png     cosine of each capability's gradient with CE's, per step (below 0: the two
+                     pull the student in conflicting directions), and the projections that fired
+                     per micro-step: the picture of what AGP does on this data
+    lr_throughput.png  learning rate, samples/s and tokens/s
+    summary.md       one table row per run, and the figures
+
+What is plotted comes from the loop's metrics records (drivekd/trainer/loop.py, `_finish_step`):
+`loss`, `loss_<row>`, `weights{row}`, `grad_cos{"ce|<role>"}` (the mean over the step's
+micro-steps), `projections_fired` (summed over the step's micro-steps), `lr`, `samples_per_s`,
+`tokens_per_s`, `peak_mem_bytes`. Runs whose loop kept no per-loss gradients (--projection none
+without re-weighting) have no cosines: their panels say so instead of drawing nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from drivekd.errors import DataError
+
+FILES = ("losses.png", "weights.png", "conflict.png", "lr_throughput.png", "summary.md")
+
+
+@dataclass
+class Run:
+    """One run's metrics: `records` in step order; `info` is run.json ({} when absent)."""
+
+    name: str
+    path: Path
+    records: list[dict[str, Any]]
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def rows(self) -> list[str]:
+        """The loss rows: 'ce', then the teacher terms (run.json's order, else the records' keys)."""
+        if self.info.get("rows"):
+            return list(self.info["rows"])
+        keys = [k[5:] for r in self.records for k in r if k.startswith("loss_")]
+        return list(dict.fromkeys(keys))
+
+    @property
+    def grad_accum(self) -> int | None:
+        return (self.info.get("config") or {}).get("grad_accum")
+
+    def setting(self, key: str) -> Any:
+        return (self.info.get("config") or {}).get(key)
+
+
+def load_run(path: str | Path) -> Run:
+    """A run folder (or its metrics.jsonl) -> Run. Raises DataError naming the file and line."""
+    path = Path(path)
+    metrics = path if path.is_file() else path / "metrics.jsonl"
+    folder = metrics.parent
+    if not metrics.exists():
+        raise DataError(f"{path}: no metrics.jsonl here; pass the folder a drivekd-train run wrote (its --out)")
+    records = []
+    for n, line in enumerate(metrics.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except ValueError as e:
+            raise DataError(f"{metrics}, line {n}: not JSON ({e}); a run killed mid-write may leave a cut last line: "
+                            "delete it or resume the run (resume rewrites the file)") from None
+        if not isinstance(rec, dict) or not isinstance(rec.get("step"), int):
+            raise DataError(f"{metrics}, line {n}: a metrics record needs an integer 'step'")
+        records.append(rec)
+    if not records:
+        raise DataError(f"{metrics} has no records yet: the run logs one per --log-every optimizer steps")
+    info: dict[str, Any] = {}
+    run_json = folder / "run.json"
+    if run_json.exists():
+        try:
+            info = json.loads(run_json.read_text(encoding="utf-8"))
+        except ValueError:
+            info = {}  # run.json is only used for labels and grad_accum; the metrics still plot
+    records.sort(key=lambda r: r["step"])
+    return Run(folder.name, folder, records, info)
+
+
+def unique_names(paths: Sequence[Path]) -> list[str]:
+    """Labels for runs: the folder names, lengthened by parent folders until they differ."""
+    paths = [p.resolve() for p in paths]
+    depth = 1
+    while True:
+        names = ["/".join(p.parts[-depth:]) for p in paths]
+        if len(set(names)) == len(names) or depth >= max(len(p.parts) for p in paths):
+            return names
+        depth += 1
+
+
+# ----------------------------------------------------------------------------- series (pure)
+
+
+def series(records: Sequence[dict[str, Any]], *keys: str) -> tuple[list[int], list[float]]:
+    """(steps, values) of the field at `keys` (e.g. ("weights", "ce")), skipping records where it
+    is absent, None or not finite."""
+    xs, ys = [], []
+    for r in records:
+        v: Any = r
+        for k in keys:
+            v = v.get(k) if isinstance(v, dict) else None
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+            xs.append(int(r["step"]))
+            ys.append(float(v))
+    return xs, ys
+
+
+def running_mean(values: Sequence[float], window: int) -> list[float]:
+    """Trailing mean over the last `window` values (fewer at the start): the trend of a noisy curve."""
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v
+        if i >= window:
+            total -= values[i - window]
+        out.append(total / min(i + 1, window))
+    return out
+
+
+def projections_per_micro(run: Run) -> tuple[list[int], list[float]]:
+    """Projections that fired per micro-step, per optimizer step (the record sums a step's micro-steps)."""
+    xs, ys = series(run.records, "projections_fired")
+    per = run.grad_accum or 1
+    return xs, [y / per for y in ys]
+
+
+def conflict_stats(run: Run, role: str) -> dict[str, float] | None:
+    """Mean cosine of `role`'s gradient with CE's and the share of steps where it was < 0."""
+    _, cos = series(run.records, "grad_cos", f"ce|{role}")
+    if not cos:
+        return None
+    return {"mean_cos": sum(cos) / len(cos), "negative_share": sum(c < 0 for c in cos) / len(cos), "steps": len(cos)}
+
+
+# ----------------------------------------------------------------------------- figures
+
+
+def _figure(n_panels: int, title: str, cols: int = 2):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    cols = min(cols, n_panels)
+    rows = math.ceil(n_panels / cols)
+    fig = Figure(figsize=(5.2 * cols, 3.3 * rows + 0.7), dpi=110)
+    FigureCanvasAgg(fig)
+    axes = [fig.add_subplot(rows, cols, i + 1) for i in range(n_panels)]
+    fig.suptitle(title, fontsize=12)
+    return fig, axes
+
+
+def _colors(n: int) -> list:
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab10"]
+    return [cmap(i % 10) for i in range(n)]
+
+
+def _plot(ax, xs, ys, color, label, smooth: bool = True) -> None:
+    """A noisy per-step curve: faint raw values and, with enough points, a solid running mean."""
+    if not xs:
+        return
+    window = max(1, len(ys) // 25) if smooth else 1
+    if window > 1:
+        ax.plot(xs, ys, color=color, alpha=0.25, linewidth=0.8)
+        ax.plot(xs, running_mean(ys, window), color=color, linewidth=1.6, label=label)
+    else:
+        ax.plot(xs, ys, color=color, linewidth=1.4, marker="o" if len(xs) < 15 else None, markersize=3, label=label)
+
+
+def _empty(ax, why: str) -> None:
+    ax.text(0.5, 0.5, why, ha="center", va="center", transform=ax.transAxes, fontsize=9, color="0.4", wrap=True)
+
+
+def _finish(fig, axes, runs: Sequence[Run], colors, path: Path) -> Path:
+    from matplotlib.lines import Line2D
+
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.set_xlabel("optimizer step", fontsize=8)
+        ax.tick_params(labelsize=8)
+    handles = [Line2D([], [], color=c, linewidth=2) for c in colors]
+    fig.legend(handles, [r.name for r in runs], loc="upper center", ncol=min(len(runs), 4), fontsize=9,
+               bbox_to_anchor=(0.5, 0.965), frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, 0.93 if len(runs) <= 4 else 0.9))
+    fig.savefig(path)
+    return path
+
+
+def _all_rows(runs: Sequence[Run]) -> list[str]:
+    return list(dict.fromkeys(r for run in runs for r in run.rows))
+
+
+def plot_losses(runs: Sequence[Run], path: Path) -> Path:
+    rows = _all_rows(runs)
+    fig, axes = _figure(1 + len(rows), "Losses (weighted total, then each row unweighted)")
+    colors = _colors(len(runs))
+    for run, c in zip(runs, colors):
+        _plot(axes[0], *series(run.records, "loss"), c, run.name)
+        for ax, row in zip(axes[1:], rows):
+            _plot(ax, *series(run.records, f"loss_{row}"), c, run.name)
+    axes[0].set_title("total (weighted)", fontsize=10)
+    for ax, row in zip(axes[1:], rows):
+        ax.set_title("CE (answer tokens)" if row == "ce" else f"{row} teacher term", fontsize=10)
+    return _finish(fig, axes, runs, colors, path)
+
+
+def plot_weights(runs: Sequence[Run], path: Path) -> Path:
+    rows = _all_rows(runs)
+    fig, axes = _figure(len(rows), "Loss weights over steps (online re-weighting)")
+    colors = _colors(len(runs))
+    for run, c in zip(runs, colors):
+        for ax, row in zip(axes, rows):
+            _plot(ax, *series(run.records, "weights", row), c, run.name, smooth=False)
+    for ax, row in zip(axes, rows):
+        ax.set_title(f"weight of {row}", fontsize=10)
+    return _finish(fig, axes, runs, colors, path)
+
+
+def plot_conflict(runs: Sequence[Run], path: Path) -> Path:
+    caps = [r for r in _all_rows(runs) if r != "ce"]
+    fig, axes = _figure(len(caps) + 1, "Gradient conflict: cos(grad CE, grad capability) and AGP projections")
+    colors = _colors(len(runs))
+    for ax, role in zip(axes, caps):
+        drawn = False
+        for run, c in zip(runs, colors):
+            xs, ys = series(run.records, "grad_cos", f"ce|{role}")
+            _plot(ax, xs, ys, c, run.name)
+            drawn |= bool(xs)
+        ax.axhline(0.0, color="black", linewidth=0.8)
+        ax.axhspan(-1.0, 0.0, color="tab:red", alpha=0.05)  # conflicting directions
+        ax.set_ylim(-1.05, 1.05)
+        ax.set_title(f"cos(CE, {role}): below 0 = conflict", fontsize=10)
+        if not drawn:
+            _empty(ax, "no per-loss gradients in these runs\n(--projection none without re-weighting)")
+    ax = axes[-1]
+    drawn = False
+    for run, c in zip(runs, colors):
+        xs, ys = projections_per_micro(run)
+        _plot(ax, xs, ys, c, run.name)
+        drawn |= bool(xs)
+    ax.set_title("projections fired per micro-step", fontsize=10)
+    ax.set_ylim(bottom=0)
+    if not drawn:
+        _empty(ax, "no projection in these runs")
+    if not caps:
+        _empty(axes[0], "CE only: no teacher terms")
+    return _finish(fig, axes, runs, colors, path)
+
+
+def plot_lr_throughput(runs: Sequence[Run], path: Path) -> Path:
+    fig, axes = _figure(3, "Learning rate and throughput", cols=3)
+    colors = _colors(len(runs))
+    for run, c in zip(runs, colors):
+        _plot(axes[0], *series(run.records, "lr"), c, run.name, smooth=False)
+        _plot(axes[1], *series(run.records, "samples_per_s"), c, run.name)
+        _plot(axes[2], *series(run.records, "tokens_per_s"), c, run.name)
+    for ax, title in zip(axes, ("learning rate", "samples / s", "tokens / s")):
+        ax.set_title(title, fontsize=10)
+    axes[0].ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
+    return _finish(fig, axes, runs, colors, path)
+
+
+# ----------------------------------------------------------------------------- summary
+
+
+def _fmt(v: float | None, spec: str = ".4g") -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def summary_markdown(runs: Sequence[Run], figures: Sequence[str]) -> str:
+    caps = [r for r in _all_rows(runs) if r != "ce"]
+    lines = ["# Training runs", ""]
+    head = ["run", "recipe", "projection", "steps", "loss first -> last", "CE first -> last"]
+    head += [f"cos(CE, {c}) mean / share < 0" for c in caps]
+    head += ["steps with a projection", "projections / micro-step", "samples/s", "peak memory (GB)"]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for run in runs:
+        _, loss = series(run.records, "loss")
+        _, ce = series(run.records, "loss_ce")
+        _, fired = series(run.records, "projections_fired")
+        _, per_micro = projections_per_micro(run)
+        _, sps = series(run.records, "samples_per_s")
+        _, mem = series(run.records, "peak_mem_bytes")
+        cells = [run.name, str(run.setting("recipe") or "-"), str(run.setting("projection") or "-"),
+                 str(run.records[-1]["step"]),
+                 f"{_fmt(loss[0])} -> {_fmt(loss[-1])}" if loss else "-",
+                 f"{_fmt(ce[0])} -> {_fmt(ce[-1])}" if ce else "-"]
+        for c in caps:
+            st = conflict_stats(run, c)
+            cells.append(f"{st['mean_cos']:+.3f} / {st['negative_share']:.0%}" if st else "-")
+        cells += [f"{sum(f > 0 for f in fired) / len(fired):.0%}" if fired else "-",
+                  _fmt(sum(per_micro) / len(per_micro), ".3g") if per_micro else "-",
+                  _fmt(sum(sps) / len(sps), ".3g") if sps else "-",
+                  _fmt(max(mem) / 1e9, ".3g") if mem else "-"]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "cos(CE, role): cosine of the role's gradient with the CE gradient, averaged over each step's "
+        "micro-steps; the first number is its mean over the logged steps, the second the share of steps "
+        "where it was negative (the two losses pulled apart). Projections: AGP/G1/G2 projections that "
+        "removed a conflicting component, counted per optimizer step by the loop; `steps with a "
+        "projection` is the share of logged steps with at least one. Peak memory: CUDA max allocated, or "
+        "the process's peak RSS on CPU.",
+        "",
+    ]
+    for name in figures:
+        lines += [f"![{name[:-4]}]({name})", ""]
+    return "\n".join(lines)
+
+
+def write_report(paths: Sequence[str | Path], out: str | Path) -> list[Path]:
+    """Load the runs at `paths` and write the figures and summary.md to `out`; returns the files."""
+    if not paths:
+        raise DataError("no run given: pass one or more drivekd-train run folders")
+    runs = [load_run(p) for p in paths]
+    for run, name in zip(runs, unique_names([r.path for r in runs])):
+        run.name = name
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    written = [
+        plot_losses(runs, out / "losses.png"),
+        plot_weights(runs, out / "weights.png"),
+        plot_conflict(runs, out / "conflict.png"),
+        plot_lr_throughput(runs, out / "lr_throughput.png"),
+    ]
+    summary = out / "summary.md"
+    summary.write_text(summary_markdown(runs, [p.name for p in written]), encoding="utf-8")
+    return [*written, summary]
+
+
+__all__ = ["FILES", "Run", "conflict_stats", "load_run", "running_mean", "series", "summary_markdown", "write_report"]
