@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from drivekd.data.loaders import load_samples
 from drivekd.data.sample import Sample
+from drivekd.distributed import Dist
 from drivekd.errors import ConfigError, DataError
 from drivekd.families.base import Family, load_model
 from drivekd.families.capture import capture_attention
@@ -106,18 +107,6 @@ def _fault_hook():
             os.kill(os.getpid(), signal.SIGKILL)
 
     return hook
-
-
-def _dist():
-    """(rank, world) under torchrun, initialising the process group; (0, 1) otherwise."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return 0, 1
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return dist.get_rank(), world
 
 
 def image_groups(samples: list[Sample]) -> list[list[Sample]]:
@@ -287,21 +276,16 @@ def _mrope_positions(model, tens, device) -> torch.Tensor | None:
     return pos.cpu()
 
 
-def _barrier(world: int) -> None:
-    if world > 1:
-        import torch.distributed as dist
-
-        dist.barrier()
-
-
 def build(cfg: BuildConfig) -> dict:
     """Build (or resume) the store. Returns a summary dict (rank 0's view after all ranks finish)."""
     cfg.validate()
-    rank, world = _dist()
+    # The process group follows the teacher's device (nccl on CUDA, gloo on CPU).
+    dist = Dist(cfg.device)
+    rank, world = dist.rank, dist.world
     samples = load_samples(cfg.data, cfg.images, check_images=False)
     ids = [s.id for s in samples]
     store = TeacherStore(cfg.out, mode="a") if rank == 0 else None
-    _barrier(world)
+    dist.barrier()
     store = store or TeacherStore(cfg.out, mode="a")
 
     # Roles that name the same checkpoint share one forward pass.
@@ -339,7 +323,7 @@ def build(cfg: BuildConfig) -> dict:
         if rank == 0:
             for role in roles:
                 store.init_role(role, {**meta_common, "role": role, "layers": layers[role]}, overwrite=cfg.overwrite)
-        _barrier(world)
+        dist.barrier()
 
         union = sorted(set().union(*layers.values()))
         # Units of work, fixed by the dataset order whatever is already stored: image groups when
@@ -369,13 +353,10 @@ def build(cfg: BuildConfig) -> dict:
             pass_.collect(wait=True)
         totals["loop_seconds"] += time.perf_counter() - t_loop  # teacher pass after the model loaded
         bar.close()
-    _barrier(world)
+    dist.barrier()
     totals["seconds"] = time.perf_counter() - t0
     if world > 1:
-        import torch.distributed as dist
-
-        t = torch.tensor([totals["written"], totals["skipped"], totals["already"]], dtype=torch.float64)
-        dist.all_reduce(t)
+        t = dist.sum_(torch.tensor([totals["written"], totals["skipped"], totals["already"]], dtype=torch.float64, device=dist.device))
         totals["written"], totals["skipped"], totals["already"] = (int(x) for x in t.tolist())
     summaries = {r: store.summary(r) for r in ROLES if r in cfg.teachers} if rank == 0 else {}
     return {"rank": rank, "world": world, **totals, "roles": summaries}
