@@ -1,0 +1,130 @@
+"""Fake tensors that still take the branches a real run takes.
+
+The planner runs the real model and step code on `FakeTensorMode` tensors: shapes, dtypes and
+strides without data, so a 1B-8B model at T = 1800 costs no memory. Fake tensors refuse
+data-dependent operations (`.item()`, `.tolist()`, `bool(t)`, `nonzero()`); the model code has a
+few (the capture's causal check, Qwen's rope index, `answer_positions`), all of them on small
+tensors derived from the inputs (token ids, masks, image grids), never from weights.
+
+`Shadowed` keeps a real copy ("shadow") of every such small tensor: the inputs are created real,
+constructors with no tensor inputs (arange, ones) are evaluated for real, and any op whose tensor
+inputs all have shadows is evaluated on the shadows too. A data-dependent op on a shadowed fake
+then answers from the shadow, and an op whose output shape depends on data (nonzero) gets a fake
+built from the real result. An in-place op that mixes in an unshadowed tensor drops the shadow.
+So the fake run follows exactly the control flow the real run would for the same inputs, while
+every weight-sized tensor stays fake. A data-dependent op on a tensor without a shadow (one that
+depends on weights, e.g. a loss value) still raises: the step must keep those out of its traced
+part (see drivekd/trainer/step.py `HostChecks`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch._subclasses.fake_tensor import FakeTensor
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils.weak import WeakIdKeyDictionary
+
+# Shadows kept: integer/bool tensors up to this many elements (the capture's (T, T) causal mask
+# at T = 11k is 128M), floating ones only when small (scalars, mixing weights): weight-sized float
+# constructors (an accumulator, an empty buffer) are never evaluated for real.
+SHADOW_MAX_NUMEL = 1 << 27
+SHADOW_MAX_FLOAT_NUMEL = 1 << 16
+
+aten = torch.ops.aten
+_SCALAR_OPS = {aten._local_scalar_dense.default, aten.is_nonzero.default, aten.item.default}
+
+
+class Shadowed(TorchDispatchMode):
+    """Push on top of a FakeTensorMode (enter after it). `real(t)` registers a real tensor as a
+    shadowed fake input."""
+
+    def __init__(self, fake_mode):
+        super().__init__()
+        self.fake_mode = fake_mode
+        self.shadow = WeakIdKeyDictionary()
+        self.enabled = True
+
+    @contextlib.contextmanager
+    def paused(self):
+        """No shadows for what is created inside (model weights, teacher targets: never read)."""
+        self.enabled, old = False, self.enabled
+        try:
+            yield
+        finally:
+            self.enabled = old
+
+    def real(self, t: torch.Tensor) -> torch.Tensor:
+        """A fake copy of the real tensor `t`, with `t` as its shadow."""
+        if isinstance(t, FakeTensor):
+            raise TypeError("Shadowed.real needs a real tensor (create it under unset_fake_temporarily)")
+        f = self.fake_mode.from_tensor(t)
+        self.shadow[f] = t
+        return f
+
+    def _known(self, x: torch.Tensor) -> bool:
+        """A real tensor is its own shadow; a fake one needs a registered shadow."""
+        return not isinstance(x, FakeTensor) or x in self.shadow
+
+    @staticmethod
+    def _small(x: torch.Tensor) -> bool:
+        limit = SHADOW_MAX_FLOAT_NUMEL if x.is_floating_point() else SHADOW_MAX_NUMEL
+        return x.numel() <= limit
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        flat, _ = tree_flatten((args, kwargs))
+        tensors = [x for x in flat if isinstance(x, torch.Tensor)]
+        known = self.enabled and all(self._known(x) for x in tensors)
+        if func in _SCALAR_OPS and tensors and known:
+            return self._run_real(func, args, kwargs)
+        random = torch.Tag.nondeterministic_seeded in func.tags
+        want = known and not random and all(self._small(x) for x in tensors)
+        try:
+            out = func(*args, **kwargs)
+        except (torch._subclasses.fake_tensor.DynamicOutputShapeException,
+                torch._subclasses.fake_tensor.DataDependentOutputException):
+            if not (want and tensors):
+                raise
+            real = self._run_real(func, args, kwargs)
+            return tree_map(lambda r: self.real(r) if isinstance(r, torch.Tensor) else r, real)
+        outs = [o for o in tree_flatten(out)[0] if isinstance(o, torch.Tensor)]
+        if want and all(self._small(o) for o in outs):
+            real = self._run_real(func, args, kwargs)
+            outs, _ = tree_flatten(out)
+            reals, _ = tree_flatten(real)
+            for o, r in zip(outs, reals):
+                if isinstance(o, FakeTensor) and isinstance(r, torch.Tensor) and self._small(r):
+                    self.shadow[o] = r
+        elif tensors:
+            # An in-place or out= op writing an unknown value into a shadowed tensor: forget it.
+            schema = func._schema
+            for i, a in enumerate(schema.arguments):
+                if a.alias_info is not None and a.alias_info.is_write and i < len(args):
+                    t = args[i]
+                    if isinstance(t, torch.Tensor) and t in self.shadow:
+                        del self.shadow[t]
+        return out
+
+    def _to_real(self, x):
+        return self.shadow[x] if isinstance(x, FakeTensor) else x
+
+    def _run_real(self, func, args, kwargs):
+        from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+        with unset_fake_temporarily():
+            return func(*tree_map(self._to_real, args), **tree_map(self._to_real, kwargs))
+
+
+@contextlib.contextmanager
+def fake_mode():
+    """(FakeTensorMode, Shadowed) active together; CPU fake tensors (a CPU torch build refuses
+    fake CUDA tensors: byte sizes are the same)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    fm = FakeTensorMode(allow_non_fake_inputs=True)
+    sh = Shadowed(fm)
+    with fm, sh:
+        yield fm, sh
