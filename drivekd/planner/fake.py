@@ -24,7 +24,7 @@ import contextlib
 import torch
 from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils._pytree import tree_map
 from torch.utils.weak import WeakIdKeyDictionary
 
 # Shadows kept: integer/bool tensors up to this many elements (the capture's (T, T) causal mask
@@ -34,6 +34,19 @@ SHADOW_MAX_NUMEL = 1 << 27
 SHADOW_MAX_FLOAT_NUMEL = 1 << 16
 
 aten = torch.ops.aten
+
+
+def tensors_of(args, kwargs=None) -> list[torch.Tensor]:
+    """The tensors among an op's arguments (one level of lists/tuples, as aten schemas have):
+    much cheaper than pytree flattening, which dominated the dispatch cost."""
+    out = []
+    for seq in (args, (kwargs or {}).values()):
+        for a in seq:
+            if isinstance(a, torch.Tensor):
+                out.append(a)
+            elif isinstance(a, (list, tuple)):
+                out.extend(x for x in a if isinstance(x, torch.Tensor))
+    return out
 _SCALAR_OPS = {aten._local_scalar_dense.default, aten.is_nonzero.default, aten.item.default}
 
 
@@ -75,8 +88,13 @@ class Shadowed(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        flat, _ = tree_flatten((args, kwargs))
-        tensors = [x for x in flat if isinstance(x, torch.Tensor)]
+        tensors = tensors_of(args, kwargs)
+        if not self.enabled or (tensors and not all(self._known(x) for x in tensors)):
+            # Fast path: nothing to shadow; only forget a shadow an in-place op overwrites.
+            out = func(*args, **kwargs)
+            if tensors:
+                self._forget_written(func, args)
+            return out
         known = self.enabled and all(self._known(x) for x in tensors)
         if func in _SCALAR_OPS and tensors and known:
             return self._run_real(func, args, kwargs)
@@ -90,23 +108,23 @@ class Shadowed(TorchDispatchMode):
                 raise
             real = self._run_real(func, args, kwargs)
             return tree_map(lambda r: self.real(r) if isinstance(r, torch.Tensor) else r, real)
-        outs = [o for o in tree_flatten(out)[0] if isinstance(o, torch.Tensor)]
+        outs = tensors_of((out,))
         if want and all(self._small(o) for o in outs):
             real = self._run_real(func, args, kwargs)
-            outs, _ = tree_flatten(out)
-            reals, _ = tree_flatten(real)
-            for o, r in zip(outs, reals):
+            for o, r in zip(outs, tensors_of((real,))):
                 if isinstance(o, FakeTensor) and isinstance(r, torch.Tensor) and self._small(r):
                     self.shadow[o] = r
         elif tensors:
-            # An in-place or out= op writing an unknown value into a shadowed tensor: forget it.
-            schema = func._schema
-            for i, a in enumerate(schema.arguments):
-                if a.alias_info is not None and a.alias_info.is_write and i < len(args):
-                    t = args[i]
-                    if isinstance(t, torch.Tensor) and t in self.shadow:
-                        del self.shadow[t]
+            self._forget_written(func, args)
         return out
+
+    def _forget_written(self, func, args) -> None:
+        """An in-place or out= op writing an unknown value into a shadowed tensor: forget it."""
+        for i, a in enumerate(func._schema.arguments):
+            if a.alias_info is not None and a.alias_info.is_write and i < len(args):
+                t = args[i]
+                if isinstance(t, FakeTensor) and t in self.shadow:
+                    del self.shadow[t]
 
     def _to_real(self, x):
         return self.shadow[x] if isinstance(x, FakeTensor) else x

@@ -1,4 +1,4 @@
-"""Peak memory by category, counted allocation by allocation (real or fake tensors alike).
+"""Peak memory by category and FLOPs, counted op by op (real or fake tensors alike).
 
 `MemoryTracker` is a TorchDispatchMode: every op's output storage that it has not seen is an
 allocation of `storage.nbytes()` bytes, freed when the storage object dies (weakref). Storages that
@@ -17,8 +17,10 @@ from dataclasses import dataclass, field
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
+from torch.utils.flop_counter import flop_registry as FLOP_FORMULAS
 from torch.utils.weak import WeakIdKeyDictionary
+
+from drivekd.planner.fake import tensors_of
 
 # Category names, in the order a storage with several tags is attributed (first wins).
 CATEGORIES = ("weights", "gradients", "grad_rows", "optimizer_state", "teacher_targets", "inputs", "maps",
@@ -42,6 +44,7 @@ class MemoryTracker(TorchDispatchMode):
         self._peak_live: frozenset[int] = frozenset()
         self._dirty = False  # current exceeds the stored peak set: snapshot on the next free
         self._hooks = None
+        self.flops = 0
 
     # ----- registration -----
     def _storage_serial(self, t: torch.Tensor) -> int | None:
@@ -86,10 +89,16 @@ class MemoryTracker(TorchDispatchMode):
 
     # ----- tracking -----
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for o in tree_flatten(out)[0]:
-            if isinstance(o, torch.Tensor):
-                self._storage_serial(o)
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        for o in tensors_of((out,)):
+            self._storage_serial(o)
+        # FLOPs with torch's own formulas (FlopCounterMode's registry: matmuls, convolutions,
+        # attention), counted here rather than by a second stacked mode: each Python mode on the
+        # stack costs about as much per op as the fake tensor itself.
+        formula = FLOP_FORMULAS.get(func.overloadpacket)
+        if formula is not None:
+            self.flops += formula(*args, **kwargs, out_val=out)
         return out
 
     def __enter__(self):

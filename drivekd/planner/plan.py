@@ -6,7 +6,8 @@ teacher target (B, T, T) per student loss layer), and the REAL step code (drivek
 runs one micro-step and the optimizer step: forward with capture, the configured losses, the
 per-loss backwards or the fast path, combine, clipping, AdamW. The optimizer state is initialised
 first (one zero-gradient AdamW step, before counting) so the count is that of a steady-state step.
-`MemoryTracker` counts every allocation by category; `FlopCounterMode` counts the FLOPs; an SFT
+`MemoryTracker` counts every allocation by category and the FLOPs (torch.utils.flop_counter's
+formulas, as FlopCounterMode counts them); an SFT
 step (CE only, one backward) of the same student on the same shapes is counted for the ratio.
 
 What differs on a GPU (the allocator margin below covers it): the CUDA context and library
@@ -218,8 +219,6 @@ def count_step(cfg, plan, shapes: Shapes, config, *, fake: bool = True, model=No
 
     fake=True: on fake tensors (no memory, no compute). fake=False: on real tensors (the proof
     tests compare both on tiny models), with `model` given or built with random weights."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     import drivekd.trainer.step as step_mod
     from drivekd.distributed import Dist
     from drivekd.planner.memory import MemoryTracker
@@ -250,6 +249,8 @@ def count_step(cfg, plan, shapes: Shapes, config, *, fake: bool = True, model=No
         prepare_student(model, cfg)
         # The GPU run's compute dtype (auto: bf16), run under CPU autocast here.
         ts = TrainStep(model, plan, Dist("cpu"), autocast_dtype(cfg, torch.device("cuda" if fake else "cpu")), AssumeFinite())
+        for group in ts.optimizer.param_groups:
+            group["foreach"] = True  # AdamW's default on CUDA (its temporaries are counted as there)
         ts.optimizer_step()  # zero gradients: allocates AdamW's state, leaves the weights as they are
         from torch._subclasses.fake_tensor import unset_fake_temporarily
 
@@ -277,10 +278,9 @@ def count_step(cfg, plan, shapes: Shapes, config, *, fake: bool = True, model=No
                 finally:
                     tracker.add(list(maps.values()), "maps")
 
-        flops = FlopCounterMode(display=False)
         step_mod.capture_attention = observed_capture
         try:
-            with tracker, flops:
+            with tracker:
                 ts.micro_step(batch, list(plan.static_weights), list(range(1, len(plan.row_names))), where="the dry run")
                 ts.average(1)
                 ts.clip()
@@ -289,7 +289,7 @@ def count_step(cfg, plan, shapes: Shapes, config, *, fake: bool = True, model=No
         finally:
             step_mod.capture_attention = real_capture
         cats = tracker.peak_by_category()
-        return Counted(cats, tracker.peak, int(flops.get_total_flops()), sum(p.numel() for p in ts.params))
+        return Counted(cats, tracker.peak, int(tracker.flops), sum(p.numel() for p in ts.params))
 
 
 # ----------------------------------------------------------------------------- the report
