@@ -88,6 +88,8 @@ class Shadowed(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func is aten._fused_sdp_choice.default:
+            return self._sdp_choice(func, args, kwargs)
         tensors = tensors_of(args, kwargs)
         if not self.enabled or (tensors and not all(self._known(x) for x in tensors)):
             # Fast path: nothing to shadow; only forget a shadow an in-place op overwrites.
@@ -126,6 +128,22 @@ class Shadowed(TorchDispatchMode):
                 if isinstance(t, FakeTensor) and t in self.shadow:
                     del self.shadow[t]
 
+    def _sdp_choice(self, func, args, kwargs):
+        """sdpa's kernel choice as a real tensor of these shapes would get it. The fake answer is
+        always the math kernel, which saves the (B, H, T, T) attention weights for backward; the
+        real CPU run takes the flash kernel (as CUDA takes flash / memory-efficient), which saves
+        only the output and log-sum-exp."""
+        from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+        def empty(x):
+            if not isinstance(x, FakeTensor):
+                return x
+            t = torch.empty_strided(x.size(), x.stride(), dtype=x.dtype)
+            return t.requires_grad_(x.requires_grad) if x.is_floating_point() else t
+
+        with unset_fake_temporarily():
+            return func(*[empty(a) for a in args], **{k: empty(v) for k, v in kwargs.items()})
+
     def _to_real(self, x):
         return self.shadow[x] if isinstance(x, FakeTensor) else x
 
@@ -142,7 +160,30 @@ def fake_mode():
     fake CUDA tensors: byte sizes are the same)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
+    import transformers.masking_utils as mu
+
     fm = FakeTensorMode(allow_non_fake_inputs=True)
     sh = Shadowed(fm)
-    with fm, sh:
-        yield fm, sh
+    # transformers treats every fake tensor as "tracing" and then never skips the causal mask
+    # (a real unpadded batch gets mask None and sdpa's is_causal): a shadowed fake has its values,
+    # so the mask logic may read them as in the real run.
+    real_is_tracing = mu.is_tracing
+
+    def is_tracing(tensor=None):
+        return real_is_tracing(None if isinstance(tensor, FakeTensor) and tensor in sh.shadow else tensor)
+
+    # torch.tensor([t0, t1, ...]) of 0-d tensors reads their data directly, with no dispatch
+    # (Qwen2.5-VL's get_rope_index builds its position deltas so): give it the shadows' values.
+    real_tensor = torch.tensor
+
+    def tensor(data, *a, **k):
+        if isinstance(data, (list, tuple)) and any(isinstance(x, FakeTensor) for x in data):
+            data = [sh.shadow[x] if isinstance(x, FakeTensor) and x in sh.shadow else x for x in data]
+        return real_tensor(data, *a, **k)
+
+    mu.is_tracing, torch.tensor = is_tracing, tensor
+    try:
+        with fm, sh:
+            yield fm, sh
+    finally:
+        mu.is_tracing, torch.tensor = real_is_tracing, real_tensor

@@ -56,11 +56,11 @@ class Shapes:
 
 
 def parse_bytes(text: str | int | None, flag: str = "--gpu-memory") -> int | None:
-    """'40GiB', '40GB', '80G', '24000MiB' or a byte count -> bytes (GB = 10^9, GiB and G = 2^30)."""
+    """'40GiB', '40GB', '80G', '24000MiB', or a bare number of GiB -> bytes (GB = 10^9, GiB and G = 2^30)."""
     if text is None or isinstance(text, int):
         return text
     s = str(text).strip()
-    units = {"gib": GiB, "g": GiB, "gb": 10**9, "mib": 1 << 20, "m": 1 << 20, "mb": 10**6, "tib": 1 << 40, "b": 1, "": 1}
+    units = {"gib": GiB, "g": GiB, "gb": 10**9, "mib": 1 << 20, "m": 1 << 20, "mb": 10**6, "tib": 1 << 40, "b": 1, "": GiB}
     num = s.rstrip("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ").strip()
     unit = s[len(num):].strip().lower()
     try:
@@ -200,10 +200,12 @@ def sft_config(cfg):
 
 @dataclass
 class Counted:
-    categories: dict[str, int]
-    peak: int
+    categories: dict[str, int]  # bytes live at the peak, by category
+    peak: int  # their sum
     flops: int
     params: int
+    baseline: int  # bytes live when counting started (weights, gradients, rows, optimizer state, inputs, targets)
+    rss_increase: int | None = None  # real runs: peak RSS over the step minus RSS before it (malloc trimmed)
 
 
 def build_student(student: Path, family: str, config):
@@ -266,6 +268,8 @@ def count_step(cfg, plan, shapes: Shapes, config, *, fake: bool = True, model=No
         tracker.add(list(batch.inputs.tensors.values()), "inputs")
         tracker.add([m for d in batch.targets.values() for m in d.values()], "teacher_targets")
         tracker.reset_peak()
+        baseline = tracker.current
+        rss_before = None if fake else _rss_now()
 
         real_capture = step_mod.capture_attention
 
@@ -288,8 +292,26 @@ def count_step(cfg, plan, shapes: Shapes, config, *, fake: bool = True, model=No
                 ts.zero_grad()
         finally:
             step_mod.capture_attention = real_capture
+        rss = None if fake else _peak_rss() - rss_before
         cats = tracker.peak_by_category()
-        return Counted(cats, tracker.peak, int(tracker.flops), sum(p.numel() for p in ts.params))
+        return Counted(cats, tracker.peak, int(tracker.flops), sum(p.numel() for p in ts.params), baseline, rss)
+
+
+def _rss_now() -> int:
+    """Resident bytes now, after handing malloc's free memory back (so reused free blocks do not
+    hide an increase)."""
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _peak_rss() -> int:
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
 # ----------------------------------------------------------------------------- the report
@@ -361,7 +383,8 @@ def _suggestions(cfg, seq_len, cameras, gpu_memory) -> list[dict[str, Any]]:
     options = []
     if not cfg.gradient_checkpointing:
         options.append(("--gradient-checkpointing", {"gradient_checkpointing": True}))
-    if cfg.grad_buffer_dtype != "bfloat16" and cfg.recipe == "multi" and (cfg.projection != "none" or cfg.dynamic_weights):
+    has_rows = any(getattr(cfg, f"w_{r}") > 0 for r in ("perception", "reasoning", "planning"))
+    if cfg.grad_buffer_dtype != "bfloat16" and has_rows and (cfg.projection != "none" or cfg.dynamic_weights):
         options.append(("--grad-buffer-dtype bfloat16", {"grad_buffer_dtype": "bfloat16"}))
     if len(options) == 2:
         options.append(("--gradient-checkpointing --grad-buffer-dtype bfloat16",
