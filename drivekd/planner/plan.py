@@ -227,7 +227,6 @@ def count_step(cfg, plan, shapes: Shapes, config, *, fake: bool = True, model=No
     from drivekd.trainer.loop import autocast_dtype, prepare_student
     from drivekd.trainer.step import AssumeFinite, TrainStep
 
-    os.environ.setdefault("TRANSFORMERS_DISABLE_TORCH_CHECK", "1")
     tracker = MemoryTracker()
     with contextlib.ExitStack() as stack:
         if fake:
@@ -299,19 +298,26 @@ def count_step(cfg, plan, shapes: Shapes, config, *, fake: bool = True, model=No
 
 def _rss_now() -> int:
     """Resident bytes now, after handing malloc's free memory back (so reused free blocks do not
-    hide an increase)."""
+    hide an increase); resets the kernel's peak-RSS mark (VmHWM) to it. ru_maxrss cannot serve:
+    Linux carries it over from the parent across fork and exec."""
     import ctypes
 
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-    with open("/proc/self/statm") as fh:
-        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+    return _status_kib("VmRSS") * 1024
 
 
 def _peak_rss() -> int:
-    import resource
+    return _status_kib("VmHWM") * 1024
 
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+def _status_kib(key: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    raise OSError(f"/proc/self/status has no {key}")
 
 
 # ----------------------------------------------------------------------------- the report
@@ -344,7 +350,8 @@ def dry_run(cfg, *, seq_len: int | None = None, cameras: int = 6, gpu_memory: in
         return count_step(c, dry_plan(c, L, family, teacher_L), shapes, config)
 
     run = one(cfg)
-    sft = one(sft_config(cfg)) if dry_plan(cfg, L, family, teacher_L).terms else run
+    # Suggestions (suggest=False) need the peak only: no SFT pass for them.
+    sft = one(sft_config(cfg)) if suggest and dry_plan(cfg, L, family, teacher_L).terms else run
     cats = dict(run.categories)
     cats["allocator_margin"] = margin_bytes(run.peak)
     peak = sum(cats.values())
