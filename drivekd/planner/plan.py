@@ -425,3 +425,46 @@ def format_report(r: dict[str, Any]) -> str:
         if r["fits"] is False and not any(s["fits"] for s in r["suggestions"]):
             lines.append("  no trainer option alone makes it fit: a smaller --seq-len / fewer cameras, or a larger GPU")
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- the teacher pass
+
+
+def count_teacher_pass(model_dir: Path, layers: list[int] | None, shapes: Shapes, dtype=torch.bfloat16) -> Counted:
+    """One teacher forward (no grad, weights in `dtype`) on the synthetic sample, with the
+    head-mean capture of `layers` (None: a plain sdpa forward, the baseline), counted like the step."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    from drivekd.families.capture import capture_attention
+    from drivekd.planner.fake import fake_mode
+    from drivekd.planner.memory import MemoryTracker
+    from drivekd.trainer.config import student_depth
+
+    family, _ = student_depth(model_dir)
+    config = student_config(model_dir)
+    tracker = MemoryTracker()
+    with fake_mode() as (fm, sh):
+        with sh.paused():
+            model = build_student(model_dir, family, config).to(dtype).eval()
+        with unset_fake_temporarily():
+            batch = synthetic_batch(shapes, config, _NoTerms())
+        tensors = {k: sh.real(v) for k, v in batch.inputs.tensors.items()}
+        tensors["pixel_values"] = tensors["pixel_values"].to(dtype)
+        tracker.add(list(model.parameters()), "weights")
+        tracker.add(list(tensors.values()), "inputs")
+        tracker.reset_peak()
+        with tracker, torch.no_grad():
+            cap = capture_attention(model, layers, attention_mask=tensors["attention_mask"].bool()) if layers else contextlib.nullcontext({})
+            with cap as maps:
+                model(**tensors, logits_to_keep=1, use_cache=False)
+                tracker.add(list(maps.values()), "maps")
+        return Counted(tracker.peak_by_category(), tracker.peak, int(tracker.flops),
+                       sum(p.numel() for p in model.parameters()), 0)
+
+
+class _NoTerms:
+    terms: list = []
+    multi = False
+
+    class cfg:  # noqa: N801
+        recipe = "perception"
