@@ -167,3 +167,20 @@ def test_suggestions_when_it_does_not_fit(tiny_models, one_thread):
     assert by["--grad-buffer-dtype bfloat16"] < r["peak_bytes"]
     assert "does NOT fit" in P.format_report(r)
 
+
+
+def test_cache_build_dry_run(tiny_models):
+    """drivekd-cache build --dry-run: the capture adds its maps to a plain forward, no data needed."""
+    from click.testing import CliRunner
+
+    from drivekd.cli.cache import main
+
+    r = CliRunner().invoke(main, ["build", "--dry-run", "--json", "--teacher", "all", "--model",
+                                  str(tiny_models / "internvl-teacher"), "--seq-len", "1024"])
+    assert r.exit_code == 0, r.output
+    (t,) = json.loads(r.output[r.output.index("{"):])["teachers"]
+    assert t["roles"] == ["perception", "reasoning", "planning"] and t["layers"] == [0, 1, 2, 3, 4]
+    # One fp32 (T, T) map per captured layer; at the peak the last one is still being accumulated.
+    one = 4 * 1024 * 1024
+    assert (len(t["layers"]) - 1) * one <= t["categories"]["maps"] <= len(t["layers"]) * one
+    assert t["peak_bytes"] > t["plain_peak_bytes"] and t["flops"] > t["plain_flops"]

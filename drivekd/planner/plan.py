@@ -208,12 +208,12 @@ class Counted:
     rss_increase: int | None = None  # real runs: peak RSS over the step minus RSS before it (malloc trimmed)
 
 
-def build_student(student: Path, family: str, config):
+def build_student(student: Path, family: str, config, dtype=torch.float32):
     from drivekd.families.base import _model_class
     from drivekd.families.capture import CAPTURE_IMPL
 
     return _model_class(family)._from_config(
-        config, attn_implementation={"text_config": CAPTURE_IMPL, "vision_config": "sdpa", "": "sdpa"}, dtype=torch.float32)
+        config, attn_implementation={"text_config": CAPTURE_IMPL, "vision_config": "sdpa", "": "sdpa"}, dtype=dtype)
 
 
 def count_step(cfg, plan, shapes: Shapes, config, *, fake: bool = True, model=None) -> Counted:
@@ -445,7 +445,7 @@ def count_teacher_pass(model_dir: Path, layers: list[int] | None, shapes: Shapes
     tracker = MemoryTracker()
     with fake_mode() as (fm, sh):
         with sh.paused():
-            model = build_student(model_dir, family, config).to(dtype).eval()
+            model = build_student(model_dir, family, config, dtype).eval()
         with unset_fake_temporarily():
             batch = synthetic_batch(shapes, config, _NoTerms())
         tensors = {k: sh.real(v) for k, v in batch.inputs.tensors.items()}
@@ -468,3 +468,39 @@ class _NoTerms:
 
     class cfg:  # noqa: N801
         recipe = "perception"
+
+
+def dry_run_teacher(teachers: dict[str, Path], layers: list[int] | None = None, *, seq_len: int | None = None,
+                    cameras: int = 6, dtype: str = "bfloat16") -> dict[str, Any]:
+    """`drivekd-cache build --dry-run`: each checkpoint's forward with capture of its roles' layers
+    (roles naming one checkpoint share one forward), against a plain sdpa forward."""
+    from drivekd.store.build import recipe_layers
+    from drivekd.trainer.config import student_depth
+
+    by_ckpt: dict[Path, list[str]] = {}
+    for role, path in teachers.items():
+        by_ckpt.setdefault(Path(path), []).append(role)
+    out = []
+    for ckpt, roles in by_ckpt.items():
+        family, L = student_depth(ckpt)
+        shapes = shapes_for(family, student_config(ckpt), ckpt, cameras, seq_len)
+        want = sorted({l for r in roles for l in (layers or recipe_layers(r, L))})
+        bad = [l for l in want if not 0 <= l < L]
+        if bad:
+            raise ConfigError(f"--layers {bad}: the teacher {ckpt} has {L} decoder layers (0..{L - 1})")
+        cap = count_teacher_pass(ckpt, want, shapes, getattr(torch, dtype))
+        plain = count_teacher_pass(ckpt, None, shapes, getattr(torch, dtype))
+        out.append({"model": str(ckpt), "roles": roles, "layers": want, "seq_len": shapes.seq_len, "params": cap.params,
+                    "peak_bytes": cap.peak + margin_bytes(cap.peak), "tracked_peak_bytes": cap.peak,
+                    "categories": {**cap.categories, "allocator_margin": margin_bytes(cap.peak)},
+                    "flops": cap.flops, "plain_peak_bytes": plain.peak + margin_bytes(plain.peak), "plain_flops": plain.flops})
+    return {"teachers": out}
+
+
+def format_teacher_report(r: dict[str, Any]) -> str:
+    lines = []
+    for t in r["teachers"]:
+        lines.append(f"teacher pass {t['model']} ({'+'.join(t['roles'])}, {len(t['layers'])} captured layer(s), T = {t['seq_len']}): "
+                     f"peak {t['peak_bytes'] / GiB:.2f} GiB (plain sdpa forward {t['plain_peak_bytes'] / GiB:.2f} GiB), "
+                     f"{t['flops'] / 1e12:.2f} TFLOP (plain {t['plain_flops'] / 1e12:.2f})")
+    return "\n".join(lines)
