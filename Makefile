@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install test demo clean bench
+.PHONY: install test demo analyze-demo clean bench
 
 install: $(STAMP)
 
@@ -28,6 +28,10 @@ test: install
 
 demo: install
 	$(PY) tools/demo.py --out $(DEMO)
+
+# The pre-studies (drivekd-analyze) on the demo teacher and scenes: $(DEMO)/analysis/*.png, analysis.json
+analyze-demo: install
+	$(PY) -m drivekd.analyze.demo --demo $(DEMO)
 
 clean:
 	rm -rf $(VENV) $(DEMO) .pytest_cache

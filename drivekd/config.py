@@ -14,6 +14,10 @@
 
     [train]                             # drivekd-train flags, underscores for dashes
 
+    [images]                            # image settings for cache, train and eval (drivekd/images.py)
+    tiling = false                      # InternVL: one 448-px tile per camera (--tiling/--no-tiling)
+    max_pixels = 200704                 # Qwen2.5-VL: <= 256 tokens per camera (--min-pixels/--max-pixels)
+
 Relative paths are resolved against the config file's folder. Command-line flags override it.
 """
 
@@ -23,6 +27,7 @@ import tomllib
 from pathlib import Path
 
 from drivekd.errors import ConfigError
+from drivekd.roles import ROLES
 
 DEFAULT_NAME = "drivekd.toml"
 
@@ -38,8 +43,26 @@ def find_config(path: str | Path | None) -> Path | None:
     return p if p.is_file() else None
 
 
+# Keys each table may hold; [train] holds the drivekd-train settings (drivekd.trainer.settings).
+# A typo in any table is an error naming the key, never silently ignored.
+TABLE_KEYS = {
+    "data": ("train", "images", "eval"),
+    "teachers": ROLES,
+    "cache": ("out", "device", "dtype", "encoding", "keepbits", "layers", "batch_size", "skip_bad", "share_prefix",
+              "writers", "text_tokens"),
+}
+# Keys holding paths: resolved against the config file's folder.
+PATH_KEYS = {
+    "data": ("train", "images", "eval"),
+    "teachers": ROLES,
+    "cache": ("out",),
+    "train": ("student", "data", "images", "cache", "out", "resume_from"),
+}
+
+
 def load_config(path: str | Path | None) -> dict:
-    """Parsed TOML with relative paths of [data], [teachers] and [cache] resolved."""
+    """Parsed TOML with every table's keys checked (except [train], which the trainer checks) and
+    relative paths resolved against the config file's folder."""
     p = find_config(path)
     if p is None:
         return {}
@@ -47,11 +70,19 @@ def load_config(path: str | Path | None) -> dict:
         cfg = tomllib.loads(p.read_text())
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{p}: not valid TOML: {e}") from e
-    base = p.parent
-    for table, keys in (("data", ("train", "images", "eval")), ("teachers", None), ("cache", ("out",))):
+    for table, keys in TABLE_KEYS.items():
         t = cfg.get(table, {})
-        for k, v in list(t.items()):
-            if (keys is None or k in keys) and isinstance(v, str):
-                t[k] = str((base / v).resolve()) if not Path(v).is_absolute() else v
+        if not isinstance(t, dict):
+            raise ConfigError(f"{p}: [{table}] must be a table")
+        unknown = sorted(set(t) - set(keys))
+        if unknown:
+            raise ConfigError(f"{p}: unknown key(s) in [{table}]: {', '.join(unknown)} (valid: {', '.join(keys)})")
+    base = p.parent
+    for table, keys in PATH_KEYS.items():
+        t = cfg.get(table, {})
+        for k in keys:
+            v = t.get(k)
+            if isinstance(v, str) and not Path(v).is_absolute():
+                t[k] = str((base / v).resolve())
     cfg["_path"] = str(p)
     return cfg

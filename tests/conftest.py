@@ -16,7 +16,7 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> Path:
-    from drivekd.families.tiny import make_tiny_models
+    from drivekd.demo.tiny_models import make_tiny_models
 
     out = tmp_path_factory.mktemp("tiny-models")
     make_tiny_models(out)
@@ -25,7 +25,7 @@ def tiny_models(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def demo_data(tmp_path_factory) -> Path:
-    from drivekd.data.demo import make_demo_data
+    from drivekd.demo.scenes import make_demo_data
 
     out = tmp_path_factory.mktemp("demo-data")
     make_demo_data(out, groups=4, questions_per_group=3, seed=0)

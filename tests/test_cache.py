@@ -16,7 +16,8 @@ from drivekd.cli.cache import main as cache_cli
 from drivekd.data import load_samples
 from drivekd.errors import StoreError
 from drivekd.families import Family, capture_attention, load_model
-from drivekd.store.build import BuildConfig, build, recipe_layers
+from drivekd.layers import recipe_layers
+from drivekd.store.build import BuildConfig, build
 from drivekd.store.zarr_store import Encoding, TeacherStore, check_key, pack_tril, unpack_tril
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -90,7 +91,7 @@ def test_store_matches_direct_capture(tiny_models, small_data, built):
 def test_store_is_plain_zarr(built):
     """Readable with zarr alone, as docs/STORE.md describes (prefix blocks included)."""
     root = zarr.open_group(str(built), mode="r")
-    assert root.attrs["drivekd"]["schema_version"] == 2
+    assert root.attrs["drivekd"]["schema_version"] == 3
     role = root["perception"]
     for sid in role.attrs["sample_ids"]:
         g = role["samples"][sid]

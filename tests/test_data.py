@@ -12,11 +12,11 @@ from PIL import Image
 from drivekd.data import (
     CAMERA_ORDER,
     Sample,
-    is_safe_id,
+    is_safe_key,
     load_samples,
     load_samples_report,
     normalize_capability,
-    safe_id,
+    safe_key,
 )
 from drivekd.errors import DataError
 
@@ -103,7 +103,7 @@ def test_both_formats_give_the_same_sample_shape(imgdir):
     assert (a.capability, a.images, a.question, a.answer) == (b.capability, b.images, b.question, b.answer)
     assert (a.source, b.source) == ("drivekd", "drivebench")
     for s in (a, b):
-        assert is_safe_id(s.id) and all(isinstance(p, Path) and p.is_absolute() for p in s.images)
+        assert is_safe_key(s.id) and all(isinstance(p, Path) and p.is_absolute() for p in s.images)
 
 
 @pytest.mark.parametrize("label,cap", [
@@ -184,7 +184,7 @@ def test_ids_are_stable_under_shuffling_and_copying(imgdir):
     assert {s.question: s.id for s in load_samples(write(imgdir / "other" / "b.json", db_recs))} == ids_db
     assert len(set(ids_kd.values())) == 12 and len(set(ids_db.values())) == 6
     assert all(i.startswith("frame") for i in ids_db.values())
-    assert all(is_safe_id(i) for i in list(ids_kd.values()) + list(ids_db.values()))
+    assert all(is_safe_key(i) for i in list(ids_kd.values()) + list(ids_db.values()))
 
 
 def test_id_depends_on_content_not_form(imgdir):
@@ -205,17 +205,17 @@ def test_explicit_ids_kept_or_sanitised(imgdir):
     samples = load_samples(write(imgdir / "t.json", recs))
     ids = [s.id for s in samples]
     assert ids[0] == "ok-id.1" and ids[2] == "a_b" and ids[-1] == "17"
-    assert all(is_safe_id(i) for i in ids), ids
+    assert all(is_safe_key(i) for i in ids), ids
     assert len(set(ids)) == len(ids)  # "a/b" does not collide with "a_b"
     for i in ids:
         assert "/" not in i and "\\" not in i and ".." not in i and not i.startswith(".") and len(i) <= 128
-    assert [safe_id(str(r)) for r in raw] == ids  # deterministic
+    assert [safe_key(str(r)) for r in raw] == ids  # deterministic
 
 
 def test_drivebench_explicit_and_unsafe_frame_tokens(imgdir):
     a, b = load_samples(write(imgdir / "db.json", [bench(id="my id"), bench(question="q2", frame="../f")]))
-    assert is_safe_id(a.id) and a.id.startswith("my_id-")
-    assert is_safe_id(b.id) and ".." not in b.id
+    assert is_safe_key(a.id) and a.id.startswith("my_id-")
+    assert is_safe_key(b.id) and ".." not in b.id
 
 
 # ------------------------------------------------------------------------------- bad input

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from drivekd.data import CAMERA_ORDER, CAPABILITIES, load_samples
-from drivekd.data.demo import ACTION_TEXT, LAMP_OFF, LIGHT_RGB, VEHICLE_SIZE, make_demo_data
+from drivekd.demo.scenes import ACTION_TEXT, LAMP_OFF, LIGHT_RGB, VEHICLE_SIZE, make_demo_data
 
 REPO = Path(__file__).resolve().parents[1]
 REF_RE = re.compile(r"<c\d+,(CAM_[A-Z_]+),(\d\.\d{4}),(\d\.\d{4})>")

@@ -67,6 +67,10 @@ QUESTION = (
         ("", None),
         (None, None),
         ("The vehicle is turning left.", None),
+        # The Drive-KD authors' own answer template (their data/demo.json).
+        ("Final: {A. Going ahead.}", "A"),
+        ("Final: {C. Turn left.} Support: the light ahead is red.", "C"),
+        ("Final: {a truck is ahead}", None),  # the article, not option A
     ],
 )
 def test_extract_choice(text, expected):

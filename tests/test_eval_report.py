@@ -203,7 +203,7 @@ def test_generation_mode_with_a_stub_generator(tmp_path, monkeypatch):
         calls["load"] = (path, images_root)
         return [types.SimpleNamespace(id=f"s{i}", record=r) for i, r in enumerate(json.loads(path.read_text()))]
 
-    def generate_predictions(model_dir, samples, out_dir, batch_size, max_new_tokens, temperature, top_p, progress=True):
+    def generate_predictions(model_dir, samples, out_dir, batch_size, max_new_tokens, temperature, top_p, progress=True, **kw):
         calls["generate"] = (len(samples), batch_size, max_new_tokens, temperature, top_p)
         return [{**s.record, "pred": s.record["answer"]} for s in samples]
 

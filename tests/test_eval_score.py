@@ -53,9 +53,28 @@ def test_record_id():
     a = rec("f1", "perception", "A", "A", question="What is it?")
     assert record_id({**a, "id": "q7"}) == "q7"
     rid = record_id(a)
-    assert rid.startswith("f1_") and re.fullmatch(r"[A-Za-z0-9._-]+", rid)
+    assert rid.startswith("f1-") and re.fullmatch(r"[A-Za-z0-9._-]+", rid)
     assert record_id(dict(a)) == rid  # stable
     assert record_id({**a, "question": "What else?"}) != rid
+
+
+def test_record_id_is_the_sample_id(tmp_path):
+    """Predictions, the store and the training run name a record alike: the scorer's id of a
+    record is the id the data loader gives the same record (explicit, derived, unsafe ids)."""
+    import json
+
+    from drivekd.data import load_samples
+
+    recs = [rec("f1", "perception", "A", "A", question="<image>What is it?"),
+            rec("f/2 ..", "planning", "B", "B", question="Where to?"),
+            rec("f3", "behavior", "C", "C", id="my id/with spaces"),
+            rec("f4", "prediction", "D", "D", id=17)]
+    for r in recs:
+        r["image_path"] = {"CAM_FRONT": "a.jpg"}
+    path = tmp_path / "bench.json"
+    path.write_text(json.dumps(recs))
+    samples = load_samples(path, tmp_path, check_images=False)
+    assert [record_id(r) for r in recs] == [s.id for s in samples]
 
 
 def test_group_key():
@@ -213,3 +232,70 @@ def test_bad_records_are_named():
         score_predictions([{**good, "question_type": "weather"}])
     with pytest.raises(DataError, match="empty"):
         score_predictions([])
+
+
+# ----------------------------------------------------------------------------- malformed records (issue 11)
+
+
+def test_pred_of_wrong_type_is_named_not_a_traceback():
+    good = rec("f1", "perception", "A", "A", id="ok")
+    with pytest.raises(DataError, match=r"record 1 \(id num\): 'pred' must be a string, got int 3"):
+        score_predictions([good, rec("f1", "perception", "A", 3, id="num")])
+
+
+def test_record_without_answer_is_refused_not_dropped_from_the_denominator():
+    records = [rec("f1", "perception", "A", "A", id="ok"), {k: v for k, v in rec("f2", "perception", "B", "A", id="noans").items() if k != "answer"}]
+    with pytest.raises(DataError, match=r"record 1 \(id noans\) has no 'answer' field"):
+        score_predictions(records)
+
+
+def test_cli_lists_every_malformed_record_with_the_file(tmp_path):
+    from click.testing import CliRunner
+
+    from drivekd.cli.eval import main as eval_cli
+
+    records = [rec("f1", "perception", "A", "A", id="ok"), rec("f2", 7, "A", "A", id="seven"),
+               rec("f3", "planning", "A", None, id="nopred", tag=1), rec("f4", "weather", "A", "A", id="sky")]
+    path = tmp_path / "predictions.json"
+    path.write_text(__import__("json").dumps(records))
+    r = CliRunner().invoke(eval_cli, ["score", str(path), "--out", str(tmp_path / "report")])
+    assert r.exit_code == 2 and str(path) in r.output and "Traceback" not in r.output, r.output
+    for needle in ("record 1 (id seven): 'question_type' must be a string, got int 7", "record 2 (id nopred): 'pred' must be a string",
+                   "record 3 (id sky): unknown question_type 'weather'", "3 malformed"):
+        assert needle in r.output, r.output
+    assert not (tmp_path / "report" / "report.json").exists()
+
+
+def test_judge_timeout_flag_bounds_each_request(tmp_path, monkeypatch):
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from click.testing import CliRunner
+
+    from drivekd.cli.eval import main as eval_cli
+
+    for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    release = threading.Event()
+
+    class Slow(BaseHTTPRequestHandler):
+        def do_POST(self):
+            release.wait(30)  # longer than the timeout: the client must give up first
+
+        def log_message(self, *args):
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Slow)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    path = tmp_path / "predictions.json"
+    path.write_text(json.dumps([rec("f1", "perception", "A", "A", id="ok")]))
+    try:
+        r = CliRunner().invoke(eval_cli, ["score", str(path), "--judge-url", f"http://127.0.0.1:{httpd.server_port}/v1", "--judge-model", "m",
+                                          "--judge-runs", "1", "--judge-retries", "0", "--judge-timeout", "0.5"])
+    finally:
+        release.set()
+        httpd.shutdown()
+    assert r.exit_code == 2 and "timed out" in r.output, r.output
+    r = CliRunner().invoke(eval_cli, ["score", str(path), "--judge-url", "http://127.0.0.1:9/v1", "--judge-model", "m", "--judge-timeout", "0"])
+    assert r.exit_code == 2 and "--judge-timeout must be > 0" in r.output

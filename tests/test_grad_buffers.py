@@ -93,10 +93,6 @@ def test_bf16_buffer(param_dtype, mode):
     for k in range(2):
         torch.testing.assert_close(bufs.buffer[k], ref[k].to(torch.bfloat16))
     assert all(p.grad is None for p in model.parameters())
-    bufs.combine_into_params("agp", [1])
-    expect = combine(bufs.buffer, "agp", [1]).to(param_dtype)
-    got = torch.cat([p.grad.reshape(-1) for p in trainable(model)])
-    torch.testing.assert_close(got, expect)
 
 
 def test_view_mode_needs_matching_dtype():
@@ -109,10 +105,18 @@ def test_view_mode_needs_matching_dtype():
         GradBuffers(model.parameters(), 2).backward(0, torch.tensor(1.0))
 
 
-@pytest.mark.parametrize("how", ["combine_into_params", "accumulate_into_params"])
-def test_accumulation_over_micro_steps(how):
+def test_accumulation_over_micro_steps():
+    """The loop's pattern: rows per micro-step, combined into flat fp32 grads the .grad views point at."""
     model = TwoHeads()
-    bufs = GradBuffers(model.parameters(), num_rows=2)
+    params = trainable(model)
+    bufs = GradBuffers(params, num_rows=2)
+    flat = torch.zeros(bufs.numel)
+    views, o = [], 0
+    for p in params:
+        views.append(flat[o : o + p.numel()].view_as(p))
+        o += p.numel()
+    for p, v in zip(params, views):
+        p.grad = v
     total = torch.zeros(bufs.numel)
     for step in range(2):
         x = torch.randn(3, 5)
@@ -121,25 +125,16 @@ def test_accumulation_over_micro_steps(how):
         bufs.zero_()
         bufs.backward(0, la, retain_graph=True)
         bufs.backward(1, lb)
-        if how == "combine_into_params":
-            info = bufs.combine_into_params("none")
-            assert info["gram"].shape == (2, 2)
-        else:
-            bufs.accumulate_into_params(combine(bufs.buffer, "none"))
-    got = torch.cat([p.grad.reshape(-1) for p in trainable(model)])
-    torch.testing.assert_close(got, total)
-    assert got.data_ptr() != bufs.buffer.data_ptr()
-    # the optimiser's zero_grad(set_to_none=True) starts a fresh accumulation
-    opt = torch.optim.SGD(trainable(model), lr=0.0)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
+        assert all(p.grad.data_ptr() == v.data_ptr() for p, v in zip(params, views))  # restored
+        combine(bufs.buffer, "none", active=bufs.filled, accumulate_into=flat)
+    torch.testing.assert_close(flat, total)
     la, lb = model.losses(torch.ones(2, 5))
     ref_b = autograd_row(model, lb)
+    flat.zero_()
     bufs.zero_()
     bufs.backward(1, lb)
-    bufs.combine_into_params("agp", [1])
-    got = torch.cat([p.grad.reshape(-1) for p in trainable(model)])
-    torch.testing.assert_close(got, ref_b)  # row 0 unfilled -> absent
+    combine(bufs.buffer, "agp", [1], active=bufs.filled, accumulate_into=flat)
+    torch.testing.assert_close(flat, ref_b)  # row 0 unfilled -> absent
 
 
 def test_unfilled_rows_are_absent_for_agp():
@@ -149,28 +144,8 @@ def test_unfilled_rows_are_absent_for_agp():
     bufs.zero_()
     bufs.backward(0, la, retain_graph=True)
     bufs.backward(2, lb)
-    info = bufs.combine_into_params("agp", [2, 1])
+    assert bufs.filled == (True, False, True)
+    got, info = combine(bufs.buffer, "agp", [2, 1], active=bufs.filled, return_info=True)
     sub = combine(torch.stack([bufs.buffer[0], bufs.buffer[2]]), "agp", [1])
-    got = torch.cat([p.grad.reshape(-1) for p in trainable(model)])
     torch.testing.assert_close(got, sub)
     assert float(info["coef"][1]) == 0.0
-
-
-def test_stats_from_info_and_from_buffer():
-    model = TwoHeads()
-    bufs = GradBuffers(model.parameters(), num_rows=3)
-    la, lb = model.losses(torch.randn(6, 5))
-    bufs.zero_()
-    bufs.backward(0, la, retain_graph=True)
-    bufs.backward(1, lb)
-    info = bufs.combine_into_params("g1", [1, 2])
-    s_info, s_buf = bufs.stats(info), bufs.stats()
-    rows = bufs.buffer.double()
-    norms = rows.norm(dim=1)
-    torch.testing.assert_close(s_info["norms"], norms, rtol=1e-6, atol=1e-9)
-    torch.testing.assert_close(s_buf["norms"], norms, rtol=1e-6, atol=1e-9)
-    cos01 = float(rows[0] @ rows[1] / (norms[0] * norms[1]))
-    assert abs(float(s_info["cosine"][0, 1]) - cos01) < 1e-6
-    assert float(s_info["cosine"][0, 2]) == 0.0  # unfilled row: zero norm, cosine reported as 0
-    assert s_info["filled"].tolist() == [True, True, False]
-    assert "fired" in s_info and "fired" not in s_buf

@@ -5,7 +5,6 @@ import torch
 import torch.nn.functional as F
 
 from drivekd.losses import (
-    IGNORE,
     answer_ce,
     answer_positions,
     attention_loss,
@@ -14,12 +13,12 @@ from drivekd.losses import (
     layer_groups,
     place_maps,
     plan_term,
-    resolve_layers,
     t2v_cosine,
     t2v_mse,
     token_ce,
 )
-from drivekd.losses.recipes import LayerSpecError, mid_range_spec, parse_role_layers
+from drivekd.layers import LayerSpecError, mid_range_spec, parse_role_layers, resolve_layers
+from drivekd.roles import IGNORE_INDEX
 
 
 def _map(T, seed):
@@ -153,7 +152,7 @@ def test_place_maps_offsets():
 def test_answer_ce_only_on_answer_tokens():
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(2, 6, 11, generator=g)
-    labels = torch.full((2, 6), IGNORE)
+    labels = torch.full((2, 6), IGNORE_INDEX)
     labels[0, 3:6] = torch.tensor([1, 2, 3])
     labels[1, 4:6] = torch.tensor([4, 5])
     got = answer_ce(logits, labels)
@@ -172,14 +171,14 @@ def test_answer_ce_only_on_answer_tokens():
     perfect = torch.full((2, 6, 11), -30.0)
     for b in range(2):
         for t in range(5):
-            if labels[b, t + 1] != IGNORE:
+            if labels[b, t + 1] != IGNORE_INDEX:
                 perfect[b, t, labels[b, t + 1]] = 30.0
     assert answer_ce(perfect, labels).max().item() < 1e-6
 
 
 def test_ce_without_answer_tokens_is_zero_not_nan():
     logits = torch.randn(1, 4, 5, requires_grad=True)
-    loss = answer_ce(logits, torch.full((1, 4), IGNORE))
+    loss = answer_ce(logits, torch.full((1, 4), IGNORE_INDEX))
     assert loss.item() == 0.0
     loss.sum().backward()
     assert torch.isfinite(logits.grad).all()

@@ -1,5 +1,6 @@
 """The training loop on tiny models: resume, recipes x projections, losses fall, alignment, NaNs."""
 
+import contextlib
 import json
 import math
 from dataclasses import replace
@@ -14,9 +15,9 @@ from drivekd.errors import AlignmentError, DriveKDError
 from drivekd.families import Family, load_model
 from drivekd.store.targets import InMemoryTargets, SampleTargets
 from drivekd.trainer.checkpoint import is_complete, list_checkpoints, load_state, read_meta
-from drivekd.trainer.config import TrainConfig
+from drivekd.trainer.settings import TrainConfig
 from drivekd.trainer.loop import train
-from drivekd.trainer.online import compute_targets
+from online_targets import compute_targets
 
 TEACHER_LAYERS = {"perception": [0], "reasoning": [0, 1, 2, 3, 4], "planning": [4]}  # tiny teacher: 6 layers
 
@@ -131,7 +132,7 @@ def test_losses_fall(tiny_models, demo_data, targets, tmp_path):
 
 def test_micro_batch_pads_targets(tiny_models, samples, targets, tmp_path, demo_data):
     """A padded micro-batch of 2 gives each sample the losses it has alone (both padding sides)."""
-    from drivekd.trainer.config import validate
+    from drivekd.trainer.plan import validate
     from drivekd.trainer.data import Collate
     from drivekd.trainer.loop import Dist, Trainer
 
@@ -200,19 +201,45 @@ def test_nonfinite_loss_stops_or_skips(tiny_models, demo_data, samples, targets,
         assert torch.isfinite(w).all()
 
 
+@contextlib.contextmanager
+def saved_for_backward():
+    """Record (dtype, bytes) of every tensor autograd saves for backward in this thread. Tensors
+    saved inside a non-reentrant checkpointed region go to the checkpoint's own hooks instead."""
+    seen: list[tuple[torch.dtype, int]] = []
+
+    def pack(t):
+        seen.append((t.dtype, t.numel() * t.element_size()))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        yield seen
+
+
 def test_gradient_checkpointing_same_step(tiny_models, demo_data, targets, tmp_path):
     kw = dict(max_steps=1, lr=1e-3, dynamic_weights=True)
-    a = train(_cfg(tiny_models, demo_data, tmp_path / "a", **kw), targets)
-    b = train(_cfg(tiny_models, demo_data, tmp_path / "b", gradient_checkpointing=True, **kw), targets)
+    with saved_for_backward() as saved_a:
+        a = train(_cfg(tiny_models, demo_data, tmp_path / "a", **kw), targets)
+    with saved_for_backward() as saved_b:
+        b = train(_cfg(tiny_models, demo_data, tmp_path / "b", gradient_checkpointing=True, **kw), targets)
     assert a.losses == pytest.approx(b.losses, rel=1e-5)
     wa, wb = _weights(tmp_path / "a" / "final"), _weights(tmp_path / "b" / "final")
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-6)
+    # Checkpointing is really on: the decoder layers' activations are not kept for backward.
+    kept_a, kept_b = sum(n for _, n in saved_a), sum(n for _, n in saved_b)
+    assert kept_b < 0.6 * kept_a, (kept_a, kept_b)
 
 
 def test_bf16_autocast_step(tiny_models, demo_data, targets, tmp_path):
-    res = train(_cfg(tiny_models, demo_data, tmp_path / "run", dtype="bfloat16", max_steps=1), targets)
+    with saved_for_backward() as saved:
+        res = train(_cfg(tiny_models, demo_data, tmp_path / "run", dtype="bfloat16", max_steps=1), targets)
     assert math.isfinite(res.losses[0])
+    # Autocast is really on: the matmuls saved bf16 inputs for backward (none at all without it;
+    # on tiny models the capture's fp32 maps are most of what is saved).
+    bf16 = sum(n for dt, n in saved if dt == torch.bfloat16)
+    assert bf16 > 0.05 * sum(n for _, n in saved), {dt: sum(n for d, n in saved if d == dt) for dt, _ in saved}
+    # and the weights stay fp32 (mixed precision, not a bf16 model).
+    assert all(w.dtype == torch.float32 for w in _weights(tmp_path / "run" / "final").values())
 
 
 def test_zero_weights_skip_rows(tiny_models, demo_data, targets, tmp_path):
@@ -228,3 +255,39 @@ def test_zero_weights_skip_rows(tiny_models, demo_data, targets, tmp_path):
     assert res.plan.row_names == ["ce", "reasoning", "planning"]
     rec = res.metrics[-1]
     assert rec["weights"]["ce"] == 0.0 and rec["active_share"]["ce"] == 0.0 and rec["grad_norms"]["ce"] is None
+
+
+def test_sft_baseline_needs_no_store(tiny_models, demo_data, tmp_path):
+    """The CE baseline of the ablation table: --recipe sft trains without a store (optionally on one
+    capability split), and a multi run with every teacher weight 0 is the same CE-only run (it
+    crashed with an IndexError in the mixing lookup)."""
+    sft = train(_cfg(tiny_models, demo_data, tmp_path / "sft", recipe="sft", lr=1e-3, max_steps=2, grad_accum=2))
+    assert sft.plan.row_names == ["ce"] and sft.plan.terms == [] and all(math.isfinite(l) for l in sft.losses)
+    split = train(_cfg(tiny_models, demo_data, tmp_path / "split", recipe="sft", split="planning", max_steps=1))
+    assert {s.capability for s in split.plan.samples} == {"planning"}
+    off = train(_cfg(tiny_models, demo_data, tmp_path / "off", lr=1e-3, max_steps=2, grad_accum=2, projection="none",
+                     w_perception=0.0, w_reasoning=0.0, w_planning=0.0))
+    assert off.plan.row_names == ["ce"]
+    assert off.losses == pytest.approx(sft.losses, rel=1e-6)  # same data order, same CE-only step
+
+
+def test_reference_text_set_end_to_end(tiny_models, demo_data, tmp_path):
+    """--text-tokens not_vision (the reference trainer's X set) runs end to end: the build stores it,
+    the trainer uses it, and a student with the other setting is refused, naming --text-tokens."""
+    from drivekd.store.build import BuildConfig, build
+    from drivekd.store.zarr_store import TeacherStore
+
+    recs = [r for r in json.loads((demo_data / "train.json").read_text()) if r["question_type"] == "planning"][:2]
+    data = tmp_path / "two.json"
+    data.write_text(json.dumps(recs))
+    t = tiny_models / "internvl-teacher"
+    build(BuildConfig(teachers={"planning": t}, data=data, images=demo_data, out=tmp_path / "c", progress=False,
+                      text_tokens="not_vision"))
+    st = TeacherStore(tmp_path / "c").get("planning", load_samples(data, demo_data)[0].id)
+    assert bool((st.text == ~st.vision).all())  # specials count as text under not_vision
+    kw = dict(data=data, images=demo_data, cache=tmp_path / "c", recipe="planning", max_steps=1)
+    res = train(_cfg(tiny_models, demo_data, tmp_path / "nv", text_tokens="not_vision", **kw))
+    assert math.isfinite(res.losses[0])
+    with pytest.raises(AlignmentError, match="--text-tokens"):
+        train(_cfg(tiny_models, demo_data, tmp_path / "paper", **{**kw, "recipe": "multi", "w_perception": 0.0,
+                                                                     "w_reasoning": 0.0}))

@@ -80,8 +80,8 @@ def run_case(case: str, work: Path) -> dict:
 
 
 def setup(work: Path, groups: int, questions: int, size: tuple[int, int]) -> None:
-    from drivekd.data.demo import make_demo_data
-    from drivekd.families.tiny import make_tiny_models
+    from drivekd.demo.scenes import make_demo_data
+    from drivekd.demo.tiny_models import make_tiny_models
 
     if not (work / "models" / "qwen2_5_vl-teacher" / "config.json").is_file():
         make_tiny_models(work / "models", ["qwen2_5_vl"])

@@ -36,9 +36,9 @@ def main(work: Path, groups: int, size: str) -> None:
     import torch
 
     from drivekd.data import load_samples
-    from drivekd.data.demo import make_demo_data
+    from drivekd.demo.scenes import make_demo_data
     from drivekd.families import Family
-    from drivekd.families.tiny import make_tiny_models
+    from drivekd.demo.tiny_models import make_tiny_models
     from drivekd.store.build import common_prefix_length, image_groups
     from drivekd.store.zarr_store import Encoding
 

@@ -16,7 +16,7 @@
     counting the tensors autograd saves, extrapolated to 24+24 layers: predicted peak memory of
     InternVL3-1B (multi, AGP, T ~ 1800, micro-batch 1) against an A100-40GB.
 
-Runs on CPU with the tiny checkpoints (drivekd.families.tiny) and synthetic demo data.
+Runs on CPU with the tiny checkpoints (drivekd.demo.tiny_models) and synthetic demo data.
 """
 
 from __future__ import annotations
@@ -49,8 +49,8 @@ def peak_rss() -> int:
 
 def prepare(work: Path) -> dict:
     """Tiny models, demo data and a teacher store (built once, reused)."""
-    from drivekd.data.demo import make_demo_data
-    from drivekd.families.tiny import make_tiny_models
+    from drivekd.demo.scenes import make_demo_data
+    from drivekd.demo.tiny_models import make_tiny_models
     from drivekd.store.build import BuildConfig, build
 
     models, data, store = work / "models", work / "data", work / "store"
@@ -66,7 +66,7 @@ def prepare(work: Path) -> dict:
 
 
 def base_cfg(paths: dict, out: Path, steps: int, **kw):
-    from drivekd.trainer.config import TrainConfig
+    from drivekd.trainer.settings import TrainConfig
 
     d = dict(student=paths["models"] / "internvl-student", data=paths["data"] / "train.json", images=paths["data"], out=out,
              cache=paths["store"], recipe="multi", projection="agp", dynamic_weights=False, max_steps=steps, grad_accum=1,
@@ -152,7 +152,7 @@ def case_reference(paths, args) -> dict:
     from drivekd.losses.attention import answer_ce, attention_loss
     from drivekd.projection import GradBuffers, combine
     from drivekd.store.zarr_store import TeacherStore
-    from drivekd.trainer.config import validate
+    from drivekd.trainer.plan import validate
     from drivekd.trainer.data import StreamSampler
     from drivekd.trainer.loop import FlatGrads
 
@@ -204,7 +204,7 @@ def per_param_bytes(paths, args) -> dict:
     import torch
 
     from drivekd.data.loaders import load_samples
-    from drivekd.trainer.config import validate
+    from drivekd.trainer.plan import validate
     from drivekd.trainer.loop import Dist, Trainer
 
     out = {}

@@ -36,8 +36,8 @@ def run(args: list[str], cwd: Path) -> None:
 @click.option("--out", type=click.Path(path_type=Path), default=Path("demo"), help="Demo folder.")
 @click.option("--steps", default=12, help="Optimizer steps of the demo training run.")
 def main(out: Path, steps: int) -> None:
-    from drivekd.data.demo import make_demo_data, summary_line
-    from drivekd.families.tiny import make_tiny_models
+    from drivekd.demo.scenes import make_demo_data, summary_line
+    from drivekd.demo.tiny_models import make_tiny_models
 
     out.mkdir(parents=True, exist_ok=True)
     out = out.resolve()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import click
 
-from drivekd.data.demo import DEFAULT_SIZE, MAX_QUESTIONS_PER_GROUP, make_demo_data, summary_line
+from drivekd.demo.scenes import DEFAULT_SIZE, MAX_QUESTIONS_PER_GROUP, make_demo_data, summary_line
 
 
 def _parse_size(ctx: click.Context, param: click.Parameter, value: str) -> tuple[int, int]:

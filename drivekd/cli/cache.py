@@ -9,25 +9,13 @@ from pathlib import Path
 import click
 
 from drivekd.errors import DriveKDError
+from drivekd.images import ImageSettings, image_options
+from drivekd.roles import ROLES
 
 
 def _fail(e: Exception) -> None:
     click.echo(f"error: {e}", err=True)
     sys.exit(2)
-
-
-def _parse_layers(spec: str | None) -> list[int] | None:
-    if not spec:
-        return None
-    out: list[int] = []
-    for part in spec.split(","):
-        part = part.strip()
-        if "-" in part[1:]:
-            a, b = part.split("-", 1)
-            out.extend(range(int(a), int(b) + 1))
-        elif part:
-            out.append(int(part))
-    return out
 
 
 @click.group()
@@ -36,12 +24,13 @@ def main() -> None:
 
 
 @main.command()
-@click.option("--teacher", "role", type=click.Choice(["perception", "reasoning", "planning", "all"]), required=True, help="Which teacher role(s) to build.")
+@click.option("--teacher", "role", type=click.Choice([*ROLES, "all"]), required=True, help="Which teacher role(s) to build.")
 @click.option("--model", "model_dir", type=click.Path(path_type=Path), help="Teacher checkpoint folder (default: [teachers].<role> in drivekd.toml).")
 @click.option("--data", type=click.Path(path_type=Path), help="Training data JSON (Drive-KD or DriveBench format).")
 @click.option("--images", type=click.Path(path_type=Path), help="Image root for relative paths (default: the data file's folder).")
 @click.option("--out", type=click.Path(path_type=Path), help="Store folder (default: cache/).")
-@click.option("--layers", help="Override the recipe layers, e.g. '0' or '0-26' or '1,3,5' (applies to every selected role).")
+@click.option("--layers", help="Override the recipe layers (applies to every selected role): N, L-N, ranges A..B, "
+              "comma-separated, e.g. '0', 'L-2', '0..L-2', '1,3,5'.")
 @click.option("--batch-size", type=int, default=None, help="Samples per teacher forward (default 1).")
 @click.option("--encoding", type=click.Choice(["lossless", "lossy"]), default=None, help="lossless fp16 (default) or mantissa-rounded.")
 @click.option("--keepbits", type=int, default=None, help="Mantissa bits kept by --encoding lossy (default 7: <1% loss change in tools/bench_cache.py).")
@@ -49,21 +38,24 @@ def main() -> None:
 @click.option("--overwrite", is_flag=True, help="Delete a role built with other settings and rebuild it.")
 @click.option("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available).")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None, help="Teacher dtype (default bfloat16 on GPU, float32 on CPU).")
+@click.option("--text-tokens", type=click.Choice(["paper", "not_vision"]), default=None,
+              help="Text query set X stored for the losses: paper (no special tokens, default) or not_vision (the "
+                   "reference trainer's); drivekd-train --text-tokens must match.")
 @click.option("--share-prefix/--no-share-prefix", default=True, help="Run each image group's shared token prefix once (default on).")
 @click.option("--writers", type=int, default=None, help="Threads that compress and write targets (default: min(4, CPUs)).")
 @click.option("--config", "config_path", type=click.Path(path_type=Path), help="Project config (default ./drivekd.toml if present).")
 @click.option("--no-progress", is_flag=True)
+@image_options
 @click.option("--dry-run", is_flag=True, help="Plan only: peak memory and FLOPs of one teacher forward with capture, from config.json alone.")
 @click.option("--json", "as_json", is_flag=True, help="With --dry-run: print one JSON object.")
 @click.option("--seq-len", type=int, default=None, help="With --dry-run: tokens per sample (default: six cameras' image tokens + 264).")
-def build(role, model_dir, data, images, out, layers, batch_size, encoding, keepbits, skip_bad, overwrite, device, dtype, share_prefix, writers, config_path, no_progress,
-          dry_run=False, as_json=False, seq_len=None):
+def build(role, model_dir, data, images, out, layers, batch_size, encoding, keepbits, skip_bad, overwrite, device, dtype, text_tokens, share_prefix, writers, config_path, no_progress,
+          dry_run=False, as_json=False, seq_len=None, **image_flags):
     """Run the teacher(s) once over every sample and write their targets."""
     import torch
 
     from drivekd.config import load_config
     from drivekd.store.build import BuildConfig, build as run_build
-    from drivekd.store.targets import ROLES
     from drivekd.store.zarr_store import Encoding
 
     try:
@@ -81,7 +73,7 @@ def build(role, model_dir, data, images, out, layers, batch_size, encoding, keep
 
             from drivekd.planner.plan import dry_run_teacher, format_teacher_report
 
-            rep = dry_run_teacher(teachers, _parse_layers(layers), seq_len=seq_len, dtype=dtype or "bfloat16")
+            rep = dry_run_teacher(teachers, layers, seq_len=seq_len, dtype=dtype or "bfloat16")
             click.echo(json.dumps(rep, indent=2) if as_json else format_teacher_report(rep))
             return
         c = cfg.get("cache", {})
@@ -91,7 +83,7 @@ def build(role, model_dir, data, images, out, layers, batch_size, encoding, keep
             raise DriveKDError("no data: pass --data FILE or set [data].train in drivekd.toml")
         dev = device or c.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
         enc = Encoding(mode=encoding or c.get("encoding", "lossless"), keepbits=keepbits if keepbits is not None else c.get("keepbits", 7))
-        layer_list = _parse_layers(layers) or c.get("layers")
+        layer_list = layers or c.get("layers")
         bc = BuildConfig(
             teachers=teachers,
             data=Path(data_path),
@@ -106,6 +98,8 @@ def build(role, model_dir, data, images, out, layers, batch_size, encoding, keep
             dtype=dtype or c.get("dtype") or ("bfloat16" if dev.startswith("cuda") else "float32"),
             progress=not no_progress,
             share_prefix=share_prefix and bool(c.get("share_prefix", True)),
+            text_tokens=text_tokens or c.get("text_tokens", "paper"),
+            image_processing=ImageSettings.from_sources(image_flags, cfg),
         )
         if writers or c.get("writers"):
             bc.writers = writers or int(c["writers"])
@@ -140,9 +134,12 @@ def info(store, as_json):
         return
     if not summaries:
         click.echo(f"{store}: no roles built yet")
+    elif not st.checksummed:
+        click.echo("note: " + NO_CHECKSUMS.format(store=store, v=st.schema_version))
     for r, s in summaries.items():
         ratio = f"{s['compression_ratio']:.2f}x" if s["compression_ratio"] else "n/a"
-        click.echo(f"{r}: teacher {s['teacher']} ({s['family']}, {s['teacher_fingerprint']}), layers {s['layers']}, encoding {s['encoding']['mode']}")
+        click.echo(f"{r}: teacher {s['teacher']} ({s['family']}, {s['teacher_fingerprint']}), layers {s['layers']}, encoding {s['encoding']['mode']}, "
+                   f"schema {s['schema_version']} ({'crc32c checksums' if s['checksums'] else 'no checksums'})")
         click.echo(f"  samples: {s['complete']} complete, {s['incomplete'] + s['missing']} missing/incomplete, {s['skipped']} skipped")
         click.echo(f"  {s['bytes_on_disk'] / 2**20:.2f} MiB on disk; attention {s['attn_bytes'] / 2**20:.2f} MiB vs "
                    f"{s['fp16_square_bytes'] / 2**20:.2f} MiB as fp16 square maps ({ratio})")
@@ -152,10 +149,18 @@ def info(store, as_json):
                        f"lower triangles not stored ({100 * s['bytes_saved_by_sharing'] / max(1, s['tril_fp16_bytes']):.0f}%)")
 
 
+NO_CHECKSUMS = ("{store} is a schema-{v} store: its samples carry no checksums, so damaged content cannot be detected "
+                "(a missing attention chunk still is). To get them, rebuild it with this drivekd into a new --out")
+
+
 @main.command()
 @click.argument("store", type=click.Path(path_type=Path))
-def verify(store):
-    """Check every sample is complete and readable; non-zero exit naming what is wrong."""
+@click.option("--quick", is_flag=True, help="Check completeness and that every file exists, without reading the arrays.")
+@click.option("--repair", is_flag=True, help="Delete the damaged samples found (and damaged shared prefixes) so that the next build redoes them.")
+def verify(store, quick, repair):
+    """Check every sample is complete and its content matches the checksums written with it;
+    non-zero exit naming what is wrong."""
+    from drivekd.store.lock import StoreLock
     from drivekd.store.zarr_store import TeacherStore
 
     try:
@@ -163,15 +168,33 @@ def verify(store):
         roles = st.roles()
         if not roles:
             raise DriveKDError(f"{store}: no roles built")
-        problems = [p for r in roles for p in st.verify(r)]
+        if not st.checksummed:
+            click.echo("note: " + NO_CHECKSUMS.format(store=store, v=st.schema_version), err=True)
+        # --repair deletes samples: it must not race a build writing them.
+        lock = StoreLock(store, roles).acquire() if repair else None
+        try:
+            problems = [p for r in roles for p in st.verify(r, quick=quick)]
+            removed = st.repair(problems) if repair else []
+        finally:
+            if lock is not None:
+                lock.release()
     except DriveKDError as e:
         _fail(e)
     if problems:
         for p in problems[:50]:
             click.echo(f"problem: {p}", err=True)
+        if len(problems) > 50:
+            click.echo(f"... and {len(problems) - 50} more", err=True)
         click.echo(f"verify: {len(problems)} problem(s) in {store}", err=True)
+        if repair:
+            click.echo(f"repair: removed {len(removed)} damaged sample/prefix group(s); run the same `drivekd-cache build` "
+                       "again to rebuild them", err=True)
+        else:
+            click.echo("fix: `drivekd-cache verify --repair` removes the damaged samples, then `drivekd-cache build` "
+                       "(same flags) rebuilds them; incomplete ones need only the build", err=True)
         sys.exit(1)
-    click.echo(f"verify: {store} OK ({', '.join(roles)})")
+    how = "files present (--quick: content not read)" if quick else ("content matches its checksums" if st.checksummed else "readable")
+    click.echo(f"verify: {store} OK ({', '.join(roles)}; {how})")
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import click
 
 from drivekd.errors import ConfigError, DriveKDError
 from drivekd.eval.judge import DEFAULT_KEY_ENV
+from drivekd.images import ImageSettings, image_options, pop_flags
 
 _PATH = click.Path(path_type=Path)
 
@@ -42,13 +43,15 @@ def _judge_options(f):
         click.option("--judge-workers", type=int, default=4, show_default=True, help="Concurrent judge requests."),
         click.option("--judge-retries", type=int, default=5, show_default=True, help="Retries per grading on connection errors, HTTP 429/5xx, malformed replies."),
         click.option("--judge-retry-delay", type=float, default=1.0, show_default=True, help="First back-off delay in seconds (doubles on every retry)."),
+        click.option("--judge-timeout", type=float, default=120.0, show_default=True, help="Seconds to wait for one judge reply before it counts as a failed attempt (and is retried)."),
     ]
     for option in reversed(options):
         f = option(f)
     return f
 
 
-def _judge_settings(judge_url, judge_model, judge_key_env, judge_runs, judge_temperature, judge_workers, judge_retries, judge_retry_delay):
+def _judge_settings(judge_url, judge_model, judge_key_env, judge_runs, judge_temperature, judge_workers, judge_retries, judge_retry_delay,
+                    judge_timeout):
     if judge_url is None:
         if judge_model is not None:
             raise ConfigError("--judge-model was given without --judge-url: give the judge endpoint too")
@@ -59,7 +62,7 @@ def _judge_settings(judge_url, judge_model, judge_key_env, judge_runs, judge_tem
         raise ConfigError("--judge-retries and --judge-retry-delay must be >= 0")
     return JudgeSettings(
         url=judge_url, model=judge_model or "", key_env=judge_key_env, runs=judge_runs, temperature=judge_temperature,
-        workers=judge_workers, retries=judge_retries, base_delay=judge_retry_delay,
+        workers=judge_workers, retries=judge_retries, base_delay=judge_retry_delay, timeout=judge_timeout,
     )
 
 
@@ -85,9 +88,11 @@ def _print_summary(report: dict, out_dir: Path) -> None:
 @click.option("--compare", multiple=True, type=_PATH, help="Another run folder to compare with (repeatable).")
 @click.option("--name", default=None, help="Model name in the report (default: the --model folder name).")
 @_judge_options
+@image_options
 @click.pass_context
 def main(ctx: click.Context, model_dir, data, images, out_dir, batch_size, max_new_tokens, temperature, top_p, deploy, limit, compare, name, **judge_kw):
     """Evaluate a driving VLM on DriveBench, or score / compare existing runs (see the commands)."""
+    image_flags = pop_flags(judge_kw)  # --tiling, --max-patches, --min-pixels, --max-pixels
     if ctx.invoked_subcommand is not None:
         if any(v is not None for v in (model_dir, data, images, out_dir, judge_kw["judge_url"])) or compare:
             raise ConfigError(
@@ -101,12 +106,13 @@ def main(ctx: click.Context, model_dir, data, images, out_dir, batch_size, max_n
     missing = [flag for flag, v in (("--model", model_dir), ("--data", data), ("--out", out_dir)) if v is None]
     if missing:
         raise ConfigError(f"generation needs {', '.join(missing)} (or use `drivekd-eval score FILE` to score existing predictions)")
+    from drivekd.config import load_config
     from drivekd.eval.report import evaluate_model
 
     report = evaluate_model(
         model_dir, data, out_dir, images=images, batch_size=batch_size, max_new_tokens=max_new_tokens,
         temperature=temperature, top_p=top_p, deploy=deploy, judge=_judge_settings(**judge_kw), limit=limit,
-        compare=compare, model_name=name,
+        compare=compare, model_name=name, image_settings=ImageSettings.from_sources(image_flags, load_config(None)),
     )
     _print_summary(report, out_dir)
 
@@ -121,8 +127,11 @@ def score_command(predictions: Path, out_dir: Path | None, name: str | None, **j
     from drivekd.eval.predictions import read_predictions
     from drivekd.eval.report import score_and_report
 
+    from drivekd.eval.score import check_records
+
     judge = _judge_settings(**judge_kw)  # flags checked before reading anything
     records = read_predictions(predictions)
+    check_records(records, str(predictions))  # every malformed record named, before any judge call
     out_dir = out_dir or predictions.parent
     report = score_and_report(records, out_dir, judge=judge, model_name=name, progress=judge is not None)
     _print_summary(report, out_dir)

@@ -2,68 +2,69 @@
 
     drivekd-train --cache cache/ --student DIR --data FILE --images ROOT --out runs/NAME [--recipe multi] ...
 
-Every flag can also be set in the [train] table of drivekd.toml (--config, default ./drivekd.toml
-when present) with underscores for dashes; flags given on the command line win.
+Every option is derived from a `TrainConfig` field (drivekd/trainer/settings.py: its default, help
+and choices are written there once). Each can also be set in the [train] table of drivekd.toml
+(--config, default ./drivekd.toml when present) with underscores for dashes; flags given on the
+command line win.
 """
 
 from __future__ import annotations
 
 import sys
+from dataclasses import fields
 from pathlib import Path
 
 import click
 from click.core import ParameterSource
 
 from drivekd.errors import DriveKDError
+from drivekd.images import image_options
+from drivekd.trainer.settings import GROUPS, TrainConfig, flag, kind
 
-P = click.Path(path_type=Path)
+
+def _option(f) -> click.Option:
+    """The click option of one settings field; the default stays in TrainConfig (None here means
+    'not given', so drivekd.toml can set it)."""
+    meta, t = f.metadata, kind(f)
+    help_ = meta["help"]
+    if f.default is not None and not meta.get("required"):
+        help_ += f"  [default: {str(f.default).lower() if t is bool else f.default}]"
+    name = flag(f.name)
+    if t is bool:
+        if f.name in ("resume", "skip_nonfinite"):  # plain switches: off unless given
+            return click.Option([name, f.name], is_flag=True, default=None, show_default=False, help=help_)
+        return click.Option([f"{name}/--no-{name[2:]}", f.name], default=None, show_default=False, help=help_)
+    ctype = (click.Choice(meta["choices"]) if meta.get("choices") else
+             {Path: click.Path(path_type=Path), int: int, float: float, str: str}[t])
+    return click.Option([name, f.name], type=ctype, default=None, show_default=False, help=help_)
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 120})
-@click.option("--config", "config_path", type=P, help="Project config (TOML, [train] table); default ./drivekd.toml if present.")
-@click.option("--cache", type=P, help="Teacher store built by drivekd-cache.")
-@click.option("--student", type=P, help="Student checkpoint folder.")
-@click.option("--data", type=P, help="Training data JSON (Drive-KD or DriveBench format).")
-@click.option("--images", type=P, help="Image root for relative paths (default: the data file's folder).")
-@click.option("--out", type=P, help="Run folder (metrics.jsonl, step-NNNNNN/, final/).")
-@click.option("--recipe", type=click.Choice(["perception", "reasoning", "planning", "multi"]), help="Single-teacher recipe or multi (default).")
-@click.option("--signal", type=click.Choice(["t2v", "full"]), help="Ablation: attention signal of every teacher term.")
-@click.option("--loss", type=click.Choice(["mse", "cosine"]), help="Attention loss (default mse).")
-@click.option("--layers", help="Layers, e.g. 0, L-2, 1..L-3; several terms: 'perception=0;planning=L-2'.")
-@click.option("--mid-range", help="Reasoning range variant, e.g. mid2 (indices 1..L-3).")
-@click.option("--full-reduction", type=click.Choice(["paper", "reference"]), help="Full-map MSE: paper eq. 11 (default) or mean over T x T.")
-@click.option("--text-tokens", type=click.Choice(["paper", "not_vision"]), help="Text query set X (must match the store).")
-@click.option("--mix", help="3x3 mixing matrix, rows ';' columns ',' (default 0.8,0.1,0.1;0.1,0.8,0.1;0.1,0.1,0.8).")
-@click.option("--w-ce", type=float, help="Static CE weight (default 1).")
-@click.option("--w-perception", type=float, help="Static perception-term weight (default 1; 0 switches it off).")
-@click.option("--w-reasoning", type=float, help="Static reasoning-term weight (default 1).")
-@click.option("--w-planning", type=float, help="Static planning-term weight (default 1).")
-@click.option("--projection", type=click.Choice(["agp", "g1", "g2", "none"]), help="Gradient-conflict handling (default agp).")
-@click.option("--dynamic-weights/--no-dynamic-weights", default=None, help="Online loss re-weighting (default on).")
-@click.option("--reweight-alpha", type=float, help="Re-weighting alpha (default 0).")
-@click.option("--reweight-lr", type=float, help="Re-weighting AdamW lr (default 3e-4).")
-@click.option("--lr", type=float, help="Peak learning rate (default 5e-5).")
-@click.option("--epochs", type=int, help="Epochs (default 3).")
-@click.option("--micro-batch", type=int, help="Samples per forward per process (default 1).")
-@click.option("--grad-accum", type=int, help="Micro-steps per optimizer step (default 4).")
-@click.option("--warmup-ratio", type=float, help="Warmup share of steps (default 0.03).")
-@click.option("--min-lr-ratio", type=float, help="Cosine floor / lr (default 0.01).")
-@click.option("--weight-decay", type=float, help="AdamW weight decay (default 0).")
-@click.option("--max-grad-norm", type=float, help="Gradient clipping norm (default 1; 0 = off).")
-@click.option("--seed", type=int, help="Seed (default 42).")
-@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), help="Autocast dtype (auto: bf16 on GPU).")
-@click.option("--grad-buffer-dtype", type=click.Choice(["float32", "bfloat16"]), help="dtype of the per-loss gradient rows.")
-@click.option("--device", help="auto (default), cpu, cuda, cuda:N.")
-@click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=None, help="Recompute activations in backward.")
-@click.option("--max-steps", type=int, help="Stop after N optimizer steps (overrides --epochs).")
-@click.option("--num-workers", type=int, help="DataLoader workers (default 2).")
-@click.option("--save-every", type=int, help="Checkpoint every N steps (default 500; 0 = final only).")
-@click.option("--keep-last", type=int, help="Step checkpoints to keep (default 2).")
-@click.option("--resume", is_flag=True, default=None, help="Continue from the latest complete checkpoint in --out.")
-@click.option("--resume-from", type=P, help="Continue from this checkpoint folder.")
-@click.option("--skip-nonfinite", is_flag=True, default=None, help="Skip samples with a NaN/inf loss instead of stopping.")
-@click.option("--log-every", type=int, help="Metrics line every N steps (default 1).")
-@click.option("--progress/--no-progress", default=None, help="tqdm progress bar (default on).")
+class _GroupedHelp(click.Command):
+    """--help lists the options by concern, in TrainConfig's order."""
+
+    def format_options(self, ctx, formatter):
+        by_name = {p.name: p for p in self.get_params(ctx)}
+        group_of = {f.name: f.metadata["group"] for f in fields(TrainConfig)}
+        for group in (*GROUPS, None):
+            rows = [by_name[n].get_help_record(ctx) for n in by_name if group_of.get(n) == group]
+            rows = [r for r in rows if r]
+            if rows:
+                with formatter.section(f"{group.capitalize()} options" if group else "Other options"):
+                    formatter.write_dl(rows)
+
+
+def _with_settings(cmd):
+    for f in reversed(fields(TrainConfig)):
+        if f.metadata.get("cli", True):
+            cmd.params.insert(0, _option(f))
+    return cmd
+
+
+@_with_settings
+@click.command(cls=_GroupedHelp, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 120})
+@click.option("--config", "config_path", type=click.Path(path_type=Path),
+              help="Project config (TOML, [train] table); default ./drivekd.toml if present.")
+@image_options
 @click.option("--dry-run", is_flag=True, help="Plan only: peak GPU memory by category and FLOPs of one step, from config.json alone (no GPU, no weights).")
 @click.option("--json", "as_json", is_flag=True, help="With --dry-run: print one JSON object.")
 @click.option("--gpu-memory", help="With --dry-run: the GPU's memory, e.g. 40GiB, 80GB; the verdict says whether the run fits.")
@@ -72,8 +73,8 @@ P = click.Path(path_type=Path)
 @click.pass_context
 def main(ctx: click.Context, config_path, dry_run, as_json, gpu_memory, seq_len, cameras, **flags) -> None:
     """Distil a driving VLM student from stored teacher attention (Drive-KD)."""
-    from drivekd.trainer.config import config_from_sources
     from drivekd.trainer.loop import train
+    from drivekd.trainer.settings import config_from_sources
 
     given = {k: v for k, v in flags.items() if ctx.get_parameter_source(k) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)}
     if dry_run:
@@ -95,7 +96,7 @@ def _dry_run(given, config_path, as_json, gpu_memory, seq_len, cameras) -> None:
     import json
 
     from drivekd.planner import dry_run, format_report, parse_bytes
-    from drivekd.trainer.config import config_from_sources
+    from drivekd.trainer.settings import config_from_sources
 
     try:
         cfg = config_from_sources(given, config_path)

@@ -1,21 +1,19 @@
-"""Data: the Sample type, loaders for the Drive-KD and DriveBench formats, synthetic demo data.
+"""Data: the Sample type and loaders for the Drive-KD and DriveBench formats.
 
-The demo generator (`drivekd.data.demo.make_demo_data`) is imported from its module, so importing
-this package stays light.
+Synthetic demo scenes live in `drivekd.demo` (a fixture, not part of the library).
 """
 
 from drivekd.data.loaders import (
     CAPABILITY_ALIASES,
     LoadReport,
     SkippedRecord,
-    is_safe_id,
     load_samples,
     load_samples_report,
     normalize_capability,
-    safe_id,
     strip_image_tags,
 )
 from drivekd.data.sample import CAMERA_ORDER, CAPABILITIES, Sample
+from drivekd.ids import is_safe_key, safe_key
 
 __all__ = [
     "CAMERA_ORDER",
@@ -24,10 +22,10 @@ __all__ = [
     "LoadReport",
     "Sample",
     "SkippedRecord",
-    "is_safe_id",
+    "is_safe_key",
     "load_samples",
     "load_samples_report",
     "normalize_capability",
-    "safe_id",
+    "safe_key",
     "strip_image_tags",
 ]

@@ -8,17 +8,7 @@ Both formats are JSON lists of records; the format is detected per file:
 * DriveBench: `scene_token`, `frame_token`, `question_type` (perception|prediction|planning|behavior),
   `question`, `answer`, `tag`, `image_path` {camera: path}. Images are ordered by `CAMERA_ORDER`.
 
-Sample ids (never derived from list position, so shuffling a file keeps every id):
-
-* an explicit `id` field wins; if it is not a safe storage key it is sanitised by `safe_id`;
-* Drive-KD: `dk-` + 16 hex chars of sha256 over (image paths as written, question, answer,
-  capability), so the messages form and the flat form of the same sample get the same id;
-* DriveBench: `<frame_token>-` + 10 hex chars of sha256 over the question.
-
-A safe id matches `[A-Za-z0-9._-]+`, does not start with '.', contains no '..', and has at most
-`MAX_ID_LEN` characters. `safe_id` keeps a safe id unchanged; otherwise it replaces every run of
-other characters (and every '..') by '_', drops leading dots, truncates, and appends '-' plus 16 hex
-chars of sha256 of the original, so two different unsafe ids never map to the same key.
+Sample ids come from `drivekd.ids` (explicit `id` field, else a content hash; never list position).
 
 Every problem raises `DataError` naming the file, the record index and id (when known), the field,
 and what to do. All records are checked before raising, so one run lists every problem (the first
@@ -27,7 +17,6 @@ and what to do. All records are checked before raising, so one run lists every p
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -40,6 +29,7 @@ from PIL import Image
 
 from drivekd.data.sample import CAMERA_ORDER, Sample
 from drivekd.errors import DataError
+from drivekd.ids import drivebench_id, drivekd_id, explicit_id
 
 log = logging.getLogger(__name__)
 
@@ -47,9 +37,7 @@ IMAGE_TAG = "<image>"
 # A tag plus the spaces and the one newline right after it (the authors write "<image>\n...").
 _TAG_RE = re.compile(r"<image>[ \t]*(?:\r?\n)?")
 
-MAX_ID_LEN = 128
 MAX_LISTED_PROBLEMS = 20
-_SAFE_ID_RE = re.compile(r"[A-Za-z0-9._-]+")
 
 # Label aliases (case-insensitive; '-' and ' ' read as '_'). The reference trainer's table plus the
 # DriveBench question types (prediction and behavior are reasoning, as in the paper).
@@ -86,31 +74,6 @@ def normalize_capability(label: str) -> str | None:
             if word.startswith(prefix):
                 return cap
     return None
-
-
-def is_safe_id(s: str) -> bool:
-    """True if `s` can be used as a storage key as is (see the module docstring)."""
-    return (
-        0 < len(s) <= MAX_ID_LEN
-        and _SAFE_ID_RE.fullmatch(s) is not None
-        and not s.startswith(".")
-        and ".." not in s
-    )
-
-
-def _sha(obj: Any) -> str:
-    blob = json.dumps(obj, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
-
-
-def safe_id(raw: str) -> str:
-    """`raw` if it is a safe id, else a deterministic safe id that no other `raw` maps to."""
-    if is_safe_id(raw):
-        return raw
-    cleaned = re.sub(r"[^A-Za-z0-9._-]+", "_", raw)
-    cleaned = re.sub(r"\.{2,}", "_", cleaned).lstrip(".")
-    cleaned = cleaned[: MAX_ID_LEN - 17] or "id"
-    return f"{cleaned}-{hashlib.sha256(raw.encode('utf-8')).hexdigest()[:16]}"
 
 
 def strip_image_tags(text: str) -> str:
@@ -313,7 +276,7 @@ def _explicit_safe_id(record: dict) -> str | None:
     if isinstance(v, bool) or not isinstance(v, (str, int)) or (isinstance(v, str) and not v.strip()):
         raise _Problem("id", f"is {v!r}, expected a non-empty string; give a unique string id or drop "
                        "the field to derive one from the content")
-    return safe_id(str(v))
+    return explicit_id(v)
 
 
 def _capability(label: str, field: str, unknown: str, how: str) -> str:
@@ -376,7 +339,7 @@ def _parse_drivekd(record: dict, root: Path, unknown: str) -> Sample:
 
     sid = _explicit_safe_id(record)
     if sid is None:
-        sid = "dk-" + _sha([list(images), question, answer, capability])[:16]
+        sid = drivekd_id(list(images), question, answer, capability)
     return Sample(
         id=sid,
         capability=capability,
@@ -447,8 +410,7 @@ def _parse_drivebench(record: dict, root: Path, unknown: str) -> Sample:
     if sid is None:
         if "frame_token" not in record:
             raise _Problem("frame_token", "missing; the sample id is derived from it (or give an `id` field)")
-        token = safe_id(record["frame_token"])[: MAX_ID_LEN - 11]
-        sid = f"{token}-{_sha(question)[:10]}"
+        sid = drivebench_id(record["frame_token"], question)
     cams = [c for c in CAMERA_ORDER if c in paths] + sorted(c for c in paths if c not in CAMERA_ORDER)
     return Sample(
         id=sid,

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-CAPABILITIES = ("perception", "reasoning", "planning")
+from drivekd.roles import CAPABILITIES  # noqa: F401  (re-exported: a Sample's capability is one of these)
 
 # The six nuScenes cameras in the order Drive-KD lists them for a six-view sample.
 CAMERA_ORDER = ("CAM_FRONT_LEFT", "CAM_FRONT", "CAM_FRONT_RIGHT", "CAM_BACK_LEFT", "CAM_BACK", "CAM_BACK_RIGHT")

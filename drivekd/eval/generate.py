@@ -4,8 +4,8 @@
 records (each input record plus "pred"). It is resumable at batch granularity: every finished
 answer is appended (flushed, fsynced) to `predictions.partial.jsonl` in the run folder, and a
 restarted run keeps every id found there or in a finished `predictions.json` (see
-`drivekd.eval.predictions`). Records are keyed by `drivekd.eval.score.record_id`, the key the
-scorer and judge use, so a predictions file written here is read back under the same ids.
+`drivekd.eval.predictions`). Records are keyed by `Sample.id` (`drivekd.ids`), which `drivekd.eval.score.record_id` gives
+back for the written record: the store, the training run and the scorer use one id per record.
 
 `measure_deploy` gives the paper's deployment columns (METHOD.md section 9): peak memory,
 generation throughput (new tokens / generation time) and the median time-to-first-token.
@@ -27,7 +27,6 @@ import torch
 from drivekd.data.sample import Sample
 from drivekd.errors import ConfigError, DataError
 from drivekd.eval.predictions import PREDICTIONS_FILE, PartialWriter, finalize_predictions, load_existing, partial_path
-from drivekd.eval.score import record_id
 
 log = logging.getLogger(__name__)
 
@@ -73,10 +72,10 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
         raise ConfigError(f"unknown dtype {dtype!r}: use one of {', '.join(sorted(_DTYPES))}") from None
 
 
-def _load(model_dir: str | Path, device: torch.device, dtype: torch.dtype):
+def _load(model_dir: str | Path, device: torch.device, dtype: torch.dtype, image_settings=None):
     from drivekd.families import Family, load_model
 
-    family = Family.from_pretrained(model_dir)
+    family = Family.from_pretrained(model_dir, image_processing=image_settings)  # [images] settings
     model = load_model(model_dir, dtype=dtype, device=device, capture=False)  # plain sdpa
     model.eval()
     return family, model
@@ -138,14 +137,16 @@ def drivebench_record(sample: Sample) -> dict[str, Any]:
 
 
 def _keyed(samples: Sequence[Sample]) -> tuple[list[dict[str, Any]], list[str]]:
+    """Records and their keys: each sample's own id (`drivekd.ids`), the id it has in the teacher
+    store and the training run; `record_id` of the record written gives the same id back."""
     records = [drivebench_record(s) for s in samples]
-    keys = [record_id(r) for r in records]
+    keys = [s.id for s in samples]
     seen: dict[str, int] = {}
     for i, k in enumerate(keys):
         if k in seen:
             raise DataError(
-                f"samples {samples[seen[k]].id} and {samples[i].id} get the same prediction id {k!r} "
-                "(same frame_token and question, or the same explicit `id`): remove the duplicate or give them distinct `id` fields"
+                f"two samples have the id {k!r} (same frame_token and question, or the same explicit `id`): "
+                "remove the duplicate or give them distinct `id` fields"
             )
         seen[k] = i
     return records, keys
@@ -187,6 +188,7 @@ def generate_predictions(
     progress: bool = True,
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
+    image_settings=None,
 ) -> PredictionRecords:
     """Answer every sample; write `out_dir/predictions.json`; return its records (input order).
 
@@ -215,7 +217,7 @@ def generate_predictions(
     if pending:
         dev = resolve_device(device)
         dt = resolve_dtype(dtype, dev)
-        family, model = _load(model_dir, dev, dt)
+        family, model = _load(model_dir, dev, dt, image_settings)
         cfg = _generation_config(model, family, max_new_tokens, temperature, top_p)
         from tqdm.auto import tqdm
 
@@ -258,6 +260,7 @@ def measure_deploy(
     runs: int = 5,
     max_new_tokens: int = 32,
     batch_size: int = 1,
+    image_settings=None,
 ) -> dict[str, Any]:
     """Peak memory, generation throughput and median time-to-first-token (METHOD.md section 9).
 
@@ -281,7 +284,7 @@ def measure_deploy(
     if dev.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(dev)
-    family, model = _load(model_dir, dev, dt)
+    family, model = _load(model_dir, dev, dt, image_settings)
     batch = list(samples[:batch_size])
     inputs = family.build_inputs(batch, with_answer=False, padding_side="left").to(dev)
     full = _generation_config(model, family, max_new_tokens, 0.0, 1.0, min_new_tokens=max_new_tokens)

@@ -312,6 +312,7 @@ class JudgeSettings:
     workers: int = 4  # concurrent requests
     retries: int = 5
     base_delay: float = 1.0  # seconds; doubles after every failed attempt
+    timeout: float = 120.0  # seconds to wait for one reply before retrying
 
     def __post_init__(self) -> None:
         if not self.model:
@@ -322,11 +323,13 @@ class JudgeSettings:
             raise JudgeError(f"--judge-workers must be >= 1, got {self.workers}")
         if self.temperature < 0:
             raise JudgeError(f"--judge-temperature must be >= 0, got {self.temperature}")
+        if not self.timeout > 0:
+            raise JudgeError(f"--judge-timeout must be > 0 seconds, got {self.timeout}")
 
     def client(self) -> "JudgeClient":
         return JudgeClient(
             self.url, self.model, key_env=self.key_env, temperature=self.temperature,
-            retries=self.retries, base_delay=self.base_delay,
+            retries=self.retries, base_delay=self.base_delay, timeout=self.timeout,
         )
 
 

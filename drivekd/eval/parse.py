@@ -4,7 +4,7 @@ The public DriveBench scorer reads the English article "a" as option A. This par
 a letter where the text *states* an answer, in two tiers tried in order:
 
 1. Answer statements: "Final: C", "Answer: C", "The answer is C", "Final answer - (C)",
-   "The correct option is **C**". Letters may be lowercase here ("answer: c"). When several appear
+   "The correct option is **C**", and the Drive-KD authors' template "Final: {A. Going ahead.}". Letters may be lowercase here ("answer: c"). When several appear
    the last one wins (a model that corrects itself ends with its final word).
 2. A leading option marker: the text starts with "C", "C.", "C)", "(C)", "C:" or "**C**";
    and other markers anywhere: "(C)", "**C**", "Option C", "choose C", "C is correct". Without
@@ -37,7 +37,7 @@ _END_PUNCT = set(".,;:!?)]}*\"'`-\u2013\u2014(/")
 _STATEMENT = re.compile(
     r"(?i)\b(?:final(?:\s+answer)?|(?:correct|right|best|my)\s+(?:answer|option|choice)|answer)"
     r"(?P<sep>(?:\s*\*{0,2}\s*(?:[:=\-]|\bis\b|\bwould\s+be\b|\bshould\s+be\b|\bwill\s+be\b))+)"
-    r"[\s*\"'`]*(?:(?:clearly|definitely|probably|likely)\s+)?(?:(?:option|choice)\s*)?[\(\[]?\s*\*{0,2}(?P<letter>[A-Za-z])(?![A-Za-z0-9])"
+    r"[\s*\"'`]*(?:(?:clearly|definitely|probably|likely)\s+)?(?:(?:option|choice)\s*)?[\(\[\{]?\s*\*{0,2}(?P<letter>[A-Za-z])(?![A-Za-z0-9])"
 )
 # Tier 2: the text opens with an option marker.
 _LEADING = re.compile(r"^\s*(?:\*\*)?\s*[\(\[]?(?P<letter>[A-Z])(?:\*\*)?(?:[\)\].:]|(?=\s|$))(?![A-Za-z0-9])")

@@ -273,6 +273,7 @@ def evaluate_model(
     limit: int | None = None,
     compare: Sequence[str | Path] = (),
     model_name: str | None = None,
+    image_settings: Any = None,
 ) -> dict[str, Any]:
     """Generation-based evaluation: load samples, generate (resumable), measure, score, report.
 
@@ -319,13 +320,14 @@ def evaluate_model(
         ) from None
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    records = generate_predictions(model_dir, samples, out_dir, batch_size, max_new_tokens, temperature, top_p, progress=True)
+    records = generate_predictions(model_dir, samples, out_dir, batch_size, max_new_tokens, temperature, top_p, progress=True,
+                                   image_settings=image_settings)
     pred_path = out_dir / "predictions.json"
     if not pred_path.exists():
         from drivekd.eval.predictions import write_predictions
 
         write_predictions(pred_path, records)
-    deploy_metrics = measure_deploy(model_dir, samples) if deploy else None
+    deploy_metrics = measure_deploy(model_dir, samples, image_settings=image_settings) if deploy else None
     report = score_and_report(records, out_dir, judge=judge, deploy=deploy_metrics, model_name=model_name or model_dir.name, progress=True)
     if compare:
         compare_reports([out_dir, *compare], out_dir / "compare")

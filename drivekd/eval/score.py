@@ -30,7 +30,6 @@ Definitions used in the report:
 
 from __future__ import annotations
 
-import hashlib
 import math
 import re
 from collections import defaultdict
@@ -38,10 +37,12 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from drivekd.data.loaders import strip_image_tags
 from drivekd.errors import DataError
+from drivekd.ids import content_hash, drivebench_id, explicit_id
+from drivekd.roles import CAPABILITIES
 from drivekd.eval.parse import extract_choice, extract_yes_no, options_in_question
 
-CAPABILITIES = ("perception", "reasoning", "planning")
 
 # DriveBench question_type (and the capability names themselves) -> capability.
 _CAPABILITY_OF = {
@@ -66,15 +67,15 @@ def capability_of(question_type: str) -> str:
 
 
 def record_id(rec: Mapping[str, Any]) -> str:
-    """A stable id for a DriveBench record: its "id" if present, else frame_token + short question hash.
-
-    Storage-safe ([A-Za-z0-9._-]); never derived from the record's position in the file.
-    """
+    """The id of a DriveBench(-like) record: the same id `drivekd.data.load_samples` gives the
+    sample, so predictions, the teacher store and the training run name a record alike
+    (`drivekd.ids`): its "id" if present, else frame_token + a hash of the question."""
     if rec.get("id") not in (None, ""):
-        return str(rec["id"])
-    frame = re.sub(r"[^A-Za-z0-9._-]", "_", str(rec.get("frame_token") or "noframe"))
-    digest = hashlib.sha1(str(rec.get("question", "")).encode("utf-8")).hexdigest()[:10]
-    return f"{frame}_{digest}"
+        return explicit_id(rec["id"])
+    question = strip_image_tags(str(rec.get("question", "")))
+    if rec.get("frame_token"):
+        return drivebench_id(str(rec["frame_token"]), question)
+    return "rec-" + content_hash([question, str(rec.get("image_path", rec.get("images", "")))])[:16]
 
 
 def group_key(rec: Mapping[str, Any]) -> str | None:
@@ -219,6 +220,38 @@ def consistency(items: Iterable[tuple[str | None, str, float | None]]) -> dict[s
     }
 
 
+def record_problems(i: int, rec: Any) -> list[str]:
+    """What is wrong with one prediction record (empty when it can be scored)."""
+    if not isinstance(rec, Mapping):
+        return [f"record {i} is a {type(rec).__name__}, expected a JSON object"]
+    rid = record_id(rec)
+    out = []
+    for key in ("pred", "answer", "question_type"):
+        if key not in rec:
+            out.append(f"record {i} (id {rid}) has no '{key}' field")
+        elif not isinstance(rec[key], str):
+            out.append(f"record {i} (id {rid}): '{key}' must be a string, got {type(rec[key]).__name__} {rec[key]!r}")
+    if isinstance(rec.get("question_type"), str) and rec["question_type"].strip().lower() not in _CAPABILITY_OF:
+        out.append(f"record {i} (id {rid}): unknown question_type {rec['question_type']!r} (expected one of {', '.join(sorted(_CAPABILITY_OF))})")
+    if "question" in rec and not isinstance(rec["question"], str):
+        out.append(f"record {i} (id {rid}): 'question' must be a string, got {type(rec['question']).__name__}")
+    try:
+        tags_of(rec)
+    except DataError:
+        out.append(f"record {i} (id {rid}): 'tag' must be an int or a list of ints, got {rec.get('tag')!r}")
+    return out
+
+
+def check_records(records: Sequence[Any], where: str = "prediction records") -> None:
+    """Refuse a predictions list with any malformed record, naming the file and EVERY bad record
+    (a record left out would silently shrink a denominator)."""
+    problems = [p for i, rec in enumerate(records) for p in record_problems(i, rec)]
+    if problems:
+        shown = "; ".join(problems[:20]) + (f"; and {len(problems) - 20} more" if len(problems) > 20 else "")
+        raise DataError(f"{where}: {len(problems)} malformed record field(s), nothing was scored: {shown}. "
+                        "Fix those records (each needs string 'pred', 'answer' and a known 'question_type')")
+
+
 def score_predictions(
     records: Sequence[Mapping[str, Any]],
     judge_grades: Mapping[str, Sequence[float | None]] | None = None,
@@ -226,6 +259,7 @@ def score_predictions(
     """Score DriveBench prediction records; returns a JSON-able report (see the module docstring)."""
     if not records:
         raise DataError("no prediction records to score: the predictions file is empty")
+    check_records(records)
     rows = []  # (id, record, capability, question_type)
     for i, rec in enumerate(records):
         if not isinstance(rec, Mapping):

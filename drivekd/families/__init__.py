@@ -2,7 +2,6 @@
 
 from drivekd.families.base import (
     FAMILIES,
-    IGNORE,
     Family,
     ModelInputs,
     TokenLayout,
@@ -14,6 +13,6 @@ from drivekd.families.base import (
 from drivekd.families.capture import capture_attention, head_mean_attention, num_decoder_layers
 
 __all__ = [
-    "FAMILIES", "IGNORE", "Family", "ModelInputs", "TokenLayout", "capture_attention", "check_same_family",
+    "FAMILIES", "Family", "ModelInputs", "TokenLayout", "capture_attention", "check_same_family",
     "detect_family", "head_mean_attention", "load_model", "num_decoder_layers", "token_fingerprint",
 ]

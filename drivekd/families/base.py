@@ -20,9 +20,9 @@ from drivekd.data.sample import Sample
 from drivekd.errors import AlignmentError, DataError, ModelError
 from drivekd.families.capture import CAPTURE_IMPL
 from drivekd.families.processors import load_processor
+from drivekd.roles import IGNORE_INDEX
 
 FAMILIES = ("internvl", "qwen2_5_vl")
-IGNORE = -100
 
 _MODEL_TYPES = {"qwen2_5_vl": "qwen2_5_vl", "internvl": "internvl"}
 
@@ -46,12 +46,6 @@ def detect_family(path: str | Path) -> str:
     raise ModelError(f"{path}: unsupported model_type {mt!r}; drivekd supports {', '.join(FAMILIES)}")
 
 
-def _model_class(family: str):
-    from transformers import InternVLForConditionalGeneration, Qwen2_5_VLForConditionalGeneration
-
-    return {"internvl": InternVLForConditionalGeneration, "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration}[family]
-
-
 def load_model(path, *, dtype=torch.float32, device="cpu", capture=True, attn="sdpa", trust_remote_code=False):
     """Load a checkpoint folder (safetensors only, no download).
 
@@ -64,7 +58,7 @@ def load_model(path, *, dtype=torch.float32, device="cpu", capture=True, attn="s
         raise ModelError(f"{path}: no model.safetensors(.index.json); drivekd loads safetensors only (no pickle)")
     text_impl = CAPTURE_IMPL if capture and attn == "sdpa" else attn
     try:
-        model = _model_class(family).from_pretrained(
+        model = family_class(family).model_class().from_pretrained(
             path,
             dtype=dtype,
             attn_implementation={"text_config": text_impl, "vision_config": attn, "": attn},
@@ -85,7 +79,7 @@ class TokenLayout:
     input_ids: torch.Tensor  # (T,) int64
     vision: torch.Tensor  # (T,) bool: image placeholder positions (V)
     text: torch.Tensor  # (T,) bool: prompt+answer text positions, no specials, no vision (X)
-    labels: torch.Tensor  # (T,) int64: token ids on the answer span, IGNORE elsewhere
+    labels: torch.Tensor  # (T,) int64: token ids on the answer span, IGNORE_INDEX elsewhere
     answer_start: int
     fingerprint: str  # sha256 of the token ids (int32 little-endian bytes)
 
@@ -113,7 +107,7 @@ class ModelInputs:
     def padded(self, name: str) -> torch.Tensor:
         """A per-token layout field (`vision`, `text`, `labels`) padded like input_ids: (B, T)."""
         T = self.tensors["input_ids"].shape[1]
-        fill = IGNORE if name == "labels" else False
+        fill = IGNORE_INDEX if name == "labels" else False
         rows = []
         for lay in self.layouts:
             v = getattr(lay, name)
@@ -127,14 +121,17 @@ class ModelInputs:
 
 
 class Family:
-    """Processor-level logic of one family, shared by teacher and student loading code."""
+    """Processor-level logic shared by teacher and student code; one subclass per model family owns
+    what differs between families (model class, padding side, vision delimiters, vision-token
+    arithmetic, rope positions). Build one with `Family.from_pretrained(path)`."""
 
-    def __init__(self, family: str, processor, *, text_tokens: str = "paper"):
-        if family not in FAMILIES:
-            raise ModelError(f"unknown family {family!r}")
+    name = ""
+    padding_side = "left"  # the family processor's own default
+    vision_delimiter_tokens: tuple[str, ...] = ()
+
+    def __init__(self, processor, *, text_tokens: str = "paper"):
         if text_tokens not in ("paper", "not_vision"):
             raise ValueError("text_tokens must be 'paper' (exclude specials) or 'not_vision' (reference code)")
-        self.name = family
         self.processor = processor
         self._image_memo: tuple = (None, None)  # (images key, decoded PIL images) of the last group
         self.tokenizer = processor.tokenizer
@@ -149,14 +146,40 @@ class Family:
         self.special_ids = torch.tensor(sorted(specials), dtype=torch.long)
 
     @classmethod
-    def from_pretrained(cls, path, *, image_processing: dict | None = None, text_tokens: str = "paper") -> "Family":
-        family = detect_family(path)
-        return cls(family, load_processor(family, path, image_processing), text_tokens=text_tokens)
+    def from_pretrained(cls, path, *, image_processing=None, text_tokens: str = "paper") -> "Family":
+        """`image_processing`: `drivekd.images.ImageSettings` (the user's [images] settings) or raw kwargs."""
+        klass = family_class(detect_family(path))
+        return klass(load_processor(klass.name, path, image_processing), text_tokens=text_tokens)
+
+    # ----- what each family defines -----
+    @staticmethod
+    def model_class():
+        """The transformers class that loads this family's checkpoints."""
+        raise NotImplementedError
+
+    def expected_vision_tokens(self, enc) -> int:
+        """Vision tokens the processor output `enc` (one sample, all its images) should expand to."""
+        raise NotImplementedError
+
+    def _image_tokens(self, enc) -> int:
+        """Vision tokens of one image from the image processor's output for it alone."""
+        raise NotImplementedError
+
+    @staticmethod
+    def rope_positions(model, tensors: dict, device) -> torch.Tensor | None:
+        """Position ids of a whole unpadded sequence when the family's RoPE needs them passed
+        explicitly (a suffix run against a cached prefix); None for plain 1-D positions."""
+        return None
+
+    def image_settings(self) -> dict:
+        """The image settings this processor applies, in [images] keys (recorded in the store)."""
+        from drivekd.images import effective
+
+        return effective(self.name, self.processor.image_processor)
 
     def _vision_delimiters(self) -> set[int]:
         tok = self.tokenizer
-        names = ["<|vision_start|>", "<|vision_end|>"] if self.name == "qwen2_5_vl" else ["<img>", "</img>"]
-        ids = {tok.convert_tokens_to_ids(n) for n in names}
+        ids = {tok.convert_tokens_to_ids(n) for n in self.vision_delimiter_tokens}
         return {int(i) for i in ids if i is not None and i != tok.unk_token_id}
 
     def fingerprint(self) -> str:
@@ -234,7 +257,7 @@ class Family:
             if tail.numel() == 0 or tail.numel() > T or not torch.equal(ids[T - tail.numel():], tail):
                 raise AlignmentError(f"sample {sample.id}: cannot locate the answer span in the token ids (tokens merge across the prompt/answer boundary)")
             answer_start = T - tail.numel()
-            labels = torch.full_like(ids, IGNORE)
+            labels = torch.full_like(ids, IGNORE_INDEX)
             # Label the answer and its end-of-turn token; not what the template appends after it.
             span = ids[answer_start:]
             eos = (span == self.eos_token_id).nonzero()
@@ -242,7 +265,7 @@ class Family:
             labels[answer_start:end] = ids[answer_start:end]
         else:
             answer_start = T
-            labels = torch.full_like(ids, IGNORE)
+            labels = torch.full_like(ids, IGNORE_INDEX)
         vision = ids == self.image_token_id
         if self.text_tokens == "paper":
             text = ~vision & ~torch.isin(ids, self.special_ids)
@@ -255,29 +278,15 @@ class Family:
         lay = TokenLayout(sample.id, ids, vision, text, labels, answer_start, token_fingerprint(ids))
         return tensors, lay
 
-    def expected_vision_tokens(self, enc) -> int:
-        if self.name == "qwen2_5_vl":
-            merge = self.processor.image_processor.merge_size ** 2
-            return int(enc["image_grid_thw"].prod(-1).sum()) // merge if "image_grid_thw" in enc else 0
-        if "pixel_values" not in enc:
-            return 0
-        return int(enc["pixel_values"].shape[0]) * int(self.processor.image_seq_length)
-
     def vision_tokens_per_image(self, sample: Sample) -> list[int]:
         """Number of vision tokens each image of `sample` contributes (processor arithmetic)."""
-        counts = []
-        for im in self.load_images(sample):
-            enc = self.processor.image_processor(images=[im], return_tensors="pt")
-            if self.name == "qwen2_5_vl":
-                counts.append(int(enc["image_grid_thw"].prod()) // self.processor.image_processor.merge_size ** 2)
-            else:
-                counts.append(int(enc["num_patches"][0]) * int(self.processor.image_seq_length))
-        return counts
+        return [self._image_tokens(self.processor.image_processor(images=[im], return_tensors="pt"))
+                for im in self.load_images(sample)]
 
     # ----- batches -----
     def build_inputs(self, samples: Sequence[Sample], with_answer: bool = True, padding_side: str | None = None) -> ModelInputs:
-        """Encode and pad a batch. Default padding: left for InternVL, right for Qwen (as their processors)."""
-        side = padding_side or ("left" if self.name == "internvl" else "right")
+        """Encode and pad a batch. Default padding: the family's own (left for InternVL, right for Qwen)."""
+        side = padding_side or self.padding_side
         encoded = [self.encode(s, with_answer) for s in samples]
         T = max(lay.length for _, lay in encoded)
         cols: dict[str, list] = {}
@@ -291,6 +300,74 @@ class Family:
                 cols.setdefault(k, []).append(v)
         tensors = {k: torch.cat(v, 0) for k, v in cols.items()}
         return ModelInputs(tensors, [lay for _, lay in encoded], side)
+
+
+class InternVLFamily(Family):
+    """HF-native InternVL3 (`InternVLForConditionalGeneration`, Qwen2 text model): 1-D RoPE,
+    `image_seq_length` tokens per 448-px tile, left padding."""
+
+    name = "internvl"
+    padding_side = "left"
+    vision_delimiter_tokens = ("<img>", "</img>")
+
+    @staticmethod
+    def model_class():
+        from transformers import InternVLForConditionalGeneration
+
+        return InternVLForConditionalGeneration
+
+    def expected_vision_tokens(self, enc) -> int:
+        if "pixel_values" not in enc:
+            return 0
+        return int(enc["pixel_values"].shape[0]) * int(self.processor.image_seq_length)  # tiles x tokens per tile
+
+    def _image_tokens(self, enc) -> int:
+        return int(enc["num_patches"][0]) * int(self.processor.image_seq_length)
+
+
+class Qwen25VLFamily(Family):
+    """Qwen2.5-VL (`Qwen2_5_VLForConditionalGeneration`): M-RoPE positions (3, B, T), one token per
+    merge_size^2 patches of the dynamic-resolution grid, right padding."""
+
+    name = "qwen2_5_vl"
+    padding_side = "right"
+    vision_delimiter_tokens = ("<|vision_start|>", "<|vision_end|>")
+
+    @staticmethod
+    def model_class():
+        from transformers import Qwen2_5_VLForConditionalGeneration
+
+        return Qwen2_5_VLForConditionalGeneration
+
+    def expected_vision_tokens(self, enc) -> int:
+        merge = self.processor.image_processor.merge_size ** 2
+        return int(enc["image_grid_thw"].prod(-1).sum()) // merge if "image_grid_thw" in enc else 0
+
+    def _image_tokens(self, enc) -> int:
+        return int(enc["image_grid_thw"].prod()) // self.processor.image_processor.merge_size ** 2
+
+    @staticmethod
+    def rope_positions(model, tensors: dict, device) -> torch.Tensor | None:
+        """M-RoPE position ids of the whole sequence, (3, 1, T) on the CPU, from the model's own
+        `get_rope_index` (without them the cached branch cannot rebuild positions for a suffix)."""
+        if "image_grid_thw" not in tensors:
+            return None
+        pos, _ = model.model.get_rope_index(
+            tensors["input_ids"].to(device), tensors["mm_token_type_ids"].to(device),
+            image_grid_thw=tensors["image_grid_thw"].to(device), attention_mask=tensors["attention_mask"].to(device),
+        )
+        return pos.cpu()
+
+
+_FAMILY_CLASSES: dict[str, type[Family]] = {c.name: c for c in (InternVLFamily, Qwen25VLFamily)}
+
+
+def family_class(name: str) -> type[Family]:
+    """The Family subclass of a family name (as `detect_family` returns) or HF model_type."""
+    try:
+        return _FAMILY_CLASSES[_MODEL_TYPES.get(name, name)]
+    except KeyError:
+        raise ModelError(f"unknown family {name!r}; drivekd supports {', '.join(FAMILIES)}") from None
 
 
 def check_same_family(a: Family, b: Family, what_a="teacher", what_b="student") -> None:

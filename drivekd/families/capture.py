@@ -104,7 +104,15 @@ def _head_mean_fp32(query, key, attention_mask, scaling: float) -> torch.Tensor:
 
 
 def _capture_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    out = sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    q, k, v = query, key, value
+    dev = query.device.type
+    if torch.is_autocast_enabled(dev) and len({query.dtype, key.dtype, value.dtype}) > 1:
+        # What autocast does at sdpa anyway (fp32 RoPE'd q/k, bf16 v). Done by hand because a
+        # checkpointed layer recomputed inside torch.vmap (GramEngine's batched backward) skips
+        # autocast for sdpa and would see mixed dtypes.
+        dt = torch.get_autocast_dtype(dev)
+        q, k, v = q.to(dt), k.to(dt), v.to(dt)
+    out = sdpa_attention_forward(module, q, k, v, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     cap: _Capture | None = getattr(module, "_drivekd_capture", None)
     if cap is not None and module.layer_idx in cap.layers:
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5

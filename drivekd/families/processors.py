@@ -15,6 +15,8 @@ from pathlib import Path
 
 from transformers import InternVLProcessor, Qwen2_5_VLProcessor
 
+from drivekd.images import ImageSettings, processor_overrides
+
 
 class _GroupImageMemo:
     """Reuse the image processing of the previous call when the same images come again.
@@ -73,18 +75,18 @@ def _processor_kwargs(path: Path) -> dict:
     return json.loads(proc_cfg.read_text()) if proc_cfg.is_file() else {}
 
 
-def load_processor(family: str, path: str | Path, image_processing: dict | None = None):
+def load_processor(family: str, path: str | Path, image_processing: "ImageSettings | dict | None" = None):
     """Load the processor of a local checkpoint folder, PIL backend, no video.
 
-    `image_processing` overrides image-processor settings (e.g. Qwen's `max_pixels`); teacher and
-    student must use the same overrides, which the fingerprint check enforces.
+    `image_processing`: the user's `drivekd.images.ImageSettings` ([images] table / image flags), or
+    raw image-processor kwargs; teacher and student must use the same, which the store checks.
     """
     from transformers import AutoTokenizer
 
     path = Path(path)
     tokenizer = AutoTokenizer.from_pretrained(path)
     template = _read_chat_template(path, tokenizer)
-    overrides = dict(image_processing or {})
+    overrides = processor_overrides(family, image_processing)
     if family == "qwen2_5_vl":
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 

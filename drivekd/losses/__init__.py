@@ -1,7 +1,6 @@
 """Drive-KD losses: answer-span CE and head-mean attention distillation (METHOD.md sections 3-4)."""
 
 from drivekd.losses.attention import (
-    IGNORE,
     KINDS,
     SIGNALS,
     answer_ce,
@@ -17,10 +16,10 @@ from drivekd.losses.attention import (
     t2v_mse,
     token_ce,
 )
-from drivekd.losses.recipes import DEFAULT_LAYERS, DEFAULT_SIGNAL, LayerSpecError, TermPlan, plan_term, resolve_layers
+from drivekd.losses.recipes import TermPlan, plan_term
 
 __all__ = [
-    "DEFAULT_LAYERS", "DEFAULT_SIGNAL", "IGNORE", "KINDS", "LayerSpecError", "SIGNALS", "TermPlan", "answer_ce",
+    "KINDS", "SIGNALS", "TermPlan", "answer_ce",
     "answer_positions", "attention_loss", "causal_valid", "full_attention_cosine", "full_attention_mse", "group_size",
-    "layer_groups", "place_maps", "plan_term", "resolve_layers", "t2v_cosine", "t2v_mse", "token_ce",
+    "layer_groups", "place_maps", "plan_term", "t2v_cosine", "t2v_mse", "token_ce",
 ]

@@ -16,7 +16,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-IGNORE = -100
+from drivekd.roles import IGNORE_INDEX
+
 SIGNALS = ("t2v", "full")
 KINDS = ("mse", "cosine")
 FULL_REDUCTIONS = ("paper", "reference")
@@ -26,22 +27,22 @@ FULL_REDUCTIONS = ("paper", "reference")
 
 
 def token_ce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Per-sample mean cross-entropy over positions whose target is not IGNORE.
+    """Per-sample mean cross-entropy over positions whose target is not IGNORE_INDEX.
 
     logits (B, P, V) predict targets (B, P) (already shifted). A sample without any target gets 0
     (it contributes no gradient), not NaN.
     """
     B, P, V = logits.shape
-    ce = F.cross_entropy(logits.float().reshape(B * P, V), targets.reshape(B * P), ignore_index=IGNORE, reduction="none")
+    ce = F.cross_entropy(logits.float().reshape(B * P, V), targets.reshape(B * P), ignore_index=IGNORE_INDEX, reduction="none")
     ce = ce.view(B, P)
-    n = (targets != IGNORE).sum(-1)  # (B,)
+    n = (targets != IGNORE_INDEX).sum(-1)  # (B,)
     return ce.sum(-1) / n.clamp_min(1)
 
 
 def answer_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Next-token CE on the answer span: logits (B, T, V) at t predict labels (B, T) at t+1.
 
-    `labels` is IGNORE outside the answer span (image, user turn, padding), so only answer tokens
+    `labels` is IGNORE_INDEX outside the answer span (image, user turn, padding), so only answer tokens
     count. Per-sample mean over the sample's answer tokens; shape (B,).
     """
     return token_ce(logits[:, :-1], labels[:, 1:])
@@ -50,14 +51,14 @@ def answer_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 def answer_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Positions whose logits the CE needs, and their next-token targets.
 
-    labels (B, T) -> (keep (P,) sorted positions t where some row has labels[:, t+1] != IGNORE,
+    labels (B, T) -> (keep (P,) sorted positions t where some row has labels[:, t+1] != IGNORE_INDEX,
     targets (B, P) = labels[:, keep + 1]). Passing `keep` as the model's `logits_to_keep` computes
     the (B, P, V) logits of the answer span only instead of (B, T, V): with a 151k vocabulary and
     T ~ 1800 that is ~1 GB of fp32 logits saved. `token_ce(logits_kept, targets)` then equals
     `answer_ce(full_logits, labels)`.
     """
     nxt = labels[:, 1:]
-    keep = (nxt != IGNORE).any(0).nonzero().squeeze(-1)
+    keep = (nxt != IGNORE_INDEX).any(0).nonzero().squeeze(-1)
     return keep, nxt[:, keep]
 
 

@@ -175,24 +175,23 @@ def dry_plan(cfg, student_L: int, family: str, teacher_L: int | None = None):
     Without --cache the teacher is taken to have the student's depth (layer-group matching then
     pairs layer to layer): the student's loss layers, and so every shape the step sees, are the same
     whatever the teacher's depth, since each student layer learns one (mean-over-group) target."""
-    from drivekd.store.targets import ROLES, RoleInfo
-    from drivekd.trainer.config import RunPlan, _plan_terms, parse_mix
+    from drivekd.roles import ROLES
+    from drivekd.store.targets import RoleInfo
+    from drivekd.trainer.plan import RunPlan, _plan_terms, parse_mix
 
     L_T = teacher_L or student_L
-    roles = list(ROLES) if cfg.recipe == "multi" else [cfg.recipe]
-    infos = {r: RoleInfo(r, tuple(range(L_T)), L_T, "", family, "") for r in roles if getattr(cfg, f"w_{r}") > 0}
-    terms = _plan_terms(cfg, student_L, infos)
+    roles = [] if cfg.recipe == "sft" else list(ROLES) if cfg.recipe == "multi" else [cfg.recipe]
+    roles = [r for r in roles if cfg.term_weight(r) > 0]
+    infos = {r: RoleInfo(r, tuple(range(L_T)), L_T, "", family, "") for r in roles}
+    terms = _plan_terms(cfg, roles, student_L, infos)
     rows = ["ce"] + [t.role for t in terms]
-    static = [cfg.w_ce] + [getattr(cfg, f"w_{t.role}") for t in terms]
+    static = [cfg.w_ce] + [cfg.term_weight(t.role) for t in terms]
     return RunPlan(cfg, [], family, student_L, terms, rows, static, parse_mix(cfg.mix), infos, None, 1, 1)
 
 
 def sft_config(cfg):
     """The same run as plain fine-tuning: CE only (one backward, no capture, no projection)."""
-    # A single-teacher recipe with its weight 0: no terms (RunPlan.mix_weights of a multi plan
-    # with no terms would index the mixing matrix with an empty float tensor).
-    return replace(cfg, recipe="perception", layers=None, mid_range=None, w_perception=0.0, w_reasoning=0.0,
-                   w_planning=0.0, dynamic_weights=False)
+    return replace(cfg, recipe="sft", layers=None, mid_range=None, dynamic_weights=False)
 
 
 # ----------------------------------------------------------------------------- one counted step
@@ -330,7 +329,7 @@ def margin_bytes(tracked_peak: int) -> int:
 def dry_run(cfg, *, seq_len: int | None = None, cameras: int = 6, gpu_memory: int | None = None,
             suggest: bool = True) -> dict[str, Any]:
     """The planner's answer for the run `cfg` (a TrainConfig): a JSON-ready dict."""
-    from drivekd.trainer.config import student_depth
+    from drivekd.trainer.plan import student_depth
 
     if cfg.student is None:
         raise ConfigError("--student is required (a folder with the student's config.json; weights are not read)")
@@ -339,7 +338,7 @@ def dry_run(cfg, *, seq_len: int | None = None, cameras: int = 6, gpu_memory: in
     family, L = student_depth(Path(cfg.student))
     teacher_L = None
     if cfg.cache is not None:
-        from drivekd.trainer.config import open_source
+        from drivekd.trainer.plan import open_source
 
         src = open_source(cfg, None)
         teacher_L = max((src.role_info(r).num_teacher_layers for r in src.roles()), default=None)
@@ -390,7 +389,7 @@ def _suggestions(cfg, seq_len, cameras, gpu_memory) -> list[dict[str, Any]]:
     options = []
     if not cfg.gradient_checkpointing:
         options.append(("--gradient-checkpointing", {"gradient_checkpointing": True}))
-    has_rows = any(getattr(cfg, f"w_{r}") > 0 for r in ("perception", "reasoning", "planning"))
+    has_rows = cfg.recipe != "sft" and any(cfg.term_weight(r) > 0 for r in ("perception", "reasoning", "planning"))
     if cfg.grad_buffer_dtype != "bfloat16" and has_rows and (cfg.projection != "none" or cfg.dynamic_weights):
         options.append(("--grad-buffer-dtype bfloat16", {"grad_buffer_dtype": "bfloat16"}))
     if len(options) == 2:
@@ -438,7 +437,7 @@ def count_teacher_pass(model_dir: Path, layers: list[int] | None, shapes: Shapes
     from drivekd.families.capture import capture_attention
     from drivekd.planner.fake import fake_mode
     from drivekd.planner.memory import MemoryTracker
-    from drivekd.trainer.config import student_depth
+    from drivekd.trainer.plan import student_depth
 
     family, _ = student_depth(model_dir)
     config = student_config(model_dir)
@@ -470,12 +469,12 @@ class _NoTerms:
         recipe = "perception"
 
 
-def dry_run_teacher(teachers: dict[str, Path], layers: list[int] | None = None, *, seq_len: int | None = None,
+def dry_run_teacher(teachers: dict[str, Path], layers: str | None = None, *, seq_len: int | None = None,
                     cameras: int = 6, dtype: str = "bfloat16") -> dict[str, Any]:
     """`drivekd-cache build --dry-run`: each checkpoint's forward with capture of its roles' layers
     (roles naming one checkpoint share one forward), against a plain sdpa forward."""
-    from drivekd.store.build import recipe_layers
-    from drivekd.trainer.config import student_depth
+    from drivekd.layers import LayerSpecError, recipe_layers, resolve_layers
+    from drivekd.trainer.plan import student_depth
 
     by_ckpt: dict[Path, list[str]] = {}
     for role, path in teachers.items():
@@ -484,10 +483,10 @@ def dry_run_teacher(teachers: dict[str, Path], layers: list[int] | None = None, 
     for ckpt, roles in by_ckpt.items():
         family, L = student_depth(ckpt)
         shapes = shapes_for(family, student_config(ckpt), ckpt, cameras, seq_len)
-        want = sorted({l for r in roles for l in (layers or recipe_layers(r, L))})
-        bad = [l for l in want if not 0 <= l < L]
-        if bad:
-            raise ConfigError(f"--layers {bad}: the teacher {ckpt} has {L} decoder layers (0..{L - 1})")
+        try:
+            want = sorted({l for r in roles for l in (resolve_layers(layers, L) if layers else recipe_layers(r, L))})
+        except LayerSpecError as e:
+            raise ConfigError(f"--layers {layers!r}: {e} (the teacher {ckpt} has {L} decoder layers)") from None
         cap = count_teacher_pass(ckpt, want, shapes, getattr(torch, dtype))
         plain = count_teacher_pass(ckpt, None, shapes, getattr(torch, dtype))
         out.append({"model": str(ckpt), "roles": roles, "layers": want, "seq_len": shapes.seq_len, "params": cap.params,

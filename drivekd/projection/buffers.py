@@ -7,26 +7,24 @@ buffer of another dtype (e.g. a bf16 buffer, half the memory, for fp32 parameter
 "copy" path: ``.grad`` starts as None, autograd allocates it, and it is cast into the row after the
 backward (one transient gradient set per backward).
 
-The optimiser's own gradients are a separate flat (N,) vector in the parameters' dtype, allocated
-on first use; each parameter's real ``.grad`` is a view into it, so the combined gradient is added
-with one in-place add (or directly by ``combine(..., accumulate_into=...)``).
+The parameters' own ``.grad`` (the optimiser's gradients, e.g. the loop's flat fp32 views) are
+saved before and restored after each backward; the combined gradient is added to them with
+``combine(bufs.buffer, ..., active=bufs.filled, accumulate_into=flat)``.
 
 Typical micro-step::
 
     bufs.zero_()
     for k in active_rows:
         bufs.backward(k, weighted_loss[k], retain_graph=k != active_rows[-1])
-    info = bufs.combine_into_params("agp", order)   # or accumulate_into_params(vec)
-    log(bufs.stats(info))
+    combine(bufs.buffer, "agp", order, active=bufs.filled, accumulate_into=flat_grads)
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 
 import torch
 
-from drivekd.projection.combine import combine, gram
 
 __all__ = ["GradBuffers"]
 
@@ -86,8 +84,6 @@ class GradBuffers:
         self._row_views = [self._views(self.buffer[k]) for k in range(self.num_rows)] if self.mode == "view" else None
         self._filled = [False] * self.num_rows
         self._dirty = [False] * self.num_rows  # row holds non-zero data
-        self.param_grads: torch.Tensor | None = None  # the optimiser's flat gradients, on first use
-        self._grad_views: list[torch.Tensor] | None = None
 
     def _views(self, flat: torch.Tensor) -> list[torch.Tensor]:
         return [flat[o : o + n].view_as(p) for p, o, n in zip(self.params, self.offsets, self.numels)]
@@ -144,82 +140,3 @@ class GradBuffers:
             for p, g in zip(self.params, saved):
                 p.grad = g
         self._filled[k] = True
-
-    # ------------------------------------------------------------------ the optimiser's gradients
-
-    def _install_param_grads(self) -> torch.Tensor:
-        """Point every parameter's ``.grad`` at its slice of the flat optimiser gradient.
-
-        A ``.grad`` that is None (``zero_grad(set_to_none=True)``) makes its slice zero; any other
-        tensor found there is copied in first, so nothing the optimiser sees is lost.
-        """
-        if self.param_grads is None:
-            self.param_grads = torch.zeros(self.numel, dtype=self.param_dtype, device=self.device)
-            self._grad_views = self._views(self.param_grads)
-        for i, (p, v) in enumerate(zip(self.params, self._grad_views)):
-            g = p.grad
-            if g is not None and g.data_ptr() == v.data_ptr() and g.shape == v.shape:
-                continue
-            sl = self.param_grads[self.offsets[i] : self.offsets[i + 1]]
-            if g is None:
-                sl.zero_()
-            else:
-                sl.copy_(g.detach().reshape(-1))
-            p.grad = v
-        return self.param_grads
-
-    def accumulate_into_params(self, vec: torch.Tensor) -> None:
-        """Add a combined (N,) gradient into the parameters' real ``.grad`` (accumulating)."""
-        if not isinstance(vec, torch.Tensor) or vec.shape != (self.numel,):
-            shape = tuple(vec.shape) if isinstance(vec, torch.Tensor) else type(vec).__name__
-            raise ValueError(f"vec must have shape ({self.numel},), got {shape}")
-        self._install_param_grads().add_(vec.to(self.device))
-
-    def combine_into_params(
-        self,
-        method: str,
-        order: Sequence[int] | None = None,
-        eps: float = 1e-12,
-        *,
-        return_info: bool = True,
-    ) -> dict | None:
-        """combine() the filled rows and add the result into the parameters' ``.grad``.
-
-        Unfilled rows are passed as inactive (``active=self.filled``): a skipped loss is absent,
-        not a zero gradient (a zero row would still make AGP add one more copy of g_sup). No
-        N-vector is allocated when the buffer and parameters are fp32.
-        """
-        if not any(self._filled):
-            raise ValueError("no row was filled this micro-step: call backward(k, loss) first")
-        target = self._install_param_grads()
-        out_dtype = torch.float64 if self.buffer.dtype == torch.float64 else torch.float32
-        kwargs = dict(active=self._filled, return_info=return_info)
-        if target.dtype == out_dtype:
-            res = combine(self.buffer, method, order, eps, accumulate_into=target, **kwargs)
-        else:
-            res = combine(self.buffer, method, order, eps, **kwargs)
-            target.add_((res[0] if return_info else res).to(target.dtype))
-        return res[1] if return_info else None
-
-    # ------------------------------------------------------------------ diagnostics
-
-    def stats(self, info: dict | None = None) -> dict[str, torch.Tensor]:
-        """Row norms and pairwise cosines, from ``info["gram"]`` of combine(return_info=True) when
-        given (free), else from one Gram pass over the buffer. Tensors on the buffer's device.
-
-        Returns {"gram": (K, K), "norms": (K,), "cosine": (K, K) (0 where a norm is 0),
-        "filled": (K,) bool, and "fired" when ``info`` is given}.
-        """
-        G = info["gram"] if info is not None else gram(self.buffer)
-        norms = G.diagonal().clamp_min(0.0).sqrt()
-        denom = norms[:, None] * norms[None, :]
-        cos = torch.where(denom > 0, G / denom.clamp_min(torch.finfo(G.dtype).tiny), torch.zeros_like(G))
-        out = {
-            "gram": G,
-            "norms": norms,
-            "cosine": cos,
-            "filled": torch.tensor(self._filled, dtype=torch.bool),
-        }
-        if info is not None:
-            out["fired"] = info["fired"]
-        return out

@@ -24,7 +24,7 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["METHODS", "MAX_ROWS", "combine", "gram"]
+__all__ = ["METHODS", "MAX_ROWS", "coefficients", "combine", "gram"]
 
 METHODS = ("agp", "g1", "g2", "none")
 # Row 0 is the hard-label gradient, rows 1.. the teacher terms (perception, reasoning, planning).
@@ -126,7 +126,8 @@ def combine(
         G = _gram(grads, scratch)
         if zero_tol is None:
             zero_tol = 1e-12 if grads.dtype == torch.float64 else 1e-5
-        lam, fired, merged = _coefficients(G, method, perm, eps, act, zero_tol)
+        lam, info = coefficients(G, method, perm, eps, active=act, zero_tol=zero_tol, return_info=True)
+        G, fired, merged = info["gram"], info["fired"], info["merged"]
     else:  # plain sum: no Gram needed, a single pass
         lam = act.to(out_dtype)
         G = fired = merged = None
@@ -138,6 +139,56 @@ def combine(
         return vec
     info = {"gram": G, "coef": lam, "fired": fired, "merged": merged, "order": perm}
     return vec, info
+
+
+def coefficients(
+    gram: torch.Tensor,
+    method: str,
+    order: Sequence[int] | torch.Tensor | None = None,
+    eps: float = 1e-12,
+    *,
+    active: Sequence[bool] | torch.Tensor | None = None,
+    zero_tol: float = 1e-5,
+    return_info: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, dict]:
+    """lambda (K,) with combine(B, method, ...) == lambda @ B, from the Gram matrix G = B B^T alone.
+
+    The one place where AGP / G1 / G2 / none turn a Gram matrix into coefficients; ``combine``
+    (rows engine: G from a K x N buffer) and ``GramEngine`` (G folded parameter by parameter, no
+    rows held) both call it. Pure: no randomness when ``order`` is given, no host sync.
+
+    Args:
+        gram: (K, K) symmetric Gram matrix, 2 <= K <= 4, fp64 (as ``gram()`` returns) or fp32.
+        method, order, eps, active: as in :func:`combine`.
+        zero_tol: relative tolerance under which a combined vector counts as zero (see
+            ``_Space.norms``): 1e-5 for a Gram of fp32/bf16/fp16 gradients (the default), 1e-12 for
+            fp64 gradients.
+        return_info: also return ``info`` as :func:`combine` does ({"gram", "coef", "fired",
+            "merged", "order"}).
+
+    Returns:
+        lambda, fp64 (K,) on the Gram's device (fp32 on MPS), or (lambda, info).
+    """
+    if not isinstance(gram, torch.Tensor) or gram.dim() != 2 or gram.shape[0] != gram.shape[1]:
+        shape = tuple(gram.shape) if isinstance(gram, torch.Tensor) else type(gram).__name__
+        raise ValueError(f"gram must be a square (K, K) tensor, got {shape}")
+    K = gram.shape[0]
+    if not 2 <= K <= MAX_ROWS:
+        raise ValueError(f"gram must be K x K with 2 <= K <= {MAX_ROWS} (CE + 1..{MAX_ROWS - 1} teacher terms), got K={K}")
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if not (isinstance(eps, (int, float)) and eps >= 0.0 and eps == eps and eps != float("inf")):
+        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+    if not (isinstance(zero_tol, (int, float)) and zero_tol >= 0.0):
+        raise ValueError(f"zero_tol must be a number >= 0, got {zero_tol!r}")
+    perm = _check_order(order, K)
+    act = _check_active(active, K, gram.device)
+    acc = torch.float64 if gram.device.type != "mps" else torch.float32
+    G = gram.to(acc)
+    lam, fired, merged = _coefficients(G, method, perm, eps, act, float(zero_tol))
+    if not return_info:
+        return lam
+    return lam, {"gram": G, "coef": lam, "fired": fired, "merged": merged, "order": perm}
 
 
 # --------------------------------------------------------------------------------------------

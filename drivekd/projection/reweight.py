@@ -13,7 +13,7 @@ from the step's mean loss L_i and mean raw gradient norm n_i = ||grad L_i|| (unw
                w_ce floored at ce_floor; written back as a = inverse_softplus(w)
 
 The weights are tiny CPU tensors (fp32, like the reference); losses and norms may be given as
-floats or 0-d tensors on any device and are only read (one host sync) in ``update``/``step``.
+floats or 0-d tensors and are read once in ``update``.
 """
 
 from __future__ import annotations
@@ -51,9 +51,8 @@ class DynamicWeights:
             released trainer does NOT detach it (sum_j G_j keeps its graph, so each a_j also gets
             -p_i * sign(G_i - target_i) * dG_j/da_j from every i); pass False to reproduce that.
 
-    Use either ``observe(...)`` (or ``observe_weighted(...)``) once per micro-step followed by
-    ``step()`` once per optimizer step, or ``update(mean_losses, mean_norms)`` with the step's
-    means computed by the caller.
+    Call ``update(mean_losses, mean_norms)`` once per optimizer step with the step's means (the
+    loop computes them from the Gram diagonal it already has).
     """
 
     def __init__(
@@ -99,7 +98,6 @@ class DynamicWeights:
         self._a = [torch.nn.Parameter(inverse_softplus(w0[i]).clone()) for i in range(len(names))]
         self._opt = torch.optim.AdamW(self._a, lr=lr, betas=betas, weight_decay=weight_decay)
         self.loss_init: dict[str, float] = {}
-        self._sums: dict[str, list] = {}  # name -> [loss sum, norm sum, count], tensors or floats
         self.last_skipped = False
 
     # ------------------------------------------------------------------ weights
@@ -120,54 +118,6 @@ class DynamicWeights:
 
     def weight_dict(self) -> dict[str, float]:
         return dict(zip(self.names, self.weights()))
-
-    # ------------------------------------------------------------------ statistics
-
-    def observe(self, losses: Mapping[str, object], grad_norms: Mapping[str, object]) -> None:
-        """One micro-step: unweighted losses L_i and raw gradient norms ||grad L_i||, by name.
-
-        Names missing from either mapping (a loss skipped in this micro-step) are not counted;
-        each loss's mean is over the micro-steps that observed it.
-        """
-        self._check_names(losses, grad_norms)
-        for n in self.names:
-            if n in losses and n in grad_norms:
-                acc = self._sums.setdefault(n, [0.0, 0.0, 0])
-                acc[0] = acc[0] + _detach(losses[n])
-                acc[1] = acc[1] + _detach(grad_norms[n])
-                acc[2] += 1
-
-    def observe_weighted(
-        self,
-        losses: Mapping[str, object],
-        weighted_sq_norms: Mapping[str, object],
-        row_weights: Mapping[str, float],
-    ) -> None:
-        """Like ``observe`` from the weighted gradient rows the projection already has.
-
-        ``weighted_sq_norms[i]`` is ||grad (c_i * L_i)||^2, e.g. the Gram diagonal from
-        ``combine(..., return_info=True)``, and ``row_weights[i]`` = c_i the total factor the loss
-        was multiplied by before its backward (w_i * M[c, i], times 1/grad_accum if the loss was
-        scaled so). Then ||grad L_i|| = sqrt(sq) / c_i. Rows with c_i <= 0 are skipped.
-        (The reference's "raw" norms include its 1/grad_accum loss scale: a factor common to all
-        losses, to which the sign-driven Adam update is insensitive.)
-        """
-        norms = {}
-        for n, sq in weighted_sq_norms.items():
-            c = float(row_weights.get(n, 0.0))
-            if c > 0:
-                sq = _detach(sq)
-                norms[n] = (sq.clamp_min(0.0).sqrt() if isinstance(sq, torch.Tensor) else math.sqrt(max(sq, 0.0))) / c
-        self.observe({n: v for n, v in losses.items() if n in norms}, norms)
-
-    def step(self) -> list[float]:
-        """One re-weighting update from the means observed since the last step; returns the weights."""
-        means_l, means_n = {}, {}
-        for n, (sl, sn, c) in self._sums.items():
-            means_l[n] = float(sl) / c
-            means_n[n] = float(sn) / c
-        self._sums = {}
-        return self.update(means_l, means_n)
 
     # ------------------------------------------------------------------ the update
 
@@ -228,7 +178,6 @@ class DynamicWeights:
             "a": torch.stack([a.detach() for a in self._a]).clone(),
             "loss_init": dict(self.loss_init),
             "optimizer": self._opt.state_dict(),
-            "pending": {n: [float(v[0]), float(v[1]), int(v[2])] for n, v in self._sums.items()},
         }
 
     def load_state_dict(self, state: Mapping) -> None:
@@ -244,14 +193,10 @@ class DynamicWeights:
                 a.copy_(state["a"][i])
         self._opt.load_state_dict(state["optimizer"])
         self.loss_init = {str(k): float(v) for k, v in state["loss_init"].items()}
-        self._sums = {str(n): [float(v[0]), float(v[1]), int(v[2])] for n, v in state["pending"].items()}
+        # Checkpoints written before observe()/step() were removed carry an (always empty here) "pending".
 
     def _check_names(self, *maps: Mapping) -> None:
         for m in maps:
             unknown = set(m) - set(self.names)
             if unknown:
                 raise ValueError(f"unknown loss name(s) {sorted(unknown)}; known: {self.names}")
-
-
-def _detach(v):
-    return v.detach() if isinstance(v, torch.Tensor) else float(v)

@@ -23,27 +23,14 @@ from tqdm import tqdm
 from drivekd.data.loaders import load_samples
 from drivekd.data.sample import Sample
 from drivekd.distributed import Dist
-from drivekd.errors import ConfigError, DataError
-from drivekd.families.base import Family, load_model
+from drivekd.errors import ConfigError, DataError, StoreError
+from drivekd.families.base import Family, family_class, load_model
 from drivekd.families.capture import capture_attention
-from drivekd.store.targets import ROLES
+from drivekd.images import ImageSettings
+from drivekd.layers import LayerSpecError, check_spec, recipe_layers, resolve_layers, spec_of
+from drivekd.roles import ROLES
+from drivekd.store.lock import StoreLock
 from drivekd.store.zarr_store import Encoding, TeacherStore, pack_rows, teacher_fingerprint
-
-
-def recipe_layers(role: str, num_layers: int) -> list[int]:
-    """Teacher layers a role's recipes need (METHOD.md section 4), 0-based.
-
-    perception: index 0; planning: L-2; reasoning: every index of layer-group matching over 0..L-2,
-    which also covers the "mid2" variant (1..L-3).
-    """
-    L = num_layers
-    if role == "perception":
-        return [0]
-    if role == "planning":
-        return [L - 2]
-    if role == "reasoning":
-        return list(range(0, L - 1))
-    raise ConfigError(f"--teacher: unknown role {role!r} (choose from {', '.join(ROLES)} or all)")
 
 
 @dataclass
@@ -54,14 +41,15 @@ class BuildConfig:
     data: Path
     images: Path | None
     out: Path
-    layers: dict[str, list[int]] | None = None  # role -> layers; None = recipe defaults
+    layers: dict[str, str | list[int]] | None = None  # role -> layer spec (drivekd.layers) or indices; None = recipe
     batch_size: int = 1
     encoding: Encoding = field(default_factory=Encoding)
     skip_bad: bool = False
     overwrite: bool = False
     device: str = "cpu"
     dtype: str = "float32"
-    image_processing: dict | None = None
+    image_processing: ImageSettings | dict | None = None  # [images] table / image flags, or raw processor kwargs
+    text_tokens: str = "paper"  # the text query set X stored with each sample: paper | not_vision
     progress: bool = True
     share_prefix: bool = True  # run each image group's shared token prefix once
     # Threads that quantise, compress and write (Blosc releases the GIL). With a fast GPU teacher
@@ -78,10 +66,17 @@ class BuildConfig:
                 raise ConfigError(f"--model for role {role}: {path} is not a folder (set --model or [teachers].{role} in drivekd.toml)")
         if not Path(self.data).is_file():
             raise ConfigError(f"--data {self.data}: no such file (or set [data].train in drivekd.toml)")
+        for role, spec in (self.layers or {}).items():
+            try:
+                check_spec(spec_of(spec))
+            except LayerSpecError as e:
+                raise ConfigError(f"--layers for role {role}: {e}") from None
         if self.batch_size < 1:
             raise ConfigError(f"--batch-size must be >= 1, not {self.batch_size}")
         if self.writers < 1:
             raise ConfigError(f"--writers must be >= 1, not {self.writers}")
+        if self.text_tokens not in ("paper", "not_vision"):
+            raise ConfigError(f"--text-tokens must be paper or not_vision, not {self.text_tokens!r}")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ConfigError(f"--dtype must be float32, bfloat16 or float16, not {self.dtype!r}")
 
@@ -94,16 +89,21 @@ def dataset_fingerprint(samples: list[Sample]) -> str:
 
 
 def _fault_hook():
-    """Test hook: DRIVEKD_FAULT_KILL_AFTER=N sends SIGKILL to this process after N attention-row
-    writes, a real kill -9 at a reproducible point (tests of resume use it)."""
+    """Test hooks: DRIVEKD_FAULT_KILL_AFTER=N sends SIGKILL to this process after N attention-row
+    writes, a real kill -9 at a reproducible point (tests of resume use it);
+    DRIVEKD_FAULT_SLOW_WRITES=S sleeps S seconds after each, so that a test's second build
+    certainly starts while the first is running (tests of the store lock)."""
     n = os.environ.get("DRIVEKD_FAULT_KILL_AFTER")
-    if not n:
+    slow = float(os.environ.get("DRIVEKD_FAULT_SLOW_WRITES") or 0)
+    if not n and not slow:
         return None
-    left = [int(n)]
+    left = [int(n) if n else -1]
 
     def hook():
+        if slow:
+            time.sleep(slow)
         left[0] -= 1
-        if left[0] <= 0:
+        if left[0] == 0:
             os.kill(os.getpid(), signal.SIGKILL)
 
     return hook
@@ -158,7 +158,8 @@ class _Pass:
         return good
 
     def _todo_roles(self, s: Sample) -> list[str]:
-        return [r for r in self.roles if self.store.sample_status(r, s.id) != "complete"]
+        # Complete with every file present; a sample marked complete with arrays missing is redone.
+        return [r for r in self.roles if self.store.sample_status(r, s.id) != "complete" or self.store.missing_files(r, s.id)]
 
     def _submit(self, fn, *args, **kw):
         fut = self.writer.submit(fn, *args, **kw)
@@ -197,7 +198,7 @@ class _Pass:
         prefix_ids = enc[0][1].input_ids[:P]
         prefix_done = {}
         for r in self.roles:
-            if self.store.prefix_status(r, key) != "complete":
+            if self.store.prefix_missing_files(r, key):
                 prefix_done[r] = self._submit(self.store.write_prefix, r, key, prefix_ids, [_for_writer(res.prefix[l]) for l in self.layers[r]],
                                               self.layers[r], cfg.encoding, len(good), self.fault)
         for s, (_, lay), rows in zip(good, enc, res.suffixes):
@@ -235,7 +236,8 @@ def shared_forward(model, encoded, layers, need=None, device="cpu") -> SharedMap
     h.update(t0["pixel_values"].float().numpy().tobytes())
     key = "p-" + h.hexdigest()[:32]
     prefix_in = {"input_ids": t0["input_ids"][:, :P], "attention_mask": t0["attention_mask"][:, :P], "pixel_values": t0["pixel_values"]}
-    full_pos = _mrope_positions(model, t0, device)  # (3, 1, T) for Qwen2.5-VL, None for 1-D RoPE
+    rope_positions = family_class(model.config.model_type).rope_positions
+    full_pos = rope_positions(model, t0, device)  # (3, 1, T) for Qwen2.5-VL, None for 1-D RoPE
     if full_pos is not None:
         prefix_in.update(image_grid_thw=t0["image_grid_thw"], mm_token_type_ids=t0["mm_token_type_ids"][:, :P], position_ids=full_pos[..., :P])
     with torch.no_grad(), capture_attention(model, layers) as pmaps:
@@ -248,7 +250,7 @@ def shared_forward(model, encoded, layers, need=None, device="cpu") -> SharedMap
             suffixes.append(None)
             continue
         T = lay.length
-        pos = _mrope_positions(model, tens, device)
+        pos = rope_positions(model, tens, device)
         suf = {
             "input_ids": tens["input_ids"][:, P:],
             "attention_mask": torch.ones(1, T, dtype=torch.long),
@@ -265,22 +267,58 @@ def shared_forward(model, encoded, layers, need=None, device="cpu") -> SharedMap
     return SharedMaps(P, key, prefix, suffixes)
 
 
-def _mrope_positions(model, tens, device) -> torch.Tensor | None:
-    """Qwen2.5-VL's M-RoPE position ids of the whole sequence, (3, 1, T); None for 1-D RoPE families."""
-    if "image_grid_thw" not in tens:
-        return None
-    pos, _ = model.model.get_rope_index(
-        tens["input_ids"].to(device), tens["mm_token_type_ids"].to(device),
-        image_grid_thw=tens["image_grid_thw"].to(device), attention_mask=tens["attention_mask"].to(device),
-    )
-    return pos.cpu()
+def write_error(e: OSError, store: TeacherStore, roles: list[str], left: int) -> StoreError:
+    """One clear error for a failed store write: the file, the OS's reason and, for a full disk,
+    the free space the remaining samples need (estimated from samples already on disk)."""
+    import errno
+    import shutil
+
+    path = e.filename or store.path
+    if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+        return StoreError(f"cannot write the teacher store: {e.strerror or e} ({path}); the samples being written stay "
+                          f"incomplete and the next `drivekd-cache build` redoes them")
+    free = shutil.disk_usage(store.path).free
+    per = [store.sample_bytes(r) for r in roles]
+    need = sum(b for b in per if b) * max(left, 1)
+    est = (f"the {max(left, 1)} sample(s) left need about {need / 2**20:.1f} MiB more (measured on samples already stored)"
+           if need else "no sample is stored yet to estimate the space needed from")
+    return StoreError(f"disk full while writing the teacher store at {path}: {free / 2**20:.1f} MiB free on that file system; "
+                      f"{est}. Free space (or pass another --out) and run the same `drivekd-cache build` again: it keeps every "
+                      "complete sample and redoes the rest")
 
 
 def build(cfg: BuildConfig) -> dict:
-    """Build (or resume) the store. Returns a summary dict (rank 0's view after all ranks finish)."""
+    """Build (or resume) the store. Returns a summary dict (rank 0's view after all ranks finish).
+
+    Holds the store lock of its roles throughout (drivekd.store.lock): a second build of the same
+    roles is refused naming this one, so no build ever deletes another's in-progress samples.
+    """
     cfg.validate()
     # The process group follows the teacher's device (nccl on CUDA, gloo on CPU).
     dist = Dist(cfg.device)
+    rank, world = dist.rank, dist.world
+    lock, refusal = None, None
+    if rank == 0:
+        try:
+            lock = StoreLock(cfg.out, [r for r in ROLES if r in cfg.teachers]).acquire()
+        except StoreError as e:
+            refusal = str(e)
+    if world > 1:  # the other ranks follow rank 0's lock
+        import torch.distributed
+
+        box = [refusal]
+        torch.distributed.broadcast_object_list(box, src=0)
+        refusal = box[0]
+    if refusal:
+        raise StoreError(refusal)
+    try:
+        return _build_locked(cfg, dist)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _build_locked(cfg: BuildConfig, dist: Dist) -> dict:
     rank, world = dist.rank, dist.world
     samples = load_samples(cfg.data, cfg.images, check_images=False)
     ids = [s.id for s in samples]
@@ -298,21 +336,22 @@ def build(cfg: BuildConfig) -> dict:
     totals = {"written": 0, "skipped": 0, "already": 0, "bytes": 0, "seconds": 0.0, "loop_seconds": 0.0}
     t0 = time.perf_counter()
     for ckpt, roles in by_ckpt.items():
-        family = Family.from_pretrained(ckpt, image_processing=cfg.image_processing)
+        family = Family.from_pretrained(ckpt, image_processing=cfg.image_processing, text_tokens=cfg.text_tokens)
         ncfg = json.loads((ckpt / "config.json").read_text())
         L = int((ncfg.get("text_config") or ncfg)["num_hidden_layers"])
         layers = {}
         for role in roles:
-            want = (cfg.layers or {}).get(role) or recipe_layers(role, L)
-            bad = [l for l in want if not 0 <= l < L]
-            if bad:
-                raise ConfigError(f"--layers {bad} for role {role}: the teacher {ckpt} has {L} decoder layers (0..{L - 1})")
-            layers[role] = sorted(set(int(l) for l in want))
+            spec = (cfg.layers or {}).get(role)
+            try:
+                layers[role] = recipe_layers(role, L) if spec is None else resolve_layers(spec_of(spec), L)
+            except LayerSpecError as e:
+                raise ConfigError(f"--layers for role {role} (teacher {ckpt}): {e}") from None
         meta_common = {
             "family": family.name,
             "teacher_path": str(ckpt),
             "teacher_fingerprint": teacher_fingerprint(ckpt),
             "processor_fingerprint": family.fingerprint(),
+            "image_settings": family.image_settings(),  # trainer names a mismatch (drivekd.images.check_store)
             "text_tokens": family.text_tokens,
             "num_teacher_layers": L,
             "encoding": cfg.encoding.to_dict(),
@@ -330,7 +369,7 @@ def build(cfg: BuildConfig) -> dict:
         # sharing prefixes (a group's prefix runs once), else fixed batches.
         units = image_groups(samples) if cfg.share_prefix else [samples[i : i + cfg.batch_size] for i in range(0, len(samples), cfg.batch_size)]
         mine = [u for k, u in enumerate(units) if k % world == rank]
-        todo = [u for u in mine if any(store.sample_status(r, s.id) not in ("complete", "skipped") for s in u for r in roles)]
+        todo = [u for u in mine if not all(store.is_done(r, s.id) for s in u for r in roles)]
         totals["already"] += sum(len(u) for u in mine) - sum(len(u) for u in todo)
         if not todo:
             continue
@@ -341,16 +380,22 @@ def build(cfg: BuildConfig) -> dict:
         t_loop = time.perf_counter()
         pass_ = _Pass(store, family, model, roles, layers, union, cfg, fault, totals, bar)
         # Writer threads: packing (on CPU), compression and file writes overlap the next forward.
-        with ThreadPoolExecutor(max_workers=cfg.writers) as writer:
-            pass_.writer = writer
-            for unit in todo:
-                good = pass_.readable(unit)
-                if cfg.share_prefix and len(good) > 1:
-                    pass_.run_group(good)
-                elif good:
-                    pass_.run_batch(good)
-                pass_.collect(wait=False)
-            pass_.collect(wait=True)
+        try:
+            with ThreadPoolExecutor(max_workers=cfg.writers) as writer:
+                pass_.writer = writer
+                for unit in todo:
+                    good = pass_.readable(unit)
+                    if cfg.share_prefix and len(good) > 1:
+                        pass_.run_group(good)
+                    elif good:
+                        pass_.run_batch(good)
+                    pass_.collect(wait=False)
+                pass_.collect(wait=True)
+        except OSError as e:
+            # A failed write never reaches its sample's completion mark: it stays "writing" and
+            # the next build redoes it. Say what failed and how much room the rest needs.
+            left = sum(len(u) for u in todo) - totals["written"] - totals["skipped"]
+            raise write_error(e, store, roles, left) from None
         totals["loop_seconds"] += time.perf_counter() - t_loop  # teacher pass after the model loaded
         bar.close()
     dist.barrier()

@@ -13,8 +13,7 @@ from typing import Protocol
 import torch
 
 from drivekd.errors import StoreError
-
-ROLES = ("perception", "reasoning", "planning")
+from drivekd.roles import ROLES
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """The student trainer: config validation, training loop, checkpoints."""
 
-from drivekd.trainer.config import TrainConfig
+from drivekd.trainer.settings import TrainConfig
 from drivekd.trainer.loop import train
 
 __all__ = ["TrainConfig", "train"]

@@ -117,13 +117,22 @@ def save_checkpoint(
     tmp = run / f".tmp-{name}-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
-    tmp.mkdir()
-    model.save_pretrained(tmp, safe_serialization=True)
-    processor.save_pretrained(tmp)
-    torch.save(state, tmp / STATE_PT)
-    (tmp / STATE_JSON).write_text(json.dumps({"format_version": FORMAT_VERSION, **meta}, indent=2, sort_keys=True) + "\n")
-    _fsync_dir_files(tmp)
-    (tmp / MARKER).write_text("ok\n")
+    try:
+        tmp.mkdir()
+        model.save_pretrained(tmp, safe_serialization=True)
+        processor.save_pretrained(tmp)
+        torch.save(state, tmp / STATE_PT)
+        (tmp / STATE_JSON).write_text(json.dumps({"format_version": FORMAT_VERSION, **meta}, indent=2, sort_keys=True) + "\n")
+        _fsync_dir_files(tmp)
+        (tmp / MARKER).write_text("ok\n")
+    except Exception as e:
+        # A full disk surfaces as OSError (json, processor files), SafetensorError ("I/O error: No
+        # space left on device") or torch.save's RuntimeError ("unexpected pos ..."): whichever,
+        # nothing of this save is kept and the previous checkpoint is intact.
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not _is_io_error(e):
+            raise
+        raise save_error(e, run, name, model, state) from None
     final = run / name
     if final.exists():
         # Replacing a checkpoint of the same name (a run resumed before it): move the old one
@@ -135,6 +144,38 @@ def save_checkpoint(
     else:
         os.rename(tmp, final)
     return final
+
+
+def _state_bytes(obj) -> int:
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_state_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_state_bytes(v) for v in obj)
+    return 0
+
+
+_IO_WORDS = ("unexpected pos", "No space left", "os error", "I/O error", "file write failed", "Disk quota")
+
+
+def _is_io_error(e: Exception) -> bool:
+    return isinstance(e, OSError) or any(w in str(e) for w in _IO_WORDS)
+
+
+def save_error(e: Exception, run: Path, name: str, model, state: dict) -> DriveKDError:
+    """One clear error for a failed checkpoint write: the folder, and for a full disk (or a write
+    torch could not finish) the free space one checkpoint needs."""
+    need = sum(p.numel() * p.element_size() for p in model.state_dict().values()) + _state_bytes(state)
+    free = shutil.disk_usage(run).free
+    errno_ = getattr(e, "errno", None)
+    import errno as _errno
+
+    full = errno_ in (_errno.ENOSPC, _errno.EDQUOT) or "No space left" in str(e) or (not isinstance(e, OSError) and free < need)
+    what = (f"disk full: {free / 2**20:.1f} MiB free on that file system, a checkpoint needs about {need / 2**20:.1f} MiB"
+            if full else f"{getattr(e, 'strerror', None) or e}")
+    return DriveKDError(f"could not save checkpoint {name} in {run} ({what}); nothing of it was kept and the previous checkpoints "
+                        "are intact. Free space (or lower --keep-last), then continue with --resume")
 
 
 def _fsync_dir_files(d: Path) -> None:

@@ -75,7 +75,10 @@ class TargetDataset(Dataset):
 
     def __getitem__(self, i: int):
         s = self.samples[i]
-        return s, {role: self.source.get(role, s.id, layers) for role, layers in self.needs.items()}
+        try:
+            return s, {role: self.source.get(role, s.id, layers) for role, layers in self.needs.items()}
+        except DriveKDError as e:  # a damaged target: one clear line from the main process, not a worker traceback
+            return s, Failed(e)
 
 
 @dataclass
@@ -148,6 +151,9 @@ class Collate:
         self.padding_side = padding_side
 
     def __call__(self, items) -> Batch | Failed:
+        failed = [t for _, t in items if isinstance(t, Failed)]
+        if failed:
+            return failed[0]
         try:
             return self._collate(items)
         except DriveKDError as e:

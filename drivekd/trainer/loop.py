@@ -29,7 +29,9 @@ from drivekd.errors import DriveKDError
 from drivekd.families.base import Family, load_model
 from drivekd.store.targets import TargetSource
 from drivekd.trainer import checkpoint as ckpt
-from drivekd.trainer.config import RunPlan, TrainConfig, describe, validate
+from drivekd.trainer.identity import write_run_json
+from drivekd.trainer.plan import RunPlan, describe, validate
+from drivekd.trainer.settings import TrainConfig
 from drivekd.trainer.data import Collate, Failed, StreamSampler, TargetDataset, make_loader
 from drivekd.trainer.metrics import StepStats
 from drivekd.trainer.step import FlatGrads, TrainStep
@@ -88,7 +90,7 @@ class Trainer:
         cfg, dev = self.cfg, dist.device
         self.out = Path(cfg.out)
         self.device = dev
-        self.family = Family.from_pretrained(cfg.student, text_tokens=cfg.text_tokens)
+        self.family = Family.from_pretrained(cfg.student, text_tokens=cfg.text_tokens, image_processing=cfg.image_settings)
         # Weights and optimizer state in fp32; compute under autocast (mixed precision).
         model = load_model(plan.resume_dir or cfg.student, dtype=torch.float32, device=dev)
         self.train_step = TrainStep(prepare_student(model, cfg), plan, dist, autocast_dtype(cfg, dev))
@@ -120,6 +122,7 @@ class Trainer:
                      "micro_per_epoch": self.plan.micro_per_epoch, "order": "randperm(seed * 1000003 + epoch)"},
             "world": self.dist.world,
             "config": self.cfg.to_json(),
+            "identity": self.plan.identity,
             **plan_json(self.plan),
         }
 
@@ -227,8 +230,8 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
             ckpt.clean_partial(self.out)
             _truncate_metrics(metrics_path, self.step)
-            (self.out / "run.json").write_text(json.dumps({"config": cfg.to_json(), **plan_json(plan), "world": self.dist.world,
-                                                           "notes": plan.notes}, indent=2) + "\n")
+            write_run_json(self.out / "run.json", {"config": cfg.to_json(), **plan_json(plan), "world": self.dist.world,
+                                                   "notes": plan.notes, "identity": plan.identity}, plan.resume_dir, self.step)
         self.dist.barrier()
         losses, records = [], []
         total_micro = self._total_micro()

@@ -1,4 +1,4 @@
-"""Teacher targets computed on the fly (tests, small experiments): an `InMemoryTargets` source.
+"""Test helper: teacher targets computed on the fly, as an `InMemoryTargets` source.
 
 The normal path reads targets from the Zarr store built once by `drivekd-cache build`; this runs
 the teacher here, one sample at a time without gradients, through the same capture mechanism.
@@ -6,7 +6,6 @@ the teacher here, one sample at a time without gradients, through the same captu
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Sequence
 
@@ -15,15 +14,9 @@ import torch
 from drivekd.data.sample import Sample
 from drivekd.families.base import Family, load_model
 from drivekd.families.capture import capture_attention, num_decoder_layers
-from drivekd.store.targets import ROLES, InMemoryTargets, RoleInfo, SampleTargets
-
-
-def _teacher_fingerprint(path: Path) -> str:
-    h = hashlib.sha256((path / "config.json").read_bytes())
-    for f in sorted(path.glob("*.safetensors")):
-        h.update(f.name.encode())
-        h.update(str(f.stat().st_size).encode())
-    return h.hexdigest()
+from drivekd.roles import ROLES
+from drivekd.store.targets import InMemoryTargets, RoleInfo, SampleTargets
+from drivekd.store.zarr_store import teacher_fingerprint
 
 
 def compute_targets(
@@ -57,6 +50,6 @@ def compute_targets(
                 s.id, lay.fingerprint, lay.vision.clone(), lay.text.clone(),
                 {int(l): maps[int(l)][0].float().cpu() for l in layers},
             )
-    fp, proc = _teacher_fingerprint(teacher_dir), fam.fingerprint()
+    fp, proc = teacher_fingerprint(teacher_dir), fam.fingerprint()  # the store's own fingerprints
     infos = {r: RoleInfo(r, tuple(sorted(int(l) for l in ls)), L, fp, fam.name, proc) for r, ls in roles_layers.items()}
     return InMemoryTargets(infos, targets)

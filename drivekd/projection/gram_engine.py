@@ -1,0 +1,190 @@
+"""Gram engine: AGP / G1 / G2 / none without K full gradient rows.
+
+Every vector the projection builds is a linear combination of the K per-loss gradients, so the
+update is d/dparams of sum_k lambda_k * loss_k, with lambda a function of the K x K Gram matrix
+alone (``coefficients``). The rows engine (``GradBuffers`` + ``combine``) holds K gradient rows of
+N parameters each (K x N x 4 bytes: 16 bytes/parameter at K = 4). This engine holds none:
+
+1. ``gram(losses)``: ONE K-batched backward, ``torch.vmap`` over the K one-hot grad_outputs of
+   ``autograd.grad(stack(losses), params, retain_graph=True)``. Each parameter's gradient arrives
+   complete (every use summed by autograd: tied embeddings get their cross-terms) as a (K, *shape)
+   block in a tensor hook; the hook folds block @ block.T into the Gram (``combine.gram``: fp32
+   products, fp64 sums) and hands autograd back a stride-0 zero, so the block dies right there.
+   Transient memory: K x the largest parameter, plus K x the activation gradients of one point of
+   the backward (the batched backward carries K gradients through the graph at once).
+2. ``coefficients(G, method, order, active=...)`` (combine.py): lambda (K,).
+3. ``backward(losses, lam)``: one ordinary backward of sum_k lambda_k * loss_k, accumulating into
+   the parameters' ``.grad`` (e.g. the loop's flat fp32 gradient views).
+
+Why this design (measured in tools/bench_gram.py; see the report there):
+* torchjd's autogram engine gets a Gramian module by module: identity nodes after each module with
+  parameters, a vmapped backward targeted at those nodes, and per-module Jacobians recomputed in
+  the nodes. It misses the cross-terms of a parameter shared by two modules (the tied embedding /
+  LM head of small Qwen2.5 students), needs every module to own its parameters, and re-runs module
+  forwards. Hooking the parameters themselves lets autograd do the summing over uses, and reuses
+  the one backward graph (so gradient checkpointing, autocast and the capture's attention function
+  work unchanged: they are just ops in the graph; custom autograd.Functions' Python backward runs
+  under vmap like any other op, ops without a batching rule fall back to a loop over K).
+* Per-parameter hooks on K sequential backwards cannot give the cross-terms <g_i, g_j> without
+  holding the earlier rows, i.e. the rows engine again.
+Cost: the batched backward does K full backwards' work (a loss that stops at layer 0 still
+carries zeros through the upper layers), plus one more backward for the update; the rows engine
+does the K backwards only as deep as each loss reaches.
+
+Data parallel (torchrun): the projection must see the Gram of the rank-AVERAGED gradients,
+cross-rank terms included. Pass ``reduce``: called on each (K, n) block before it is folded, in
+place, e.g. ``lambda b: (dist.all_reduce(b), b.div_(world))``. Blocks arrive in autograd's
+completion order, which is the same on every rank when every rank runs the same model graph with
+the same active losses: pass the globally active rows on every rank (a row with zero weight on
+this rank's samples still runs, giving zeros). After ``backward``, the parameters' ``.grad`` hold
+this rank's part: average them across ranks once per optimizer step (as the loop's fast path does).
+
+Call sequence in one micro-step (inside the ``capture_attention`` block, where the forward ran)::
+
+    engine = GramEngine(params, reduce=None)           # once, at trainer set-up
+    ...
+    weighted = [w[r] * losses[r] for r in range(K)]    # scalar losses of one forward
+    G = engine.gram(weighted, active)                  # (K, K) fp64; graph retained
+    lam, info = coefficients(G, method, order, active=active, return_info=True)
+    engine.backward(weighted, lam)                     # += into p.grad; frees the graph
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+
+import torch
+
+from drivekd.projection.combine import gram as _row_gram
+
+__all__ = ["GramEngine"]
+
+
+class _Acc:
+    """Mutable holder passed through autograd.Function.apply (lists/dicts would be pytree-copied)."""
+
+    def __init__(self, K: int, device: torch.device, reduce: Callable[[torch.Tensor], object] | None):
+        self.G = torch.zeros(K, K, dtype=torch.float64 if device.type != "mps" else torch.float32, device=device)
+        self.reduce = reduce
+        self.blocks = 0
+
+    def fold(self, block: torch.Tensor) -> None:
+        """block (K, n): one parameter's K gradients, rows contiguous."""
+        if self.reduce is not None:
+            self.reduce(block)
+        self.G += _row_gram(block).to(self.G.dtype)
+        self.blocks += 1
+
+
+class _FoldGram(torch.autograd.Function):
+    """Identity-shaped sink for a parameter's gradient: under the engine's vmap, its ``vmap`` rule
+    sees the whole (K, *shape) batch, folds it into the Gram and returns a stride-0 zero."""
+
+    @staticmethod
+    def forward(grad: torch.Tensor, acc: _Acc) -> torch.Tensor:
+        # Only reached outside vmap (K = 1 would still go through vmap): fold a 1-row block.
+        acc.fold(grad.detach().reshape(1, -1).contiguous())
+        return torch.zeros((), dtype=grad.dtype, device=grad.device).expand(grad.shape)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        pass
+
+    @staticmethod
+    def vmap(info, in_dims, grad: torch.Tensor, acc: _Acc):
+        d = in_dims[0]
+        if d is None:  # the same gradient for every loss (no batched input reached it)
+            block = grad.reshape(1, -1).expand(info.batch_size, -1).contiguous()
+            shape = grad.shape
+        else:
+            block = grad.movedim(d, 0).reshape(info.batch_size, -1).contiguous()  # (K, n)
+            shape = grad.shape[:d] + grad.shape[d + 1 :]
+        acc.fold(block)
+        return torch.zeros((), dtype=grad.dtype, device=grad.device).expand(shape), None
+
+
+class GramEngine:
+    """Gram of K per-loss gradients by one K-batched backward, then one backward of the lambda-sum.
+
+    Args:
+        params: the parameters to differentiate (frozen ones, requires_grad=False, are skipped);
+            each once (a tied weight is one Parameter).
+        reduce: data parallel: called in place on each parameter's (K, n) gradient block before it
+            is folded into the Gram (all-reduce mean across ranks). None in a single process.
+    """
+
+    def __init__(self, params: Iterable[torch.nn.Parameter], *, reduce: Callable[[torch.Tensor], object] | None = None):
+        params = [p for p in params if p.requires_grad]
+        if not params:
+            raise ValueError("GramEngine got no trainable parameter (all have requires_grad=False)")
+        if len({id(p) for p in params}) != len(params):
+            raise ValueError("GramEngine got the same parameter twice; pass each parameter once")
+        self.params = params
+        self.device = params[0].device
+        self.reduce = reduce
+        self.last_blocks = 0  # parameters folded by the last gram() (diagnostics, tests)
+
+    def gram(self, losses: Sequence[torch.Tensor | None], active: Sequence[bool] | torch.Tensor | None = None) -> torch.Tensor:
+        """(K, K) fp64 Gram of the gradients of ``losses`` (scalars of one forward), graph retained.
+
+        Row/column k is zero for an inactive row (``active[k]`` False, or ``losses[k]`` None) and
+        for a loss that does not require grad (it is still part of the batch, so every rank folds
+        blocks of the same shape). Parameters no active loss reaches contribute nothing.
+        """
+        K = len(losses)
+        act = _active(active, K)
+        rows = [k for k in range(K) if act[k] and losses[k] is not None]
+        acc = _Acc(K, self.device, self.reduce)
+        if not rows:
+            return acc.G
+        for k in rows:
+            if not isinstance(losses[k], torch.Tensor) or losses[k].numel() != 1:
+                raise ValueError(f"loss {k} must be a scalar tensor, got {type(losses[k]).__name__}")
+        L = torch.stack([losses[k].reshape(()).float() for k in rows])  # (K',)
+        if not L.requires_grad:
+            return acc.G
+        sub = _Acc(len(rows), self.device, self.reduce)
+        handles = [p.register_hook(lambda g, _a=sub: _FoldGram.apply(g, _a)) for p in self.params]
+        try:
+            with warnings.catch_warnings():
+                # Ops without a vmap batching rule (CPU flash-sdpa backward, masked_scatter
+                # backward) fall back to a loop over the K losses: correct, and the same work the
+                # rows engine does for them.
+                warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet implemented")
+                eye = torch.eye(len(rows), dtype=L.dtype, device=L.device)
+                torch.vmap(lambda go: torch.autograd.grad(L, self.params, go, retain_graph=True, allow_unused=True))(eye)
+        finally:
+            for h in handles:
+                h.remove()
+        self.last_blocks = sub.blocks
+        idx = torch.tensor(rows, device=self.device)
+        acc.G[idx[:, None], idx[None, :]] = sub.G
+        return acc.G
+
+    def backward(self, losses: Sequence[torch.Tensor | None], lam: torch.Tensor | Sequence[float], *, retain_graph: bool = False) -> None:
+        """p.grad += d/dp sum_k lam[k] * losses[k] (rows with lam 0, None or no grad skipped)."""
+        K = len(losses)
+        lam = torch.as_tensor(lam).detach()
+        if lam.shape != (K,):
+            raise ValueError(f"lam must hold one coefficient per loss (K={K}), got shape {tuple(lam.shape)}")
+        terms = []
+        for k in range(K):
+            lk = losses[k]
+            if lk is None or not isinstance(lk, torch.Tensor) or not lk.requires_grad:
+                continue
+            c = lam[k].to(device=lk.device, dtype=torch.float32)
+            terms.append(c * lk.reshape(()).float())
+        if not terms:
+            return
+        total = torch.stack(terms).sum()
+        torch.autograd.backward(total, inputs=self.params, retain_graph=retain_graph)
+
+
+def _active(active, K: int) -> list[bool]:
+    if active is None:
+        return [True] * K
+    act = active.tolist() if isinstance(active, torch.Tensor) else list(active)
+    if len(act) != K:
+        raise ValueError(f"active must hold one boolean per loss (K={K}), got {len(act)}")
+    return [bool(a) for a in act]

@@ -1,0 +1,50 @@
+"""Content checksums of stored arrays, and the chunk files a complete sample must have.
+
+Why CRC32C over the stored values (not the compressed chunk bytes, not sha256): the reader
+already holds each layer's packed fp16 row after zarr decodes it, so one pass of hardware CRC32C
+(google_crc32c, a dependency of zarr itself; ~11 GB/s here) checks exactly what training will
+use, whatever went wrong underneath: flipped bytes (blosc either refuses them or decodes other
+values), a deleted chunk (zarr returns the fill value), a chunk copied from another sample or a
+hand-edited zarr.json. A cryptographic hash would cost ~6x more per read and guards against no
+realistic accident that CRC32C misses (any burst of <= 32 bits, else a 2^-32 chance).
+
+The checksums are written with the data: the completion mark of a sample (and of a shared
+prefix) holds them, in the same single zarr.json write that marks it complete (schema 3).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import google_crc32c
+import numpy as np
+
+ALGORITHM = "crc32c"
+# 1-D arrays of a sample group; their only chunk is <name>/c/0. attn's layer k is attn/c/<k>/0.
+SAMPLE_VECTORS = ("input_ids", "vision", "text")
+PREFIX_VECTORS = ("input_ids",)
+
+
+def checksum(a: np.ndarray) -> str:
+    """CRC32C of an array's bytes in C order, as 8 hex digits."""
+    a = np.ascontiguousarray(a)
+    return f"{google_crc32c.value(a.view(np.uint8).reshape(-1)):08x}"
+
+
+def chunk_file(group_dir: Path, name: str, layer_row: int | None = None) -> Path:
+    """The file holding an array's chunk (zarr v3 default chunk keys, '/' separated)."""
+    return group_dir / name / "c" / "0" if layer_row is None else group_dir / name / "c" / str(layer_row) / "0"
+
+
+def expected_files(group_dir: Path, vectors: tuple[str, ...], n_layers: int) -> list[Path]:
+    """Every metadata and chunk file a complete sample/prefix group has (written with empty chunks kept)."""
+    files = []
+    for name in vectors:
+        files += [group_dir / name / "zarr.json", chunk_file(group_dir, name)]
+    files.append(group_dir / "attn" / "zarr.json")
+    files += [chunk_file(group_dir, "attn", k) for k in range(n_layers)]
+    return files
+
+
+def absent(files: list[Path]) -> list[Path]:
+    return [f for f in files if not f.is_file()]

@@ -1,0 +1,249 @@
+"""`TrainConfig`: the settings of one `drivekd-train` run, checked when built.
+
+Each field is one `drivekd-train` flag (underscores for dashes) and one key of the [train] table of
+drivekd.toml; its default, help text and allowed values are written once, here, and the CLI
+(`drivekd.cli.train`) derives its options from them. Fields are grouped by concern (`group` in
+their metadata: inputs, distillation, gradients, optimisation, runtime, checkpoints), and the
+object checks every value in `__post_init__`, so an invalid TrainConfig cannot exist: a bad value
+raises `ConfigError` naming its flag. What needs files or models (data, store, student depth,
+resume) is checked by the run planner, `drivekd.trainer.plan.plan_run`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from drivekd.errors import ConfigError
+from drivekd.images import ImageSettings, pop_flags
+from drivekd.roles import ROLES
+
+RECIPES = (*ROLES, "multi", "sft")
+PROJECTIONS = ("agp", "g1", "g2", "none")
+DEFAULT_MIX = "0.8,0.1,0.1;0.1,0.8,0.1;0.1,0.1,0.8"
+GROUPS = ("inputs", "distillation", "gradients", "optimisation", "runtime", "checkpoints")
+
+# Keys that may differ between a checkpoint's run and the run resuming it (they do not change the
+# numbers): everything else must match, or the resumed run would not continue the same run.
+RESUME_FREE = {"resume", "resume_from", "resume_allow_changed", "num_workers", "progress", "save_every", "keep_last", "log_every", "out", "cache",
+               "data", "images", "student", "device"}
+
+
+def opt(default: Any, help: str, *, group: str, choices: tuple | None = None, minimum: str | None = None,
+        required: bool = False) -> Any:
+    """A settings field: default, help and checks in one place.
+
+    minimum: ">0" or ">=0" for numbers; `required`: the planner needs it for a real run.
+    """
+    meta = {"help": help, "group": group, "choices": choices, "minimum": minimum, "required": required}
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class TrainConfig:
+    """One `drivekd-train` run. Defaults follow METHOD.md section 8."""
+
+    # ----- inputs
+    student: Path | None = opt(None, "Student checkpoint folder (HF, safetensors).", group="inputs", required=True)
+    data: Path | None = opt(None, "Training data JSON (Drive-KD or DriveBench format).", group="inputs", required=True)
+    out: Path | None = opt(None, "Run folder: metrics.jsonl, step-NNNNNN/ checkpoints, final/.", group="inputs", required=True)
+    cache: Path | None = opt(None, "Teacher store built by drivekd-cache.", group="inputs")
+    images: Path | None = opt(None, "Image root for relative paths (default: the data file's folder).", group="inputs")
+
+    # ----- distillation: which teacher terms, which signal, which layers, how mixed
+    recipe: str = opt("multi", "perception | reasoning | planning (one teacher, its capability split) | multi (all samples, "
+                      "three teachers, mixing matrix) | sft (CE only, the fine-tuning baseline; no store needed).",
+                      group="distillation", choices=RECIPES)
+    split: str | None = opt(None, "With --recipe sft: train on one capability split, as the single-teacher recipes do "
+                            "(default: all samples).", group="distillation", choices=ROLES)
+    signal: str | None = opt(None, "Ablation: t2v | full for every teacher term (default: each recipe's own).",
+                             group="distillation", choices=("t2v", "full"))
+    loss: str = opt("mse", "Attention loss.", group="distillation", choices=("mse", "cosine"))
+    layers: str | None = opt(None, "Layer spec, e.g. 0, L-2, 1..L-3; several terms: 'perception=0;planning=L-2'.",
+                             group="distillation")
+    mid_range: str | None = opt(None, "Reasoning layer range variant, e.g. mid2 (indices 1..L-3); default 0..L-2.",
+                                group="distillation")
+    full_reduction: str = opt("paper", "Full-map MSE reduction: paper (eq. 11, per-query mean over valid keys) | reference "
+                              "(mean over T x T).", group="distillation", choices=("paper", "reference"))
+    text_tokens: str = opt("paper", "Text query set X: paper (no special tokens) | not_vision (reference code). Must match "
+                           "the store.", group="distillation", choices=("paper", "not_vision"))
+    mix: str = opt(DEFAULT_MIX, "3x3 mixing matrix M, rows ';' columns ',': rows = sample capability, columns = teacher "
+                   "(perception, reasoning, planning); each row is normalised to sum 1, as the reference trainer does.",
+                   group="distillation")
+    w_ce: float = opt(1.0, "Static weight of the answer CE.", group="distillation", minimum=">=0")
+    w_perception: float = opt(1.0, "Static weight of the perception teacher term (0 switches it off).",
+                              group="distillation", minimum=">=0")
+    w_reasoning: float = opt(1.0, "Static weight of the reasoning teacher term (0 switches it off).",
+                             group="distillation", minimum=">=0")
+    w_planning: float = opt(1.0, "Static weight of the planning teacher term (0 switches it off).",
+                            group="distillation", minimum=">=0")
+
+    # ----- gradients: conflict handling and online re-weighting
+    projection: str = opt("agp", "Gradient-conflict handling.", group="gradients", choices=PROJECTIONS)
+    dynamic_weights: bool = opt(True, "Online loss re-weighting (METHOD.md section 7).", group="gradients")
+    reweight_alpha: float = opt(0.0, "Re-weighting alpha (reaction to relative loss decay).", group="gradients",
+                                minimum=">=0")
+    reweight_lr: float = opt(3e-4, "Learning rate of the re-weighting AdamW.", group="gradients", minimum=">0")
+    grad_buffer_dtype: str = opt("float32", "dtype of the per-loss gradient rows (bfloat16 halves their memory).",
+                                 group="gradients", choices=("float32", "bfloat16"))
+
+    # ----- optimisation
+    lr: float = opt(5e-5, "Peak learning rate (AdamW).", group="optimisation", minimum=">0")
+    epochs: int = opt(3, "Passes over the training samples (ignored when --max-steps is set).", group="optimisation",
+                      minimum=">0")
+    micro_batch: int = opt(1, "Samples per forward pass per process.", group="optimisation", minimum=">0")
+    grad_accum: int = opt(4, "Micro-steps per optimizer step.", group="optimisation", minimum=">0")
+    warmup_ratio: float = opt(0.03, "Share of optimizer steps with linear warmup, in [0, 1).", group="optimisation",
+                              minimum=">=0")
+    min_lr_ratio: float = opt(0.01, "Cosine floor as a fraction of lr, in [0, 1].", group="optimisation", minimum=">=0")
+    weight_decay: float = opt(0.0, "AdamW weight decay.", group="optimisation", minimum=">=0")
+    max_grad_norm: float = opt(0.0, "Clip the global gradient norm before each optimizer step (0: no clipping, as the "
+                               "paper and the reference trainer; AGP sums ~K-1 copies of the CE gradient, so a small "
+                               "norm would clip every step).",
+                               group="optimisation", minimum=">=0")
+    seed: int = opt(42, "Seed of the data order, the AGP permutations and torch's RNG.", group="optimisation",
+                    minimum=">=0")
+    max_steps: int | None = opt(None, "Stop after this many optimizer steps (overrides --epochs).", group="optimisation",
+                                minimum=">0")
+
+    # ----- runtime
+    dtype: str = opt("auto", "Compute dtype under autocast (weights and optimizer stay fp32): auto = bfloat16 on GPU, "
+                     "float32 on CPU.", group="runtime", choices=("auto", "float32", "bfloat16", "float16"))
+    device: str = opt("auto", "cpu, cuda, cuda:N (auto: cuda when available; under torchrun cuda:LOCAL_RANK).",
+                      group="runtime")
+    gradient_checkpointing: bool = opt(False, "Recompute decoder activations in backward (less memory, ~30% more time).",
+                                       group="runtime")
+    num_workers: int = opt(2, "DataLoader workers reading targets and decoding images while the model computes.",
+                           group="runtime", minimum=">=0")
+    skip_nonfinite: bool = opt(False, "Skip a micro-batch whose loss is NaN/inf instead of stopping.", group="runtime")
+    log_every: int = opt(1, "Write a metrics line every N optimizer steps.", group="runtime", minimum=">0")
+    progress: bool = opt(True, "Show a tqdm progress bar.", group="runtime")
+
+    # ----- checkpoints
+    save_every: int = opt(500, "Checkpoint every N optimizer steps (0: only the final model).", group="checkpoints",
+                          minimum=">=0")
+    keep_last: int = opt(2, "Keep the last K step checkpoints.", group="checkpoints", minimum=">0")
+    resume: bool = opt(False, "Continue from the latest complete checkpoint in --out (a fresh start if there is none).",
+                       group="checkpoints")
+    resume_from: Path | None = opt(None, "Continue from this checkpoint folder.", group="checkpoints")
+    resume_allow_changed: str | None = opt(None, "Resume although these changed since the checkpoint: data, cache, student "
+                                           "(comma separated; recorded in run.json's history).", group="checkpoints")
+
+    # ----- image settings: their own typed object and flags (drivekd.images), shared with the cache and eval
+    image_settings: ImageSettings = field(default_factory=ImageSettings, metadata={
+        "help": "[images] table / --tiling, --max-patches, --min-pixels, --max-pixels; must match the store's.",
+        "group": "inputs", "cli": False})
+
+    def __post_init__(self) -> None:
+        if isinstance(self.image_settings, dict):
+            self.image_settings = ImageSettings(**self.image_settings)
+        if not isinstance(self.image_settings, ImageSettings):
+            raise ConfigError(f"image_settings must be an [images] table, got {self.image_settings!r}")
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if not f.metadata.get("cli", True):
+                continue
+            if f.name in PATH_KEYS:
+                if v is not None and not isinstance(v, Path):
+                    if not isinstance(v, str):
+                        raise ConfigError(f"{flag(f.name)} must be a path, got {v!r}")
+                    setattr(self, f.name, Path(v))
+                continue
+            if v is None and f.default is None:
+                continue
+            _check_type(f.name, v, kind(f))
+            choices, minimum = f.metadata.get("choices"), f.metadata.get("minimum")
+            if choices and v not in choices:
+                raise ConfigError(f"{flag(f.name)} must be one of {', '.join(choices)}, got {v!r}")
+            if minimum == ">0" and not v > 0:
+                raise ConfigError(f"{flag(f.name)} must be > 0, got {v!r}")
+            if minimum == ">=0" and not v >= 0:
+                raise ConfigError(f"{flag(f.name)} must be >= 0, got {v!r}")
+        if self.warmup_ratio >= 1:
+            raise ConfigError(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.min_lr_ratio > 1:
+            raise ConfigError(f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.device != "auto" and not self.device.startswith(("cpu", "cuda")):
+            raise ConfigError(f"--device must be auto, cpu or cuda[:N], got {self.device!r}")
+        if self.split is not None and self.recipe != "sft":
+            raise ConfigError(f"--split applies to --recipe sft (recipe {self.recipe!r} chooses its own split)")
+        if self.resume and self.resume_from is not None:
+            raise ConfigError("give either --resume (latest checkpoint in --out) or --resume-from DIR, not both")
+
+    @classmethod
+    def keys(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], where: str = "config") -> "TrainConfig":
+        unknown = sorted(set(d) - set(cls.keys()))
+        if unknown:
+            raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)} (keys are the drivekd-train flag names with "
+                              f"underscores: {', '.join(cls.keys())})")
+        return cls(**d)
+
+    def term_weight(self, role: str) -> float:
+        """Static weight of a teacher term."""
+        return getattr(self, f"w_{role}")
+
+
+PATH_KEYS = ("student", "data", "images", "cache", "out", "resume_from")
+
+
+def flag(key: str) -> str:
+    return "--" + key.replace("_", "-")
+
+
+def kind(f) -> type:
+    """The value type of a settings field: bool, int, float, str or Path."""
+    ann = str(f.type)
+    for name, t in (("bool", bool), ("int", int), ("float", float), ("Path", Path), ("str", str)):
+        if ann.startswith(name):
+            return t
+    raise TypeError(f"settings field {f.name} has an unsupported type {ann}")
+
+
+def _check_type(key: str, v: Any, t: type) -> None:
+    ok = {
+        bool: isinstance(v, bool),
+        int: isinstance(v, int) and not isinstance(v, bool),
+        float: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
+        str: isinstance(v, str),
+    }.get(t, True)
+    if not ok:
+        what = {bool: "true or false", int: "an integer", float: "a finite number", str: "a string"}[t]
+        raise ConfigError(f"{flag(key)} must be {what}, got {v!r}")
+
+
+def default_of(f) -> Any:
+    return None if f.default is MISSING else f.default
+
+
+def config_from_sources(cli: dict[str, Any], config_path: str | Path | None = None) -> TrainConfig:
+    """Merge drivekd.toml ([train], with [data]/[cache] as fallbacks) and the flags given on the
+    command line (`cli` holds only explicitly given flags; they win)."""
+    from drivekd.config import load_config
+
+    raw = load_config(config_path)
+    cli = dict(cli)
+    merged: dict[str, Any] = {"image_settings": ImageSettings.from_sources(pop_flags(cli), raw)}
+    if raw:
+        train = dict(raw.get("train", {}))
+        unknown = sorted(set(train) - set(TrainConfig.keys()))
+        if unknown:
+            raise ConfigError(f"{raw['_path']}: unknown key(s) in [train]: {', '.join(unknown)} "
+                              f"(keys are the drivekd-train flag names with underscores)")
+        train.setdefault("data", raw.get("data", {}).get("train"))
+        train.setdefault("images", raw.get("data", {}).get("images"))
+        train.setdefault("cache", raw.get("cache", {}).get("out"))
+        merged.update({k: v for k, v in train.items() if v is not None})
+    merged.update({k: v for k, v in cli.items() if v is not None})
+    return TrainConfig.from_dict(merged, where=str(raw.get("_path", "flags")))
+
+
+__all__ = ["DEFAULT_MIX", "GROUPS", "PROJECTIONS", "RECIPES", "RESUME_FREE", "TrainConfig", "config_from_sources", "flag"]

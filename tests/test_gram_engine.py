@@ -1,0 +1,286 @@
+"""GramEngine: the Gram of K per-loss gradients without K rows, then one backward of the lambda-sum.
+
+Checked against the rows engine (GradBuffers + combine) on a small module with a tied weight and a
+loss that reaches only part of it, and on the tiny students of both families (tied embeddings)
+with the real forward, attention capture, losses and a padded micro-batch; under bf16 autocast
+with gradient checkpointing; and with 2 gloo ranks against one process with the same global batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from drivekd.projection import GradBuffers, combine
+from drivekd.projection.combine import coefficients
+from drivekd.projection.gram_engine import GramEngine
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+METHODS = ("agp", "g1", "g2", "none")
+TEACHER_LAYERS = {"perception": [0], "reasoning": [0, 1, 2, 3, 4], "planning": [4]}  # tiny teacher: 6 layers
+
+
+def flat_grad(params) -> torch.Tensor:
+    return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
+
+
+# ----------------------------------------------------------------------------- a small module
+
+
+class Tied(nn.Module):
+    """emb -> trunk -> logits with the embedding matrix (tied, used by two ops); a third loss reads
+    the embeddings only (never reaches the trunk)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(11, 6)
+        self.trunk = nn.Linear(6, 6)
+        self.frozen = nn.Parameter(torch.ones(6), requires_grad=False)
+
+    def losses(self, ids: torch.Tensor) -> list[torch.Tensor]:
+        h0 = self.emb(ids)
+        h = torch.tanh(self.trunk(h0)) * self.frozen
+        logits = h @ self.emb.weight.T
+        return [logits.logsumexp(-1).mean(), -(h ** 2).mean(), h0.pow(3).mean() * 0.3]
+
+
+def rows_reference(params, losses) -> torch.Tensor:
+    return torch.stack([torch.cat([g.reshape(-1) if g is not None else torch.zeros(p.numel())
+                                   for g, p in zip(torch.autograd.grad(l, params, retain_graph=True, allow_unused=True), params)])
+                        for l in losses])
+
+
+def test_tied_weight_and_partial_reach_match_rows():
+    m = Tied()
+    params = [p for p in m.parameters() if p.requires_grad]
+    assert len(params) == 3  # emb (tied), trunk weight, trunk bias
+    losses = m.losses(torch.tensor([1, 4, 4, 9, 2]))
+    B = rows_reference(params, losses)
+    assert B[2, m.emb.weight.numel():].abs().max() == 0  # loss 2 never reaches the trunk
+    engine = GramEngine(params)
+    G = engine.gram(losses)
+    torch.testing.assert_close(G, B.double() @ B.double().T, rtol=1e-6, atol=1e-9)
+    assert engine.last_blocks == 3
+    for p in params:
+        assert p.grad is None  # the Gram pass leaves .grad alone
+    for method in METHODS:
+        for p in params:
+            p.grad = None
+        lam, info = coefficients(G, method, [2, 1], return_info=True)
+        engine.backward(losses, lam, retain_graph=True)
+        ref = combine(B, method, [2, 1])
+        assert rel(flat_grad(params), ref) < 1e-6, method
+    # Tied cross-terms matter: folding each use separately would give another Gram.
+    assert float(G[0, 0]) != pytest.approx(float((B[0] * B[0]).sum()) - 1.0)
+
+
+def test_inactive_rows_and_validation():
+    m = Tied()
+    params = [p for p in m.parameters() if p.requires_grad]
+    losses = m.losses(torch.tensor([3, 5]))
+    engine = GramEngine(params)
+    G = engine.gram(losses, active=[True, False, True])
+    B = rows_reference(params, losses)
+    full = B.double() @ B.double().T
+    assert G[1].abs().max() == 0 and G[:, 1].abs().max() == 0
+    torch.testing.assert_close(G[[0, 2]][:, [0, 2]], full[[0, 2]][:, [0, 2]], rtol=1e-6, atol=1e-9)
+    with pytest.raises(ValueError, match="no trainable"):
+        GramEngine([m.frozen])
+    with pytest.raises(ValueError, match="same parameter twice"):
+        GramEngine(params + params[:1])
+    with pytest.raises(ValueError, match="one coefficient per loss"):
+        engine.backward(losses, torch.ones(2))
+
+
+def test_coefficients_equals_combine_info():
+    torch.manual_seed(1)
+    B = torch.randn(4, 300)
+    B[2] -= 2 * B[0]
+    for method in METHODS:
+        vec, info = combine(B, method, [3, 1, 2], return_info=True)
+        lam = coefficients(info["gram"], method, [3, 1, 2])
+        torch.testing.assert_close(lam, info["coef"])
+        torch.testing.assert_close((lam.float() @ B), vec, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="square"):
+        coefficients(torch.zeros(2, 3), "agp")
+    with pytest.raises(ValueError, match="2 <= K"):
+        coefficients(torch.eye(5), "agp")
+
+
+# ----------------------------------------------------------------------------- tiny students
+
+
+def make_trainer(tiny_models, demo_data, targets, family: str, world: int = 1, **kw):
+    from drivekd.trainer.plan import validate
+    from drivekd.trainer.settings import TrainConfig
+    from drivekd.trainer.loop import Dist, Trainer
+
+    cfg = TrainConfig(student=tiny_models / f"{family}-student", data=demo_data / "train.json", out=Path("unused"),
+                      num_workers=0, progress=False, max_steps=1, grad_accum=1, micro_batch=2, save_every=0,
+                      dynamic_weights=False, warmup_ratio=0.0, **kw)
+    plan = validate(cfg, targets, world=world)
+    return Trainer(plan, plan.source, Dist("cpu"))
+
+
+def batch_of(tr, idx: list[int]):
+    from drivekd.trainer.data import Collate, TargetDataset
+
+    ds = TargetDataset(tr.plan.samples, tr.source, tr.plan.terms)
+    return Collate(tr.family, tr.plan.terms, tr.source)([ds[i] for i in idx]).to(tr.device)
+
+
+@contextlib.contextmanager
+def forward(tr, batch):
+    """The loop's forward + row losses (unweighted, K scalars), inside the capture block."""
+    from drivekd.families.capture import capture_attention
+
+    with capture_attention(tr.model, tr.plan.student_layers, grad=True,
+                           attention_mask=batch.inputs.tensors["attention_mask"].bool()) as maps:
+        losses, _, _ = tr._losses(batch, maps)
+        yield losses
+
+
+@pytest.fixture(scope="module")
+def targets(tiny_models, demo_data):
+    from drivekd.data.loaders import load_samples
+    from online_targets import compute_targets
+
+    out = {}
+    for fam in ("internvl", "qwen2_5_vl"):
+        out[fam] = compute_targets(tiny_models / f"{fam}-teacher", load_samples(demo_data / "train.json"), TEACHER_LAYERS)
+    return out
+
+
+def unit_weights(params, losses) -> list[torch.Tensor]:
+    """Weights making every row's gradient norm 1: the attention terms' raw gradients are ~1e-8 of
+    CE's, so with static weights the comparison would only test the CE row."""
+    norms = [float(torch.cat([g.reshape(-1) for g in torch.autograd.grad(l, params, retain_graph=True, allow_unused=True)
+                              if g is not None]).norm()) for l in losses]
+    return [l / n for l, n in zip(losses, norms)]
+
+
+@pytest.mark.parametrize("family", ["internvl", "qwen2_5_vl"])
+def test_matches_rows_engine_on_tiny_students(tiny_models, demo_data, targets, family):
+    tr = make_trainer(tiny_models, demo_data, targets[family], family)
+    emb = tr.model.get_input_embeddings().weight
+    assert tr.model.get_output_embeddings().weight is emb  # tied: one parameter, two uses
+    params = tr.params
+    batch = batch_of(tr, [0, 5])  # a six-view and a single-view sample
+    assert not bool(batch.inputs.tensors["attention_mask"].bool().all())  # padded
+    engine = GramEngine(params)
+    with forward(tr, batch) as losses:
+        assert len(losses) == 4
+        weighted = unit_weights(params, losses)
+        bufs = GradBuffers(params, 4)
+        for r in range(4):
+            bufs.backward(r, weighted[r], retain_graph=True)
+        rows = bufs.buffer
+        fired = 0
+        for K in (2, 3, 4):
+            G = engine.gram(weighted[:K])
+            torch.testing.assert_close(G, rows[:K].double() @ rows[:K].double().T, rtol=1e-5, atol=1e-7)
+            for method in METHODS:
+                order = list(range(K - 1, 0, -1))
+                ref, info = combine(rows[:K].contiguous(), method, order, return_info=True)
+                fired += int(info["fired"])
+                lam = coefficients(G, method, order)
+                tr.grads.flat.zero_()
+                engine.backward(weighted[:K], lam, retain_graph=True)
+                tr.grads.check()
+                assert rel(tr.grads.flat, ref) < 1e-5, (K, method)
+        assert fired > 0  # the comparison covers projections that really removed a component
+
+
+def test_bf16_autocast_and_checkpointing(tiny_models, demo_data, targets):
+    tr = make_trainer(tiny_models, demo_data, targets["qwen2_5_vl"], "qwen2_5_vl", dtype="bfloat16",
+                      gradient_checkpointing=True)
+    assert tr.autocast_dtype == torch.bfloat16
+    assert getattr(tr.model, "is_activation_checkpointing", None) or tr.model.is_gradient_checkpointing
+    params = tr.params
+    batch = batch_of(tr, [1, 6])
+    engine = GramEngine(params)
+    with forward(tr, batch) as losses:
+        weighted = unit_weights(params, losses)
+        bufs = GradBuffers(params, 4)
+        for r in range(4):
+            bufs.backward(r, weighted[r], retain_graph=True)
+        G = engine.gram(weighted)
+        rows = bufs.buffer.double()
+        torch.testing.assert_close(G, rows @ rows.T, rtol=1e-5, atol=1e-7)
+        ref = combine(bufs.buffer, "agp", [3, 1, 2])
+        tr.grads.flat.zero_()
+        engine.backward(weighted, coefficients(G, "agp", [3, 1, 2]))
+        # One backward of sum_k lambda_k L_k under bf16 autocast rounds its bf16 matmuls once,
+        # lambda @ rows rounds each row's: they agree to bf16 resolution (2^-8), not to 1e-5
+        # (measured 3.5e-3). The Gram itself (K separate gradients either way) agrees to 1e-5.
+        assert rel(tr.grads.flat, ref) < 1.5e-2
+        assert rel(combine(bufs.buffer, "none"), ref) > 0.1  # AGP's update is far from a plain sum
+
+
+# ----------------------------------------------------------------------------- data parallel
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _dp_worker(rank, world, port, tiny_models, demo_data, targets, scales, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+
+    tr = make_trainer(tiny_models, demo_data, targets, "internvl", world=world)  # Dist inits gloo
+    try:
+        def mean_(block):
+            dist.all_reduce(block)
+            block.div_(world)
+
+        engine = GramEngine(tr.params, reduce=mean_)
+        with forward(tr, batch_of(tr, [[0, 5][rank]])) as losses:  # rank r holds sample r of the global batch
+            weighted = [l * s for l, s in zip(losses, scales)]
+            G = engine.gram(weighted)
+            lam = coefficients(G, "agp", [2, 3, 1])
+            tr.grads.flat.zero_()
+            engine.backward(weighted, lam)
+        tr.dist.mean_(tr.grads.flat)  # the loop averages .grad across ranks once per step
+        if rank == 0:
+            torch.save({"gram": G, "grad": tr.grads.flat.clone(), "blocks": engine.last_blocks}, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_gloo_ranks_equal_one_process(tiny_models, demo_data, targets, tmp_path):
+    tr = make_trainer(tiny_models, demo_data, targets["internvl"], "internvl")
+    params = tr.params
+    with forward(tr, batch_of(tr, [0, 5])) as losses:  # the global batch, in one process
+        weighted = unit_weights(params, losses)
+        scales = [float(w.detach() / l.detach()) for w, l in zip(weighted, losses)]
+        bufs = GradBuffers(params, 4)
+        for r in range(4):
+            bufs.backward(r, weighted[r], retain_graph=r < 3)
+    ref, info = combine(bufs.buffer, "agp", [2, 3, 1], return_info=True)
+
+    import torch.multiprocessing as mp
+
+    out = tmp_path / "rank0.pt"
+    mp.spawn(_dp_worker, args=(2, _free_port(), tiny_models, demo_data, targets["internvl"], scales, str(out)), nprocs=2)
+    got = torch.load(out, weights_only=True)
+    assert got["blocks"] == len(params)
+    torch.testing.assert_close(got["gram"], info["gram"], rtol=1e-5, atol=1e-7)
+    assert rel(got["grad"], ref) < 1e-5
+    # The cross-rank terms matter: the mean of the two ranks' own Grams is another matrix.
+    assert not torch.allclose(got["gram"], info["gram"] * 2, rtol=1e-3)
