@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 
 from drivekd.planner import plan as P
-from drivekd.trainer.config import TrainConfig, student_depth
+from drivekd.trainer.plan import student_depth
+from drivekd.trainer.settings import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
@@ -59,7 +60,8 @@ def test_fake_peak_near_measured_rss(tiny_models):
         "import json, sys, torch; torch.set_num_threads(1)\n"
         "from pathlib import Path\n"
         "from drivekd.planner import plan as P\n"
-        "from drivekd.trainer.config import TrainConfig, student_depth\n"
+        "from drivekd.trainer.plan import student_depth\n"
+        "from drivekd.trainer.settings import TrainConfig\n"
         f"s = Path({str(tiny_models / 'internvl-student')!r})\n"
         "cfg = TrainConfig(student=s, dtype='float32', recipe='multi')\n"
         "fam, L = student_depth(s); conf = P.student_config(s); sh = P.shapes_for(fam, conf, s, 6, 2048)\n"

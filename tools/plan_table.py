@@ -33,7 +33,8 @@ def main() -> None:
     ap.add_argument("--configs", default="/tmp/drivekd-plan-configs")
     args = ap.parse_args()
     from drivekd.planner import plan as P
-    from drivekd.trainer.config import TrainConfig, student_depth
+    from drivekd.trainer.plan import student_depth
+from drivekd.trainer.settings import TrainConfig
 
     GiB = 1 << 30
     results = {}

@@ -118,7 +118,7 @@ def synthetic_batch(shapes: Shapes, config, plan):
     tokens), more text, a 200-token answer; each teacher target is a (1, T, T) shape placeholder
     (the caller makes the run's tensor of that shape)."""
     from drivekd.families.base import ModelInputs, TokenLayout
-    from drivekd.losses.attention import IGNORE
+    from drivekd.roles import IGNORE_INDEX as IGNORE
     from drivekd.trainer.data import Batch
 
     T, n, per = shapes.seq_len, shapes.cameras, shapes.tokens_per_camera
@@ -208,10 +208,10 @@ class Counted:
 
 
 def build_student(student: Path, family: str, config, dtype=torch.float32):
-    from drivekd.families.base import _model_class
+    from drivekd.families.base import family_class
     from drivekd.families.capture import CAPTURE_IMPL
 
-    return _model_class(family)._from_config(
+    return family_class(family).model_class()._from_config(
         config, attn_implementation={"text_config": CAPTURE_IMPL, "vision_config": "sdpa", "": "sdpa"}, dtype=dtype)
 
 
