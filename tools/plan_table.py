@@ -34,7 +34,7 @@ def main() -> None:
     args = ap.parse_args()
     from drivekd.planner import plan as P
     from drivekd.trainer.plan import student_depth
-from drivekd.trainer.settings import TrainConfig
+    from drivekd.trainer.settings import TrainConfig
 
     GiB = 1 << 30
     results = {}

@@ -287,6 +287,18 @@ def write_error(e: OSError, store: TeacherStore, roles: list[str], left: int) ->
                       "complete sample and redoes the rest")
 
 
+def _dist() -> tuple[int, int]:
+    """(rank, world), initialising the process group under torchrun. For drivekd.analyze, which
+    still imports it; it is drivekd.distributed.Dist underneath (the one place for processes)."""
+    d = Dist("auto")
+    return d.rank, d.world
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        Dist("auto").barrier()
+
+
 def build(cfg: BuildConfig) -> dict:
     """Build (or resume) the store. Returns a summary dict (rank 0's view after all ranks finish).
 
