@@ -106,6 +106,18 @@ class Trainer:
         if plan.resume_dir is not None:
             self._restore(plan.resume_dir)
 
+    # ----- the step's state, by its old names (tests and tools that drive parts of a step) -----
+    params = property(lambda self: self.train_step.params)
+    grads = property(lambda self: self.train_step.grads)
+    bufs = property(lambda self: self.train_step.bufs)
+    per_loss = property(lambda self: self.train_step.per_loss)
+    autocast_dtype = property(lambda self: self.train_step.autocast_dtype)
+
+    def _losses(self, batch, maps):
+        """(K row losses with graph, (K, B) detached per-sample values, (B, terms) mixing weights)."""
+        out = self.train_step.forward(batch, maps)
+        return out.rows, out.per_sample, out.mixw
+
     # ----- state -----
     def _state(self) -> dict[str, Any]:
         state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(), "rng": ckpt.rng_state()}
