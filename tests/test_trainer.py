@@ -152,8 +152,7 @@ def test_micro_batch_pads_targets(tiny_models, samples, targets, tmp_path, demo_
             from drivekd.families.capture import capture_attention
 
             with torch.no_grad(), capture_attention(trainer.model, plan.student_layers, attention_mask=batch.inputs.tensors["attention_mask"].bool()) as maps:
-                _, values, _ = trainer._losses(batch, maps)
-            return values
+                return trainer.train_step.forward(batch, maps).per_sample
 
         joint = per_sample(both)
         alone = torch.cat([per_sample(collate([it])) for it in items], dim=1)

@@ -98,7 +98,7 @@ class Timers:
     def install(self):
         import torch
 
-        import drivekd.trainer.loop as loop
+        import drivekd.trainer.step as loop  # the step module calls combine()
         from drivekd.projection.buffers import GradBuffers
 
         timers = self
@@ -214,10 +214,10 @@ def per_param_bytes(paths, args) -> dict:
         cfg = base_cfg(paths, Path(tempfile.mkdtemp(dir=args.work, prefix="pp-")) / "run", 1, grad_buffer_dtype=dtype)
         tr = Trainer(validate(cfg, tg), tg, Dist("cpu"))
         tr.run()
-        N = sum(p.numel() for p in tr.params)
-        held = sum(p.numel() * p.element_size() for p in tr.params)
-        held += tr.grads.flat.numel() * tr.grads.flat.element_size()
-        held += tr.bufs.buffer.numel() * tr.bufs.buffer.element_size()
+        N = sum(p.numel() for p in tr.train_step.params)
+        held = sum(p.numel() * p.element_size() for p in tr.train_step.params)
+        held += tr.train_step.grads.flat.numel() * tr.train_step.grads.flat.element_size()
+        held += tr.train_step.bufs.buffer.numel() * tr.train_step.bufs.buffer.element_size()
         for st in tr.optimizer.state.values():
             held += sum(v.numel() * v.element_size() for v in st.values() if torch.is_tensor(v) and v.dim() > 0)
         out[dtype] = {"bytes_per_param": held / N, "rows": len(tr.plan.row_names)}

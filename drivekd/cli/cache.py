@@ -46,7 +46,11 @@ def main() -> None:
 @click.option("--config", "config_path", type=click.Path(path_type=Path), help="Project config (default ./drivekd.toml if present).")
 @click.option("--no-progress", is_flag=True)
 @image_options
-def build(role, model_dir, data, images, out, layers, batch_size, encoding, keepbits, skip_bad, overwrite, device, dtype, text_tokens, share_prefix, writers, config_path, no_progress, **image_flags):
+@click.option("--dry-run", is_flag=True, help="Plan only: peak memory and FLOPs of one teacher forward with capture, from config.json alone.")
+@click.option("--json", "as_json", is_flag=True, help="With --dry-run: print one JSON object.")
+@click.option("--seq-len", type=int, default=None, help="With --dry-run: tokens per sample (default: six cameras' image tokens + 264).")
+def build(role, model_dir, data, images, out, layers, batch_size, encoding, keepbits, skip_bad, overwrite, device, dtype, text_tokens, share_prefix, writers, config_path, no_progress,
+          dry_run=False, as_json=False, seq_len=None, **image_flags):
     """Run the teacher(s) once over every sample and write their targets."""
     import torch
 
@@ -64,6 +68,14 @@ def build(role, model_dir, data, images, out, layers, batch_size, encoding, keep
             if path is None:
                 raise DriveKDError(f"no checkpoint for role {r}: pass --model DIR or set [teachers].{r} in drivekd.toml")
             teachers[r] = Path(path)
+        if dry_run:  # the planner (drivekd/planner): no data, store or weights needed
+            import json
+
+            from drivekd.planner.plan import dry_run_teacher, format_teacher_report
+
+            rep = dry_run_teacher(teachers, layers, seq_len=seq_len, dtype=dtype or "bfloat16")
+            click.echo(json.dumps(rep, indent=2) if as_json else format_teacher_report(rep))
+            return
         c = cfg.get("cache", {})
         d = cfg.get("data", {})
         data_path = data or d.get("train")

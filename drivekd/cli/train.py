@@ -65,13 +65,21 @@ def _with_settings(cmd):
 @click.option("--config", "config_path", type=click.Path(path_type=Path),
               help="Project config (TOML, [train] table); default ./drivekd.toml if present.")
 @image_options
+@click.option("--dry-run", is_flag=True, help="Plan only: peak GPU memory by category and FLOPs of one step, from config.json alone (no GPU, no weights).")
+@click.option("--json", "as_json", is_flag=True, help="With --dry-run: print one JSON object.")
+@click.option("--gpu-memory", help="With --dry-run: the GPU's memory, e.g. 40GiB, 80GB; the verdict says whether the run fits.")
+@click.option("--seq-len", type=int, help="With --dry-run: tokens per sample (default: the cameras' image tokens + 264).")
+@click.option("--cameras", type=int, default=6, show_default=True, help="With --dry-run: images per sample.")
 @click.pass_context
-def main(ctx: click.Context, config_path, **flags) -> None:
+def main(ctx: click.Context, config_path, dry_run, as_json, gpu_memory, seq_len, cameras, **flags) -> None:
     """Distil a driving VLM student from stored teacher attention (Drive-KD)."""
     from drivekd.trainer.loop import train
     from drivekd.trainer.settings import config_from_sources
 
     given = {k: v for k, v in flags.items() if ctx.get_parameter_source(k) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)}
+    if dry_run:
+        _dry_run(given, config_path, as_json, gpu_memory, seq_len, cameras)
+        return
     try:
         cfg = config_from_sources(given, config_path)
         result = train(cfg)
@@ -82,6 +90,21 @@ def main(ctx: click.Context, config_path, **flags) -> None:
         last = result.metrics[-1] if result.metrics else {}
         loss = f", last loss {last['loss']:.4g}" if last.get("loss") is not None else ""
         click.echo(f"drivekd-train: {result.steps} steps{loss} -> {result.final}")
+
+
+def _dry_run(given, config_path, as_json, gpu_memory, seq_len, cameras) -> None:
+    import json
+
+    from drivekd.planner import dry_run, format_report, parse_bytes
+    from drivekd.trainer.settings import config_from_sources
+
+    try:
+        cfg = config_from_sources(given, config_path)
+        report = dry_run(cfg, seq_len=seq_len, cameras=cameras, gpu_memory=parse_bytes(gpu_memory))
+    except DriveKDError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    click.echo(json.dumps(report, indent=2) if as_json else format_report(report))
 
 
 def _rank() -> int:

@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from drivekd.data.loaders import load_samples
 from drivekd.data.sample import Sample
+from drivekd.distributed import Dist
 from drivekd.errors import ConfigError, DataError, StoreError
 from drivekd.families.base import Family, family_class, load_model
 from drivekd.families.capture import capture_attention
@@ -107,18 +108,6 @@ def _fault_hook():
             os.kill(os.getpid(), signal.SIGKILL)
 
     return hook
-
-
-def _dist():
-    """(rank, world) under torchrun, initialising the process group; (0, 1) otherwise."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return 0, 1
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return dist.get_rank(), world
 
 
 def image_groups(samples: list[Sample]) -> list[list[Sample]]:
@@ -307,11 +296,16 @@ def write_error(e: OSError, store: TeacherStore, roles: list[str], left: int) ->
                       "complete sample and redoes the rest")
 
 
+def _dist() -> tuple[int, int]:
+    """(rank, world), initialising the process group under torchrun. For drivekd.analyze, which
+    still imports it; it is drivekd.distributed.Dist underneath (the one place for processes)."""
+    d = Dist("auto")
+    return d.rank, d.world
+
+
 def _barrier(world: int) -> None:
     if world > 1:
-        import torch.distributed as dist
-
-        dist.barrier()
+        Dist("auto").barrier()
 
 
 def build(cfg: BuildConfig) -> dict:
@@ -321,7 +315,9 @@ def build(cfg: BuildConfig) -> dict:
     roles is refused naming this one, so no build ever deletes another's in-progress samples.
     """
     cfg.validate()
-    rank, world = _dist()
+    # The process group follows the teacher's device (nccl on CUDA, gloo on CPU).
+    dist = Dist(cfg.device)
+    rank, world = dist.rank, dist.world
     lock, refusal = None, None
     if rank == 0:
         try:
@@ -329,25 +325,26 @@ def build(cfg: BuildConfig) -> dict:
         except StoreError as e:
             refusal = str(e)
     if world > 1:  # the other ranks follow rank 0's lock
-        import torch.distributed as dist
+        import torch.distributed
 
         box = [refusal]
-        dist.broadcast_object_list(box, src=0)
+        torch.distributed.broadcast_object_list(box, src=0)
         refusal = box[0]
     if refusal:
         raise StoreError(refusal)
     try:
-        return _build_locked(cfg, rank, world)
+        return _build_locked(cfg, dist)
     finally:
         if lock is not None:
             lock.release()
 
 
-def _build_locked(cfg: BuildConfig, rank: int, world: int) -> dict:
+def _build_locked(cfg: BuildConfig, dist: Dist) -> dict:
+    rank, world = dist.rank, dist.world
     samples = load_samples(cfg.data, cfg.images, check_images=False)
     ids = [s.id for s in samples]
     store = TeacherStore(cfg.out, mode="a") if rank == 0 else None
-    _barrier(world)
+    dist.barrier()
     store = store or TeacherStore(cfg.out, mode="a")
 
     # Roles that name the same checkpoint share one forward pass.
@@ -386,7 +383,7 @@ def _build_locked(cfg: BuildConfig, rank: int, world: int) -> dict:
         if rank == 0:
             for role in roles:
                 store.init_role(role, {**meta_common, "role": role, "layers": layers[role]}, overwrite=cfg.overwrite)
-        _barrier(world)
+        dist.barrier()
 
         union = sorted(set().union(*layers.values()))
         # Units of work, fixed by the dataset order whatever is already stored: image groups when
@@ -422,13 +419,10 @@ def _build_locked(cfg: BuildConfig, rank: int, world: int) -> dict:
             raise write_error(e, store, roles, left) from None
         totals["loop_seconds"] += time.perf_counter() - t_loop  # teacher pass after the model loaded
         bar.close()
-    _barrier(world)
+    dist.barrier()
     totals["seconds"] = time.perf_counter() - t0
     if world > 1:
-        import torch.distributed as dist
-
-        t = torch.tensor([totals["written"], totals["skipped"], totals["already"]], dtype=torch.float64)
-        dist.all_reduce(t)
+        t = dist.sum_(torch.tensor([totals["written"], totals["skipped"], totals["already"]], dtype=torch.float64, device=dist.device))
         totals["written"], totals["skipped"], totals["already"] = (int(x) for x in t.tolist())
     summaries = {r: store.summary(r) for r in ROLES if r in cfg.teachers} if rank == 0 else {}
     return {"rank": rank, "world": world, **totals, "roles": summaries}

@@ -1,147 +1,45 @@
 """`train(cfg, targets=None)`: the Drive-KD training loop.
 
-Per optimizer step (reads top to bottom in the order things happen):
+Per optimizer step, in the order things happen (the parts live in drivekd/trainer/step.py, which
+the planner drivekd/planner runs on fake tensors; see there why one forward serves every loss):
 
+    weights   static, or the online re-weighting's current ones
     for each of grad_accum micro-steps:
-        one forward of the student with head-mean attention captured at the loss layers
-        losses: CE on the answer span, each teacher term's attention loss per sample
-        one backward per active loss into its own gradient row (retain_graph between them)
-        [data parallel: all-reduce the K x N rows, so the projection sees global gradients]
-        combine the rows (AGP / G1 / G2 / none) and add the result into the parameters' grads
-    clip, AdamW step, cosine schedule step, online re-weighting update
-    metrics line, checkpoint when due
-
-Why one forward + retain_graph rather than one forward per loss: every loss needs the same forward
-(the attention losses read maps of the same pass whose logits give the CE), so recomputing it per
-loss would cost K-1 extra forwards for nothing; the retained activations are the ones the first
-backward needs anyway, so peak memory is about the same. Attention-loss backwards stop at their
-layer (a layer-0 perception loss never reaches the upper decoder or the LM head).
-
-With --projection none and no re-weighting nothing needs per-loss gradients: the loop then runs a
-single backward of the weighted sum (the fast path; per-loss gradient norms are not logged).
+        micro_step   forward with capture -> losses -> backward(s) into per-loss rows -> combine
+        record       the micro-step's losses and gradient Gram into the step's metrics (host side)
+    average -> clip -> optimizer step -> schedule step -> re-weighting update
+    log the metrics line, checkpoint when due
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
 import os
-import resource
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from drivekd.distributed import Dist
 from drivekd.errors import DriveKDError
 from drivekd.families.base import Family, load_model
-from drivekd.families.capture import capture_attention
-from drivekd.losses.attention import answer_positions, attention_loss, token_ce
-from drivekd.projection import GradBuffers, combine
 from drivekd.store.targets import TargetSource
 from drivekd.trainer import checkpoint as ckpt
 from drivekd.trainer.identity import write_run_json
 from drivekd.trainer.plan import RunPlan, describe, validate
 from drivekd.trainer.report_to import report_metrics
 from drivekd.trainer.settings import TrainConfig
-from drivekd.trainer.data import Batch, Collate, Failed, StreamSampler, TargetDataset, make_loader
+from drivekd.trainer.data import Collate, Failed, StreamSampler, TargetDataset, make_loader
+from drivekd.trainer.metrics import StepStats
+from drivekd.trainer.step import FlatGrads, TrainStep
+
+__all__ = ["Dist", "FlatGrads", "TrainResult", "Trainer", "autocast_dtype", "prepare_student", "train"]
 
 log = logging.getLogger(__name__)
-
-
-# ----------------------------------------------------------------------------- processes
-
-
-class Dist:
-    """Rank, world size and device; collective helpers that are no-ops in a single process.
-
-    Under torchrun the model is NOT wrapped in DDP: its automatic gradient sync would average the
-    summed gradient, while the projection must see the per-loss rows averaged across ranks.
-    """
-
-    def __init__(self, device_flag: str):
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        if device_flag == "auto":
-            device_flag = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
-        elif device_flag == "cuda" and self.world > 1:
-            device_flag = f"cuda:{local}"
-        self.device = torch.device(device_flag)
-        if self.device.type == "cuda":
-            torch.cuda.set_device(self.device)
-        if self.world > 1:
-            import torch.distributed as dist
-
-            if not dist.is_initialized():
-                dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def sum_(self, t: torch.Tensor) -> torch.Tensor:
-        if self.world > 1:
-            import torch.distributed as dist
-
-            dist.all_reduce(t, op=dist.ReduceOp.SUM)
-        return t
-
-    def mean_(self, t: torch.Tensor) -> torch.Tensor:
-        if self.world > 1:
-            self.sum_(t).div_(self.world)
-        return t
-
-    def any(self, flag: bool) -> bool:
-        if self.world == 1:
-            return flag
-        t = torch.tensor([float(flag)], device=self.device)
-        return bool(self.sum_(t).item() > 0)
-
-    def gather_ids(self, ids: list[str]) -> list[str]:
-        if self.world == 1:
-            return ids
-        import torch.distributed as dist
-
-        out: list[list[str]] = [[] for _ in range(self.world)]
-        dist.all_gather_object(out, ids)
-        return [i for part in out for i in part]
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            import torch.distributed as dist
-
-            dist.barrier()
-
-
-# ----------------------------------------------------------------------------- gradients
-
-
-class FlatGrads:
-    """The parameters' accumulated gradient as one flat fp32 (N,) buffer; each `.grad` is a view.
-
-    `combine(..., accumulate_into=flat)` then adds the combined gradient with no extra N-vector,
-    the data-parallel fast path reduces one tensor, and `GradBuffers.backward` (which points the
-    `.grad`s at its rows during a per-loss backward) restores these views afterwards.
-    """
-
-    def __init__(self, params: list[torch.nn.Parameter]):
-        self.params = params
-        self.flat = torch.zeros(sum(p.numel() for p in params), dtype=torch.float32, device=params[0].device)
-        self.views, o = [], 0
-        for p in params:
-            self.views.append(self.flat[o : o + p.numel()].view_as(p))
-            o += p.numel()
-        for p, v in zip(params, self.views):
-            p.grad = v
-
-    def check(self) -> None:
-        """Autograd accumulates in place into existing grads; make sure it did (not replaced them)."""
-        if any(p.grad is None or p.grad.data_ptr() != v.data_ptr() for p, v in zip(self.params, self.views)):
-            raise RuntimeError("a parameter's .grad is no longer a view of the flat gradient buffer")
 
 
 # ----------------------------------------------------------------------------- re-weighting
@@ -174,43 +72,6 @@ class Reweighting:
         self.dw.load_state_dict(state)
 
 
-# ----------------------------------------------------------------------------- metrics
-
-
-@dataclass
-class StepStats:
-    """Sums over the micro-steps of one optimizer step (reduced across ranks before logging)."""
-
-    names: list[str]
-    micro: int = 0
-    loss_rows: list[float] = field(default_factory=list)  # M-mixed, unweighted row losses
-    raw_terms: list[float] = field(default_factory=list)  # unmixed teacher-term losses
-    weighted: float = 0.0
-    grad_norms: list[float] = field(default_factory=list)  # weighted rows
-    raw_norms: list[float] = field(default_factory=list)  # unweighted: ||grad L_i||
-    active_counts: list[int] = field(default_factory=list)
-    cos: dict[str, float] = field(default_factory=dict)
-    cos_counts: dict[str, int] = field(default_factory=dict)
-    fired: int = 0
-    samples: int = 0
-    tokens: int = 0
-    skipped: list[str] = field(default_factory=list)
-
-    def __post_init__(self):
-        K = len(self.names)
-        self.loss_rows = [0.0] * K
-        self.raw_terms = [0.0] * (K - 1)
-        self.grad_norms = [0.0] * K
-        self.raw_norms = [0.0] * K
-        self.active_counts = [0] * K
-
-
-def peak_memory(device: torch.device) -> tuple[int, str]:
-    if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device)), "cuda_max_allocated"
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024, "cpu_peak_rss"
-
-
 # ----------------------------------------------------------------------------- the trainer
 
 
@@ -230,33 +91,12 @@ class Trainer:
         cfg, dev = self.cfg, dist.device
         self.out = Path(cfg.out)
         self.device = dev
-        dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if dev.type == "cuda" else "float32")
-        self.autocast_dtype = None if dtype == "float32" else getattr(torch, dtype)
-
         self.family = Family.from_pretrained(cfg.student, text_tokens=cfg.text_tokens, image_processing=cfg.image_settings)
         # Weights and optimizer state in fp32; compute under autocast (mixed precision).
-        model_dir = plan.resume_dir or cfg.student
-        self.model = load_model(model_dir, dtype=torch.float32, device=dev)
-        self.model.train()
-        self.model.config.use_cache = False
-        if cfg.gradient_checkpointing:
-            # Non-reentrant: the capture records maps during the recomputation too, inside the block.
-            kw = {"use_reentrant": False}
-            if hasattr(self.model, "activation_checkpointing_enable"):  # transformers >= 5.2x
-                self.model.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
-            else:
-                self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
-
-        K = len(plan.row_names)
-        # Per-loss rows are needed for a projection, for re-weighting (per-loss gradient norms),
-        # or not at all (fast path: one backward of the weighted sum).
-        self.per_loss = K > 1 and (cfg.projection != "none" or cfg.dynamic_weights)
-        self.grads = FlatGrads(self.params)
-        self.bufs = GradBuffers(self.params, K, dtype=getattr(torch, cfg.grad_buffer_dtype)) if self.per_loss else None
-        self.reweighter = Reweighting(plan) if cfg.dynamic_weights and K > 1 else None
-
-        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay)
+        model = load_model(plan.resume_dir or cfg.student, dtype=torch.float32, device=dev)
+        self.train_step = TrainStep(prepare_student(model, cfg), plan, dist, autocast_dtype(cfg, dev))
+        self.model, self.optimizer = self.train_step.model, self.train_step.optimizer
+        self.reweighter = Reweighting(plan) if cfg.dynamic_weights and len(plan.row_names) > 1 else None
         from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmup
 
         warmup = math.ceil(cfg.warmup_ratio * plan.total_steps)
@@ -266,6 +106,18 @@ class Trainer:
         self.step = 0
         if plan.resume_dir is not None:
             self._restore(plan.resume_dir)
+
+    # ----- the step's state, by its old names (tests and tools that drive parts of a step) -----
+    params = property(lambda self: self.train_step.params)
+    grads = property(lambda self: self.train_step.grads)
+    bufs = property(lambda self: self.train_step.bufs)
+    per_loss = property(lambda self: self.train_step.per_loss)
+    autocast_dtype = property(lambda self: self.train_step.autocast_dtype)
+
+    def _losses(self, batch, maps):
+        """(K row losses with graph, (K, B) detached per-sample values, (B, terms) mixing weights)."""
+        out = self.train_step.forward(batch, maps)
+        return out.rows, out.per_sample, out.mixw
 
     # ----- state -----
     def _state(self) -> dict[str, Any]:
@@ -320,11 +172,11 @@ class Trainer:
         return make_loader(dataset, self._sampler_for(self.step), collate, self.cfg.num_workers, self.cfg.seed,
                            pin_memory=self.device.type == "cuda")
 
-    # ----- one micro-step -----
-    def _weights(self) -> torch.Tensor:
-        if self.reweighter is not None:
-            return torch.tensor(self.reweighter.weights(), dtype=torch.float32)
-        return torch.tensor(self.plan.static_weights, dtype=torch.float32)
+    # ----- one optimizer step -----
+    def _weights(self) -> list[float]:
+        """Row weights of this step (fp32-rounded, as the loss products use them)."""
+        w = self.reweighter.weights() if self.reweighter is not None else self.plan.static_weights
+        return torch.tensor(w, dtype=torch.float32).tolist()
 
     def _order(self, stream_index: int) -> list[int]:
         """AGP/G1/G2 permutation: a pure function of (seed, micro-step), same on every rank."""
@@ -332,171 +184,54 @@ class Trainer:
         g = torch.Generator().manual_seed(self.cfg.seed * 7_919 + stream_index)
         return (torch.randperm(K - 1, generator=g) + 1).tolist()
 
-    def _losses(self, batch: Batch, maps: dict[int, torch.Tensor]):
-        """Forward + losses, inside a `capture_attention` block whose dict is `maps`.
+    def _micro_steps(self, it, first: int, stop: int, stats: StepStats, weights: list[float]) -> None:
+        for j in range(first, stop):
+            batch = next(it)
+            if isinstance(batch, Failed):
+                raise batch.error
+            batch = batch.to(self.device)
+            micro = self.train_step.micro_step(batch, weights, self._order(j), where=f"step {self.step + 1} (micro-step {j})")
+            stats.skipped.extend(micro.skipped)
+            if micro.losses is not None:
+                stats.record(micro, weights, len(batch.sample_ids), batch.tokens)
 
-        Returns (row losses: K scalars, CE then each term's mean_b M[c_b, k] * L_k,b, unweighted;
-        per-sample values (K, B) detached, unmixed; the (B, terms) mixing weights).
-        """
-        inputs = batch.inputs
-        am = inputs.tensors["attention_mask"].bool()
-        labels = inputs.padded("labels").to(self.device)
-        keep, ce_targets = answer_positions(labels)
-        text = inputs.padded("text").to(self.device)
-        vision = inputs.padded("vision").to(self.device)
-        mixw = self.plan.mix_weights(batch.capabilities).to(self.device)  # (B, terms)
-        ac = torch.autocast(self.device.type, dtype=self.autocast_dtype) if self.autocast_dtype else contextlib.nullcontext()
-        with ac:
-            out = self.model(**inputs.tensors, logits_to_keep=keep, use_cache=False)
-        ce = token_ce(out.logits, ce_targets)  # (B,)
-        per_sample = [ce]
-        rows = [ce.mean()]
-        for k, term in enumerate(self.plan.terms):
-            per_layer = [
-                attention_loss(term.signal, term.kind, maps[s], batch.targets[term.role][s], text=text, vision=vision,
-                               valid=am, reduction=self.cfg.full_reduction)
-                for s, _ in term.pairs
-            ]
-            lk = torch.stack(per_layer).mean(0)  # (B,)
-            per_sample.append(lk)
-            rows.append((mixw[:, k] * lk).mean())
-        return rows, torch.stack([v.detach() for v in per_sample]), mixw
-
-    def _micro_step(self, batch: Batch, stream_index: int, stats: StepStats, weights: torch.Tensor) -> None:
-        cfg, K = self.cfg, len(self.plan.row_names)
-        with capture_attention(self.model, self.plan.student_layers, grad=True,
-                               attention_mask=batch.inputs.tensors["attention_mask"].bool()) as maps:
-            losses, per_sample, mixw = self._losses(batch, maps)
-            finite = torch.isfinite(per_sample).all(0)  # (B,)
-            bad_local = [sid for sid, ok in zip(batch.sample_ids, finite.tolist()) if not ok]
-            if self.dist.any(bool(bad_local)):
-                bad = self.dist.gather_ids(bad_local)
-                if not cfg.skip_nonfinite:
-                    raise DriveKDError(
-                        f"non-finite loss at step {self.step + 1} (micro-step {stream_index}) on sample(s) {', '.join(bad)}; "
-                        "check those samples and their targets, lower --lr, or pass --skip-nonfinite to skip such samples"
-                    )
-                stats.skipped.extend(bad)
-                return
-            w = weights.to(self.device)
-            # A row is active when its weight and (for a teacher term) some sample's mixing weight is > 0.
-            active = [float(weights[0]) > 0] + [float(weights[k + 1]) > 0 and bool((mixw[:, k] > 0).any()) for k in range(K - 1)]
-            if self.dist.world > 1:
-                active = (self.dist.sum_(torch.tensor(active, dtype=torch.float32, device=self.device)) > 0).tolist()
-            weighted = [w[r] * losses[r] for r in range(K)]
-            if not self.per_loss:
-                total = sum(weighted[r] for r in range(K) if active[r])
-                total.backward()
-                self.grads.check()
-                info = None
-            else:
-                # Backward only where this rank's samples give the row a non-zero weight; the other
-                # rows stay zero (and, if no rank fills them, inactive).
-                local = [r for r in range(K) if active[r] and (r == 0 or bool((mixw[:, r - 1] > 0).any()))]
-                self.bufs.zero_()
-                for i, r in enumerate(local):
-                    self.bufs.backward(r, weighted[r], retain_graph=i < len(local) - 1)
-        if self.per_loss:
-            rows = self.bufs.buffer
-            self.dist.mean_(rows)  # global per-loss gradients before the (non-linear) combine
-            perm = self._order(stream_index)
-            if cfg.skip_nonfinite:
-                vec, info = combine(rows, cfg.projection, perm, active=active, return_info=True)
-                if not torch.isfinite(info["gram"]).all():
-                    stats.skipped.extend(self.dist.gather_ids(batch.sample_ids) if self.dist.world > 1 else batch.sample_ids)
-                    return
-                self.grads.flat.add_(vec)
-            else:
-                _, info = combine(rows, cfg.projection, perm, active=active, return_info=True, accumulate_into=self.grads.flat)
-                if not torch.isfinite(info["gram"]).all():
-                    ids = self.dist.gather_ids(batch.sample_ids)
-                    raise DriveKDError(f"non-finite gradient at step {self.step + 1} (micro-step {stream_index}) on sample(s) "
-                                       f"{', '.join(ids)}; lower --lr or pass --skip-nonfinite")
-        self._record(stats, losses, per_sample, weights, active, info, batch)
-
-    def _record(self, stats, rows, per_sample, weights, active, info, batch) -> None:
-        K = len(rows)
-        stats.micro += 1
-        stats.samples += len(batch.sample_ids)
-        stats.tokens += batch.tokens
-        for r in range(K):
-            stats.loss_rows[r] += float(rows[r].detach())
-            stats.weighted += float(weights[r] * rows[r].detach()) if active[r] else 0.0
-            if r > 0:
-                stats.raw_terms[r - 1] += float(per_sample[r].mean())
-        if info is None:
-            return
-        G = info["gram"].cpu()
-        norms = G.diagonal().clamp_min(0).sqrt()
-        stats.fired += int(info["fired"])
-        for r in range(K):
-            if active[r]:
-                stats.active_counts[r] += 1
-                stats.grad_norms[r] += float(norms[r])
-                stats.raw_norms[r] += float(norms[r] / weights[r]) if weights[r] > 0 else 0.0
-        for i in range(K):
-            for j in range(i + 1, K):
-                if active[i] and active[j] and norms[i] > 0 and norms[j] > 0:
-                    key = f"{stats.names[i]}|{stats.names[j]}"
-                    stats.cos[key] = stats.cos.get(key, 0.0) + float(G[i, j] / (norms[i] * norms[j]))
-                    stats.cos_counts[key] = stats.cos_counts.get(key, 0) + 1
-
-    # ----- one optimizer step -----
-    def _finish_step(self, stats: StepStats, weights: torch.Tensor, seconds: float) -> dict[str, Any]:
-        cfg, names, K = self.cfg, self.plan.row_names, len(self.plan.row_names)
-        # Reduce what every rank logged (losses are per rank; per-loss rows were already global).
-        packet = torch.tensor([stats.micro, stats.samples, stats.tokens, stats.weighted, *stats.loss_rows, *stats.raw_terms],
-                              dtype=torch.float64, device=self.device)
-        self.dist.sum_(packet)
-        p = packet.tolist()
-        micro_all, samples, tokens, weighted = p[0], p[1], p[2], p[3]
-        loss_rows = [v / max(micro_all, 1) for v in p[4 : 4 + K]]
-        raw_terms = [v / max(micro_all, 1) for v in p[4 + K :]]
-        n_micro = max(stats.micro, 1)
-        if stats.micro:
-            self.grads.flat.div_(n_micro)  # mean over micro-steps
-            if not self.per_loss:
-                self.dist.mean_(self.grads.flat)  # fast path: the plain sum is linear, reduce once per step
-        clip = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, clip))
-        lr = self.scheduler.get_last_lr()[0]
+    def _optimizer_step(self, stats: StepStats) -> float:
+        """average -> clip -> AdamW (unless skipped) -> schedule; returns the pre-clip norm."""
+        ts = self.train_step
+        ts.average(stats.micro)
+        grad_norm = float(ts.clip())
         if not math.isfinite(grad_norm):
-            if not cfg.skip_nonfinite:
+            if not self.cfg.skip_nonfinite:
                 raise DriveKDError(f"non-finite gradient norm at step {self.step + 1}; lower --lr or pass --skip-nonfinite")
-            self.grads.flat.zero_()
             stats.skipped.append(f"step {self.step + 1} (all samples)")
         elif stats.micro:
-            self.optimizer.step()
+            ts.optimizer_step()
         self.scheduler.step()
-        self.grads.flat.zero_()
-        act = [c / n_micro for c in stats.active_counts]
-        raw_norm_means = [stats.raw_norms[r] / stats.active_counts[r] if stats.active_counts[r] else None for r in range(K)]
-        if self.reweighter is not None:
-            live = [r for r in range(K) if stats.active_counts[r] and raw_norm_means[r] is not None]
-            self.reweighter.update({names[r]: loss_rows[r] for r in live}, {names[r]: raw_norm_means[r] for r in live})
+        ts.zero_grad()
+        return grad_norm
+
+    def _reweight(self, stats: StepStats, loss_rows: list[float]) -> None:
+        if self.reweighter is None:
+            return
+        names, means = self.plan.row_names, stats.raw_norm_means()
+        live = [r for r in range(len(names)) if stats.active_counts[r] and means[r] is not None]
+        self.reweighter.update({names[r]: loss_rows[r] for r in live}, {names[r]: means[r] for r in live})
+
+    def _one_step(self, it, total_micro: int) -> dict[str, Any]:
+        """micro-steps -> average -> clip -> step -> re-weight -> metrics line."""
+        t0 = time.perf_counter()
+        first = self.step * self.cfg.grad_accum
+        stats = StepStats(self.plan.row_names)
+        weights = self._weights()
+        self._micro_steps(it, first, min(first + self.cfg.grad_accum, total_micro), stats, weights)
+        g = stats.reduce(self.dist)
+        lr = self.scheduler.get_last_lr()[0]
+        grad_norm = self._optimizer_step(stats)
+        self._reweight(stats, g.loss_rows)
         self.step += 1
-        mem, mem_kind = peak_memory(self.device)
-        rec: dict[str, Any] = {
-            "step": self.step,
-            "epoch": round(self.step * cfg.grad_accum / self.plan.micro_per_epoch, 4),
-            "lr": lr,
-            "loss": weighted / micro_all if micro_all else None,
-            **{f"loss_{n}": loss_rows[r] for r, n in enumerate(names)},
-            **{f"raw_{n}": raw_terms[r - 1] for r, n in enumerate(names) if r > 0},
-            "weights": {n: float(weights[r]) for r, n in enumerate(names)},
-            "grad_norm": grad_norm,
-            "grad_norms": {n: (stats.grad_norms[r] / stats.active_counts[r] if stats.active_counts[r] else None) for r, n in enumerate(names)} if self.per_loss else None,
-            "grad_cos": {k: v / stats.cos_counts[k] for k, v in stats.cos.items()} if self.per_loss else None,
-            "active_share": {n: act[r] for r, n in enumerate(names)} if self.per_loss else None,
-            "projections_fired": stats.fired if self.per_loss else None,
-            "skipped": stats.skipped,
-            "samples_per_s": samples / seconds,
-            "tokens_per_s": tokens / seconds,
-            "step_time_s": seconds,
-            "peak_mem_bytes": mem,
-            "peak_mem_kind": mem_kind,
-        }
-        return rec
+        return stats.line(g, step=self.step, epoch=round(self.step * self.cfg.grad_accum / self.plan.micro_per_epoch, 4),
+                          lr=lr, weights=weights, grad_norm=grad_norm, per_loss=self.train_step.per_loss,
+                          seconds=time.perf_counter() - t0, device=self.device)
 
     # ----- the run -----
     def run(self) -> TrainResult:
@@ -517,16 +252,7 @@ class Trainer:
         bar = tqdm(total=plan.total_steps, initial=self.step, desc="drivekd-train", disable=not (cfg.progress and self.dist.main),
                    dynamic_ncols=True)
         while self.step < plan.total_steps:
-            t0 = time.perf_counter()
-            first = self.step * cfg.grad_accum
-            stats = StepStats(plan.row_names)
-            weights = self._weights()
-            for j in range(first, min(first + cfg.grad_accum, total_micro)):
-                batch = next(it)
-                if isinstance(batch, Failed):
-                    raise batch.error
-                self._micro_step(batch.to(self.device), j, stats, weights)
-            rec = self._finish_step(stats, weights, time.perf_counter() - t0)
+            rec = self._one_step(it, total_micro)
             losses.append(rec["loss"])
             records.append(rec)
             if self.dist.main and (self.step % cfg.log_every == 0 or self.step == plan.total_steps):
@@ -540,6 +266,26 @@ class Trainer:
         bar.close()
         self._save("final")
         return TrainResult(self.out, self.out / "final", self.step, losses, records, plan)
+
+
+def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
+    """--dtype resolved on `device` (auto: bf16 on GPU, fp32 on CPU); None = no autocast."""
+    dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
+    return None if dtype == "float32" else getattr(torch, dtype)
+
+
+def prepare_student(model, cfg: TrainConfig):
+    """Training mode, no KV cache, and (--gradient-checkpointing) non-reentrant checkpointing:
+    the capture then records the maps again during the recomputation, inside its block."""
+    model.train()
+    model.config.use_cache = False
+    if cfg.gradient_checkpointing:
+        kw = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
+    return model
 
 
 def plan_json(plan: RunPlan) -> dict[str, Any]:

@@ -1,0 +1,90 @@
+"""Processes under torchrun: rank, world size, device and the few collectives drivekd uses.
+
+One home for the teacher pass (drivekd/store/build.py) and the trainer. In a single process
+(no WORLD_SIZE) every collective is a no-op, so callers never branch on the world size.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+
+class Dist:
+    """Rank, world size and device; collective helpers that are no-ops in a single process.
+
+    `device_flag`: auto (cuda:LOCAL_RANK when CUDA is available, else cpu), cpu, cuda, cuda:N.
+    The process group uses nccl for a CUDA device, gloo otherwise.
+
+    The trainer does NOT wrap the model in DDP: its automatic gradient sync would average the
+    summed gradient, while the projection must see the per-loss rows averaged across ranks.
+    """
+
+    def __init__(self, device_flag: str = "auto"):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        if device_flag == "auto":
+            device_flag = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
+        elif device_flag == "cuda" and self.world > 1:
+            device_flag = f"cuda:{local}"
+        self.device = torch.device(device_flag)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        if self.world > 1:
+            import torch.distributed as dist
+
+            if not dist.is_initialized():
+                dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+            self.rank = dist.get_rank()
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def sum_(self, t: torch.Tensor) -> torch.Tensor:
+        """In-place sum over ranks (t must be on `self.device`)."""
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t
+
+    def mean_(self, t: torch.Tensor) -> torch.Tensor:
+        if self.world > 1:
+            self.sum_(t).div_(self.world)
+        return t
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank when `flag` is True on some rank."""
+        if self.world == 1:
+            return flag
+        t = torch.tensor([float(flag)], device=self.device)
+        return bool(self.sum_(t).item() > 0)
+
+    def any_each(self, flags: list[bool]) -> list[bool]:
+        """Element-wise `any` over ranks of a list of booleans of the same length on every rank."""
+        if self.world == 1:
+            return list(flags)
+        t = torch.tensor(flags, dtype=torch.float32, device=self.device)
+        return (self.sum_(t) > 0).tolist()
+
+    def gather_ids(self, ids: list[str]) -> list[str]:
+        """Every rank's list, concatenated in rank order (the input itself in a single process)."""
+        if self.world == 1:
+            return ids
+        import torch.distributed as dist
+
+        out: list[list[str]] = [[] for _ in range(self.world)]
+        dist.all_gather_object(out, ids)
+        return [i for part in out for i in part]
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+
+__all__ = ["Dist"]

@@ -1,0 +1,509 @@
+"""`dry_run(cfg)`: does a training run fit one GPU, and what does a step cost, without a GPU or weights.
+
+The student is built from its config.json alone on fake tensors (drivekd/planner/fake.py), fed a
+synthetic batch of the run's shapes (T tokens, the cameras' image tokens, a 200-token answer, one
+teacher target (B, T, T) per student loss layer), and the REAL step code (drivekd/trainer/step.py)
+runs one micro-step and the optimizer step: forward with capture, the configured losses, the
+per-loss backwards or the fast path, combine, clipping, AdamW. The optimizer state is initialised
+first (one zero-gradient AdamW step, before counting) so the count is that of a steady-state step.
+`MemoryTracker` counts every allocation by category and the FLOPs (torch.utils.flop_counter's
+formulas, as FlopCounterMode counts them); an SFT
+step (CE only, one backward) of the same student on the same shapes is counted for the ratio.
+
+What differs on a GPU (the allocator margin below covers it): the CUDA context and library
+workspaces, the caching allocator's 512-byte rounding and fragmentation, and CUDA's sdpa kernels
+(flash / memory-efficient) whose saved statistics are smaller than the CPU kernel's. Fake tensors
+are CPU tensors here (a CPU torch build refuses fake CUDA tensors); byte sizes are the same. Bf16
+autocast runs with the CPU autocast op list, which casts matmuls and linears like CUDA's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import warnings
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from drivekd.errors import ConfigError
+
+GiB = 1 << 30
+# Allocator margin: CUDA context + cuBLAS/cuDNN workspaces (~0.75 GiB on an A100/H100 with lazy
+# module loading) plus 8% of the counted peak for the caching allocator's rounding and
+# fragmentation (typical reserved/allocated ratios of a training step with varying T).
+CONTEXT_BYTES = 3 * GiB // 4
+FRAGMENTATION = 0.08
+ANSWER_TOKENS = 200  # answer span of the synthetic sample (logits kept for these positions)
+PROMPT_TOKENS = 64  # system + question text around the images
+
+
+@dataclass
+class Shapes:
+    """The synthetic sample: tokens per camera, cameras, total length."""
+
+    family: str
+    cameras: int
+    tokens_per_camera: int
+    seq_len: int
+
+    @property
+    def vision_tokens(self) -> int:
+        return self.cameras * self.tokens_per_camera
+
+
+def parse_bytes(text: str | int | None, flag: str = "--gpu-memory") -> int | None:
+    """'40GiB', '40GB', '80G', '24000MiB', or a bare number of GiB -> bytes (GB = 10^9, GiB and G = 2^30)."""
+    if text is None or isinstance(text, int):
+        return text
+    s = str(text).strip()
+    units = {"gib": GiB, "g": GiB, "gb": 10**9, "mib": 1 << 20, "m": 1 << 20, "mb": 10**6, "tib": 1 << 40, "b": 1, "": GiB}
+    num = s.rstrip("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ").strip()
+    unit = s[len(num):].strip().lower()
+    try:
+        value = float(num)
+    except ValueError:
+        value = -1.0
+    if unit not in units or not math.isfinite(value) or value <= 0:
+        raise ConfigError(f"{flag} {text!r}: give a size such as 40GiB, 80GB or 24000MiB")
+    return int(value * units[unit])
+
+
+# ----------------------------------------------------------------------------- shapes and inputs
+
+
+def student_config(student: Path):
+    from transformers import AutoConfig
+
+    if not (Path(student) / "config.json").is_file():
+        raise ConfigError(f"--student {student}: no config.json (the dry run needs the model's config.json, no weights)")
+    return AutoConfig.from_pretrained(student, local_files_only=True)
+
+
+def camera_tokens(family: str, config, student: Path) -> int:
+    """Vision tokens one camera contributes under the folder's processor settings.
+
+    InternVL: one 448-px tile per camera (config.image_seq_length, 256 for InternVL3). Qwen2.5-VL:
+    a 1600x900 nuScenes camera resized as the processor's smart_resize does to at most max_pixels
+    (preprocessor_config.json; default 256 * 28 * 28), one token per 28x28 pixels.
+    """
+    if family == "internvl":
+        return int(config.image_seq_length)
+    pre = Path(student) / "preprocessor_config.json"
+    settings = json.loads(pre.read_text()) if pre.is_file() else {}
+    max_pixels = settings.get("max_pixels") or (settings.get("size") or {}).get("longest_edge") or 256 * 28 * 28
+    h, w, f = 900, 1600, 28
+    beta = math.sqrt(h * w / max_pixels)
+    hb, wb = max(f, math.floor(h / beta / f) * f), max(f, math.floor(w / beta / f) * f)
+    if hb * wb > max_pixels:
+        hb, wb = hb - f, wb
+    return (hb // f) * (wb // f)
+
+
+def shapes_for(family: str, config, student: Path, cameras: int, seq_len: int | None) -> Shapes:
+    per = camera_tokens(family, config, student)
+    need = cameras * (per + 2) + ANSWER_TOKENS + 8
+    T = seq_len if seq_len is not None else cameras * per + PROMPT_TOKENS + ANSWER_TOKENS
+    if T < need:
+        raise ConfigError(f"--seq-len {T}: {cameras} camera(s) take {cameras * per} image tokens and the answer "
+                          f"{ANSWER_TOKENS}; give at least {need}, or fewer --cameras")
+    return Shapes(family, cameras, per, T)
+
+
+def synthetic_batch(shapes: Shapes, config, plan):
+    """A Batch of one sample: text, then the cameras' image tokens (each between two delimiter
+    tokens), more text, a 200-token answer; each teacher target is a (1, T, T) shape placeholder
+    (the caller makes the run's tensor of that shape)."""
+    from drivekd.families.base import ModelInputs, TokenLayout
+    from drivekd.roles import IGNORE_INDEX as IGNORE
+    from drivekd.trainer.data import Batch
+
+    T, n, per = shapes.seq_len, shapes.cameras, shapes.tokens_per_camera
+    text_id = 100
+    img = int(config.image_token_id)
+    ids = torch.full((T,), text_id, dtype=torch.long)
+    vision = torch.zeros(T, dtype=torch.bool)
+    pos = 8
+    qwen = shapes.family == "qwen2_5_vl"
+    start = int(getattr(config, "vision_start_token_id", text_id)) if qwen else text_id
+    end = int(getattr(config, "vision_end_token_id", text_id)) if qwen else text_id
+    for _ in range(n):
+        ids[pos] = start
+        ids[pos + 1 : pos + 1 + per] = img
+        vision[pos + 1 : pos + 1 + per] = True
+        ids[pos + 1 + per] = end
+        pos += per + 2
+    special = torch.zeros(T, dtype=torch.bool)
+    special[[p for p in range(T) if ids[p] in (start, end) and ids[p] != text_id]] = True
+    text = ~vision & ~special
+    labels = torch.full((T,), IGNORE, dtype=torch.long)
+    labels[T - ANSWER_TOKENS :] = ids[T - ANSWER_TOKENS :]
+    tensors = {"input_ids": ids[None], "attention_mask": torch.ones(1, T, dtype=torch.long)}
+    if qwen:
+        vc = config.vision_config
+        merge = int(getattr(vc, "spatial_merge_size", 2))
+        patch, tps = int(vc.patch_size), int(getattr(vc, "temporal_patch_size", 2))
+        # A camera of gh x gw merged tokens: (gh * merge) x (gw * merge) patches of 14 px.
+        gh = int(math.isqrt(per))
+        while per % gh:
+            gh -= 1
+        gw = per // gh
+        grid = torch.tensor([[1, gh * merge, gw * merge]] * n)
+        tensors["pixel_values"] = torch.zeros(int(grid.prod(-1).sum()), 3 * tps * patch * patch)
+        tensors["image_grid_thw"] = grid
+        tensors["mm_token_type_ids"] = vision.long()[None]
+    else:
+        vc = config.vision_config
+        size = vc.image_size[0] if isinstance(vc.image_size, (list, tuple)) else vc.image_size
+        tensors["pixel_values"] = torch.zeros(n, 3, int(size), int(size))
+    lay = TokenLayout("dry-run", ids, vision, text, labels, T - ANSWER_TOKENS, "")
+    inputs = ModelInputs(tensors, [lay], "right")
+    targets = {t.role: {s: (1, T, T) for s, _ in t.pairs} for t in plan.terms}
+    caps = ["planning"] if plan.multi else [plan.cfg.recipe]
+    return Batch(inputs, targets, caps, ["dry-run"], T)
+
+
+# ----------------------------------------------------------------------------- the run plan
+
+
+def dry_plan(cfg, student_L: int, family: str, teacher_L: int | None = None):
+    """A RunPlan for the dry run: the recipe's terms, rows and weights; no data or store needed.
+
+    Without --cache the teacher is taken to have the student's depth (layer-group matching then
+    pairs layer to layer): the student's loss layers, and so every shape the step sees, are the same
+    whatever the teacher's depth, since each student layer learns one (mean-over-group) target."""
+    from drivekd.roles import ROLES
+    from drivekd.store.targets import RoleInfo
+    from drivekd.trainer.plan import RunPlan, _plan_terms, parse_mix
+
+    L_T = teacher_L or student_L
+    roles = [] if cfg.recipe == "sft" else list(ROLES) if cfg.recipe == "multi" else [cfg.recipe]
+    roles = [r for r in roles if cfg.term_weight(r) > 0]
+    infos = {r: RoleInfo(r, tuple(range(L_T)), L_T, "", family, "") for r in roles}
+    terms = _plan_terms(cfg, roles, student_L, infos)
+    rows = ["ce"] + [t.role for t in terms]
+    static = [cfg.w_ce] + [cfg.term_weight(t.role) for t in terms]
+    return RunPlan(cfg, [], family, student_L, terms, rows, static, parse_mix(cfg.mix), infos, None, 1, 1)
+
+
+def sft_config(cfg):
+    """The same run as plain fine-tuning: CE only (one backward, no capture, no projection)."""
+    return replace(cfg, recipe="sft", layers=None, mid_range=None, dynamic_weights=False)
+
+
+# ----------------------------------------------------------------------------- one counted step
+
+
+@dataclass
+class Counted:
+    categories: dict[str, int]  # bytes live at the peak, by category
+    peak: int  # their sum
+    flops: int
+    params: int
+    baseline: int  # bytes live when counting started (weights, gradients, rows, optimizer state, inputs, targets)
+    rss_increase: int | None = None  # real runs: peak RSS over the step minus RSS before it (malloc trimmed)
+
+
+def build_student(student: Path, family: str, config, dtype=torch.float32):
+    from drivekd.families.base import family_class
+    from drivekd.families.capture import CAPTURE_IMPL
+
+    return family_class(family).model_class()._from_config(
+        config, attn_implementation={"text_config": CAPTURE_IMPL, "vision_config": "sdpa", "": "sdpa"}, dtype=dtype)
+
+
+def count_step(cfg, plan, shapes: Shapes, config, *, fake: bool = True, model=None) -> Counted:
+    """Run one micro-step and the optimizer step of the real step code, counting memory and FLOPs.
+
+    fake=True: on fake tensors (no memory, no compute). fake=False: on real tensors (the proof
+    tests compare both on tiny models), with `model` given or built with random weights."""
+    import drivekd.trainer.step as step_mod
+    from drivekd.distributed import Dist
+    from drivekd.planner.memory import MemoryTracker
+    from drivekd.trainer.loop import autocast_dtype, prepare_student
+    from drivekd.trainer.step import AssumeFinite, TrainStep
+
+    tracker = MemoryTracker()
+    with contextlib.ExitStack() as stack:
+        # GradBuffers compares .grad data pointers (fake ones are placeholders, equal as on real tensors).
+        stack.enter_context(warnings.catch_warnings())
+        warnings.filterwarnings("ignore", message="Accessing the data pointer of FakeTensor")
+        if fake:
+            from drivekd.planner.fake import fake_mode
+
+            fm, sh = stack.enter_context(fake_mode())
+            to_run = sh.real
+
+            def targets_like(shape):
+                with sh.paused():
+                    return torch.zeros(shape)
+        else:
+            to_run = lambda t: t  # noqa: E731
+            targets_like = lambda shape: torch.zeros(shape)  # noqa: E731
+        if model is None:
+            if fake:
+                with sh.paused():
+                    model = build_student(cfg.student, shapes.family, config)
+            else:
+                model = build_student(cfg.student, shapes.family, config)
+        prepare_student(model, cfg)
+        # The GPU run's compute dtype (auto: bf16), run under CPU autocast here.
+        ts = TrainStep(model, plan, Dist("cpu"), autocast_dtype(cfg, torch.device("cuda" if fake else "cpu")), AssumeFinite())
+        for group in ts.optimizer.param_groups:
+            group["foreach"] = True  # AdamW's default on CUDA (its temporaries are counted as there)
+        ts.optimizer_step()  # zero gradients: allocates AdamW's state, leaves the weights as they are
+        from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+        with unset_fake_temporarily():  # host tensors (token layout) are real
+            batch = synthetic_batch(shapes, config, plan)
+        batch.inputs.tensors = {k: to_run(v) for k, v in batch.inputs.tensors.items()}
+        batch.targets = {r: {s: targets_like(m) for s, m in d.items()} for r, d in batch.targets.items()}
+        tracker.add(ts.params, "weights")
+        tracker.add(ts.grads.flat, "gradients")
+        if ts.bufs is not None:
+            tracker.add(ts.bufs.buffer, "grad_rows")
+        tracker.add([v for st in ts.optimizer.state.values() for v in st.values() if torch.is_tensor(v)], "optimizer_state")
+        tracker.add(list(batch.inputs.tensors.values()), "inputs")
+        tracker.add([m for d in batch.targets.values() for m in d.values()], "teacher_targets")
+        tracker.reset_peak()
+        baseline = tracker.current
+        rss_before = None if fake else _rss_now()
+
+        real_capture = step_mod.capture_attention
+
+        @contextlib.contextmanager
+        def observed_capture(*a, **k):
+            # The real capture; its maps are tagged while they are alive.
+            with real_capture(*a, **k) as maps:
+                try:
+                    yield maps
+                finally:
+                    tracker.add(list(maps.values()), "maps")
+
+        step_mod.capture_attention = observed_capture
+        try:
+            with tracker:
+                ts.micro_step(batch, list(plan.static_weights), list(range(1, len(plan.row_names))), where="the dry run")
+                ts.average(1)
+                ts.clip()
+                ts.optimizer_step()
+                ts.zero_grad()
+        finally:
+            step_mod.capture_attention = real_capture
+        rss = None if fake else _peak_rss() - rss_before
+        cats = tracker.peak_by_category()
+        return Counted(cats, tracker.peak, int(tracker.flops), sum(p.numel() for p in ts.params), baseline, rss)
+
+
+def _rss_now() -> int:
+    """Resident bytes now, after handing malloc's free memory back (so reused free blocks do not
+    hide an increase); resets the kernel's peak-RSS mark (VmHWM) to it. ru_maxrss cannot serve:
+    Linux carries it over from the parent across fork and exec."""
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+    return _status_kib("VmRSS") * 1024
+
+
+def _peak_rss() -> int:
+    return _status_kib("VmHWM") * 1024
+
+
+def _status_kib(key: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    raise OSError(f"/proc/self/status has no {key}")
+
+
+# ----------------------------------------------------------------------------- the report
+
+
+def margin_bytes(tracked_peak: int) -> int:
+    return CONTEXT_BYTES + int(FRAGMENTATION * tracked_peak)
+
+
+def dry_run(cfg, *, seq_len: int | None = None, cameras: int = 6, gpu_memory: int | None = None,
+            suggest: bool = True) -> dict[str, Any]:
+    """The planner's answer for the run `cfg` (a TrainConfig): a JSON-ready dict."""
+    from drivekd.trainer.plan import student_depth
+
+    if cfg.student is None:
+        raise ConfigError("--student is required (a folder with the student's config.json; weights are not read)")
+    if not isinstance(cameras, int) or cameras < 0:
+        raise ConfigError(f"--cameras must be an integer >= 0, got {cameras!r}")
+    family, L = student_depth(Path(cfg.student))
+    teacher_L = None
+    if cfg.cache is not None:
+        from drivekd.trainer.plan import open_source
+
+        src = open_source(cfg, None)
+        teacher_L = max((src.role_info(r).num_teacher_layers for r in src.roles()), default=None)
+    config = student_config(cfg.student)
+    shapes = shapes_for(family, config, Path(cfg.student), cameras, seq_len)
+
+    def one(c) -> Counted:
+        return count_step(c, dry_plan(c, L, family, teacher_L), shapes, config)
+
+    run = one(cfg)
+    # Suggestions (suggest=False) need the peak only: no SFT pass for them.
+    sft = one(sft_config(cfg)) if suggest and dry_plan(cfg, L, family, teacher_L).terms else run
+    cats = dict(run.categories)
+    cats["allocator_margin"] = margin_bytes(run.peak)
+    peak = sum(cats.values())
+    fits = None if gpu_memory is None else peak <= gpu_memory
+    out: dict[str, Any] = {
+        "peak_bytes": peak,
+        "tracked_peak_bytes": run.peak,
+        "categories": cats,
+        "flops": run.flops,
+        "sft_flops": sft.flops,
+        "flops_ratio": run.flops / sft.flops if sft.flops else None,
+        "sft_peak_bytes": sft.peak + margin_bytes(sft.peak),
+        "fits": fits,
+        "gpu_memory_bytes": gpu_memory,
+        "seq_len": shapes.seq_len,
+        "cameras": shapes.cameras,
+        "tokens_per_camera": shapes.tokens_per_camera,
+        "params": run.params,
+        "family": family,
+        "student_layers": L,
+        "recipe": cfg.recipe,
+        "projection": cfg.projection,
+        "gradient_checkpointing": cfg.gradient_checkpointing,
+        "grad_buffer_dtype": cfg.grad_buffer_dtype,
+        "micro_batch": 1,
+        "flops_per": "micro-step (one sample); an optimizer step is --grad-accum of them",
+        "suggestions": [],
+    }
+    if fits is False and suggest:
+        out["suggestions"] = _suggestions(cfg, seq_len, cameras, gpu_memory)
+    return out
+
+
+def _suggestions(cfg, seq_len, cameras, gpu_memory) -> list[dict[str, Any]]:
+    """Trainer options that would make the run fit, each with its planned peak."""
+    options = []
+    if not cfg.gradient_checkpointing:
+        options.append(("--gradient-checkpointing", {"gradient_checkpointing": True}))
+    has_rows = cfg.recipe != "sft" and any(cfg.term_weight(r) > 0 for r in ("perception", "reasoning", "planning"))
+    if cfg.grad_buffer_dtype != "bfloat16" and has_rows and (cfg.projection != "none" or cfg.dynamic_weights):
+        options.append(("--grad-buffer-dtype bfloat16", {"grad_buffer_dtype": "bfloat16"}))
+    if len(options) == 2:
+        options.append(("--gradient-checkpointing --grad-buffer-dtype bfloat16",
+                        {"gradient_checkpointing": True, "grad_buffer_dtype": "bfloat16"}))
+    out = []
+    for flags, change in options:
+        r = dry_run(replace(cfg, **change), seq_len=seq_len, cameras=cameras, gpu_memory=gpu_memory, suggest=False)
+        out.append({"flags": flags, "peak_bytes": r["peak_bytes"], "fits": r["fits"]})
+    return out
+
+
+def format_report(r: dict[str, Any]) -> str:
+    """The human-readable answer."""
+    g = lambda b: f"{b / GiB:7.2f} GiB"  # noqa: E731
+    lines = [f"drivekd-train --dry-run: {r['family']} student, {r['params'] / 1e9:.2f}B parameters, recipe {r['recipe']}, "
+             f"projection {r['projection']}, T = {r['seq_len']} ({r['cameras']} camera(s) x {r['tokens_per_camera']} "
+             f"image tokens), micro-batch 1",
+             f"gradient checkpointing {'on' if r['gradient_checkpointing'] else 'off'}, gradient rows {r['grad_buffer_dtype']}",
+             "peak memory by category:"]
+    for k, v in r["categories"].items():
+        lines.append(f"  {k:<18}{g(v)}")
+    lines.append(f"  {'total':<18}{g(r['peak_bytes'])}   (plain fine-tuning: {g(r['sft_peak_bytes']).strip()})")
+    ratio = f"{r['flops_ratio']:.2f}x" if r["flops_ratio"] else "-"
+    lines.append(f"FLOPs per micro-step: {r['flops'] / 1e12:.2f} TFLOP; plain fine-tuning {r['sft_flops'] / 1e12:.2f} TFLOP "
+                 f"({ratio})")
+    if r["fits"] is not None:
+        verdict = "fits" if r["fits"] else "does NOT fit"
+        lines.append(f"verdict: {verdict} in {g(r['gpu_memory_bytes']).strip()}")
+        for s in r["suggestions"]:
+            lines.append(f"  with {s['flags']}: {g(s['peak_bytes']).strip()} -> {'fits' if s['fits'] else 'still too big'}")
+        if r["fits"] is False and not any(s["fits"] for s in r["suggestions"]):
+            lines.append("  no trainer option alone makes it fit: a smaller --seq-len / fewer cameras, or a larger GPU")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- the teacher pass
+
+
+def count_teacher_pass(model_dir: Path, layers: list[int] | None, shapes: Shapes, dtype=torch.bfloat16) -> Counted:
+    """One teacher forward (no grad, weights in `dtype`) on the synthetic sample, with the
+    head-mean capture of `layers` (None: a plain sdpa forward, the baseline), counted like the step."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    from drivekd.families.capture import capture_attention
+    from drivekd.planner.fake import fake_mode
+    from drivekd.planner.memory import MemoryTracker
+    from drivekd.trainer.plan import student_depth
+
+    family, _ = student_depth(model_dir)
+    config = student_config(model_dir)
+    tracker = MemoryTracker()
+    with fake_mode() as (fm, sh):
+        with sh.paused():
+            model = build_student(model_dir, family, config, dtype).eval()
+        with unset_fake_temporarily():
+            batch = synthetic_batch(shapes, config, _NoTerms())
+        tensors = {k: sh.real(v) for k, v in batch.inputs.tensors.items()}
+        tensors["pixel_values"] = tensors["pixel_values"].to(dtype)
+        tracker.add(list(model.parameters()), "weights")
+        tracker.add(list(tensors.values()), "inputs")
+        tracker.reset_peak()
+        with tracker, torch.no_grad():
+            cap = capture_attention(model, layers, attention_mask=tensors["attention_mask"].bool()) if layers else contextlib.nullcontext({})
+            with cap as maps:
+                model(**tensors, logits_to_keep=1, use_cache=False)
+                tracker.add(list(maps.values()), "maps")
+        return Counted(tracker.peak_by_category(), tracker.peak, int(tracker.flops),
+                       sum(p.numel() for p in model.parameters()), 0)
+
+
+class _NoTerms:
+    terms: list = []
+    multi = False
+
+    class cfg:  # noqa: N801
+        recipe = "perception"
+
+
+def dry_run_teacher(teachers: dict[str, Path], layers: str | None = None, *, seq_len: int | None = None,
+                    cameras: int = 6, dtype: str = "bfloat16") -> dict[str, Any]:
+    """`drivekd-cache build --dry-run`: each checkpoint's forward with capture of its roles' layers
+    (roles naming one checkpoint share one forward), against a plain sdpa forward."""
+    from drivekd.layers import LayerSpecError, recipe_layers, resolve_layers
+    from drivekd.trainer.plan import student_depth
+
+    by_ckpt: dict[Path, list[str]] = {}
+    for role, path in teachers.items():
+        by_ckpt.setdefault(Path(path), []).append(role)
+    out = []
+    for ckpt, roles in by_ckpt.items():
+        family, L = student_depth(ckpt)
+        shapes = shapes_for(family, student_config(ckpt), ckpt, cameras, seq_len)
+        try:
+            want = sorted({l for r in roles for l in (resolve_layers(layers, L) if layers else recipe_layers(r, L))})
+        except LayerSpecError as e:
+            raise ConfigError(f"--layers {layers!r}: {e} (the teacher {ckpt} has {L} decoder layers)") from None
+        cap = count_teacher_pass(ckpt, want, shapes, getattr(torch, dtype))
+        plain = count_teacher_pass(ckpt, None, shapes, getattr(torch, dtype))
+        out.append({"model": str(ckpt), "roles": roles, "layers": want, "seq_len": shapes.seq_len, "params": cap.params,
+                    "peak_bytes": cap.peak + margin_bytes(cap.peak), "tracked_peak_bytes": cap.peak,
+                    "categories": {**cap.categories, "allocator_margin": margin_bytes(cap.peak)},
+                    "flops": cap.flops, "plain_peak_bytes": plain.peak + margin_bytes(plain.peak), "plain_flops": plain.flops})
+    return {"teachers": out}
+
+
+def format_teacher_report(r: dict[str, Any]) -> str:
+    lines = []
+    for t in r["teachers"]:
+        lines.append(f"teacher pass {t['model']} ({'+'.join(t['roles'])}, {len(t['layers'])} captured layer(s), T = {t['seq_len']}): "
+                     f"peak {t['peak_bytes'] / GiB:.2f} GiB (plain sdpa forward {t['plain_peak_bytes'] / GiB:.2f} GiB), "
+                     f"{t['flops'] / 1e12:.2f} TFLOP (plain {t['plain_flops'] / 1e12:.2f})")
+    return "\n".join(lines)

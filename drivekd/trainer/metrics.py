@@ -1,0 +1,128 @@
+"""What one optimizer step logs: sums over its micro-steps (`StepStats`), reduced across ranks and
+turned into one metrics.jsonl line (`StepStats.line`). Host-side only: this is where the step's
+tensors are read (`float`, `.cpu()`), after the step code ran."""
+
+from __future__ import annotations
+
+import resource
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from drivekd.distributed import Dist
+
+
+def peak_memory(device: torch.device) -> tuple[int, str]:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device)), "cuda_max_allocated"
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024, "cpu_peak_rss"
+
+
+@dataclass
+class StepStats:
+    """Sums over the micro-steps of one optimizer step (reduced across ranks before logging)."""
+
+    names: list[str]
+    micro: int = 0
+    loss_rows: list[float] = field(default_factory=list)  # M-mixed, unweighted row losses
+    raw_terms: list[float] = field(default_factory=list)  # unmixed teacher-term losses
+    weighted: float = 0.0
+    grad_norms: list[float] = field(default_factory=list)  # weighted rows
+    raw_norms: list[float] = field(default_factory=list)  # unweighted: ||grad L_i||
+    active_counts: list[int] = field(default_factory=list)
+    cos: dict[str, float] = field(default_factory=dict)
+    cos_counts: dict[str, int] = field(default_factory=dict)
+    fired: int = 0
+    samples: int = 0
+    tokens: int = 0
+    skipped: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        K = len(self.names)
+        self.loss_rows = [0.0] * K
+        self.raw_terms = [0.0] * (K - 1)
+        self.grad_norms = [0.0] * K
+        self.raw_norms = [0.0] * K
+        self.active_counts = [0] * K
+
+    def record(self, micro, weights: list[float], samples: int, tokens: int) -> None:
+        """Add one micro-step (a step.Micro whose losses are not None)."""
+        rows, per_sample, active, info = micro.losses.rows, micro.losses.per_sample, micro.active, micro.info
+        K = len(rows)
+        self.micro += 1
+        self.samples += samples
+        self.tokens += tokens
+        for r in range(K):
+            self.loss_rows[r] += float(rows[r].detach())
+            self.weighted += float(weights[r] * rows[r].detach()) if active[r] else 0.0
+            if r > 0:
+                self.raw_terms[r - 1] += float(per_sample[r].mean())
+        if info is None:
+            return
+        G = info["gram"].cpu()
+        norms = G.diagonal().clamp_min(0).sqrt()
+        self.fired += int(info["fired"])
+        for r in range(K):
+            if active[r]:
+                self.active_counts[r] += 1
+                self.grad_norms[r] += float(norms[r])
+                self.raw_norms[r] += float(norms[r] / weights[r]) if weights[r] > 0 else 0.0
+        for i in range(K):
+            for j in range(i + 1, K):
+                if active[i] and active[j] and norms[i] > 0 and norms[j] > 0:
+                    key = f"{self.names[i]}|{self.names[j]}"
+                    self.cos[key] = self.cos.get(key, 0.0) + float(G[i, j] / (norms[i] * norms[j]))
+                    self.cos_counts[key] = self.cos_counts.get(key, 0) + 1
+
+    def reduce(self, dist: Dist) -> "Reduced":
+        """Sum what every rank logged (losses are per rank; per-loss rows were already global)."""
+        K = len(self.names)
+        packet = torch.tensor([self.micro, self.samples, self.tokens, self.weighted, *self.loss_rows, *self.raw_terms],
+                              dtype=torch.float64, device=dist.device)
+        p = dist.sum_(packet).tolist()
+        micro_all = p[0]
+        return Reduced(micro_all, p[1], p[2], p[3], [v / max(micro_all, 1) for v in p[4 : 4 + K]],
+                       [v / max(micro_all, 1) for v in p[4 + K :]])
+
+    def raw_norm_means(self) -> list[float | None]:
+        return [self.raw_norms[r] / c if c else None for r, c in enumerate(self.active_counts)]
+
+    def line(self, g: "Reduced", *, step: int, epoch: float, lr: float, weights: list[float], grad_norm: float,
+             per_loss: bool, seconds: float, device: torch.device) -> dict[str, Any]:
+        """The metrics.jsonl record of the step."""
+        names, n_micro = self.names, max(self.micro, 1)
+        mem, mem_kind = peak_memory(device)
+        per_row = lambda v: {n: (v[r] / self.active_counts[r] if self.active_counts[r] else None) for r, n in enumerate(names)}  # noqa: E731
+        return {
+            "step": step,
+            "epoch": epoch,
+            "lr": lr,
+            "loss": g.weighted / g.micro if g.micro else None,
+            **{f"loss_{n}": g.loss_rows[r] for r, n in enumerate(names)},
+            **{f"raw_{n}": g.raw_terms[r - 1] for r, n in enumerate(names) if r > 0},
+            "weights": {n: float(weights[r]) for r, n in enumerate(names)},
+            "grad_norm": grad_norm,
+            "grad_norms": per_row(self.grad_norms) if per_loss else None,
+            "grad_cos": {k: v / self.cos_counts[k] for k, v in self.cos.items()} if per_loss else None,
+            "active_share": {n: self.active_counts[r] / n_micro for r, n in enumerate(names)} if per_loss else None,
+            "projections_fired": self.fired if per_loss else None,
+            "skipped": self.skipped,
+            "samples_per_s": g.samples / seconds,
+            "tokens_per_s": g.tokens / seconds,
+            "step_time_s": seconds,
+            "peak_mem_bytes": mem,
+            "peak_mem_kind": mem_kind,
+        }
+
+
+@dataclass
+class Reduced:
+    """Step sums over all ranks: micro-steps, samples, tokens, weighted loss, mean row and term losses."""
+
+    micro: float
+    samples: float
+    tokens: float
+    weighted: float
+    loss_rows: list[float]
+    raw_terms: list[float]

@@ -1,0 +1,239 @@
+"""One optimizer step of Drive-KD training, as named functions, shared by the trainer and the planner.
+
+In the order things happen (drivekd/trainer/loop.py reads the same way):
+
+    for each of grad_accum micro-steps:   micro_step(batch)
+        forward()    one student forward with head-mean attention captured at the loss layers;
+                     the K row losses (CE, then each teacher term) against the teacher targets
+        backward()   one backward per active row into its own gradient row (retain_graph between
+                     them), or one backward of the weighted sum on the fast path
+        combine()    [data parallel: all-reduce the K x N rows first] AGP / G1 / G2 / none of the
+                     rows, added into the flat gradient
+    average()        mean over the micro-steps
+    clip()           global gradient norm
+    optimizer step   AdamW (the loop then steps the schedule, re-weights and logs)
+
+Why one forward + retain_graph rather than one forward per loss: every loss needs the same forward
+(the attention losses read maps of the same pass whose logits give the CE), so recomputing it per
+loss would cost K-1 extra forwards for nothing; the retained activations are the ones the first
+backward needs anyway, so peak memory is about the same. Attention-loss backwards stop at their
+layer (a layer-0 perception loss never reaches the upper decoder or the LM head).
+
+With --projection none and no re-weighting nothing needs per-loss gradients: one backward of the
+weighted sum (the fast path; per-loss gradient norms are not logged).
+
+Everything here also runs on fake tensors (drivekd/planner): no `.item()`, `.tolist()`,
+`bool(tensor)` or `float(tensor)` on a value computed from the weights. The only data-dependent
+decisions (skip or stop on a non-finite loss or gradient) go through `HostChecks`, which the
+planner replaces with `AssumeFinite`; metrics are read on the host by the loop, outside this module.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+import torch
+
+from drivekd.distributed import Dist
+from drivekd.errors import DriveKDError
+from drivekd.families.capture import capture_attention
+from drivekd.losses.attention import answer_positions, attention_loss, token_ce
+from drivekd.projection import GradBuffers, combine
+from drivekd.trainer.data import Batch
+
+
+class HostChecks:
+    """The step's only host syncs on computed values: finiteness checks that decide skip-or-stop."""
+
+    def finite_samples(self, per_sample: torch.Tensor) -> list[bool]:
+        """(K, B) per-sample losses -> B booleans: every loss of the sample is finite."""
+        return torch.isfinite(per_sample).all(0).tolist()
+
+    def finite(self, t: torch.Tensor) -> bool:
+        return bool(torch.isfinite(t).all())
+
+
+class AssumeFinite(HostChecks):
+    """For a run on fake tensors (no values): every loss and gradient is taken as finite."""
+
+    def finite_samples(self, per_sample: torch.Tensor) -> list[bool]:
+        return [True] * per_sample.shape[1]
+
+    def finite(self, t: torch.Tensor) -> bool:
+        return True
+
+
+class FlatGrads:
+    """The parameters' accumulated gradient as one flat fp32 (N,) buffer; each `.grad` is a view.
+
+    `combine(..., accumulate_into=flat)` then adds the combined gradient with no extra N-vector,
+    the data-parallel fast path reduces one tensor, and `GradBuffers.backward` (which points the
+    `.grad`s at its rows during a per-loss backward) restores these views afterwards.
+    """
+
+    def __init__(self, params: list[torch.nn.Parameter]):
+        self.params = params
+        self.flat = torch.zeros(sum(p.numel() for p in params), dtype=torch.float32, device=params[0].device)
+        self.views, o = [], 0
+        for p in params:
+            self.views.append(self.flat[o : o + p.numel()].view_as(p))
+            o += p.numel()
+        for p, v in zip(params, self.views):
+            p.grad = v
+
+    def check(self) -> None:
+        """Autograd accumulates in place into existing grads; make sure it did (not replaced them)."""
+        if any(p.grad is None or p.grad.data_ptr() != v.data_ptr() for p, v in zip(self.params, self.views)):
+            raise RuntimeError("a parameter's .grad is no longer a view of the flat gradient buffer")
+
+
+@dataclass
+class Losses:
+    """One forward's losses."""
+
+    rows: list[torch.Tensor]  # K scalars with graph: CE, then each term's mean_b M[c_b, k] * L_k,b (unweighted)
+    per_sample: torch.Tensor  # (K, B) detached, unmixed
+    mixw: torch.Tensor  # (B, terms) mixing weights M[c_b, k]
+
+
+@dataclass
+class Micro:
+    """What one micro-step leaves for the metrics (tensors; the loop reads them on the host)."""
+
+    losses: Losses | None  # None when the micro-batch was skipped
+    active: list[bool]  # rows active on some rank
+    info: dict | None  # combine()'s info ("gram", "fired") when per-loss rows were combined
+    skipped: list[str]  # sample ids skipped (non-finite, --skip-nonfinite)
+
+
+def make_optimizer(params: list[torch.nn.Parameter], lr: float, weight_decay: float) -> torch.optim.AdamW:
+    return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=weight_decay)
+
+
+class TrainStep:
+    """The step's state (flat gradient, per-loss rows, optimizer) and its parts.
+
+    `plan` is a RunPlan (terms, row names, mixing); `autocast_dtype` None runs in fp32.
+    """
+
+    def __init__(self, model, plan, dist: Dist, autocast_dtype: torch.dtype | None, checks: HostChecks | None = None):
+        cfg = plan.cfg
+        self.model, self.plan, self.cfg, self.dist = model, plan, cfg, dist
+        self.device = dist.device
+        self.autocast_dtype = autocast_dtype
+        self.checks = checks or HostChecks()
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.K = len(plan.row_names)
+        # Per-loss rows are needed for a projection, for re-weighting (per-loss gradient norms),
+        # or not at all (fast path: one backward of the weighted sum).
+        self.per_loss = self.K > 1 and (cfg.projection != "none" or cfg.dynamic_weights)
+        self.grads = FlatGrads(self.params)
+        self.bufs = GradBuffers(self.params, self.K, dtype=getattr(torch, cfg.grad_buffer_dtype)) if self.per_loss else None
+        self.optimizer = make_optimizer(self.params, cfg.lr, cfg.weight_decay)
+
+    # ----- one micro-step -----
+    def row_activity(self, weights: list[float], mixw: torch.Tensor) -> tuple[list[bool], list[bool]]:
+        """(active on some rank, active here) per row: weight > 0 and, for a teacher term, some
+        sample's mixing weight > 0. `mixw` comes from the batch's capability labels (host data)."""
+        has = (mixw > 0).any(0).tolist()
+        local = [weights[0] > 0] + [weights[k + 1] > 0 and bool(has[k]) for k in range(self.K - 1)]
+        return self.dist.any_each(local), local
+
+    def forward(self, batch: Batch, maps: dict[int, torch.Tensor]) -> Losses:
+        """Forward + losses, inside a `capture_attention` block whose dict is `maps`."""
+        inputs, dev = batch.inputs, self.device
+        am = inputs.tensors["attention_mask"].bool()
+        labels = inputs.padded("labels").to(dev)
+        keep, ce_targets = answer_positions(labels)  # logits of the answer span only: (B, P, V)
+        text = inputs.padded("text").to(dev)  # (B, T) X
+        vision = inputs.padded("vision").to(dev)  # (B, T) V
+        mixw = self.plan.mix_weights(batch.capabilities).to(dev)  # (B, terms)
+        ac = torch.autocast(dev.type, dtype=self.autocast_dtype) if self.autocast_dtype else contextlib.nullcontext()
+        with ac:
+            out = self.model(**inputs.tensors, logits_to_keep=keep, use_cache=False)
+        ce = token_ce(out.logits, ce_targets)  # (B,)
+        per_sample, rows = [ce], [ce.mean()]
+        for k, term in enumerate(self.plan.terms):
+            per_layer = [
+                attention_loss(term.signal, term.kind, maps[s], batch.targets[term.role][s], text=text, vision=vision,
+                               valid=am, reduction=self.cfg.full_reduction)
+                for s, _ in term.pairs
+            ]
+            lk = torch.stack(per_layer).mean(0)  # (B,)
+            per_sample.append(lk)
+            rows.append((mixw[:, k] * lk).mean())
+        return Losses(rows, torch.stack([v.detach() for v in per_sample]), mixw)
+
+    def backward(self, losses: Losses, weights: list[float], active: list[bool], local: list[bool]) -> None:
+        """Gradients of the weighted rows: into the K per-loss rows, or (fast path) of their sum
+        into the flat gradient. Rows this rank gives no weight stay zero."""
+        w = torch.tensor(weights, dtype=torch.float32, device=self.device)
+        weighted = [w[r] * losses.rows[r] for r in range(self.K)]
+        if not self.per_loss:
+            sum(weighted[r] for r in range(self.K) if active[r]).backward()
+            self.grads.check()
+            return
+        mine = [r for r in range(self.K) if active[r] and local[r]]
+        self.bufs.zero_()
+        for i, r in enumerate(mine):
+            self.bufs.backward(r, weighted[r], retain_graph=i < len(mine) - 1)
+
+    def combine(self, order: list[int], active: list[bool], ids: list[str], where: str) -> tuple[dict | None, list[str]]:
+        """Combine the per-loss rows into the flat gradient. Returns (combine info, skipped ids)."""
+        if not self.per_loss:
+            return None, []
+        rows = self.dist.mean_(self.bufs.buffer)  # global per-loss gradients before the (non-linear) combine
+        if self.cfg.skip_nonfinite:
+            vec, info = combine(rows, self.cfg.projection, order, active=active, return_info=True)
+            if not self.checks.finite(info["gram"]):
+                return info, self.dist.gather_ids(ids)
+            self.grads.flat.add_(vec)
+            return info, []
+        _, info = combine(rows, self.cfg.projection, order, active=active, return_info=True, accumulate_into=self.grads.flat)
+        if not self.checks.finite(info["gram"]):
+            raise DriveKDError(f"non-finite gradient at {where} on sample(s) {', '.join(self.dist.gather_ids(ids))}; "
+                               "lower --lr or pass --skip-nonfinite")
+        return info, []
+
+    def micro_step(self, batch: Batch, weights: list[float], order: list[int], where: str) -> Micro:
+        """forward -> (finite?) -> backward -> combine. `where` names the step for errors."""
+        mixw = self.plan.mix_weights(batch.capabilities)
+        active, local = self.row_activity(weights, mixw)
+        # The backward runs inside the capture block: with gradient checkpointing the recomputed
+        # forward must record the maps again.
+        with capture_attention(self.model, self.plan.student_layers, grad=True,
+                               attention_mask=batch.inputs.tensors["attention_mask"].bool()) as maps:
+            losses = self.forward(batch, maps)
+            finite = self.checks.finite_samples(losses.per_sample)
+            bad_local = [sid for sid, ok in zip(batch.sample_ids, finite) if not ok]
+            if self.dist.any(bool(bad_local)):
+                bad = self.dist.gather_ids(bad_local)
+                if not self.cfg.skip_nonfinite:
+                    raise DriveKDError(
+                        f"non-finite loss at {where} on sample(s) {', '.join(bad)}; "
+                        "check those samples and their targets, lower --lr, or pass --skip-nonfinite to skip such samples"
+                    )
+                return Micro(None, active, None, bad)
+            self.backward(losses, weights, active, local)
+        info, skipped = self.combine(order, active, batch.sample_ids, where)
+        return Micro(None if skipped else losses, active, info, skipped)
+
+    # ----- the optimizer step -----
+    def average(self, n_micro: int) -> None:
+        """Mean over the micro-steps that contributed (and, on the fast path, over ranks)."""
+        if n_micro:
+            self.grads.flat.div_(n_micro)
+            if not self.per_loss:
+                self.dist.mean_(self.grads.flat)  # the plain sum is linear: reduce once per step
+
+    def clip(self) -> torch.Tensor:
+        """Clip the global gradient norm to --max-grad-norm (0: off). Returns the norm before clipping (a tensor)."""
+        clip = self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else float("inf")
+        return torch.nn.utils.clip_grad_norm_(self.params, clip)
+
+    def optimizer_step(self) -> None:
+        self.optimizer.step()
+
+    def zero_grad(self) -> None:
+        self.grads.flat.zero_()
+

@@ -1,0 +1,83 @@
+"""Issue 18's table: planned peak memory by category and FLOPs ratio to SFT, six cameras, micro-batch 1.
+
+    PYTHONPATH=. .venv/bin/python tools/plan_table.py [--out plan_table.json] [--models InternVL3-1B-hf ...]
+
+Students InternVL3-1B (teacher InternVL3-8B) and Qwen2.5-VL-3B (teacher Qwen2.5-VL-7B); rows: SFT,
+multi + none, multi + AGP, each with and without gradient checkpointing, the per-loss rows in fp32
+and bf16 (SFT has no rows); and the teacher pass (bf16 weights, all three roles' layers captured)
+against a plain sdpa forward. Everything runs on fake tensors (drivekd-train --dry-run's code).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from plan_configs import write_config  # noqa: E402
+
+PAIRS = {"InternVL3-1B-hf": "InternVL3-8B-hf", "Qwen2.5-VL-3B-Instruct": "Qwen2.5-VL-7B-Instruct"}
+
+
+def main() -> None:
+    torch.set_num_threads(1)
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="plan_table.json")
+    ap.add_argument("--models", nargs="*", default=list(PAIRS))
+    ap.add_argument("--configs", default="/tmp/drivekd-plan-configs")
+    args = ap.parse_args()
+    from drivekd.planner import plan as P
+    from drivekd.trainer.plan import student_depth
+    from drivekd.trainer.settings import TrainConfig
+
+    GiB = 1 << 30
+    results = {}
+    for name in args.models:
+        student = write_config(name, args.configs)
+        teacher = write_config(PAIRS[name], args.configs)
+        family, L = student_depth(student)
+        config = P.student_config(student)
+        shapes = P.shapes_for(family, config, student, 6, None)
+        base = TrainConfig(student=student, recipe="multi", dtype="bfloat16")
+        rows = []
+        variants = [("SFT", P.sft_config(base), ["float32"])] + [
+            (f"multi+{proj}", replace(base, projection=proj), ["float32", "bfloat16"]) for proj in ("none", "agp")]
+        sft_flops = {}
+        for label, cfg, dtypes in variants:
+            for gc in (False, True):
+                for rd in dtypes:
+                    c = replace(cfg, gradient_checkpointing=gc, grad_buffer_dtype=rd)
+                    t0 = time.process_time()
+                    n = P.count_step(c, P.dry_plan(c, L, family), shapes, config)
+                    if label == "SFT":
+                        sft_flops[gc] = n.flops
+                    cats = {**n.categories, "allocator_margin": P.margin_bytes(n.peak)}
+                    row = {"run": label, "gradient_checkpointing": gc, "grad_rows": rd if label != "SFT" else "-",
+                           "peak_gib": round(sum(cats.values()) / GiB, 2),
+                           "categories_gib": {k: round(v / GiB, 2) for k, v in cats.items()},
+                           "flops_ratio_to_sft": round(n.flops / sft_flops[gc], 2), "tflops": round(n.flops / 1e12, 2),
+                           "cpu_s": round(time.process_time() - t0, 1)}
+                    rows.append(row)
+                    print(name, json.dumps(row), flush=True)
+        tshapes = P.shapes_for(*[student_depth(teacher)[0]], P.student_config(teacher), teacher, 6, shapes.seq_len)
+        TL = student_depth(teacher)[1]
+        layers = sorted({0, TL - 2, *range(0, TL - 1)})  # perception 0, reasoning 0..L-2, planning L-2
+        tp = {}
+        for label, lay in (("capture", layers), ("plain_sdpa", None)):
+            n = P.count_teacher_pass(teacher, lay, tshapes)
+            tp[label] = {"peak_gib": round(n.peak / GiB, 2), "categories_gib": {k: round(v / GiB, 2) for k, v in n.categories.items()},
+                         "tflops": round(n.flops / 1e12, 2)}
+            print(PAIRS[name], label, json.dumps(tp[label]), flush=True)
+        results[name] = {"seq_len": shapes.seq_len, "tokens_per_camera": shapes.tokens_per_camera, "rows": rows,
+                         "teacher": {"name": PAIRS[name], **tp}}
+        Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
