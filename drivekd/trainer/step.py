@@ -106,20 +106,22 @@ class Micro:
     skipped: list[str]  # sample ids skipped (non-finite, --skip-nonfinite)
 
 
-def choose_engine(cfg, params: list[torch.nn.Parameter], K: int, device: torch.device) -> tuple[str, str]:
+def choose_engine(cfg, params: list[torch.nn.Parameter], K: int, device: torch.device,
+                  device_memory: int | None = None) -> tuple[str, str]:
     """--grad-engine: rows | gram | auto, and why. auto keeps the rows (faster: each per-loss
     backward stops where its loss starts) while K rows take at most a quarter of the device's
-    memory, and switches to the Gram engine beyond (a 1B student's four fp32 rows are 15 GiB)."""
+    memory (`device_memory`, default: the GPU's), and switches to the Gram engine beyond (a 1B
+    student's four fp32 rows are 14 GiB). On a CPU the process shares the host's memory: rows."""
     if cfg.grad_engine != "auto":
         return cfg.grad_engine, f"--grad-engine {cfg.grad_engine}"
-    n = sum(p.numel() for p in params)
-    rows_bytes = K * n * torch.finfo(getattr(torch, cfg.grad_buffer_dtype)).bits // 8
-    if device.type != "cuda":
+    rows_bytes = K * sum(p.numel() for p in params) * torch.finfo(getattr(torch, cfg.grad_buffer_dtype)).bits // 8
+    if device_memory is None and device.type == "cuda":
+        device_memory = torch.cuda.get_device_properties(device).total_memory
+    if device_memory is None:
         return "rows", f"auto: rows ({rows_bytes / 2**30:.2f} GiB) on {device.type}, whose memory the process shares"
-    total = torch.cuda.get_device_properties(device).total_memory
-    if rows_bytes <= total / 4:
-        return "rows", f"auto: {K} rows take {rows_bytes / 2**30:.2f} GiB, <= 1/4 of the GPU's {total / 2**30:.0f} GiB"
-    return "gram", f"auto: {K} rows would take {rows_bytes / 2**30:.2f} GiB, > 1/4 of the GPU's {total / 2**30:.0f} GiB"
+    if rows_bytes <= device_memory / 4:
+        return "rows", f"auto: {K} rows take {rows_bytes / 2**30:.2f} GiB, <= 1/4 of the device's {device_memory / 2**30:.0f} GiB"
+    return "gram", f"auto: {K} rows would take {rows_bytes / 2**30:.2f} GiB, > 1/4 of the device's {device_memory / 2**30:.0f} GiB"
 
 
 def make_optimizer(params: list[torch.nn.Parameter], lr: float, weight_decay: float) -> torch.optim.AdamW:
@@ -132,7 +134,8 @@ class TrainStep:
     `plan` is a RunPlan (terms, row names, mixing); `autocast_dtype` None runs in fp32.
     """
 
-    def __init__(self, model, plan, dist: Dist, autocast_dtype: torch.dtype | None, checks: HostChecks | None = None):
+    def __init__(self, model, plan, dist: Dist, autocast_dtype: torch.dtype | None, checks: HostChecks | None = None,
+                 device_memory: int | None = None):
         cfg = plan.cfg
         self.model, self.plan, self.cfg, self.dist = model, plan, cfg, dist
         self.device = dist.device
@@ -147,7 +150,7 @@ class TrainStep:
         # Per-loss gradients come from one of two engines (equal updates): K gradient rows
         # (K x N floats, fastest) or the Gram engine (the K x K Gram folded parameter by parameter
         # in one K-batched backward, then one backward of the lambda-weighted sum; no rows).
-        self.engine, self.engine_reason = choose_engine(cfg, self.params, self.K, self.device) if self.per_loss else ("none", "")
+        self.engine, self.engine_reason = choose_engine(cfg, self.params, self.K, self.device, device_memory) if self.per_loss else ("none", "")
         self.bufs = None
         self.gram_engine = None
         if self.engine == "rows":
