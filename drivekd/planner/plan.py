@@ -206,6 +206,8 @@ class Counted:
     params: int
     baseline: int  # bytes live when counting started (weights, gradients, rows, optimizer state, inputs, targets)
     rss_increase: int | None = None  # real runs: peak RSS over the step minus RSS before it (malloc trimmed)
+    engine: str = ""  # the per-loss gradient engine the step used (rows | gram | none), and why
+    engine_reason: str = ""
 
 
 def build_student(student: Path, family: str, config, dtype=torch.float32):
@@ -216,7 +218,12 @@ def build_student(student: Path, family: str, config, dtype=torch.float32):
         config, attn_implementation={"text_config": CAPTURE_IMPL, "vision_config": "sdpa", "": "sdpa"}, dtype=dtype)
 
 
-def count_step(cfg, plan, shapes: Shapes, config, *, fake: bool = True, model=None) -> Counted:
+# The GPU a plan is for when --gpu-memory is not given (the paper's A100-40GB): decides
+# --grad-engine auto as the real run on that GPU would.
+PLANNED_GPU_MEMORY = 40 * 2**30
+
+
+def count_step(cfg, plan, shapes: Shapes, config, *, fake: bool = True, model=None, device_memory: int | None = None) -> Counted:
     """Run one micro-step and the optimizer step of the real step code, counting memory and FLOPs.
 
     fake=True: on fake tensors (no memory, no compute). fake=False: on real tensors (the proof
@@ -252,7 +259,9 @@ def count_step(cfg, plan, shapes: Shapes, config, *, fake: bool = True, model=No
                 model = build_student(cfg.student, shapes.family, config)
         prepare_student(model, cfg)
         # The GPU run's compute dtype (auto: bf16), run under CPU autocast here.
-        ts = TrainStep(model, plan, Dist("cpu"), autocast_dtype(cfg, torch.device("cuda" if fake else "cpu")), AssumeFinite())
+        # --grad-engine auto decides as on the planned GPU (--gpu-memory, else a 40 GiB A100).
+        ts = TrainStep(model, plan, Dist("cpu"), autocast_dtype(cfg, torch.device("cuda" if fake else "cpu")), AssumeFinite(),
+                       device_memory=device_memory or PLANNED_GPU_MEMORY)
         for group in ts.optimizer.param_groups:
             group["foreach"] = True  # AdamW's default on CUDA (its temporaries are counted as there)
         ts.optimizer_step()  # zero gradients: allocates AdamW's state, leaves the weights as they are
@@ -296,7 +305,8 @@ def count_step(cfg, plan, shapes: Shapes, config, *, fake: bool = True, model=No
             step_mod.capture_attention = real_capture
         rss = None if fake else _peak_rss() - rss_before
         cats = tracker.peak_by_category()
-        return Counted(cats, tracker.peak, int(tracker.flops), sum(p.numel() for p in ts.params), baseline, rss)
+        return Counted(cats, tracker.peak, int(tracker.flops), sum(p.numel() for p in ts.params), baseline, rss,
+                       ts.engine, ts.engine_reason)
 
 
 def _rss_now() -> int:
@@ -350,7 +360,7 @@ def dry_run(cfg, *, seq_len: int | None = None, cameras: int = 6, gpu_memory: in
     shapes = shapes_for(family, config, Path(cfg.student), cameras, seq_len)
 
     def one(c) -> Counted:
-        return count_step(c, dry_plan(c, L, family, teacher_L), shapes, config)
+        return count_step(c, dry_plan(c, L, family, teacher_L), shapes, config, device_memory=gpu_memory)
 
     run = one(cfg)
     # Suggestions (suggest=False) need the peak only: no SFT pass for them.
@@ -379,6 +389,8 @@ def dry_run(cfg, *, seq_len: int | None = None, cameras: int = 6, gpu_memory: in
         "projection": cfg.projection,
         "gradient_checkpointing": cfg.gradient_checkpointing,
         "grad_buffer_dtype": cfg.grad_buffer_dtype,
+        "grad_engine": run.engine,
+        "grad_engine_reason": run.engine_reason,
         "micro_batch": 1,
         "flops_per": "micro-step (one sample); an optimizer step is --grad-accum of them",
         "suggestions": [],
@@ -399,6 +411,10 @@ def _suggestions(cfg, seq_len, cameras, gpu_memory) -> list[dict[str, Any]]:
     if len(options) == 2:
         options.append(("--gradient-checkpointing --grad-buffer-dtype bfloat16",
                         {"gradient_checkpointing": True, "grad_buffer_dtype": "bfloat16"}))
+    if has_rows and cfg.grad_engine != "gram" and (cfg.projection != "none" or cfg.dynamic_weights):
+        options.append(("--grad-engine gram", {"grad_engine": "gram"}))
+        if not cfg.gradient_checkpointing:
+            options.append(("--grad-engine gram --gradient-checkpointing", {"grad_engine": "gram", "gradient_checkpointing": True}))
     out = []
     for flags, change in options:
         r = dry_run(replace(cfg, **change), seq_len=seq_len, cameras=cameras, gpu_memory=gpu_memory, suggest=False)
@@ -412,7 +428,8 @@ def format_report(r: dict[str, Any]) -> str:
     lines = [f"drivekd-train --dry-run: {r['family']} student, {r['params'] / 1e9:.2f}B parameters, recipe {r['recipe']}, "
              f"projection {r['projection']}, T = {r['seq_len']} ({r['cameras']} camera(s) x {r['tokens_per_camera']} "
              f"image tokens), micro-batch 1",
-             f"gradient checkpointing {'on' if r['gradient_checkpointing'] else 'off'}, gradient rows {r['grad_buffer_dtype']}",
+             f"gradient checkpointing {'on' if r['gradient_checkpointing'] else 'off'}, gradient engine {r['grad_engine'] or 'none'}"
+             f" ({r['grad_engine_reason'] or 'one backward'}), gradient rows {r['grad_buffer_dtype']}",
              "peak memory by category:"]
     for k, v in r["categories"].items():
         lines.append(f"  {k:<18}{g(v)}")

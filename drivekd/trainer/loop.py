@@ -95,6 +95,8 @@ class Trainer:
         # Weights and optimizer state in fp32; compute under autocast (mixed precision).
         model = load_model(plan.resume_dir or cfg.student, dtype=torch.float32, device=dev)
         self.train_step = TrainStep(prepare_student(model, cfg), plan, dist, autocast_dtype(cfg, dev))
+        if self.train_step.per_loss:
+            log.info("gradient engine: %s (%s)", self.train_step.engine, self.train_step.engine_reason)
         self.model, self.optimizer = self.train_step.model, self.train_step.optimizer
         self.reweighter = Reweighting(plan) if cfg.dynamic_weights and len(plan.row_names) > 1 else None
         from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmup

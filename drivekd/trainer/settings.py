@@ -28,7 +28,7 @@ GROUPS = ("inputs", "distillation", "gradients", "optimisation", "runtime", "che
 
 # Keys that may differ between a checkpoint's run and the run resuming it (they do not change the
 # numbers): everything else must match, or the resumed run would not continue the same run.
-RESUME_FREE = {"resume", "resume_from", "resume_allow_changed", "num_workers", "progress", "save_every", "keep_last", "log_every", "out", "cache",
+RESUME_FREE = {"grad_engine", "resume", "resume_from", "resume_allow_changed", "num_workers", "progress", "save_every", "keep_last", "log_every", "out", "cache",
                "data", "images", "student", "device", "report_to"}
 
 
@@ -87,6 +87,9 @@ class TrainConfig:
     reweight_alpha: float = opt(0.0, "Re-weighting alpha (reaction to relative loss decay).", group="gradients",
                                 minimum=">=0")
     reweight_lr: float = opt(3e-4, "Learning rate of the re-weighting AdamW.", group="gradients", minimum=">0")
+    grad_engine: str = opt("auto", "Per-loss gradients for the projection: rows (K gradient rows, fastest) | gram (the "
+                           "K x K Gram without rows, for students whose rows do not fit) | auto (rows while they take "
+                           "<= 1/4 of the GPU, else gram; logged).", group="gradients", choices=("auto", "rows", "gram"))
     grad_buffer_dtype: str = opt("float32", "dtype of the per-loss gradient rows (bfloat16 halves their memory).",
                                  group="gradients", choices=("float32", "bfloat16"))
 

@@ -38,7 +38,7 @@ from drivekd.distributed import Dist
 from drivekd.errors import DriveKDError
 from drivekd.families.capture import capture_attention
 from drivekd.losses.attention import answer_positions, attention_loss, token_ce
-from drivekd.projection import GradBuffers, combine
+from drivekd.projection import GradBuffers, GramEngine, coefficients, combine
 from drivekd.trainer.data import Batch
 
 
@@ -106,6 +106,24 @@ class Micro:
     skipped: list[str]  # sample ids skipped (non-finite, --skip-nonfinite)
 
 
+def choose_engine(cfg, params: list[torch.nn.Parameter], K: int, device: torch.device,
+                  device_memory: int | None = None) -> tuple[str, str]:
+    """--grad-engine: rows | gram | auto, and why. auto keeps the rows (faster: each per-loss
+    backward stops where its loss starts) while K rows take at most a quarter of the device's
+    memory (`device_memory`, default: the GPU's), and switches to the Gram engine beyond (a 1B
+    student's four fp32 rows are 14 GiB). On a CPU the process shares the host's memory: rows."""
+    if cfg.grad_engine != "auto":
+        return cfg.grad_engine, f"--grad-engine {cfg.grad_engine}"
+    rows_bytes = K * sum(p.numel() for p in params) * torch.finfo(getattr(torch, cfg.grad_buffer_dtype)).bits // 8
+    if device_memory is None and device.type == "cuda":
+        device_memory = torch.cuda.get_device_properties(device).total_memory
+    if device_memory is None:
+        return "rows", f"auto: rows ({rows_bytes / 2**30:.2f} GiB) on {device.type}, whose memory the process shares"
+    if rows_bytes <= device_memory / 4:
+        return "rows", f"auto: {K} rows take {rows_bytes / 2**30:.2f} GiB, <= 1/4 of the device's {device_memory / 2**30:.0f} GiB"
+    return "gram", f"auto: {K} rows would take {rows_bytes / 2**30:.2f} GiB, > 1/4 of the device's {device_memory / 2**30:.0f} GiB"
+
+
 def make_optimizer(params: list[torch.nn.Parameter], lr: float, weight_decay: float) -> torch.optim.AdamW:
     return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=weight_decay)
 
@@ -116,7 +134,8 @@ class TrainStep:
     `plan` is a RunPlan (terms, row names, mixing); `autocast_dtype` None runs in fp32.
     """
 
-    def __init__(self, model, plan, dist: Dist, autocast_dtype: torch.dtype | None, checks: HostChecks | None = None):
+    def __init__(self, model, plan, dist: Dist, autocast_dtype: torch.dtype | None, checks: HostChecks | None = None,
+                 device_memory: int | None = None):
         cfg = plan.cfg
         self.model, self.plan, self.cfg, self.dist = model, plan, cfg, dist
         self.device = dist.device
@@ -128,7 +147,17 @@ class TrainStep:
         # or not at all (fast path: one backward of the weighted sum).
         self.per_loss = self.K > 1 and (cfg.projection != "none" or cfg.dynamic_weights)
         self.grads = FlatGrads(self.params)
-        self.bufs = GradBuffers(self.params, self.K, dtype=getattr(torch, cfg.grad_buffer_dtype)) if self.per_loss else None
+        # Per-loss gradients come from one of two engines (equal updates): K gradient rows
+        # (K x N floats, fastest) or the Gram engine (the K x K Gram folded parameter by parameter
+        # in one K-batched backward, then one backward of the lambda-weighted sum; no rows).
+        self.engine, self.engine_reason = choose_engine(cfg, self.params, self.K, self.device, device_memory) if self.per_loss else ("none", "")
+        self.bufs = None
+        self.gram_engine = None
+        if self.engine == "rows":
+            self.bufs = GradBuffers(self.params, self.K, dtype=getattr(torch, cfg.grad_buffer_dtype))
+        elif self.engine == "gram":
+            self.gram_engine = GramEngine(self.params, reduce=self.dist.mean_ if self.dist.world > 1 else None)
+        self._gram_info: dict | None = None
         self.optimizer = make_optimizer(self.params, cfg.lr, cfg.weight_decay)
 
     # ----- one micro-step -----
@@ -164,13 +193,26 @@ class TrainStep:
             rows.append((mixw[:, k] * lk).mean())
         return Losses(rows, torch.stack([v.detach() for v in per_sample]), mixw)
 
-    def backward(self, losses: Losses, weights: list[float], active: list[bool], local: list[bool]) -> None:
-        """Gradients of the weighted rows: into the K per-loss rows, or (fast path) of their sum
-        into the flat gradient. Rows this rank gives no weight stay zero."""
+    def backward(self, losses: Losses, weights: list[float], active: list[bool], local: list[bool],
+                 order: list[int] | None = None) -> None:
+        """Gradients of the weighted rows: into the K per-loss rows, of their sum into the flat
+        gradient (fast path), or - Gram engine - the Gram, lambda, and one backward of the
+        lambda-weighted sum into the flat gradient. Rows this rank gives no weight stay zero."""
         w = torch.tensor(weights, dtype=torch.float32, device=self.device)
         weighted = [w[r] * losses.rows[r] for r in range(self.K)]
         if not self.per_loss:
             sum(weighted[r] for r in range(self.K) if active[r]).backward()
+            self.grads.check()
+            return
+        if self.engine == "gram":
+            # Every rank folds the globally active rows (blocks of the same shape, same order);
+            # a row with no weight on this rank's samples contributes zeros.
+            G = self.gram_engine.gram(weighted, active)  # (K, K) fp64, of rank-averaged gradients
+            lam, info = coefficients(G, self.cfg.projection, order, active=active, return_info=True)
+            self._gram_info = info
+            if self.cfg.skip_nonfinite and not self.checks.finite(G):
+                return  # combine() reports the skip; the graph is freed with the losses
+            self.gram_engine.backward(weighted, lam)
             self.grads.check()
             return
         mine = [r for r in range(self.K) if active[r] and local[r]]
@@ -179,18 +221,23 @@ class TrainStep:
             self.bufs.backward(r, weighted[r], retain_graph=i < len(mine) - 1)
 
     def combine(self, order: list[int], active: list[bool], ids: list[str], where: str) -> tuple[dict | None, list[str]]:
-        """Combine the per-loss rows into the flat gradient. Returns (combine info, skipped ids)."""
+        """Combine the per-loss rows into the flat gradient. Returns (combine info, skipped ids).
+        (The Gram engine combined inside `backward`; here only its finiteness is judged.)"""
         if not self.per_loss:
             return None, []
-        rows = self.dist.mean_(self.bufs.buffer)  # global per-loss gradients before the (non-linear) combine
-        if self.cfg.skip_nonfinite:
+        if self.engine == "gram":
+            info, self._gram_info = self._gram_info, None
+        elif self.cfg.skip_nonfinite:
+            rows = self.dist.mean_(self.bufs.buffer)  # global per-loss gradients before the (non-linear) combine
             vec, info = combine(rows, self.cfg.projection, order, active=active, return_info=True)
-            if not self.checks.finite(info["gram"]):
-                return info, self.dist.gather_ids(ids)
-            self.grads.flat.add_(vec)
-            return info, []
-        _, info = combine(rows, self.cfg.projection, order, active=active, return_info=True, accumulate_into=self.grads.flat)
+            if self.checks.finite(info["gram"]):
+                self.grads.flat.add_(vec)
+        else:
+            rows = self.dist.mean_(self.bufs.buffer)
+            _, info = combine(rows, self.cfg.projection, order, active=active, return_info=True, accumulate_into=self.grads.flat)
         if not self.checks.finite(info["gram"]):
+            if self.cfg.skip_nonfinite:
+                return info, self.dist.gather_ids(ids)
             raise DriveKDError(f"non-finite gradient at {where} on sample(s) {', '.join(self.dist.gather_ids(ids))}; "
                                "lower --lr or pass --skip-nonfinite")
         return info, []
@@ -214,7 +261,7 @@ class TrainStep:
                         "check those samples and their targets, lower --lr, or pass --skip-nonfinite to skip such samples"
                     )
                 return Micro(None, active, None, bad)
-            self.backward(losses, weights, active, local)
+            self.backward(losses, weights, active, local, order)
         info, skipped = self.combine(order, active, batch.sample_ids, where)
         return Micro(None if skipped else losses, active, info, skipped)
 
@@ -223,8 +270,10 @@ class TrainStep:
         """Mean over the micro-steps that contributed (and, on the fast path, over ranks)."""
         if n_micro:
             self.grads.flat.div_(n_micro)
-            if not self.per_loss:
-                self.dist.mean_(self.grads.flat)  # the plain sum is linear: reduce once per step
+            if not self.per_loss or self.engine == "gram":
+                # The plain sum, and the Gram engine's lambda-weighted backward, are linear in
+                # this rank's gradients: reduce once per step.
+                self.dist.mean_(self.grads.flat)
 
     def clip(self) -> torch.Tensor:
         """Clip the global gradient norm to --max-grad-norm (0: off). Returns the norm before clipping (a tensor)."""
