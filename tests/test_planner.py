@@ -13,6 +13,7 @@ import os
 import resource
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -160,14 +161,17 @@ def test_parse_bytes():
 
 
 def test_suggestions_when_it_does_not_fit(tiny_models, one_thread):
-    cfg = TrainConfig(student=tiny_models / "internvl-student", recipe="perception", dtype="float32")
+    cfg = TrainConfig(student=tiny_models / "internvl-student", recipe="perception", dtype="float32", grad_engine="rows")
     r = P.dry_run(cfg, seq_len=1024, gpu_memory=1 << 20)
-    assert r["fits"] is False
+    assert r["fits"] is False and r["grad_engine"] == "rows"
     flags = [s["flags"] for s in r["suggestions"]]
-    assert "--gradient-checkpointing" in flags and "--grad-buffer-dtype bfloat16" in flags
+    assert "--gradient-checkpointing" in flags and "--grad-buffer-dtype bfloat16" in flags and "--grad-engine gram" in flags
     by = {s["flags"]: s["peak_bytes"] for s in r["suggestions"]}
     assert by["--grad-buffer-dtype bfloat16"] < r["peak_bytes"]
     assert "does NOT fit" in P.format_report(r)
+    # --grad-engine auto decides as the planned GPU would: on a tiny one the rows do not fit.
+    auto = P.dry_run(replace(cfg, grad_engine="auto"), seq_len=1024, gpu_memory=1 << 20, suggest=False)
+    assert auto["grad_engine"] == "gram" and auto["categories"]["grad_rows"] == 0
 
 
 

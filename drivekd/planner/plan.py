@@ -396,22 +396,23 @@ def dry_run(cfg, *, seq_len: int | None = None, cameras: int = 6, gpu_memory: in
         "suggestions": [],
     }
     if fits is False and suggest:
-        out["suggestions"] = _suggestions(cfg, seq_len, cameras, gpu_memory)
+        out["suggestions"] = _suggestions(cfg, seq_len, cameras, gpu_memory, run.engine)
     return out
 
 
-def _suggestions(cfg, seq_len, cameras, gpu_memory) -> list[dict[str, Any]]:
-    """Trainer options that would make the run fit, each with its planned peak."""
+def _suggestions(cfg, seq_len, cameras, gpu_memory, engine: str) -> list[dict[str, Any]]:
+    """Trainer options that would make the run fit, each with its planned peak. `engine`: the
+    per-loss gradient engine the run used (rows options only make sense with rows)."""
     options = []
     if not cfg.gradient_checkpointing:
         options.append(("--gradient-checkpointing", {"gradient_checkpointing": True}))
-    has_rows = cfg.recipe != "sft" and any(cfg.term_weight(r) > 0 for r in ("perception", "reasoning", "planning"))
-    if cfg.grad_buffer_dtype != "bfloat16" and has_rows and (cfg.projection != "none" or cfg.dynamic_weights):
+    has_rows = engine == "rows"
+    if cfg.grad_buffer_dtype != "bfloat16" and has_rows:
         options.append(("--grad-buffer-dtype bfloat16", {"grad_buffer_dtype": "bfloat16"}))
     if len(options) == 2:
         options.append(("--gradient-checkpointing --grad-buffer-dtype bfloat16",
                         {"gradient_checkpointing": True, "grad_buffer_dtype": "bfloat16"}))
-    if has_rows and cfg.grad_engine != "gram" and (cfg.projection != "none" or cfg.dynamic_weights):
+    if has_rows:
         options.append(("--grad-engine gram", {"grad_engine": "gram"}))
         if not cfg.gradient_checkpointing:
             options.append(("--grad-engine gram --gradient-checkpointing", {"grad_engine": "gram", "gradient_checkpointing": True}))
