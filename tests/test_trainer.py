@@ -307,3 +307,27 @@ def test_gram_engine_trains_like_the_rows_engine(tiny_models, demo_data, targets
     wa, wb = _weights(tmp_path / "rows" / "final"), _weights(tmp_path / "gram" / "final")
     for k in wa:
         torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=1e-5)
+
+
+def test_reweighting_sees_raw_unmixed_losses_and_norms(tiny_models, demo_data, targets, tmp_path):
+    """METHOD.md section 7 (and the reference trainer): the online re-weighting is fed each loss's
+    raw, unmixed L_i and ||grad L_i||, and its target's sum_j G_j is not detached. Rebuilt here from
+    the formulas: with mixing rows all equal, M[c, k] does not depend on the sample."""
+    from drivekd.projection.reweight import DynamicWeights
+
+    m = [0.6, 0.3, 0.1]
+    mix = ";".join([",".join(map(str, m))] * 3)
+    res = train(_cfg(tiny_models, demo_data, tmp_path / "rw", mix=mix, max_steps=2, grad_accum=1, micro_batch=1,
+                     dynamic_weights=True, reweight_lr=0.05), targets)
+    first, second = res.metrics
+    names = ["ce", "perception", "reasoning", "planning"]
+    w = first["weights"]
+    losses = {"ce": first["loss_ce"], **{n: first[f"raw_{n}"] for n in names[1:]}}
+    scale = {"ce": w["ce"], **{n: w[n] * m[k] for k, n in enumerate(names[1:])}}
+    norms = {n: first["grad_norms"][n] / scale[n] for n in names}
+    dw = DynamicWeights(names, [1.0] * 4, lr=0.05, detach_target=False)
+    expected = dict(zip(names, dw.update(losses, norms)))
+    assert second["weights"] == pytest.approx(expected, rel=1e-5)
+    # Mixed losses or a detached target would give other weights.
+    other = DynamicWeights(names, [1.0] * 4, lr=0.05, detach_target=True)
+    assert dict(zip(names, other.update(losses, norms))) != pytest.approx(expected, rel=1e-5)

@@ -55,7 +55,8 @@ class Reweighting:
         self.names = plan.row_names
         self.static = plan.static_weights
         self.live = [n for n, w in zip(self.names, self.static) if w > 0]
-        self.dw = DynamicWeights(self.live, [w for w in self.static if w > 0], alpha=cfg.reweight_alpha, lr=cfg.reweight_lr)
+        self.dw = DynamicWeights(self.live, [w for w in self.static if w > 0], alpha=cfg.reweight_alpha, lr=cfg.reweight_lr,
+                                 detach_target=False)  # as the reference: sum_j G_j keeps its graph
 
     def weights(self) -> list[float]:
         cur = self.dw.weight_dict()
@@ -212,12 +213,14 @@ class Trainer:
         ts.zero_grad()
         return grad_norm
 
-    def _reweight(self, stats: StepStats, loss_rows: list[float]) -> None:
+    def _reweight(self, stats: StepStats, raw_losses: list[float]) -> None:
+        """raw_losses: CE, then each teacher term's unmixed mean loss."""
         if self.reweighter is None:
             return
         names, means = self.plan.row_names, stats.raw_norm_means()
         live = [r for r in range(len(names)) if stats.active_counts[r] and means[r] is not None]
-        self.reweighter.update({names[r]: loss_rows[r] for r in live}, {names[r]: means[r] for r in live})
+        # The raw, unmixed L_i and ||grad L_i|| (METHOD.md section 7, the reference trainer).
+        self.reweighter.update({names[r]: raw_losses[r] for r in live}, {names[r]: means[r] for r in live})
 
     def _one_step(self, it, total_micro: int) -> dict[str, Any]:
         """micro-steps -> average -> clip -> step -> re-weight -> metrics line."""
@@ -229,7 +232,7 @@ class Trainer:
         g = stats.reduce(self.dist)
         lr = self.scheduler.get_last_lr()[0]
         grad_norm = self._optimizer_step(stats)
-        self._reweight(stats, g.loss_rows)
+        self._reweight(stats, [g.loss_rows[0], *g.raw_terms])
         self.step += 1
         return stats.line(g, step=self.step, epoch=round(self.step * self.cfg.grad_accum / self.plan.micro_per_epoch, 4),
                           lr=lr, weights=weights, grad_norm=grad_norm, per_loss=self.train_step.per_loss,

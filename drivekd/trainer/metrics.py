@@ -29,7 +29,7 @@ class StepStats:
     raw_terms: list[float] = field(default_factory=list)  # unmixed teacher-term losses
     weighted: float = 0.0
     grad_norms: list[float] = field(default_factory=list)  # weighted rows
-    raw_norms: list[float] = field(default_factory=list)  # unweighted: ||grad L_i||
+    raw_norms: list[float] = field(default_factory=list)  # unweighted, unmixed: ||grad L_i||
     active_counts: list[int] = field(default_factory=list)
     cos: dict[str, float] = field(default_factory=dict)
     cos_counts: dict[str, int] = field(default_factory=dict)
@@ -49,6 +49,7 @@ class StepStats:
     def record(self, micro, weights: list[float], samples: int, tokens: int) -> None:
         """Add one micro-step (a step.Micro whose losses are not None)."""
         rows, per_sample, active, info = micro.losses.rows, micro.losses.per_sample, micro.active, micro.info
+        mixw = micro.losses.mixw.detach().cpu()  # (B, terms) M[c_b, k]
         K = len(rows)
         self.micro += 1
         self.samples += samples
@@ -67,7 +68,11 @@ class StepStats:
             if active[r]:
                 self.active_counts[r] += 1
                 self.grad_norms[r] += float(norms[r])
-                self.raw_norms[r] += float(norms[r] / weights[r]) if weights[r] > 0 else 0.0
+                # ||grad L_r|| of the raw, unmixed loss (METHOD.md section 7): the row's gradient is
+                # w_r * mean_b M[c_b, r] * grad L_r when the micro-batch's samples share a
+                # capability (micro-batch 1, the paper's), so divide both factors out.
+                scale = weights[r] * (1.0 if r == 0 else float(mixw[:, r - 1].mean()))
+                self.raw_norms[r] += float(norms[r] / scale) if scale > 0 else 0.0
         for i in range(K):
             for j in range(i + 1, K):
                 if active[i] and active[j] and norms[i] > 0 and norms[j] > 0:
