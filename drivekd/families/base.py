@@ -7,6 +7,7 @@ trainer check that, sample by sample, instead of trusting it.
 
 from __future__ import annotations
 
+import abc
 import hashlib
 import json
 from dataclasses import dataclass
@@ -120,7 +121,7 @@ class ModelInputs:
         return self
 
 
-class Family:
+class Family(abc.ABC):
     """Processor-level logic shared by teacher and student code; one subclass per model family owns
     what differs between families (model class, padding side, vision delimiters, vision-token
     arithmetic, rope positions). Build one with `Family.from_pretrained(path)`."""
@@ -153,17 +154,17 @@ class Family:
 
     # ----- what each family defines -----
     @staticmethod
+    @abc.abstractmethod
     def model_class():
         """The transformers class that loads this family's checkpoints."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def expected_vision_tokens(self, enc) -> int:
         """Vision tokens the processor output `enc` (one sample, all its images) should expand to."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def _image_tokens(self, enc) -> int:
         """Vision tokens of one image from the image processor's output for it alone."""
-        raise NotImplementedError
 
     @staticmethod
     def rope_positions(model, tensors: dict, device) -> torch.Tensor | None:
