@@ -16,7 +16,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install upgrade test demo analyze-demo clean bench
+.PHONY: install upgrade test demo ablate-demo analyze-demo clean bench
 
 install: $(STAMP)
 
@@ -50,6 +50,12 @@ test: install
 
 demo: install
 	$(PY) tools/demo.py --out $(DEMO)
+
+# Every row of the paper's Table 4 and Appendix E on the demo data, two steps and two seeds each
+# (configs/ablations/demo.toml): $(DEMO)/ablation/report.{md,json,png}. `make demo` (resumable) first
+# makes the store, the students and the data it trains on. Rerunning skips the finished runs.
+ablate-demo: demo
+	$(PY) -m drivekd.cli.ablate --config configs/ablations/demo.toml --project $(DEMO)/drivekd.toml --out $(DEMO)/ablation
 
 # The pre-studies (drivekd-analyze) on the demo teacher and scenes: $(DEMO)/analysis/*.png, analysis.json
 analyze-demo: install

@@ -89,7 +89,11 @@ def table4(rows: Sequence[str], runs: Sequence[Mapping[str, Any]]) -> list[dict[
                 qtypes[q] = {"mean": None, "std": None, "n": 0, "values": [], "status": "-"}
                 continue
             qtypes[q] = _cell({s: _qtype_score(rep, q) for s, rep in r["reports"].items()}, _unavailable(r))
-        notes = [f"{r['name']}: {r['status']}" for r in members if r.get("status")]
+        by_status: dict[str, list[str]] = {}
+        for r in members:
+            if r.get("status"):
+                by_status.setdefault(r["status"], []).append(r["name"])
+        notes = [f"{', '.join(names)}: {status}" for status, names in by_status.items()]
         out.append({"row": row, "runs": [r["name"] for r in members], "cells": cells, "question_types": qtypes,
                     "notes": notes})
     return out
