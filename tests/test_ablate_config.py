@@ -173,3 +173,15 @@ def test_a_row_gathers_its_runs_and_shows_the_rest_as_missing():
     assert fmt_cell(ce["cells"]["reasoning"]) == "-" and fmt_cell(ce["cells"]["average"]) == "-"
     assert fmt_cell(kl["cells"]["perception"]) == "unavailable"
     assert kl["notes"] == ["kl: unavailable: recipe kl not known to this drivekd"]
+
+
+def test_project_config_gives_defaults_unless_switched_off(tmp_path, monkeypatch):
+    """[train] of ./drivekd.toml sits below [base] and the runs (as for drivekd-train); project = false
+    makes the file stand alone (the validity study must not pick up a user's drivekd.toml)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "drivekd.toml").write_text("[train]\nlr = 0.125\nweight_decay = 0.5\n")
+    runs = '[[runs]]\nname = "ce"\nrecipe = "sft"\nweight_decay = 0.25\n'
+    cfg = load_ablation(_write(tmp_path, runs)).runs[0].jobs[0].cfg
+    assert (cfg.lr, cfg.weight_decay) == (0.125, 0.25)
+    cfg = load_ablation(_write(tmp_path, runs, HEAD.replace("[ablation]", "[ablation]\nproject = false"))).runs[0].jobs[0].cfg
+    assert (cfg.lr, cfg.weight_decay) == (5e-5, 0.25)

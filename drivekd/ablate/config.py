@@ -7,6 +7,7 @@
     eval_images = "images/"         # default: [data].images of the project config
     max_new_tokens = 64             # drivekd-eval generation settings
     project = "drivekd.toml"        # project config giving the [train] defaults; default ./drivekd.toml
+                                    # when present; false: none (the file alone defines the runs)
 
     [base]                          # drivekd-train settings shared by every run (TrainConfig keys)
     lr = 5e-5
@@ -120,11 +121,12 @@ def _where(path: Path, run: str | None, key: str | None = None) -> str:
     return ": ".join(parts)
 
 
-def load_ablation(path: str | Path, *, out: str | Path | None = None, project: str | Path | None = None,
+def load_ablation(path: str | Path, *, out: str | Path | None = None, project: str | Path | bool | None = None,
                   need_eval: bool = True) -> Ablation:
     """Read and check the whole ablation file; every run's TrainConfig is built per seed here.
 
-    out / project: command-line overrides of [ablation].out / .project (relative to the cwd).
+    out / project: command-line overrides of [ablation].out / .project (relative to the cwd); project
+    False: no project config (not even ./drivekd.toml).
     need_eval: an evaluation set must be known (from the file or the project config).
     """
     path = Path(path)
@@ -155,11 +157,19 @@ def load_ablation(path: str | Path, *, out: str | Path | None = None, project: s
                 or len(set(seeds)) != len(seeds)):
             raise ConfigError(f"{_where(path, None, 'seeds')}: give a list of distinct integers >= 0, e.g. [42, 43, 44]; got {seeds!r}")
 
-    project_path = Path(project) if project is not None else (Path(_resolve(here, head["project"])) if "project" in head else None)
-    from drivekd.config import load_config
+    if project is None and "project" in head:  # the file's key: relative to the file; the flag: to the cwd
+        v = head["project"]
+        project = Path(_resolve(here, v)) if isinstance(v, str) else v
+    if project is False:  # no project config at all: the file alone defines the runs
+        project_cfg, project_path = {}, None
+    else:
+        if project is not None and not isinstance(project, (str, Path)):
+            raise ConfigError(f"{_where(path, None, 'project')}: a path, or false for none; got {project!r}")
+        project_path = None if project is None else Path(project)
+        from drivekd.config import load_config
 
-    project_cfg = load_config(project_path)  # ./drivekd.toml when none is given and it exists
-    project_path = Path(project_cfg["_path"]) if project_cfg else None
+        project_cfg = load_config(project_path)  # ./drivekd.toml when none is given and it exists
+        project_path = Path(project_cfg["_path"]) if project_cfg else None
 
     abl = Ablation(
         path=path,
@@ -267,11 +277,20 @@ def _run_spec(entry: dict, i: int, base: dict, here: Path, abl: Ablation, names:
         if seed is not None:
             settings["seed"] = seed
         try:
-            job.cfg = config_from_sources(settings, abl.project)
+            job.cfg = config_from_sources(settings, abl.project) if abl.project is not None else _without_project(settings)
         except DriveKDError as e:
             raise ConfigError(f"{_where(path, name)}{'' if seed is None else f' (seed {seed})'}: {e}") from None
         spec.jobs.append(job)
     return spec
+
+
+def _without_project(settings: dict[str, Any]) -> TrainConfig:
+    """config_from_sources without a project config (it would read ./drivekd.toml)."""
+    from drivekd.images import pop_flags
+
+    d = dict(settings)
+    image_settings = ImageSettings.from_sources(pop_flags(d), {})
+    return TrainConfig.from_dict({"image_settings": image_settings, **d}, where="ablation file")
 
 
 def _check_rows(abl: Ablation) -> None:
