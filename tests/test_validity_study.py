@@ -22,7 +22,8 @@ def _study_module():
 
 @pytest.fixture(scope="module")
 def benchmark(tmp_path_factory):
-    """Demo scenes split by scene: train (Drive-KD records of scenes 0-3), val and heldout
+    """Demo scenes split by scene, named as drivekd.demo.benchmark names them: train.json (Drive-KD records
+    of scenes 0-3), val_drivebench.json and heldout_drivebench.json
     (DriveBench records of scenes 4 and 5), images shared under one root."""
     from drivekd.demo.scenes import make_demo_data
 
@@ -33,8 +34,8 @@ def benchmark(tmp_path_factory):
     frames = list(dict.fromkeys(r["frame_token"] for r in bench))
     scene_of = lambda rec: next(f for f in frames if f in rec["images"][0])  # noqa: E731
     (root / "train.json").write_text(json.dumps([r for r in train if frames.index(scene_of(r)) < 4]))
-    (root / "val.json").write_text(json.dumps([r for r in bench if r["frame_token"] == frames[4]]))
-    (root / "heldout.json").write_text(json.dumps([r for r in bench if r["frame_token"] == frames[5]]))
+    (root / "val_drivebench.json").write_text(json.dumps([r for r in bench if r["frame_token"] == frames[4]]))
+    (root / "heldout_drivebench.json").write_text(json.dumps([r for r in bench if r["frame_token"] == frames[5]]))
     return root
 
 
@@ -42,12 +43,12 @@ def test_quick_study_writes_the_table(tiny_models, benchmark, tmp_path):
     from click.testing import CliRunner
 
     vs = _study_module()
-    res = CliRunner().invoke(vs.main, ["--teacher", str(tiny_models / "internvl-teacher"), "--student",
-                                       str(tiny_models / "internvl-student"), "--benchmark", str(benchmark),
+    res = CliRunner().invoke(vs.main, ["--teacher", str(tiny_models / "internvl-teacher"), "--benchmark", str(benchmark),
                                        "--out", str(tmp_path / "study"), "--quick", "--max-new-tokens", "4"])
     assert res.exit_code == 0, res.output
     study = json.loads((tmp_path / "study" / "study.json").read_text())
     assert study["failed"] == [] and study["seeds"] == [1] and study["steps"] == 1
+    assert study["student"] == str(tmp_path / "study" / "student-init")  # the default: the tiny demo student config
     assert study["train_capabilities"] == {"perception": 2, "reasoning": 2, "planning": 2}
     report = json.loads((tmp_path / "study" / "report.json").read_text())
     rows = [r["row"] for r in report["rows"]]
@@ -55,7 +56,7 @@ def test_quick_study_writes_the_table(tiny_models, benchmark, tmp_path):
                     "Multi-teacher (G2)", "Ours (multi-teacher)"]
     assert all(r["status"] is None for r in report["runs"])  # every run trained and was evaluated
     # Evaluated on the held-out split, every record of it.
-    heldout = json.loads((benchmark / "heldout.json").read_text())
+    heldout = json.loads((benchmark / "heldout_drivebench.json").read_text())
     ev = json.loads((tmp_path / "study" / "eval" / "multi-agp" / "seed-1" / "report.json").read_text())
     assert ev["n_records"] == len(heldout) == study["eval_records"]
     md = (tmp_path / "study" / "report.md").read_text()

@@ -1,10 +1,12 @@
 """Validity study (issue 15): does distilling a trained teacher's attention beat fine-tuning alone?
 
-    python tools/validity_study.py --teacher T --student S --benchmark B --out study/ [--seeds 3]
+    python -m drivekd.demo.benchmark --out bench/ --seed 0 --train N --val N --heldout N
+    python tools/validity_study.py --teacher drivekd/demo/teacher --benchmark bench/ --out study/ [--seeds 3]
     python tools/validity_study.py ... --quick          # a few steps on a handful of samples (CI)
 
-A thin driver over drivekd.ablate. The benchmark folder holds train.json, val.json and heldout.json
-(disjoint by scene; image paths relative to the folder). The study
+A thin driver over drivekd.ablate. The benchmark folder is drivekd.demo.benchmark's: train.json (Drive-KD
+format) and val / heldout in DriveBench format (val_drivebench.json, heldout_drivebench.json; plain
+val.json / heldout.json are read too), disjoint by scene, image paths relative to the folder. The study
 
 1. takes a small, capability-balanced training subset (--train-samples) -> OUT/data/train.json,
 2. builds one teacher store from it with the teacher in all three roles (drivekd-cache build),
@@ -29,18 +31,22 @@ from pathlib import Path
 
 import click
 
-SPLITS = {"train": ("train.json",), "val": ("val.json", "validation.json"), "heldout": ("heldout.json", "held_out.json", "test.json")}
+# File names per split, first found wins: drivekd.demo.benchmark writes {split}.json (Drive-KD format,
+# for training) and {split}_drivebench.json (DriveBench format, letter answers, for drivekd-eval).
+TRAIN_FILES = ("train.json",)
+EVAL_FILES = {"val": ("val_drivebench.json", "val.json"), "heldout": ("heldout_drivebench.json", "heldout.json")}
 CAPS = ("perception", "reasoning", "planning")
 
 
 def split_file(benchmark: Path, split: str) -> Path:
-    for name in SPLITS[split]:
+    names = TRAIN_FILES if split == "train" else EVAL_FILES[split]
+    for name in names:
         if (benchmark / name).is_file():
             return benchmark / name
     from drivekd.errors import ConfigError
 
-    raise ConfigError(f"--benchmark {benchmark}: no {split} split ({' or '.join(SPLITS[split])}); generate the benchmark "
-                      "with its train / val / held-out files")
+    raise ConfigError(f"--benchmark {benchmark}: no {split} split ({' or '.join(names)}); generate the benchmark with "
+                      "`python -m drivekd.demo.benchmark --out DIR ...` (train / val / heldout, disjoint by scene)")
 
 
 def balanced_subset(samples: list, n: int | None) -> list:
@@ -109,7 +115,7 @@ def study_toml(*, seeds: list[int], eval_data: Path, images: Path, student: Path
     return "\n".join(head + body)
 
 
-def run_study(teacher: Path, student: Path, benchmark: Path, out: Path, *, seeds: list[int], train_samples: int | None,
+def run_study(teacher: Path, student: Path | None, benchmark: Path, out: Path, *, seeds: list[int], train_samples: int | None,
               steps: int | None, epochs: int = 3, lr: float = 5e-4, grad_accum: int = 4, micro_batch: int = 1,
               max_new_tokens: int = 24, eval_split: str = "heldout", eval_limit: int | None = None,
               num_workers: int = 0, device: str | None = None) -> dict:
@@ -123,6 +129,12 @@ def run_study(teacher: Path, student: Path, benchmark: Path, out: Path, *, seeds
 
     t0 = time.perf_counter()
     benchmark, out = benchmark.resolve(), out.resolve()
+    if student is None:  # the tiny demo student config (same family and processor as the demo teacher), fixed seed
+        from drivekd.demo.tiny_models import make_internvl
+
+        student = out / "student-init"
+        if not (student / "config.json").is_file():
+            make_internvl(student, "student", seed=1001)
     for flag, p in (("--teacher", teacher), ("--student", student), ("--benchmark", benchmark)):
         if not Path(p).is_dir():
             raise ConfigError(f"{flag} {p} is not a folder")
@@ -178,7 +190,7 @@ def run_study(teacher: Path, student: Path, benchmark: Path, out: Path, *, seeds
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--teacher", type=click.Path(path_type=Path), required=True, help="Trained teacher checkpoint (all three roles).")
-@click.option("--student", type=click.Path(path_type=Path), required=True, help="Student initialisation (same family, smaller); every run starts from it.")
+@click.option("--student", type=click.Path(path_type=Path), default=None, help="Student initialisation (same family, smaller); every run starts from it. Default: the tiny demo InternVL student config (OUT/student-init, seed 1001).")
 @click.option("--benchmark", type=click.Path(path_type=Path), required=True, help="Folder with train.json, val.json, heldout.json and their images.")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("validity-study"), show_default=True)
 @click.option("--seeds", type=int, default=None, help="Seeds per run: 1..N (default 3; --quick: 1).")
