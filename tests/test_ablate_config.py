@@ -28,6 +28,7 @@ max_steps = 2
 
 
 def _write(tmp_path, runs: str, head: str = HEAD) -> Path:
+    (tmp_path / "bench.json").write_text("[]")
     p = tmp_path / "abl.toml"
     p.write_text(head + runs)
     return p
@@ -124,6 +125,7 @@ def test_shipped_ablation_files_load(tmp_path, name):
 
     project = tmp_path / "drivekd.toml"
     project.write_text('[data]\ntrain = "train.json"\neval = "bench.json"\n[train]\nstudent = "s"\ncache = "c"\n')
+    (tmp_path / "bench.json").write_text("[]")
     abl = load_ablation(ROOT / "configs" / "ablations" / name, project=project, out=tmp_path / "out")
     assert len(abl.runs) == 22
     for r in abl.runs:
@@ -185,3 +187,21 @@ def test_project_config_gives_defaults_unless_switched_off(tmp_path, monkeypatch
     assert (cfg.lr, cfg.weight_decay) == (0.125, 0.25)
     cfg = load_ablation(_write(tmp_path, runs, HEAD.replace("[ablation]", "[ablation]\nproject = false"))).runs[0].jobs[0].cfg
     assert (cfg.lr, cfg.weight_decay) == (5e-5, 0.25)
+
+
+def test_missing_eval_set_is_found_before_training(tmp_path):
+    p = _write(tmp_path, '[[runs]]\nname = "ce"\nrecipe = "sft"\n')
+    (tmp_path / "bench.json").unlink()
+    with pytest.raises(ConfigError, match="key 'eval_data'.*bench.json does not exist"):
+        load_ablation(p)
+    assert load_ablation(p, need_eval=False).runs[0].jobs  # --check / --no-eval do not need it
+
+
+def test_check_lists_every_job_and_the_unavailable_rows(tmp_path):
+    from drivekd.cli.ablate import main
+
+    p = _write(tmp_path, '[[runs]]\nname = "ce"\nrecipe = "sft"\n\n[[runs]]\nname = "kl"\noptional = true\nrecipe = "klx"\n')
+    res = CliRunner().invoke(main, ["--config", str(p), "--check"])
+    assert res.exit_code == 0, res.output
+    assert "2 job(s), recipe sft" in res.output and "unavailable: recipe klx not known to this drivekd" in res.output
+    assert "2 jobs checked" in res.output and not (tmp_path / "ablation").exists()

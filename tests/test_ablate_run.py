@@ -151,3 +151,25 @@ def test_changed_settings_of_a_finished_run_are_refused(setup, tmp_path):
     with pytest.raises(ConfigError, match="run 'ce' \\(seed 1\\) was started with other settings \\(lr changed\\)"):
         run_ablation(abl)
     assert not abl.run_dir(job).exists()
+
+
+def test_a_failing_run_is_reported_and_the_others_go_on(setup, tmp_path):
+    """A run the planner refuses (layer 1 is not in the store) fails with its reason; the CLI exits 1."""
+    from click.testing import CliRunner
+
+    from drivekd.cli.ablate import main
+
+    root, tiny_models, demo_data = setup
+    p = _file(root, tiny_models, demo_data, tmp_path)
+    text = p.read_text().replace("seeds = [1, 2]", "seeds = [1]")
+    text = text.replace('name = "ce"\nrow = "CE"\nrecipe = "sft"', 'name = "bad-layer"\nrecipe = "perception"\nlayers = "1"')
+    text = text.replace('name = "agp"\nrow = "Ours (multi-teacher)"\nrecipe = "multi"\nprojection = "agp"',
+                        'name = "ce"\nrow = "CE"\nrecipe = "sft"')  # after the failing run
+    p.write_text(text)
+    res = CliRunner().invoke(main, ["--config", str(p)])
+    assert res.exit_code == 1, res.output
+    report = json.loads((tmp_path / "ablation" / "report.json").read_text())
+    status = {r["name"]: r["status"] for r in report["runs"]}
+    assert status["ce"] is None  # trained and evaluated after the failed run
+    assert status["bad-layer"].startswith("failed (seed 1: ") and "layer" in status["bad-layer"]
+    assert "bad-layer/seed-1" in res.output

@@ -67,7 +67,7 @@ def _image_set(samples) -> set[str]:
 
 def study_toml(*, seeds: list[int], eval_data: Path, images: Path, student: Path, data: Path, cache: Path,
                steps: int | None, epochs: int, lr: float, grad_accum: int, micro_batch: int, max_new_tokens: int,
-               eval_limit: int | None, num_workers: int) -> str:
+               eval_limit: int | None, num_workers: int, eval_batch_size: int = 16) -> str:
     """The ablation file of the study (Table-4 rows the issue asks for)."""
     q = json.dumps  # TOML basic strings are JSON strings
     head = [
@@ -78,6 +78,7 @@ def study_toml(*, seeds: list[int], eval_data: Path, images: Path, student: Path
         f"eval_data = {q(str(eval_data))}",
         f"eval_images = {q(str(images))}",
         f"max_new_tokens = {max_new_tokens}",
+        f"eval_batch_size = {eval_batch_size}",
         "project = false",
         *([f"eval_limit = {eval_limit}"] if eval_limit else []),
         "",
@@ -118,7 +119,7 @@ def study_toml(*, seeds: list[int], eval_data: Path, images: Path, student: Path
 def run_study(teacher: Path, student: Path | None, benchmark: Path, out: Path, *, seeds: list[int], train_samples: int | None,
               steps: int | None, epochs: int = 3, lr: float = 5e-4, grad_accum: int = 4, micro_batch: int = 1,
               max_new_tokens: int = 24, eval_split: str = "heldout", eval_limit: int | None = None,
-              num_workers: int = 0, device: str | None = None) -> dict:
+              eval_batch_size: int = 16, num_workers: int = 0, device: str | None = None) -> dict:
     """Build the store, write and run the study's ablation; returns study.json's content."""
     import torch
 
@@ -167,7 +168,7 @@ def run_study(teacher: Path, student: Path | None, benchmark: Path, out: Path, *
     toml.write_text(study_toml(seeds=seeds, eval_data=eval_path, images=benchmark, student=Path(student).resolve(),
                                data=data, cache=out / "cache", steps=steps, epochs=epochs, lr=lr, grad_accum=grad_accum,
                                micro_batch=micro_batch, max_new_tokens=max_new_tokens, eval_limit=eval_limit,
-                               num_workers=num_workers), encoding="utf-8")
+                               num_workers=num_workers, eval_batch_size=eval_batch_size), encoding="utf-8")
     abl = load_ablation(toml, out=out)  # project = false in the file: a ./drivekd.toml must not change the study
     result = run_ablation(abl)
     study = {
@@ -203,9 +204,10 @@ def run_study(teacher: Path, student: Path | None, benchmark: Path, out: Path, *
 @click.option("--max-new-tokens", type=int, default=24, show_default=True)
 @click.option("--eval-split", type=click.Choice(["heldout", "val"]), default="heldout", show_default=True, help="val for any tuning; heldout for the table.")
 @click.option("--eval-limit", type=int, default=None, help="Evaluate only the first N records (--quick: 6).")
+@click.option("--eval-batch-size", type=int, default=16, show_default=True, help="Questions per generation batch.")
 @click.option("--quick", is_flag=True, help="CI check of the pipeline: 1 seed, 1 step, 6 training samples, 6 evaluated records.")
 def main(teacher, student, benchmark, out, seeds, train_samples, steps, epochs, lr, grad_accum, micro_batch, max_new_tokens,
-         eval_split, eval_limit, quick) -> None:
+         eval_split, eval_limit, eval_batch_size, quick) -> None:
     """Train students with CE, single-teacher and multi-teacher recipes over seeds; Table-4 layout report."""
     from drivekd.errors import DriveKDError
 
@@ -218,7 +220,8 @@ def main(teacher, student, benchmark, out, seeds, train_samples, steps, epochs, 
     try:
         study = run_study(teacher, student, benchmark, out, seeds=list(range(1, (seeds or 3) + 1)),
                           train_samples=train_samples, steps=steps, epochs=epochs, lr=lr, grad_accum=grad_accum,
-                          micro_batch=micro_batch, max_new_tokens=max_new_tokens, eval_split=eval_split, eval_limit=eval_limit)
+                          micro_batch=micro_batch, max_new_tokens=max_new_tokens, eval_split=eval_split, eval_limit=eval_limit,
+                          eval_batch_size=eval_batch_size)
     except DriveKDError as e:
         click.echo(f"validity_study: error: {' '.join(str(e).split())}", err=True)
         sys.exit(2)

@@ -187,6 +187,10 @@ def load_ablation(path: str | Path, *, out: str | Path | None = None, project: s
     if need_eval and abl.eval_data is None:
         raise ConfigError(f"{path}: no evaluation set: set [ablation].eval_data, or [data].eval in the project config "
                           f"({project_path or 'drivekd.toml'})")
+    if need_eval and not abl.eval_data.is_file():  # found now, not after the first training
+        raise ConfigError(f"{_where(path, None, 'eval_data')}: {abl.eval_data} does not exist; give a DriveBench JSON file")
+    if need_eval and abl.eval_images is not None and not abl.eval_images.is_dir():
+        raise ConfigError(f"{_where(path, None, 'eval_images')}: {abl.eval_images} is not a folder")
 
     base_settings = _settings(base, here, path, None)
     for key in base_settings:
