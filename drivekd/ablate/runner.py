@@ -33,8 +33,9 @@ STATE_VERSION = 1
 
 
 def settings_identity(cfg: TrainConfig) -> dict[str, Any]:
-    """The settings that change a run's numbers (as the trainer's resume check compares them)."""
-    return {k: v for k, v in cfg.to_json().items() if k not in RESUME_FREE}
+    """The settings that change a run's numbers (as the trainer's resume check compares them), as
+    JSON gives them back (tuples as lists), so a recorded state compares equal."""
+    return json.loads(json.dumps({k: v for k, v in cfg.to_json().items() if k not in RESUME_FREE}))
 
 
 def read_state(path: Path) -> dict[str, Any]:
