@@ -54,8 +54,10 @@ demo: install
 # Every row of the paper's Table 4 and Appendix E on the demo data, two steps and two seeds each
 # (configs/ablations/demo.toml): $(DEMO)/ablation/report.{md,json,png}. `make demo` (resumable) first
 # makes the store, the students and the data it trains on. Rerunning skips the finished runs.
+# One OpenMP thread: the tiny models gain nothing from two, and on a shared machine two threads
+# spin-wait whenever another process holds a core (measured here at load ~7: 2 min with one, 17 with two).
 ablate-demo: demo
-	$(PY) -m drivekd.cli.ablate --config configs/ablations/demo.toml --project $(DEMO)/drivekd.toml --out $(DEMO)/ablation
+	OMP_NUM_THREADS=1 $(PY) -m drivekd.cli.ablate --config configs/ablations/demo.toml --project $(DEMO)/drivekd.toml --out $(DEMO)/ablation
 
 # The pre-studies (drivekd-analyze) on the demo teacher and scenes: $(DEMO)/analysis/*.png, analysis.json
 analyze-demo: install
