@@ -20,7 +20,9 @@ Nothing here imports torch or peft at module level: the settings import PARAM_GR
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -157,18 +159,30 @@ def apply_lora(model, cfg, resume_dir: Path | None = None):
     """Wrap `model` in a PeftModel (base frozen, adapters trainable). The adapters start as peft
     does (A Kaiming-uniform from torch's RNG, B = 0: the student starts as the base). With
     `resume_dir`, the adapter weights are the checkpoint's, bit for bit."""
-    import warnings
-
     from peft import get_peft_model
 
-    with warnings.catch_warnings():
-        # peft 0.21 reads `model.is_gradient_checkpointing`, which transformers 5.2x deprecates in
-        # favour of is_activation_checkpointing; nothing for a user to act on.
-        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+    with _quiet_peft():
         peft_model = get_peft_model(model, lora_config(model, cfg))
     if resume_dir is not None:
         load_adapter(peft_model, Path(resume_dir))
     return peft_model
+
+
+@contextlib.contextmanager
+def _quiet_peft():
+    """peft 0.21 reads `model.is_gradient_checkpointing` when it wraps a model, which transformers
+    5.2x deprecates (FutureWarning) in favour of is_activation_checkpointing: nothing a user can act on."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
+
+
+def from_adapter(base, folder: str | Path):
+    """A PeftModel: the HF model `base` with the adapter saved in `folder` (e.g. RUN/final/adapter)."""
+    from peft import PeftModel
+
+    with _quiet_peft():
+        return PeftModel.from_pretrained(base, str(folder))
 
 
 def load_adapter(peft_model, folder: Path) -> None:
