@@ -101,6 +101,7 @@ def test_bare_and_glob_patterns():
 def test_settings_errors_name_the_flag(tiny_models, demo_data, tmp_path):
     for kw, flag in [(dict(freeze="vision,eyes"), "--freeze"), (dict(freeze=" , "), "--freeze"),
                      (dict(lora=True, freeze="vision"), "--freeze with --lora"), (dict(lora_targets="q_proj"), "--lora-targets"),
+                     (dict(lora_rank=8), "--lora-rank applies to LoRA students"),
                      (dict(lora=True, lora_rank=0), "--lora-rank"), (dict(lora=True, lora_alpha=-1.0), "--lora-alpha")]:
         with pytest.raises(ConfigError, match=flag):
             _cfg(tiny_models, demo_data, tmp_path, **kw)

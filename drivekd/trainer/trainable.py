@@ -54,8 +54,12 @@ def check_settings(cfg) -> None:
     if cfg.lora and groups:
         raise ConfigError("--freeze with --lora: LoRA already freezes every base weight and trains only the adapters; "
                           "drop --freeze, or drop --lora to fine-tune the unfrozen groups in full")
-    if not cfg.lora and cfg.lora_targets is not None:
-        raise ConfigError("--lora-targets applies to LoRA students: pass --lora too")
+    if not cfg.lora:
+        from dataclasses import fields
+
+        given = [f.name for f in fields(cfg) if f.name.startswith("lora_") and getattr(cfg, f.name) != f.default]
+        if given:
+            raise ConfigError(f"--{given[0].replace('_', '-')} applies to LoRA students: pass --lora too")
     if cfg.lora_targets is not None and not parse_list(cfg.lora_targets):
         raise ConfigError("--lora-targets: give at least one module name pattern, e.g. 'q_proj,v_proj'")
 
