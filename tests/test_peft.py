@@ -141,6 +141,10 @@ def test_frozen_groups_stay_bit_identical(tiny_models, demo_data, targets, tmp_p
     state = load_state(list_checkpoints(tmp_path / "run")[-1][1])["optimizer"]
     n_trainable = sum(1 for k in before if trainable.group_of(k, pfx) not in ("vision", "projector"))
     assert len(state["state"]) == n_trainable  # AdamW state for the trainable tensors only
+    # A resume restores the optimizer state of the trainable tensors and continues exactly.
+    resumed = train(_cfg(tiny_models, demo_data, tmp_path / "resumed", freeze="vision,projector", dynamic_weights=True,
+                         resume_from=tmp_path / "run" / "step-000001"), targets)
+    assert resumed.losses == pytest.approx(res.losses[1:], rel=1e-6, abs=0)
 
 
 def test_lora_without_matches_names_the_flag(tiny_models, demo_data, targets, tmp_path):
