@@ -114,6 +114,8 @@ def test_tied_lm_head_must_freeze_with_embeddings(tiny_models):
     counts = trainable.freeze_groups(model, ["embeddings", "lm_head"])
     assert counts["embeddings"] == counts["lm_head"] == model.get_input_embeddings().weight.numel()
     assert not model.get_output_embeddings().weight.requires_grad
+    with pytest.raises(ConfigError, match="every parameter of the student is frozen"):
+        trainable.freeze_groups(load_model(tiny_models / "internvl-student"), list(trainable.PARAM_GROUPS))
 
 
 # ----------------------------------------------------------------------------- training

@@ -114,7 +114,8 @@ def base_model(model):
 
 
 def is_lora(model) -> bool:
-    return hasattr(model, "peft_config")
+    """A peft.PeftModel (checked without importing peft for plain students)."""
+    return hasattr(model, "get_base_model") and hasattr(model, "peft_config")
 
 
 def freeze_groups(model, groups: list[str]) -> dict[str, int]:
@@ -123,7 +124,7 @@ def freeze_groups(model, groups: list[str]) -> dict[str, int]:
     weights (a tied lm_head *is* the embedding matrix)."""
     fam = family_of(model)
     prefixes = fam.param_groups
-    counts = {g: 0 for g in groups}
+    sizes = {g: 0 for g in groups}
     for g in groups:
         if g not in prefixes:
             raise ConfigError(f"--freeze {g}: the {fam.name} family has no such group ({', '.join(prefixes)})")
@@ -133,17 +134,17 @@ def freeze_groups(model, groups: list[str]) -> dict[str, int]:
                           "both; freeze embeddings and lm_head together, or neither")
     for name, p in model.named_parameters():
         g = group_of(name, prefixes)
-        if g in counts:
+        if g in sizes:
             p.requires_grad_(False)
-            counts[g] += p.numel()
-    if "lm_head" in counts and out is not None and out.weight is inp.weight:
-        counts["lm_head"] = counts.get("embeddings", 0)  # named_parameters lists a tied weight once
-    empty = [g for g, n in counts.items() if n == 0]
+            sizes[g] += p.numel()
+    if "lm_head" in sizes and out is not None and out.weight is inp.weight:
+        sizes["lm_head"] = sizes.get("embeddings", 0)  # named_parameters lists a tied weight once
+    empty = [g for g, n in sizes.items() if n == 0]
     if empty:
         raise ConfigError(f"--freeze {','.join(empty)}: no parameters of this {fam.name} student are in that group")
     if not any(p.requires_grad for p in model.parameters()):
         raise ConfigError("--freeze: every parameter of the student is frozen; nothing would train")
-    return counts
+    return sizes
 
 
 def lora_config(model, cfg):
