@@ -215,12 +215,12 @@ def main(teacher, student, benchmark, out, seeds, train_samples, steps, epochs, 
     if quick:
         seeds = seeds or 1
         train_samples = train_samples or 6
-    elif train_samples is None:
-        train_samples = 300
-    train_samples = train_samples or None  # 0: all
         steps, grad_accum = steps or 1, 1
         eval_limit = eval_limit or 6
         max_new_tokens = min(max_new_tokens, 8)
+    elif train_samples is None:
+        train_samples = 300
+    train_samples = train_samples or None  # 0: the whole train split
     try:
         study = run_study(teacher, student, benchmark, out, seeds=list(range(1, (seeds or 3) + 1)),
                           train_samples=train_samples, steps=steps, epochs=epochs, lr=lr, grad_accum=grad_accum,
