@@ -181,7 +181,9 @@ def dry_plan(cfg, student_L: int, family: str, teacher_L: int | None = None):
     from drivekd.trainer.plan import RunPlan, _plan_terms, parse_mix
 
     L_T = teacher_L or student_L
-    roles = [] if cfg.recipe == "sft" else list(ROLES) if cfg.recipe == "multi" else [cfg.recipe]
+    # --recipe kl / hidden are counted as CE only (a rough count: their term's logits gather or
+    # hidden-state projection is left out).
+    roles = [] if cfg.recipe in ("sft", "kl", "hidden") else list(ROLES) if cfg.recipe == "multi" else [cfg.recipe]
     roles = [r for r in roles if cfg.term_weight(r) > 0]
     infos = {r: RoleInfo(r, tuple(range(L_T)), L_T, "", family, "") for r in roles}
     terms = _plan_terms(cfg, roles, student_L, infos)
