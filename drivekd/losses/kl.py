@@ -29,7 +29,7 @@ DEFAULT_TEMPERATURE = 2.0
 def student_buckets(logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """(B, P, V) student logits, (B, P, k) teacher top-k ids -> (B, P, k + 1) student log-probs of
     the k tokens and of the tail (all other ids)."""
-    lp = torch.log_softmax(logits.float(), -1)
+    lp = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), -1)  # fp32 at least
     top = lp.gather(-1, index)
     tail = lp.scatter(-1, index, float("-inf")).logsumexp(-1, keepdim=True)
     return torch.cat([top, tail], -1)
@@ -42,7 +42,8 @@ def topk_kl(logits: torch.Tensor, t_logprobs: torch.Tensor, t_index: torch.Tenso
     (B, P) (mask: the position is one of the sample's answer positions). A sample without any
     gets 0, not NaN."""
     tau = float(temperature)
-    t = torch.cat([t_logprobs.float(), t_log_tail.float()[..., None]], -1)
+    dt = torch.promote_types(logits.dtype, torch.float32)
+    t = torch.cat([t_logprobs.to(dt), t_log_tail.to(dt)[..., None]], -1)
     t = torch.log_softmax(t / tau, -1)
     s = torch.log_softmax(student_buckets(logits, t_index) / tau, -1)
     pt = t.exp()
