@@ -44,7 +44,7 @@ def main() -> None:
 @click.option("--signals", default=None, help="What to store, comma separated, any order: attention (always), logits (the teacher's "
               "top-k next-token log-probabilities on answer positions, for --recipe kl), hidden (hidden states at the role's layers "
               "on text positions, for --recipe hidden). Adding a signal to an existing store computes only what is missing.")
-@click.option("--logits-top-k", type=int, default=None, help="k of the stored top-k log-probabilities (default 64: "
+@click.option("--logits-top-k", type=int, default=None, help="k of the stored top-k log-probabilities (default 256: "
               "tools/bench_signals.py measures bytes vs KL error); the rest of the mass is kept as one tail value.")
 @click.option("--share-prefix/--no-share-prefix", default=True, help="Run each image group's shared token prefix once (default on).")
 @click.option("--writers", type=int, default=None, help="Threads that compress and write targets (default: min(4, CPUs)).")
