@@ -18,6 +18,7 @@ from typing import Any
 
 from drivekd.errors import ConfigError
 from drivekd.images import ImageSettings, pop_flags
+from drivekd.losses.kl import DEFAULT_TEMPERATURE
 from drivekd.roles import ROLES
 from drivekd.trainer.report_to import default_report_to, parse_report_to
 
@@ -62,8 +63,9 @@ class TrainConfig:
                       group="distillation", choices=RECIPES)
     split: str | None = opt(None, "With --recipe sft, kl or hidden: train on one capability split, as the single-teacher "
                             "recipes do (default: all samples).", group="distillation", choices=ROLES)
-    kl_temperature: float = opt(2.0, "--recipe kl: temperature tau of CE + tau^2 KL(teacher || student) (default 2.0, "
-                                "DistillKit's; the paper's value is lost).", group="distillation", minimum=">0")
+    kl_temperature: float = opt(DEFAULT_TEMPERATURE, "--recipe kl: temperature tau of CE + tau^2 KL(teacher || student) over the "
+                                "stored top-k + tail buckets (default 2.0, DistillKit's distil_logits.py; the paper's value is lost; "
+                                "1.0 is the exact bucketed KL, docs/STORE.md).", group="distillation", minimum=">0")
     w_kd: float = opt(1.0, "Static weight of the KL or hidden term of --recipe kl / hidden.", group="distillation", minimum=">=0")
     teacher_role: str | None = opt(None, "--recipe kl / hidden: the store role whose logits / hidden states to read "
                                    "(default: the first role holding them).", group="distillation", choices=ROLES)
