@@ -145,6 +145,8 @@ def test_add_hidden_to_attention_store_computes_only_what_is_missing(tiny_models
     assert "perception" not in json.dumps(TeacherStore(out).role_meta("perception").get("signals", {}))  # other roles untouched
     res = CliRunner().invoke(cache_cli, ["verify", str(out)])
     assert res.exit_code == 0, res.output
+    info = CliRunner().invoke(cache_cli, ["info", str(out)]).output
+    assert "hidden: layers [4] on text positions" in info and info.count("hidden:") == 1
     # Nothing is missing any more: the next build runs no teacher forward.
     r = subprocess.run(cmd, capture_output=True, text=True)
     assert r.returncode == 0 and "0 samples written, 5 already complete" in r.stdout, r.stdout + r.stderr
@@ -177,6 +179,15 @@ def test_other_top_k_refused(tiny_models, small_data, full_store, tmp_path):
     shutil.copytree(full_store, out)
     with pytest.raises(StoreError, match="stores logits with other settings .*top_k: store has 16, this build 32"):
         build(_cfg(tiny_models, small_data, out, signals=("logits",), logits_top_k=32))
+    # --overwrite recomputes that signal only, with the new k; attention and hidden stay.
+    before = _attention_files(out)
+    hidden = {p: p.stat().st_mtime_ns for p in out.rglob("hidden/c/*/0/0")}
+    res = build(_cfg(tiny_models, small_data, out, signals=("logits",), logits_top_k=32, overwrite=True))
+    assert res["written"] == 5
+    st = TeacherStore(out)
+    sid = st.role_meta("planning")["sample_ids"][0]
+    assert st.get("planning", sid, [], {"logits": None}).logits.index.shape[-1] == 32
+    assert _attention_files(out) == before and hidden == {p: p.stat().st_mtime_ns for p in out.rglob("hidden/c/*/0/0")}
 
 
 # ----------------------------------------------------------------------------- the losses

@@ -152,6 +152,9 @@ def info(store, as_json):
         click.echo(f"  samples: {s['complete']} complete, {s['incomplete'] + s['missing']} missing/incomplete, {s['skipped']} skipped")
         click.echo(f"  {s['bytes_on_disk'] / 2**20:.2f} MiB on disk; attention {s['attn_bytes'] / 2**20:.2f} MiB vs "
                    f"{s['fp16_square_bytes'] / 2**20:.2f} MiB as fp16 square maps ({ratio})")
+        for name, st in s.get("signals", {}).items():
+            what = f"top {st['top_k']} log-probs + tail on answer positions" if name == "logits" else f"layers {st['layers']} on text positions"
+            click.echo(f"  {name}: {what}; {s['signal_bytes'].get(name, 0) / 2**20:.2f} MiB on disk")
         if s["prefix_groups"]:
             click.echo(f"  shared prefixes: {s['prefix_groups']} groups, {s['questions_per_group']:.1f} questions per group, "
                        f"{s['unshared_samples']} unshared samples; {s['bytes_saved_by_sharing'] / 2**20:.2f} MiB of fp16 "

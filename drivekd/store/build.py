@@ -483,7 +483,7 @@ def _build_locked(cfg: BuildConfig, dist: Dist) -> dict:
                     if "hidden" in cfg.signals:
                         role_settings["hidden"] = {"layers": layers[role], "hidden_size": hidden_width(ncfg), "positions": "text", "dtype": "float16"}
                     if role_settings:
-                        store.add_signals(role, role_settings)
+                        store.add_signals(role, role_settings, overwrite=cfg.overwrite)
             except StoreError as e:
                 refusal = str(e)
         if dist.world > 1:

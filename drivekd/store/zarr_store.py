@@ -40,6 +40,7 @@ from zarr.codecs import BloscCodec
 from drivekd.errors import StoreError
 from drivekd.ids import is_safe_key
 from drivekd.store.integrity import ALGORITHM, PREFIX_VECTORS, SAMPLE_VECTORS, absent, checksum, chunk_file, expected_files
+from drivekd.store.signals import ARRAYS as SIGNAL_ARRAYS
 from drivekd.store.targets import ROLES, RoleInfo, SampleTargets
 
 SCHEMA_VERSION = 3
@@ -275,10 +276,12 @@ class TeacherStore:
         have = dict(g.attrs.get("signals", {}))
         for name, st in settings.items():
             old = have.get(name)
-            if old is not None and old != st and not overwrite:
-                diffs = "; ".join(f"{k}: store has {old.get(k)!r}, this build {st.get(k)!r}" for k in sorted(set(old) | set(st)) if old.get(k) != st.get(k))
-                raise StoreError(f"role {role} of {self.path} stores {name} with other settings ({diffs}). Use the store's settings, "
-                                 "another --out, or --overwrite to delete this role and rebuild it")
+            if old is not None and old != st:
+                if not overwrite:
+                    diffs = "; ".join(f"{k}: store has {old.get(k)!r}, this build {st.get(k)!r}" for k in sorted(set(old) | set(st)) if old.get(k) != st.get(k))
+                    raise StoreError(f"role {role} of {self.path} stores {name} with other settings ({diffs}). Use the store's settings, "
+                                     f"another --out, or --overwrite to delete the role's {name} and recompute it")
+                self._drop_signal(role, name)
             have[name] = st
         g.update_attributes({"signals": have})
         self._meta_cache.pop(role, None)
@@ -371,6 +374,16 @@ class TeacherStore:
         if name == "hidden":
             mark["layers"] = list(payload["layers"])
         return mark
+
+    def _drop_signal(self, role: str, name: str) -> None:
+        """Remove signal `name` (arrays and marks) from every sample of `role`; attention stays."""
+        sdir = self.path / role / "samples"
+        for d in sdir.iterdir() if sdir.exists() else []:
+            m = self._mark(d)
+            if name in m.get("signals", {}):
+                zarr.open_group(str(d), mode="a").update_attributes({"signals": {k: v for k, v in m["signals"].items() if k != name}})
+                for key in SIGNAL_ARRAYS[name]:
+                    shutil.rmtree(d / key, ignore_errors=True)
 
     def write_signals(self, role: str, sample_id: str, signals: dict, fault=None) -> int:
         """Add signals to a complete sample: their arrays, then ONE zarr.json write that adds their
@@ -677,6 +690,7 @@ class TeacherStore:
         sdir = self.path / role / "samples"
         attn_bytes = 0
         tril_entries = 0  # entries every complete sample's full lower triangles would hold
+        signal_bytes: dict[str, int] = {}  # logits / hidden arrays on disk
         prefix_use: dict[str, int] = {}
         for d in sdir.iterdir() if sdir.exists() else []:
             zj = d / "zarr.json"
@@ -688,6 +702,8 @@ class TeacherStore:
                 raw += nl * T * T * 2  # fp16 square maps
                 tril_entries += nl * T * (T + 1) // 2
                 attn_bytes += _dir_bytes(d / "attn")
+                for name in attrs.get("signals", {}):
+                    signal_bytes[name] = signal_bytes.get(name, 0) + sum(_dir_bytes(d / k) for k in SIGNAL_ARRAYS.get(name, ()))
                 if attrs.get("prefix"):
                     prefix_use[attrs["prefix"]] = prefix_use.get(attrs["prefix"], 0) + 1
         stored_entries = 0
@@ -721,6 +737,8 @@ class TeacherStore:
             # fp16 bytes of lower-triangle entries not stored thanks to sharing (before compression)
             "bytes_saved_by_sharing": -stored_entries * 2,
             "tril_fp16_bytes": tril_entries * 2,
+            "signals": meta.get("signals", {}),
+            "signal_bytes": signal_bytes,
         }
 
     def verify(self, role: str, quick: bool = False) -> list["Problem"]:
