@@ -174,6 +174,22 @@ def test_damaged_logits_chunk_detected(full_store, tmp_path):
     assert TeacherStore(out).sample_status("planning", sid) == "missing"
 
 
+def test_hidden_beyond_fp16_is_stored_as_fp32(full_store, tmp_path):
+    from drivekd.store.signals import hidden_dtype
+
+    out = tmp_path / "cache"
+    shutil.copytree(full_store, out)
+    st = TeacherStore(out, mode="a")
+    sid = st.role_meta("planning")["sample_ids"][0]
+    old = st.get("planning", sid, [], {"hidden": None}).hidden
+    h = old.layers[4].clone()[None]
+    h[0, 0, 0] = 1e5  # a massive activation
+    assert hidden_dtype(h) == torch.float32 and hidden_dtype(old.layers[4]) == torch.float16
+    st.write_signals("planning", sid, {"hidden": {"hidden_pos": old.positions.to(torch.int32).numpy(), "hidden": h.numpy(), "layers": [4]}})
+    got = TeacherStore(out).get("planning", sid, [], {"hidden": None}).hidden.layers[4]
+    assert torch.equal(got, h[0]) and TeacherStore(out).verify("planning") == []
+
+
 def test_other_top_k_refused(tiny_models, small_data, full_store, tmp_path):
     out = tmp_path / "cache"
     shutil.copytree(full_store, out)

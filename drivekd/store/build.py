@@ -31,7 +31,7 @@ from drivekd.images import ImageSettings
 from drivekd.layers import LayerSpecError, check_spec, recipe_layers, resolve_layers, spec_of
 from drivekd.roles import ROLES
 from drivekd.store.lock import StoreLock
-from drivekd.store.signals import DEFAULT_TOP_K, EXTRA, answer_rows, hidden_width, parse_signals, topk_logits, vocab_identity, vocab_rows
+from drivekd.store.signals import DEFAULT_TOP_K, EXTRA, answer_rows, hidden_dtype, hidden_width, parse_signals, topk_logits, vocab_identity, vocab_rows
 from drivekd.store.zarr_store import Encoding, TeacherStore, pack_rows, teacher_fingerprint
 
 
@@ -195,8 +195,8 @@ class _Pass:
             out["logits"] = {"logits_pos": answer_rows(lay.labels).to(torch.int32).numpy(), "logits_lp": lp, "logits_idx": idx, "logits_tail": tail}
         if "hidden" in extras:
             x = lay.text.nonzero().squeeze(-1)  # (X,) the text positions
-            h = torch.stack([hidden_full[l][x.to(hidden_full[l].device)] for l in self.layers[r]])  # (n_layers, X, H)
-            out["hidden"] = {"hidden_pos": x.to(torch.int32).numpy(), "hidden": h.to(torch.float16).cpu().numpy(), "layers": list(self.layers[r])}
+            h = torch.stack([hidden_full[l][x.to(hidden_full[l].device)] for l in self.layers[r]]).float()  # (n_layers, X, H)
+            out["hidden"] = {"hidden_pos": x.to(torch.int32).numpy(), "hidden": h.to(hidden_dtype(h)).cpu().numpy(), "layers": list(self.layers[r])}
         return out
 
     def _submit(self, fn, *args, **kw):

@@ -16,7 +16,8 @@ it is the base every sample needs) adds, per sample of a role:
     hidden   the teacher's hidden states (output of decoder layer l, HF hidden_states[l + 1]) at
              the role's layers, at the text positions X (the sample's stored `text` mask):
                  hidden_pos  int32   (X,)                positions (sample coordinates)
-                 hidden      float16 (n_layers, X, H)    one chunk per layer
+                 hidden      float16 (n_layers, X, H)    one chunk per layer (float32 for a sample
+                                                         whose values would overflow fp16)
              Why X and not every position: vision tokens are ~85% of a six-camera sequence
              (6 x 256 of ~1800 at InternVL3's 448 px tiles) and the hidden MSE on them would mostly
              re-teach the vision tower's output, which the attention terms and CE already shape;
@@ -98,6 +99,12 @@ def topk_logits(logits: torch.Tensor, k: int, n_tok: int) -> tuple[np.ndarray, n
     return (top.to(torch.float16).cpu().numpy(), idx.to(torch.int32).cpu().numpy(), tail.cpu().numpy().astype(np.float32))
 
 
+def hidden_dtype(h: torch.Tensor) -> torch.dtype:
+    """fp16 unless a value would overflow it (some LLMs carry "massive activations" of 1e4 and
+    more in a few channels): then the sample's hidden array is fp32, never inf."""
+    return torch.float16 if bool(h.abs().max() < 65000) else torch.float32
+
+
 def _codec(typesize: int) -> BloscCodec:
     return BloscCodec(cname="zstd", clevel=1, shuffle="shuffle", typesize=typesize)
 
@@ -119,13 +126,13 @@ def write_arrays(g, name: str, payload: dict, fault=None) -> dict:
                              fill_value=0, config=_DENSE, overwrite=True)
         arr[...] = pos
         sums["hidden_pos"] = checksum(pos)
-        h = payload["hidden"]  # (n_layers, X, H) fp16
+        h = payload["hidden"]  # (n_layers, X, H) fp16 (fp32 for a sample whose values overflow fp16)
         X, H = max(1, h.shape[1]), h.shape[2]
-        arr = g.create_array("hidden", shape=h.shape, dtype="float16", chunks=(1, X, H), compressors=_codec(2), fill_value=np.nan,
+        arr = g.create_array("hidden", shape=h.shape, dtype=h.dtype, chunks=(1, X, H), compressors=_codec(h.dtype.itemsize), fill_value=np.nan,
                              config=_DENSE, overwrite=True)
         sums["hidden"] = []
         for k in range(h.shape[0]):
-            row = np.ascontiguousarray(h[k], dtype=np.float16)
+            row = np.ascontiguousarray(h[k])
             arr[k] = row
             sums["hidden"].append(checksum(row))
             if fault is not None:
