@@ -397,6 +397,8 @@ def dry_run(cfg, *, seq_len: int | None = None, cameras: int = 6, gpu_memory: in
         "flops_per": "micro-step (one sample); an optimizer step is --grad-accum of them",
         "suggestions": [],
     }
+    if cfg.recipe in ("kl", "hidden"):  # see dry_plan
+        out["approximation"] = f"--recipe {cfg.recipe} is counted as CE only (its second loss row, its targets and any projection are not)"
     if fits is False and suggest:
         out["suggestions"] = _suggestions(cfg, seq_len, cameras, gpu_memory, run.engine)
     return out
@@ -447,6 +449,8 @@ def format_report(r: dict[str, Any]) -> str:
             lines.append(f"  with {s['flags']}: {g(s['peak_bytes']).strip()} -> {'fits' if s['fits'] else 'still too big'}")
         if r["fits"] is False and not any(s["fits"] for s in r["suggestions"]):
             lines.append("  no trainer option alone makes it fit: a smaller --seq-len / fewer cameras, or a larger GPU")
+    if r.get("approximation"):
+        lines.append(f"rough count: {r['approximation']}")
     return "\n".join(lines)
 
 
