@@ -326,7 +326,7 @@ def test_hidden_run_resumes_with_its_projection_and_final_is_the_plain_student(t
     assert type(model).__name__ == "InternVLForConditionalGeneration"
 
 
-def test_hidden_projection_is_not_restored_it_would_differ(tiny_models, small_data, full_store, tmp_path):
+def test_resume_uses_the_saved_projection(tiny_models, small_data, full_store, tmp_path):
     """The resume test above fails if the projection is not restored: a fresh projection gives
     another step-3 loss."""
     kw = dict(recipe="hidden", layers="L-2", max_steps=3, save_every=2, dynamic_weights=False, projection="none")
