@@ -134,8 +134,8 @@ def test_add_hidden_to_attention_store_computes_only_what_is_missing(tiny_models
     assert r.returncode == -9, r.stderr
     st = TeacherStore(out)
     assert 0 < sum(st.signal_status("planning", s, "hidden") == "complete" for s in st.role_meta("planning")["sample_ids"]) < 5
-    r = subprocess.run(cmd, capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
+    res = CliRunner().invoke(cache_cli, cmd[3:])  # the same command, in this process
+    assert res.exit_code == 0, res.output
     assert _attention_files(out) == before
     full = TeacherStore(full_store)
     for sid in st.role_meta("planning")["sample_ids"]:
@@ -148,8 +148,8 @@ def test_add_hidden_to_attention_store_computes_only_what_is_missing(tiny_models
     info = CliRunner().invoke(cache_cli, ["info", str(out)]).output
     assert "hidden: layers [4] on text positions" in info and info.count("hidden:") == 1
     # Nothing is missing any more: the next build runs no teacher forward.
-    r = subprocess.run(cmd, capture_output=True, text=True)
-    assert r.returncode == 0 and "0 samples written, 5 already complete" in r.stdout, r.stdout + r.stderr
+    res = CliRunner().invoke(cache_cli, cmd[3:])
+    assert res.exit_code == 0 and "0 samples written, 5 already complete" in res.output, res.output
 
 
 def test_damaged_logits_chunk_detected(full_store, tmp_path):
