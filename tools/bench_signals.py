@@ -97,6 +97,8 @@ def _du(paths) -> int:
 
 
 def measure_store(models: Path, data: Path, work: Path) -> dict:
+    import zarr
+
     from drivekd.store.build import BuildConfig, build
     from drivekd.store.zarr_store import TeacherStore
 
@@ -113,8 +115,8 @@ def measure_store(models: Path, data: Path, work: Path) -> dict:
     for role in st.roles():
         sdirs = [d for d in (out / role / "samples").iterdir() if d.is_dir()]
         n = len(sdirs)
-        A = sum(int(st._mark(d)["signals"]["logits"] and np.asarray(__import__("zarr").open_array(str(d / "logits_pos"))).size) for d in sdirs)
-        X = sum(int(np.asarray(__import__("zarr").open_array(str(d / "hidden_pos"))).size) for d in sdirs)
+        A = sum(zarr.open_array(str(d / "logits_pos"), mode="r").shape[0] for d in sdirs)  # answer positions
+        X = sum(zarr.open_array(str(d / "hidden_pos"), mode="r").shape[0] for d in sdirs)  # text positions
         nl = len(st.role_meta(role)["layers"])
         H = st.role_meta(role)["signals"]["hidden"]["hidden_size"]
         logits_b = _du([d / k for d in sdirs for k in ("logits_pos", "logits_lp", "logits_idx", "logits_tail")])
