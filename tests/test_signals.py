@@ -127,8 +127,9 @@ def test_add_hidden_to_attention_store_computes_only_what_is_missing(tiny_models
     # A build killed while writing hidden states, then the same command again: the attention
     # files are never rewritten (same bytes, same inode, same mtime) and the result equals a
     # store built with hidden from the start.
+    # One writer thread: samples are written in order, so the kill point is deterministic.
     cmd = [sys.executable, "-m", "drivekd.cli.cache", "build", "--teacher", "planning", "--model", str(tiny_models / "internvl-teacher"),
-           "--data", str(small_data), "--out", str(out), "--signals", "hidden", "--no-progress", "--device", "cpu"]
+           "--data", str(small_data), "--out", str(out), "--signals", "hidden", "--no-progress", "--device", "cpu", "--writers", "1"]
     r = subprocess.run(cmd, env={**os.environ, "DRIVEKD_FAULT_KILL_AFTER": "2"}, capture_output=True, text=True)
     assert r.returncode == -9, r.stderr
     st = TeacherStore(out)

@@ -210,6 +210,7 @@ class Counted:
     rss_increase: int | None = None  # real runs: peak RSS over the step minus RSS before it (malloc trimmed)
     engine: str = ""  # the per-loss gradient engine the step used (rows | gram | none), and why
     engine_reason: str = ""
+    trainable: int = 0  # parameters with requires_grad (--freeze / --lora leave fewer)
 
 
 def build_student(student: Path, family: str, config, dtype=torch.float32):
@@ -259,7 +260,9 @@ def count_step(cfg, plan, shapes: Shapes, config, *, fake: bool = True, model=No
                     model = build_student(cfg.student, shapes.family, config)
             else:
                 model = build_student(cfg.student, shapes.family, config)
-        prepare_student(model, cfg)
+        # --freeze / --lora: gradients, rows and optimizer state below cover the trainable params only.
+        with sh.paused() if fake else contextlib.nullcontext(), _adapters_stay_put(fake and cfg.lora):
+            model = prepare_student(model, cfg)
         # The GPU run's compute dtype (auto: bf16), run under CPU autocast here.
         # --grad-engine auto decides as on the planned GPU (--gpu-memory, else a 40 GiB A100).
         ts = TrainStep(model, plan, Dist("cpu"), autocast_dtype(cfg, torch.device("cuda" if fake else "cpu")), AssumeFinite(),
@@ -273,7 +276,7 @@ def count_step(cfg, plan, shapes: Shapes, config, *, fake: bool = True, model=No
             batch = synthetic_batch(shapes, config, plan)
         batch.inputs.tensors = {k: to_run(v) for k, v in batch.inputs.tensors.items()}
         batch.targets = {r: {s: targets_like(m) for s, m in d.items()} for r, d in batch.targets.items()}
-        tracker.add(ts.params, "weights")
+        tracker.add(list(model.parameters()), "weights")  # frozen ones too
         tracker.add(ts.grads.flat, "gradients")
         if ts.bufs is not None:
             tracker.add(ts.bufs.buffer, "grad_rows")
@@ -307,8 +310,23 @@ def count_step(cfg, plan, shapes: Shapes, config, *, fake: bool = True, model=No
             step_mod.capture_attention = real_capture
         rss = None if fake else _peak_rss() - rss_before
         cats = tracker.peak_by_category()
-        return Counted(cats, tracker.peak, int(tracker.flops), sum(p.numel() for p in ts.params), baseline, rss,
-                       ts.engine, ts.engine_reason)
+        return Counted(cats, tracker.peak, int(tracker.flops), sum(p.numel() for p in model.parameters()), baseline, rss,
+                       ts.engine, ts.engine_reason, sum(p.numel() for p in ts.params))
+
+
+@contextlib.contextmanager
+def _adapters_stay_put(active: bool):
+    """peft moves each new LoRA layer to its base layer's device and dtype with Module.to, which
+    fake parameters refuse (`_apply` must swap a FakeTensor parameter, and fake tensors carry
+    weakrefs). The planner builds every weight on the CPU in fp32, where peft creates the adapters,
+    so each move is a no-op: skip it while the adapters are added on a fake run."""
+    if not active:
+        yield
+        return
+    from unittest import mock
+
+    with mock.patch.object(torch.nn.Module, "to", lambda self, *a, **k: self):
+        yield
 
 
 def _rss_now() -> int:
@@ -385,6 +403,7 @@ def dry_run(cfg, *, seq_len: int | None = None, cameras: int = 6, gpu_memory: in
         "cameras": shapes.cameras,
         "tokens_per_camera": shapes.tokens_per_camera,
         "params": run.params,
+        "trainable_params": run.trainable,
         "family": family,
         "student_layers": L,
         "recipe": cfg.recipe,
@@ -430,7 +449,8 @@ def _suggestions(cfg, seq_len, cameras, gpu_memory, engine: str) -> list[dict[st
 def format_report(r: dict[str, Any]) -> str:
     """The human-readable answer."""
     g = lambda b: f"{b / GiB:7.2f} GiB"  # noqa: E731
-    lines = [f"drivekd-train --dry-run: {r['family']} student, {r['params'] / 1e9:.2f}B parameters, recipe {r['recipe']}, "
+    trainable = f" ({r['trainable_params'] / 1e6:.1f}M trainable)" if r["trainable_params"] != r["params"] else ""
+    lines = [f"drivekd-train --dry-run: {r['family']} student, {r['params'] / 1e9:.2f}B parameters{trainable}, recipe {r['recipe']}, "
              f"projection {r['projection']}, T = {r['seq_len']} ({r['cameras']} camera(s) x {r['tokens_per_camera']} "
              f"image tokens), micro-batch 1",
              f"gradient checkpointing {'on' if r['gradient_checkpointing'] else 'off'}, gradient engine {r['grad_engine'] or 'none'}"

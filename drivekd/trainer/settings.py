@@ -21,6 +21,8 @@ from drivekd.images import ImageSettings, pop_flags
 from drivekd.losses.kl import DEFAULT_TEMPERATURE
 from drivekd.roles import ROLES
 from drivekd.trainer.report_to import default_report_to, parse_report_to
+from drivekd.trainer.trainable import PARAM_GROUPS
+from drivekd.trainer.trainable import check_settings as check_trainable
 
 RECIPES = (*ROLES, "multi", "sft", "kl", "hidden")
 KD_RECIPES = {"kl": "logits", "hidden": "hidden"}  # the ablation baselines: recipe -> the store signal they read
@@ -121,6 +123,16 @@ class TrainConfig:
                     minimum=">=0")
     max_steps: int | None = opt(None, "Stop after this many optimizer steps (overrides --epochs).", group="optimisation",
                                 minimum=">0")
+    # which weights train (drivekd.trainer.trainable): frozen groups, or LoRA adapters
+    freeze: str | None = opt(None, f"Freeze these module groups (comma list of {', '.join(PARAM_GROUPS)}): their weights "
+                             "get no gradient, rows or optimizer state.", group="optimisation")
+    lora: bool = opt(False, "Train LoRA adapters (peft) instead of the weights; final/ holds the adapter (adapter/) and "
+                     "the merged model.", group="optimisation")
+    lora_rank: int = opt(16, "LoRA rank r.", group="optimisation", minimum=">0")
+    lora_alpha: float = opt(32.0, "LoRA alpha (the update is scaled by alpha / r).", group="optimisation", minimum=">0")
+    lora_targets: str | None = opt(None, "Modules that get adapters: comma list of module names (q_proj) or globs on full "
+                                   "names (default: the language model's attention and MLP projections).",
+                                   group="optimisation")
 
     # ----- runtime
     dtype: str = opt("auto", "Compute dtype under autocast (weights and optimizer stay fp32): auto = bfloat16 on GPU, "
@@ -190,6 +202,7 @@ class TrainConfig:
         if self.recipe in KD_RECIPES and (self.signal is not None or self.loss != "mse"):
             raise ConfigError(f"--signal and --loss choose the attention terms; --recipe {self.recipe} has none (drop them)")
         parse_report_to(self.report_to)  # unknown names, or a reporter whose package is missing
+        check_trainable(self)  # --freeze groups, --lora-* only with --lora
         if self.resume and self.resume_from is not None:
             raise ConfigError("give either --resume (latest checkpoint in --out) or --resume-from DIR, not both")
 
