@@ -53,10 +53,12 @@ demo: install
 
 # Every row of the paper's Table 4 and Appendix E on the demo data, two steps and two seeds each
 # (configs/ablations/demo.toml): $(DEMO)/ablation/report.{md,json,png}. `make demo` (resumable) first
-# makes the store, the students and the data it trains on. Rerunning skips the finished runs.
+# makes the store, the students and the data it trains on; the logits and hidden signals of the CE + KL
+# and CE + Hidden rows are added to that store (only what is missing). Rerunning skips finished runs.
 # One OpenMP thread: the tiny models gain nothing from two, and on a shared machine two threads
 # spin-wait whenever another process holds a core (measured here at load ~7: 2 min with one, 17 with two).
 ablate-demo: demo
+	OMP_NUM_THREADS=1 $(PY) -m drivekd.cli.cache build --config $(DEMO)/drivekd.toml --teacher all --signals attention,logits,hidden --no-progress
 	OMP_NUM_THREADS=1 $(PY) -m drivekd.cli.ablate --config configs/ablations/demo.toml --project $(DEMO)/drivekd.toml --out $(DEMO)/ablation
 
 # The pre-studies (drivekd-analyze) on the demo teacher and scenes: $(DEMO)/analysis/*.png, analysis.json

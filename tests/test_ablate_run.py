@@ -147,6 +147,12 @@ def test_changed_settings_of_a_finished_run_are_refused(setup, tmp_path):
     job = abl.run("ce").jobs[0]
     from drivekd.ablate.runner import settings_identity, write_state
 
+    from drivekd.ablate.runner import check_finished_settings
+
+    # A state recorded by an older drivekd lacks the keys added since: they had their defaults then.
+    older = {k: v for k, v in settings_identity(job.cfg).items() if k != "weight_decay"}
+    write_state(abl.state_path(job), {"status": "done", "settings": older})
+    check_finished_settings(abl, [job])
     write_state(abl.state_path(job), {"status": "done", "settings": {**settings_identity(job.cfg), "lr": 1.0}})
     with pytest.raises(ConfigError, match="run 'ce' \\(seed 1\\) was started with other settings \\(lr changed\\)"):
         run_ablation(abl)

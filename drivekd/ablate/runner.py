@@ -89,11 +89,16 @@ def _evaluate(abl: Ablation, job: Job, model_dir: Path, out_dir: Path, name: str
 
 def check_finished_settings(abl: Ablation, jobs: Iterable[Job]) -> None:
     """Refuse, before anything trains, a recorded job whose settings differ from the file's now."""
+    defaults = settings_identity(TrainConfig())
     for job in jobs:
         state = read_state(abl.state_path(job))
-        if state.get("settings") not in (None, settings_identity(job.cfg)):
-            old, new = state["settings"], settings_identity(job.cfg)
-            diffs = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        old, new = state.get("settings"), settings_identity(job.cfg)
+        if old is None:
+            continue
+        # A key the state predates (recorded by an older drivekd) had its default then, as the
+        # trainer's own resume check assumes.
+        diffs = sorted(k for k in new if old.get(k, defaults.get(k)) != new[k])
+        if diffs:
             raise ConfigError(
                 f"{abl.path}: run {job.run!r}{'' if job.seed is None else f' (seed {job.seed})'} was started with other "
                 f"settings ({', '.join(diffs)} changed); give the changed run a new name, or delete "
