@@ -1,0 +1,178 @@
+"""Train the tiny demo teacher on the synthetic benchmark, reproducibly from a seed.
+
+    python tools/train_teacher.py --out drivekd/demo/teacher [--seed 0] [--steps 1500] [--quick]
+
+Steps (each the real tool a user runs):
+  1. the benchmark (drivekd.demo.benchmark) into WORK/bench, unless --bench points at one;
+  2. a fresh tiny InternVL teacher (drivekd.demo.tiny_models, seed --seed) in WORK/init;
+  3. drivekd-train --recipe sft (plain answer CE, no store) on the benchmark's train split;
+  4. drivekd-eval on the val split (the only split used to choose settings) and on the held-out split;
+  5. the final checkpoint's model/config/tokenizer/processor files and training_record.json into --out.
+
+The record holds the seed, the exact commands, steps, wall times, and the per-capability accuracy
+on val and held-out next to the prior (always answering the most common training letter of each
+question kind). The run fails (exit 1) when the teacher does not beat the prior on every capability
+of the val split, unless --quick (a pipeline check: a few steps, a few samples) or --allow-weak.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import click
+
+CAPS = ("perception", "reasoning", "planning")
+# What a checkpoint needs to load for drivekd-cache / drivekd-eval (trainer state and markers stay behind).
+CHECKPOINT_FILES = ("config.json", "generation_config.json", "model.safetensors", "processor_config.json",
+                    "tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+BEAT_MARGIN = 5.0  # points above the prior that count as "clearly beats chance" on val
+
+
+def _run(args: list[str], threads: int, log: list[dict]) -> float:
+    """Run `python -m ARGS` with HF offline and `threads` torch threads; returns the wall time."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    cmd = [sys.executable, "-m", *args]
+    click.echo(click.style("$ " + " ".join(shlex.quote(a) for a in ["python", "-m", *args]), bold=True), err=True)
+    t0 = time.perf_counter()
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if p.returncode:
+        sys.stderr.write(p.stdout[-4000:] + p.stderr[-4000:])
+        raise click.ClickException(f"step failed (exit {p.returncode}): python -m {' '.join(args)}")
+    log.append({"command": "python -m " + " ".join(shlex.quote(a) for a in args), "wall_s": round(wall, 1)})
+    return wall
+
+
+def accuracies(report_json: Path) -> dict[str, float | None]:
+    """Per-capability multiple-choice accuracy (%) from a drivekd-eval report.json."""
+    caps = json.loads(report_json.read_text())["capabilities"]
+    return {c: (caps[c]["mcq_accuracy"] if c in caps else None) for c in CAPS}
+
+
+def train_teacher(out: Path, work: Path, *, seed: int, steps: int, lr: float, micro_batch: int, bench: Path | None,
+                  bench_scenes: tuple[int, int, int], eval_limit: int | None, threads: int, quick: bool,
+                  allow_weak: bool) -> dict:
+    from drivekd.demo.benchmark import make_benchmark
+    from drivekd.demo.tiny_models import make_internvl
+
+    t_start = time.perf_counter()
+    work.mkdir(parents=True, exist_ok=True)
+    log: list[dict] = []
+    if bench is None:
+        bench = work / "bench"
+        n_train, n_val, n_held = bench_scenes
+        if not (bench / "benchmark.json").is_file():
+            make_benchmark(bench, seed, train=n_train, val=n_val, heldout=n_held)
+        bench_cmd = f"python -m drivekd.demo.benchmark --out {bench} --seed {seed} --train {n_train} --val {n_val} --heldout {n_held}"
+    else:
+        bench_cmd = None
+    if not (bench / "benchmark.json").is_file():
+        raise click.ClickException(f"--bench {bench}: no benchmark.json; write one with python -m drivekd.demo.benchmark")
+    bench_info = json.loads((bench / "benchmark.json").read_text())
+
+    init = work / "init"
+    shutil.rmtree(init, ignore_errors=True)
+    make_internvl(init, "teacher", seed=seed)
+    run = work / "run"
+    shutil.rmtree(run, ignore_errors=True)
+    train_args = ["drivekd.cli.train", "--recipe", "sft", "--student", str(init), "--data", str(bench / "train.json"),
+                  "--images", str(bench), "--out", str(run), "--seed", str(seed), "--lr", str(lr),
+                  "--max-steps", str(steps), "--micro-batch", str(micro_batch), "--grad-accum", "1",
+                  "--warmup-ratio", "0.03", "--save-every", "0", "--num-workers", "1", "--device", "cpu",
+                  "--dtype", "float32", "--no-progress", "--report-to", "none"]
+    train_wall = _run(train_args, threads, log)
+    final = run / "final"
+
+    results: dict[str, dict] = {}
+    for split in ("val",) if quick else ("val", "heldout"):  # --quick checks the pipeline: one eval is enough
+        data = bench / f"{split}_drivebench.json"
+        if not json.loads(data.read_text()):
+            continue
+        ev = work / f"eval-{split}"
+        args = ["drivekd.cli.eval", "--model", str(final), "--data", str(data), "--images", str(bench), "--out", str(ev),
+                "--name", f"tiny teacher ({split})", "--max-new-tokens", "10", "--batch-size", "32"]
+        if eval_limit:
+            args += ["--limit", str(eval_limit)]
+        _run(args, threads, log)
+        results[split] = accuracies(ev / "report.json")
+
+    out.mkdir(parents=True, exist_ok=True)
+    for name in CHECKPOINT_FILES:
+        shutil.copy2(final / name, out / name)
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    prior = {s: {c: bench_info["per_capability"][s][c]["prior_accuracy"] for c in CAPS} for s in ("val", "heldout")}
+    weak = [c for c in CAPS if "val" in results
+            and (results["val"][c] is None or results["val"][c] < prior["val"][c] + BEAT_MARGIN)]
+    record = {
+        "what": "tiny InternVL teacher (drivekd.demo.tiny_models teacher config) trained with plain answer CE "
+                "(drivekd-train --recipe sft) on the synthetic benchmark's train split",
+        "seed": seed,
+        "steps": steps,
+        "micro_batch": micro_batch,
+        "lr": lr,
+        "samples_seen": steps * micro_batch,
+        "train_questions": bench_info["questions"]["train"],
+        "final_loss": metrics[-1]["loss"] if metrics else None,
+        "accuracy": results,
+        "prior_accuracy": prior,
+        "beats_prior_by_5_points_on_val": not weak,
+        "heldout_questions": {c: bench_info["per_capability"]["heldout"][c]["questions"] for c in CAPS},
+        "heldout_binomial_std": bench_info["heldout_binomial_std"],
+        "eval_limit": eval_limit,
+        "train_wall_s": round(train_wall, 1),
+        "total_wall_s": round(time.perf_counter() - t_start, 1),
+        "threads": threads,
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores (shared), Python {platform.python_version()}",
+        "benchmark": {"command": bench_cmd, "seed": bench_info["seed"], "scenes": bench_info["scenes"]},
+        "command": "python tools/train_teacher.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+        "steps_run": log,
+    }
+    (out / "training_record.json").write_text(json.dumps(record, indent=2) + "\n")
+    if weak and not (quick or allow_weak):
+        raise click.ClickException(f"the teacher does not beat the prior by {BEAT_MARGIN} points on val for: "
+                                   f"{', '.join(weak)} (see {out / 'training_record.json'}); train longer (--steps)")
+    return record
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Folder for the trained checkpoint and training_record.json (e.g. drivekd/demo/teacher).")
+@click.option("--work", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Scratch folder for the benchmark, the init checkpoint, the run and the evals (default: OUT.work).")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the benchmark, the init weights and the run.")
+@click.option("--steps", default=1500, show_default=True, type=click.IntRange(min=1), help="Optimizer steps.")
+@click.option("--lr", default=2e-3, show_default=True, type=float, help="Peak learning rate (cosine schedule).")
+@click.option("--micro-batch", default=8, show_default=True, type=click.IntRange(min=1), help="Samples per step.")
+@click.option("--bench", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="An existing benchmark folder (default: write one into WORK/bench from --seed).")
+@click.option("--bench-scenes", default=(600, 100, 300), show_default=True, type=(int, int, int),
+              help="Train, val, held-out scenes of the benchmark written when --bench is not given.")
+@click.option("--eval-limit", default=None, type=int, help="Evaluate only the first N questions of each split.")
+@click.option("--threads", default=1, show_default=True, type=click.IntRange(min=1), help="Torch threads.")
+@click.option("--quick", is_flag=True, help="Pipeline check: 4 train scenes, 4 steps, 12 val questions, no held-out eval (does not check accuracy).")
+@click.option("--allow-weak", is_flag=True, help="Write the checkpoint even if it does not beat the prior on val.")
+def main(out: Path, work: Path | None, seed: int, steps: int, lr: float, micro_batch: int, bench: Path | None,
+         bench_scenes: tuple[int, int, int], eval_limit: int | None, threads: int, quick: bool, allow_weak: bool) -> None:
+    if quick:
+        steps, micro_batch, bench_scenes, eval_limit = min(steps, 4), min(micro_batch, 4), (4, 2, 2), 12
+    work = work or out.with_name(out.name + ".work")
+    rec = train_teacher(out, work, seed=seed, steps=steps, lr=lr, micro_batch=micro_batch, bench=bench,
+                        bench_scenes=bench_scenes, eval_limit=eval_limit, threads=threads, quick=quick,
+                        allow_weak=allow_weak)
+    for split, acc in rec["accuracy"].items():
+        click.echo(f"{split}: accuracy {acc} | prior {rec['prior_accuracy'][split]}")
+    click.echo(f"trained in {rec['train_wall_s']} s ({rec['steps']} steps, {rec['threads']} thread(s)); "
+               f"total {rec['total_wall_s']} s -> {out}")
+
+
+if __name__ == "__main__":
+    main()
