@@ -124,6 +124,7 @@ def train_teacher(out: Path, work: Path, *, seed: int, steps: int, lr: float, mi
         "final_loss": metrics[-1]["loss"] if metrics else None,
         "accuracy": results,
         "prior_accuracy": prior,
+        "prior_letter": bench_info["prior_letter"],
         "beats_prior_by_5_points_on_val": not weak,
         "heldout_questions": {c: bench_info["per_capability"]["heldout"][c]["questions"] for c in CAPS},
         "heldout_binomial_std": bench_info["heldout_binomial_std"],
