@@ -132,3 +132,20 @@ def test_cli_writes_the_splits(tmp_path):
     assert "heldout 6" in res.output
     for s in bm.SPLITS:
         assert (tmp_path / "b" / f"{s}.json").is_file() and (tmp_path / "b" / f"{s}_drivebench.json").is_file()
+
+
+def test_format_only_split_keeps_questions_and_randomises_letters(bench):
+    train = _load(bench / "train.json")
+    fmt = bm.format_only_split(train, seed=0)
+    assert fmt == bm.format_only_split(train, seed=0)
+    assert [r["messages"][0] for r in fmt] == [r["messages"][0] for r in train]
+    assert [r["images"] for r in fmt] == [r["images"] for r in train]
+    by_q = {bm.question_text(k): k for k in bm.KINDS}
+    agree = 0
+    for r, t in zip(fmt, train):
+        kind = by_q[r["messages"][0]["content"].replace("<image>", "")]
+        ans = r["messages"][1]["content"]
+        assert ans in {bm.answer_text(kind, i) for i in range(len(bm.QUESTIONS[kind][3]))}
+        agree += ans == t["messages"][1]["content"]
+    # Random letters: agreement with the true answers is near chance (~1/3 here), not near 1.
+    assert agree < 0.6 * len(train)

@@ -83,3 +83,17 @@ def test_train_teacher_names_a_missing_benchmark(tmp_path):
     res = CliRunner().invoke(train_teacher.main, ["--out", str(tmp_path / "t"), "--bench", str(tmp_path / "nope")])
     assert res.exit_code != 0
     assert "--bench" in res.output and "drivekd.demo.benchmark" in res.output
+
+
+def test_committed_student_answers_in_the_template(tmp_path, one_thread):
+    """The format-pretrained student (make demo's student) states a readable letter for every question."""
+    from drivekd.cli.eval import main as eval_main
+
+    bench = tmp_path / "bench"
+    bm.make_benchmark(bench, seed=0, train=1, val=0, heldout=2)
+    res = CliRunner().invoke(eval_main, [
+        "--model", str(bm.STUDENT_DIR), "--data", str(bench / "heldout_drivebench.json"), "--images", str(bench),
+        "--out", str(tmp_path / "eval"), "--max-new-tokens", "10", "--batch-size", "12"])
+    assert res.exit_code == 0, res.output
+    report = json.loads((tmp_path / "eval" / "report.json").read_text())
+    assert report["unanswerable"]["count"] == 0

@@ -8,6 +8,10 @@ Steps (each the real tool a user runs):
   3. drivekd-train --recipe sft (plain answer CE, no store) on the benchmark's train split;
   4. drivekd-eval on the val split (the only split used to choose settings) and on the held-out split;
   5. the final checkpoint's model/config/tokenizer/processor files and training_record.json into --out.
+With --student-out, also a "format-pretrained" tiny student (drivekd.demo.tiny_models student
+config): drivekd-train --recipe sft on the train questions with random answer letters
+(benchmark.format_only_split), so it answers in the template at chance, knowing nothing of the
+images, like a pretrained VLM before driving data. `make demo` distils the teacher into it.
 
 The record holds the seed, the exact commands, steps, wall times, and the per-capability accuracy
 on val and held-out next to the prior (always answering the most common training letter of each
@@ -58,6 +62,47 @@ def accuracies(report_json: Path) -> dict[str, float | None]:
     return {c: (caps[c]["mcq_accuracy"] if c in caps else None) for c in CAPS}
 
 
+def _copy_checkpoint(final: Path, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    for name in CHECKPOINT_FILES:
+        shutil.copy2(final / name, out / name)
+
+
+def train_format_student(out: Path, work: Path, bench: Path, *, seed: int, steps: int, lr: float, micro_batch: int,
+                         threads: int) -> dict:
+    """A tiny student trained on random answer letters: the template without the task (see the docstring)."""
+    from drivekd.demo.benchmark import format_only_split
+    from drivekd.demo.tiny_models import make_internvl
+
+    log: list[dict] = []
+    data = bench / "train_format_only.json"
+    data.write_text(json.dumps(format_only_split(json.loads((bench / "train.json").read_text()), seed), indent=1) + "\n")
+    init = work / "student-init"
+    shutil.rmtree(init, ignore_errors=True)
+    make_internvl(init, "student", seed=seed + 1)
+    run = work / "student-run"
+    shutil.rmtree(run, ignore_errors=True)
+    wall = _run(["drivekd.cli.train", "--recipe", "sft", "--student", str(init), "--data", str(data), "--images", str(bench),
+                 "--out", str(run), "--seed", str(seed), "--lr", str(lr), "--max-steps", str(steps), "--micro-batch",
+                 str(micro_batch), "--grad-accum", "1", "--warmup-ratio", "0.03", "--save-every", "0", "--num-workers", "1",
+                 "--device", "cpu", "--dtype", "float32", "--no-progress", "--report-to", "none"], threads, log)
+    ev = work / "student-eval-val"
+    _run(["drivekd.cli.eval", "--model", str(run / "final"), "--data", str(bench / "val_drivebench.json"), "--images",
+          str(bench), "--out", str(ev), "--max-new-tokens", "10", "--batch-size", "32"], threads, log)
+    _copy_checkpoint(run / "final", out)
+    report = json.loads((ev / "report.json").read_text())
+    record = {
+        "what": "tiny InternVL student (drivekd.demo.tiny_models student config) trained with answer CE on the "
+                "benchmark's train questions with uniformly random answer letters: it answers in the template, at chance",
+        "seed": seed, "steps": steps, "micro_batch": micro_batch, "lr": lr, "train_wall_s": round(wall, 1),
+        "val_accuracy": accuracies(ev / "report.json"),
+        "val_unanswerable": report["unanswerable"]["count"],
+        "steps_run": log,
+    }
+    (out / "training_record.json").write_text(json.dumps(record, indent=2) + "\n")
+    return record
+
+
 def train_teacher(out: Path, work: Path, *, seed: int, steps: int, lr: float, micro_batch: int, bench: Path | None,
                   bench_scenes: tuple[int, int, int], eval_limit: int | None, threads: int, quick: bool,
                   allow_weak: bool) -> dict:
@@ -105,9 +150,7 @@ def train_teacher(out: Path, work: Path, *, seed: int, steps: int, lr: float, mi
         _run(args, threads, log)
         results[split] = accuracies(ev / "report.json")
 
-    out.mkdir(parents=True, exist_ok=True)
-    for name in CHECKPOINT_FILES:
-        shutil.copy2(final / name, out / name)
+    _copy_checkpoint(final, out)
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
     prior = {s: {c: bench_info["per_capability"][s][c]["prior_accuracy"] for c in CAPS} for s in ("val", "heldout")}
     weak = [c for c in CAPS if "val" in results
@@ -141,6 +184,7 @@ def train_teacher(out: Path, work: Path, *, seed: int, steps: int, lr: float, mi
     if weak and not (quick or allow_weak):
         raise click.ClickException(f"the teacher does not beat the prior by {BEAT_MARGIN} points on val for: "
                                    f"{', '.join(weak)} (see {out / 'training_record.json'}); train longer (--steps)")
+    record["bench"] = str(bench)
     return record
 
 
@@ -161,11 +205,24 @@ def train_teacher(out: Path, work: Path, *, seed: int, steps: int, lr: float, mi
 @click.option("--threads", default=1, show_default=True, type=click.IntRange(min=1), help="Torch threads.")
 @click.option("--quick", is_flag=True, help="Pipeline check: 4 train scenes, 4 steps, 12 val questions, no held-out eval (does not check accuracy).")
 @click.option("--allow-weak", is_flag=True, help="Write the checkpoint even if it does not beat the prior on val.")
+@click.option("--student-out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Also write the format-pretrained tiny student here (e.g. drivekd/demo/student).")
+@click.option("--student-steps", default=300, show_default=True, type=click.IntRange(min=1),
+              help="Optimizer steps of the format-pretrained student.")
+@click.option("--student-only", is_flag=True, help="Only (re)build the student (from the benchmark in WORK/bench or --bench).")
 def main(out: Path, work: Path | None, seed: int, steps: int, lr: float, micro_batch: int, bench: Path | None,
-         bench_scenes: tuple[int, int, int], eval_limit: int | None, threads: int, quick: bool, allow_weak: bool) -> None:
+         bench_scenes: tuple[int, int, int], eval_limit: int | None, threads: int, quick: bool, allow_weak: bool,
+         student_out: Path | None, student_steps: int, student_only: bool) -> None:
     if quick:
         steps, micro_batch, bench_scenes, eval_limit = min(steps, 4), min(micro_batch, 4), (4, 2, 2), 12
     work = work or out.with_name(out.name + ".work")
+    if student_only:
+        if student_out is None:
+            raise click.ClickException("--student-only needs --student-out DIR")
+        srec = train_format_student(student_out, work, bench or work / "bench", seed=seed, steps=student_steps, lr=lr,
+                                    micro_batch=micro_batch, threads=threads)
+        click.echo(f"student: val accuracy {srec['val_accuracy']} (unanswerable {srec['val_unanswerable']}) -> {student_out}")
+        return
     rec = train_teacher(out, work, seed=seed, steps=steps, lr=lr, micro_batch=micro_batch, bench=bench,
                         bench_scenes=bench_scenes, eval_limit=eval_limit, threads=threads, quick=quick,
                         allow_weak=allow_weak)
@@ -173,6 +230,10 @@ def main(out: Path, work: Path | None, seed: int, steps: int, lr: float, micro_b
         click.echo(f"{split}: accuracy {acc} | prior {rec['prior_accuracy'][split]}")
     click.echo(f"trained in {rec['train_wall_s']} s ({rec['steps']} steps, {rec['threads']} thread(s)); "
                f"total {rec['total_wall_s']} s -> {out}")
+    if student_out is not None:
+        srec = train_format_student(student_out, work, Path(rec["bench"]), seed=seed, steps=student_steps, lr=lr,
+                                    micro_batch=micro_batch, threads=threads)
+        click.echo(f"student: val accuracy {srec['val_accuracy']} (unanswerable {srec['val_unanswerable']}) -> {student_out}")
 
 
 if __name__ == "__main__":

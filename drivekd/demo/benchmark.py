@@ -57,6 +57,8 @@ from drivekd.errors import ConfigError
 SPLITS = ("train", "val", "heldout")
 # The tiny teacher trained on this benchmark (tools/train_teacher.py), committed with its record.
 TEACHER_DIR = Path(__file__).parent / "teacher"
+# A tiny student trained on random answer letters: it answers in the template, at chance (make demo's student).
+STUDENT_DIR = Path(__file__).parent / "student"
 SIZE = (128, 64)
 CAMERA = "CAM_FRONT"
 CAPABILITIES = ("perception", "reasoning", "planning")
@@ -185,6 +187,24 @@ def make_benchmark(out: str | Path, seed: int = 0, *, train: int = 600, val: int
     _write_json(out / "benchmark.json", summary)
     summary["seconds"] = round(time.perf_counter() - t0, 2)
     return summary
+
+
+def format_only_split(records: list[dict], seed: int) -> list[dict]:
+    """The Drive-KD records with each answer replaced by a uniformly random option of its question.
+
+    Training on these teaches a model the answer template and the options of every question, but
+    nothing about the images (the letters carry no information): a "pretrained" student that
+    answers in the format, at chance, like a real pretrained VLM that has not seen driving data.
+    """
+    rng = random.Random(f"drivekd-bench-format-{seed}")
+    by_question = {question_text(k): k for k in KINDS}
+    out = []
+    for r in records:
+        kind = by_question[r["messages"][0]["content"].replace("<image>", "")]
+        r = json.loads(json.dumps(r))
+        r["messages"][1]["content"] = answer_text(kind, rng.randrange(len(QUESTIONS[kind][3])))
+        out.append(r)
+    return out
 
 
 def prior_letters(train_records: list[dict]) -> dict[str, str]:
