@@ -9,7 +9,8 @@ train scenes for the store and the run, held-out scenes for the evaluation)
   -> drivekd-train --recipe multi --projection agp  (student alone, targets from the store)
   -> drivekd-report                            (runs/report/*.png: losses, weights, gradient conflict)
   -> drivekd-eval of the teacher, then of the student's final checkpoint beside it
-                                               (predictions, scores, report.md + chart)
+                                               (predictions, scores, report.md + chart,
+                                               compare/comparison.md: student beside teacher)
 
 Every step runs the real command-line tool, as a user would, from the project config the demo
 writes (DEMO/drivekd.toml). Running it again resumes: finished steps are skipped by the tools.
@@ -79,6 +80,9 @@ def main(out: Path, steps: int) -> None:
          "--compare", "eval/teacher"], out)
     report = out / "eval" / "multi-agp" / "report.md"
     click.echo(report.read_text() if report.is_file() else "no report written")
+    comparison = out / "eval" / "multi-agp" / "compare" / "comparison.md"  # student beside the teacher
+    if comparison.is_file():
+        click.echo(comparison.read_text())
     click.echo(f"demo done: {out}")
 
 
