@@ -97,6 +97,7 @@ def train_format_student(out: Path, work: Path, bench: Path, *, seed: int, steps
         "seed": seed, "steps": steps, "micro_batch": micro_batch, "lr": lr, "train_wall_s": round(wall, 1),
         "val_accuracy": accuracies(ev / "report.json"),
         "val_unanswerable": report["unanswerable"]["count"],
+        "command": "python tools/train_teacher.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
         "steps_run": log,
     }
     (out / "training_record.json").write_text(json.dumps(record, indent=2) + "\n")
@@ -105,7 +106,7 @@ def train_format_student(out: Path, work: Path, bench: Path, *, seed: int, steps
 
 def train_teacher(out: Path, work: Path, *, seed: int, steps: int, lr: float, micro_batch: int, bench: Path | None,
                   bench_scenes: tuple[int, int, int], eval_limit: int | None, threads: int, quick: bool,
-                  allow_weak: bool) -> dict:
+                  allow_weak: bool, init_from: Path | None = None) -> dict:
     from drivekd.demo.benchmark import make_benchmark
     from drivekd.demo.tiny_models import make_internvl
 
@@ -126,7 +127,10 @@ def train_teacher(out: Path, work: Path, *, seed: int, steps: int, lr: float, mi
 
     init = work / "init"
     shutil.rmtree(init, ignore_errors=True)
-    make_internvl(init, "teacher", seed=seed)
+    if init_from is None:
+        make_internvl(init, "teacher", seed=seed)
+    else:  # a second stage: continue from an earlier teacher (its record is kept as "previous_stage")
+        _copy_checkpoint(init_from, init)
     run = work / "run"
     shutil.rmtree(run, ignore_errors=True)
     train_args = ["drivekd.cli.train", "--recipe", "sft", "--student", str(init), "--data", str(bench / "train.json"),
@@ -150,6 +154,9 @@ def train_teacher(out: Path, work: Path, *, seed: int, steps: int, lr: float, mi
         _run(args, threads, log)
         results[split] = accuracies(ev / "report.json")
 
+    previous = None
+    if init_from is not None and (init_from / "training_record.json").is_file():
+        previous = json.loads((init_from / "training_record.json").read_text())
     _copy_checkpoint(final, out)
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
     prior = {s: {c: bench_info["per_capability"][s][c]["prior_accuracy"] for c in CAPS} for s in ("val", "heldout")}
@@ -179,6 +186,8 @@ def train_teacher(out: Path, work: Path, *, seed: int, steps: int, lr: float, mi
         "benchmark": {"command": bench_cmd, "seed": bench_info["seed"], "scenes": bench_info["scenes"]},
         "command": "python tools/train_teacher.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
         "steps_run": log,
+        "init_from": str(init_from) if init_from else None,
+        "previous_stage": previous,
     }
     (out / "training_record.json").write_text(json.dumps(record, indent=2) + "\n")
     if weak and not (quick or allow_weak):
@@ -209,10 +218,12 @@ def train_teacher(out: Path, work: Path, *, seed: int, steps: int, lr: float, mi
               help="Also write the format-pretrained tiny student here (e.g. drivekd/demo/student).")
 @click.option("--student-steps", default=300, show_default=True, type=click.IntRange(min=1),
               help="Optimizer steps of the format-pretrained student.")
+@click.option("--init-from", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Continue from this teacher checkpoint (a second stage) instead of a fresh init from --seed.")
 @click.option("--student-only", is_flag=True, help="Only (re)build the student (from the benchmark in WORK/bench or --bench).")
 def main(out: Path, work: Path | None, seed: int, steps: int, lr: float, micro_batch: int, bench: Path | None,
          bench_scenes: tuple[int, int, int], eval_limit: int | None, threads: int, quick: bool, allow_weak: bool,
-         student_out: Path | None, student_steps: int, student_only: bool) -> None:
+         student_out: Path | None, student_steps: int, student_only: bool, init_from: Path | None) -> None:
     if quick:
         steps, micro_batch, bench_scenes, eval_limit = min(steps, 4), min(micro_batch, 4), (4, 2, 2), 12
     work = work or out.with_name(out.name + ".work")
@@ -225,7 +236,7 @@ def main(out: Path, work: Path | None, seed: int, steps: int, lr: float, micro_b
         return
     rec = train_teacher(out, work, seed=seed, steps=steps, lr=lr, micro_batch=micro_batch, bench=bench,
                         bench_scenes=bench_scenes, eval_limit=eval_limit, threads=threads, quick=quick,
-                        allow_weak=allow_weak)
+                        allow_weak=allow_weak, init_from=init_from)
     for split, acc in rec["accuracy"].items():
         click.echo(f"{split}: accuracy {acc} | prior {rec['prior_accuracy'][split]}")
     click.echo(f"trained in {rec['train_wall_s']} s ({rec['steps']} steps, {rec['threads']} thread(s)); "
