@@ -181,7 +181,9 @@ def dry_plan(cfg, student_L: int, family: str, teacher_L: int | None = None):
     from drivekd.trainer.plan import RunPlan, _plan_terms, parse_mix
 
     L_T = teacher_L or student_L
-    roles = [] if cfg.recipe == "sft" else list(ROLES) if cfg.recipe == "multi" else [cfg.recipe]
+    # --recipe kl / hidden are counted as CE only (a rough count: their term's logits gather or
+    # hidden-state projection is left out).
+    roles = [] if cfg.recipe in ("sft", "kl", "hidden") else list(ROLES) if cfg.recipe == "multi" else [cfg.recipe]
     roles = [r for r in roles if cfg.term_weight(r) > 0]
     infos = {r: RoleInfo(r, tuple(range(L_T)), L_T, "", family, "") for r in roles}
     terms = _plan_terms(cfg, roles, student_L, infos)
@@ -208,6 +210,7 @@ class Counted:
     rss_increase: int | None = None  # real runs: peak RSS over the step minus RSS before it (malloc trimmed)
     engine: str = ""  # the per-loss gradient engine the step used (rows | gram | none), and why
     engine_reason: str = ""
+    trainable: int = 0  # parameters with requires_grad (--freeze / --lora leave fewer)
 
 
 def build_student(student: Path, family: str, config, dtype=torch.float32):
@@ -257,7 +260,9 @@ def count_step(cfg, plan, shapes: Shapes, config, *, fake: bool = True, model=No
                     model = build_student(cfg.student, shapes.family, config)
             else:
                 model = build_student(cfg.student, shapes.family, config)
-        prepare_student(model, cfg)
+        # --freeze / --lora: gradients, rows and optimizer state below cover the trainable params only.
+        with sh.paused() if fake else contextlib.nullcontext(), _adapters_stay_put(fake and cfg.lora):
+            model = prepare_student(model, cfg)
         # The GPU run's compute dtype (auto: bf16), run under CPU autocast here.
         # --grad-engine auto decides as on the planned GPU (--gpu-memory, else a 40 GiB A100).
         ts = TrainStep(model, plan, Dist("cpu"), autocast_dtype(cfg, torch.device("cuda" if fake else "cpu")), AssumeFinite(),
@@ -271,7 +276,7 @@ def count_step(cfg, plan, shapes: Shapes, config, *, fake: bool = True, model=No
             batch = synthetic_batch(shapes, config, plan)
         batch.inputs.tensors = {k: to_run(v) for k, v in batch.inputs.tensors.items()}
         batch.targets = {r: {s: targets_like(m) for s, m in d.items()} for r, d in batch.targets.items()}
-        tracker.add(ts.params, "weights")
+        tracker.add(list(model.parameters()), "weights")  # frozen ones too
         tracker.add(ts.grads.flat, "gradients")
         if ts.bufs is not None:
             tracker.add(ts.bufs.buffer, "grad_rows")
@@ -305,8 +310,23 @@ def count_step(cfg, plan, shapes: Shapes, config, *, fake: bool = True, model=No
             step_mod.capture_attention = real_capture
         rss = None if fake else _peak_rss() - rss_before
         cats = tracker.peak_by_category()
-        return Counted(cats, tracker.peak, int(tracker.flops), sum(p.numel() for p in ts.params), baseline, rss,
-                       ts.engine, ts.engine_reason)
+        return Counted(cats, tracker.peak, int(tracker.flops), sum(p.numel() for p in model.parameters()), baseline, rss,
+                       ts.engine, ts.engine_reason, sum(p.numel() for p in ts.params))
+
+
+@contextlib.contextmanager
+def _adapters_stay_put(active: bool):
+    """peft moves each new LoRA layer to its base layer's device and dtype with Module.to, which
+    fake parameters refuse (`_apply` must swap a FakeTensor parameter, and fake tensors carry
+    weakrefs). The planner builds every weight on the CPU in fp32, where peft creates the adapters,
+    so each move is a no-op: skip it while the adapters are added on a fake run."""
+    if not active:
+        yield
+        return
+    from unittest import mock
+
+    with mock.patch.object(torch.nn.Module, "to", lambda self, *a, **k: self):
+        yield
 
 
 def _rss_now() -> int:
@@ -383,6 +403,7 @@ def dry_run(cfg, *, seq_len: int | None = None, cameras: int = 6, gpu_memory: in
         "cameras": shapes.cameras,
         "tokens_per_camera": shapes.tokens_per_camera,
         "params": run.params,
+        "trainable_params": run.trainable,
         "family": family,
         "student_layers": L,
         "recipe": cfg.recipe,
@@ -395,6 +416,8 @@ def dry_run(cfg, *, seq_len: int | None = None, cameras: int = 6, gpu_memory: in
         "flops_per": "micro-step (one sample); an optimizer step is --grad-accum of them",
         "suggestions": [],
     }
+    if cfg.recipe in ("kl", "hidden"):  # see dry_plan
+        out["approximation"] = f"--recipe {cfg.recipe} is counted as CE only (its second loss row, its targets and any projection are not)"
     if fits is False and suggest:
         out["suggestions"] = _suggestions(cfg, seq_len, cameras, gpu_memory, run.engine)
     return out
@@ -426,7 +449,8 @@ def _suggestions(cfg, seq_len, cameras, gpu_memory, engine: str) -> list[dict[st
 def format_report(r: dict[str, Any]) -> str:
     """The human-readable answer."""
     g = lambda b: f"{b / GiB:7.2f} GiB"  # noqa: E731
-    lines = [f"drivekd-train --dry-run: {r['family']} student, {r['params'] / 1e9:.2f}B parameters, recipe {r['recipe']}, "
+    trainable = f" ({r['trainable_params'] / 1e6:.1f}M trainable)" if r["trainable_params"] != r["params"] else ""
+    lines = [f"drivekd-train --dry-run: {r['family']} student, {r['params'] / 1e9:.2f}B parameters{trainable}, recipe {r['recipe']}, "
              f"projection {r['projection']}, T = {r['seq_len']} ({r['cameras']} camera(s) x {r['tokens_per_camera']} "
              f"image tokens), micro-batch 1",
              f"gradient checkpointing {'on' if r['gradient_checkpointing'] else 'off'}, gradient engine {r['grad_engine'] or 'none'}"
@@ -445,6 +469,8 @@ def format_report(r: dict[str, Any]) -> str:
             lines.append(f"  with {s['flags']}: {g(s['peak_bytes']).strip()} -> {'fits' if s['fits'] else 'still too big'}")
         if r["fits"] is False and not any(s["fits"] for s in r["suggestions"]):
             lines.append("  no trainer option alone makes it fit: a smaller --seq-len / fewer cameras, or a larger GPU")
+    if r.get("approximation"):
+        lines.append(f"rough count: {r['approximation']}")
     return "\n".join(lines)
 
 

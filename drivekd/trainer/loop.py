@@ -30,6 +30,7 @@ from drivekd.families.base import Family, load_model
 from drivekd.fileio import append_line, atomic_write_text, write_error
 from drivekd.store.targets import TargetSource
 from drivekd.trainer import checkpoint as ckpt
+from drivekd.trainer import trainable
 from drivekd.trainer.identity import write_run_json
 from drivekd.trainer.plan import RunPlan, describe, validate
 from drivekd.trainer.report_to import report_metrics
@@ -95,8 +96,11 @@ class Trainer:
         self.device = dev
         self.family = Family.from_pretrained(cfg.student, text_tokens=cfg.text_tokens, image_processing=cfg.image_settings)
         # Weights and optimizer state in fp32; compute under autocast (mixed precision).
-        model = load_model(plan.resume_dir or cfg.student, dtype=torch.float32, device=dev)
-        self.train_step = TrainStep(prepare_student(model, cfg), plan, dist, autocast_dtype(cfg, dev))
+        # A LoRA checkpoint holds the adapter only: its base weights are --student's.
+        model = load_model(trainable.weights_dir(cfg, plan.resume_dir), dtype=torch.float32, device=dev)
+        self.train_step = TrainStep(prepare_student(model, cfg, plan.resume_dir), plan, dist, autocast_dtype(cfg, dev))
+        n = trainable.counts(self.train_step.model)
+        log.info("student: %d parameters, %d trainable (%.2f%%)", n["params"], n["trainable"], 100 * n["trainable"] / n["params"])
         if self.train_step.per_loss:
             log.info("gradient engine: %s (%s)", self.train_step.engine, self.train_step.engine_reason)
         self.model, self.optimizer = self.train_step.model, self.train_step.optimizer
@@ -124,8 +128,10 @@ class Trainer:
         return out.rows, out.per_sample, out.mixw
 
     # ----- state -----
-    def _state(self) -> dict[str, Any]:
+    def _state(self, final: bool = False) -> dict[str, Any]:
         state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(), "rng": ckpt.rng_state()}
+        if self.train_step.projection is not None and not final:  # --recipe hidden's width maps: resumable, not in final/
+            state["projection"] = self.train_step.projection.state_dict()
         if self.reweighter is not None:
             state["reweight"] = self.reweighter.state_dict()
         return state
@@ -146,6 +152,8 @@ class Trainer:
     def _restore(self, d: Path) -> None:
         meta = ckpt.read_meta(d)
         state = ckpt.load_state(d)
+        if self.train_step.projection is not None:
+            self.train_step.projection.load_state_dict(state["projection"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if self.reweighter is not None:
@@ -155,7 +163,8 @@ class Trainer:
 
     def _save(self, name: str) -> None:
         if self.dist.main:
-            ckpt.save_checkpoint(self.out, name, self.model, self.family.processor, self._state(), self._meta())
+            ckpt.save_checkpoint(self.out, name, self.model, self.family.processor, self._state(final=name == "final"), self._meta(),
+                                 write_model=trainable.model_writer(self.model, final=name == "final"))
             if name != "final":
                 ckpt.prune(self.out, self.cfg.keep_last)
         self.dist.barrier()
@@ -281,9 +290,11 @@ def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None
     return None if dtype == "float32" else getattr(torch, dtype)
 
 
-def prepare_student(model, cfg: TrainConfig):
-    """Training mode, no KV cache, and (--gradient-checkpointing) non-reentrant checkpointing:
-    the capture then records the maps again during the recomputation, inside its block."""
+def prepare_student(model, cfg: TrainConfig, resume_dir: Path | None = None):
+    """Training mode, no KV cache, (--gradient-checkpointing) non-reentrant checkpointing: the
+    capture then records the maps again during the recomputation, inside its block; then
+    --freeze / --lora (a LoRA student comes back as a PeftModel, its adapter from `resume_dir`).
+    Returns the model to train."""
     model.train()
     model.config.use_cache = False
     if cfg.gradient_checkpointing:
@@ -292,7 +303,7 @@ def prepare_student(model, cfg: TrainConfig):
             model.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
-    return model
+    return trainable.setup(model, cfg, resume_dir)
 
 
 def plan_json(plan: RunPlan) -> dict[str, Any]:
