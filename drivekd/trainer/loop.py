@@ -93,8 +93,10 @@ class Trainer:
         self.out = Path(cfg.out)
         self.device = dev
         self.family = Family.from_pretrained(cfg.student, text_tokens=cfg.text_tokens, image_processing=cfg.image_settings)
-        # Weights and optimizer state in fp32; compute under autocast (mixed precision).
-        model = load_model(plan.resume_dir or cfg.student, dtype=torch.float32, device=dev)
+        # Weights and optimizer state per --precision (fp32 by default); compute under autocast.
+        from drivekd.projection.precision import param_dtype
+
+        model = load_model(plan.resume_dir or cfg.student, dtype=param_dtype(cfg.precision), device=dev)
         self.train_step = TrainStep(prepare_student(model, cfg), plan, dist, autocast_dtype(cfg, dev))
         if self.train_step.per_loss:
             log.info("gradient engine: %s (%s)", self.train_step.engine, self.train_step.engine_reason)
