@@ -28,7 +28,7 @@ from plan_configs import write_config  # noqa: E402
 
 
 def _count(student: Path, fake: bool, T: int, **kw) -> P.Counted:
-    cfg = TrainConfig(student=student, dtype="float32", **kw)
+    cfg = TrainConfig(student=student, **{"dtype": "float32", **kw})
     family, L = student_depth(student)
     config = P.student_config(student)
     shapes = P.shapes_for(family, config, student, 6, T)
@@ -90,6 +90,30 @@ def test_persistent_categories_are_param_count_times_bytes(tiny_models, one_thre
     # AdamW: exp_avg and exp_avg_sq in fp32, plus one fp32 `step` scalar per parameter tensor.
     assert c.categories["optimizer_state"] == 8 * N + 4 * n_tensors
     assert sum(c.categories.values()) == c.peak
+
+
+@pytest.mark.parametrize("precision,state_bytes", [("bf16-kahan", 6), ("bf16-stochastic", 4), ("bf16-offload", 0)])
+def test_precision_bytes_per_parameter(tiny_models, one_thread, precision, state_bytes):
+    """--precision bf16-*: bf16 weights and flat gradient (2 + 2 bytes/parameter), BF16AdamW's state
+    on the device (kahan: two bf16 moments + bf16 compensation; stochastic: the moments; offload:
+    none), and offload's fp32 masters + their gradients + fp32 AdamW state (16 bytes/parameter, plus
+    the host step's temporaries) counted as host memory, apart from the device peak."""
+    student = tiny_models / "internvl-student"
+    c = _count(student, True, 512, recipe="multi", projection="agp", grad_engine="gram", precision=precision,
+               dtype="bfloat16")
+    N = c.params
+    assert c.categories["weights"] == 2 * N and c.categories["gradients"] == 2 * N
+    assert c.categories["optimizer_state"] == state_bytes * N
+    assert sum(c.categories.values()) == c.peak
+    if precision == "bf16-offload":
+        assert 16 * N <= c.host_peak <= 24 * N
+        real = _count(student, False, 512, recipe="multi", projection="agp", grad_engine="gram", precision=precision,
+                      dtype="bfloat16")
+        assert (real.categories, real.host_peak) == (c.categories, c.host_peak)  # fake tensors predict the real run
+    else:
+        assert c.host_peak == 0
+    fp32 = _count(student, True, 512, recipe="multi", projection="agp", grad_engine="gram")
+    assert fp32.host_peak == 0 and fp32.peak - c.peak >= (20 - 4 - state_bytes) * N
 
 
 def test_sft_has_no_rows_and_fewer_flops(tiny_models, one_thread):
@@ -168,6 +192,7 @@ def test_suggestions_when_it_does_not_fit(tiny_models, one_thread):
     assert "--gradient-checkpointing" in flags and "--grad-buffer-dtype bfloat16" in flags and "--grad-engine gram" in flags
     by = {s["flags"]: s["peak_bytes"] for s in r["suggestions"]}
     assert by["--grad-buffer-dtype bfloat16"] < r["peak_bytes"]
+    assert by["--precision bf16-offload"] < r["peak_bytes"]  # the fp32 run's 20 bytes/parameter -> 4
     assert "does NOT fit" in P.format_report(r)
     # --grad-engine auto decides as the planned GPU would: on a tiny one the rows do not fit.
     auto = P.dry_run(replace(cfg, grad_engine="auto"), seq_len=1024, gpu_memory=1 << 20, suggest=False)

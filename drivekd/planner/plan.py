@@ -208,6 +208,7 @@ class Counted:
     rss_increase: int | None = None  # real runs: peak RSS over the step minus RSS before it (malloc trimmed)
     engine: str = ""  # the per-loss gradient engine the step used (rows | gram | none), and why
     engine_reason: str = ""
+    host_peak: int = 0  # host memory of --precision bf16-offload (fp32 masters, their gradients and AdamW state)
 
 
 def build_student(student: Path, family: str, config, dtype=torch.float32):
@@ -251,12 +252,15 @@ def count_step(cfg, plan, shapes: Shapes, config, *, fake: bool = True, model=No
         else:
             to_run = lambda t: t  # noqa: E731
             targets_like = lambda shape: torch.zeros(shape)  # noqa: E731
+        from drivekd.projection.precision import param_dtype
+
+        wdtype = param_dtype(cfg.precision)  # built in the run's weight dtype, as the loop loads it
         if model is None:
             if fake:
                 with sh.paused():
-                    model = build_student(cfg.student, shapes.family, config)
+                    model = build_student(cfg.student, shapes.family, config, wdtype)
             else:
-                model = build_student(cfg.student, shapes.family, config)
+                model = build_student(cfg.student, shapes.family, config, wdtype)
         prepare_student(model, cfg)
         # The GPU run's compute dtype (auto: bf16), run under CPU autocast here.
         # --grad-engine auto decides as on the planned GPU (--gpu-memory, else a 40 GiB A100).
@@ -264,6 +268,10 @@ def count_step(cfg, plan, shapes: Shapes, config, *, fake: bool = True, model=No
                        device_memory=device_memory or PLANNED_GPU_MEMORY)
         for group in ts.optimizer.param_groups:
             group["foreach"] = True  # AdamW's default on CUDA (its temporaries are counted as there)
+        # --precision bf16-offload: the fp32 masters' AdamW step runs on the host; its state and
+        # temporaries are host memory (counted apart), the device part of the step is in-place copies.
+        if hasattr(ts.optimizer, "host_context"):
+            ts.optimizer.host_context = tracker.host_side
         ts.optimizer_step()  # zero gradients: allocates AdamW's state, leaves the weights as they are
         from torch._subclasses.fake_tensor import unset_fake_temporarily
 
@@ -276,6 +284,7 @@ def count_step(cfg, plan, shapes: Shapes, config, *, fake: bool = True, model=No
         if ts.bufs is not None:
             tracker.add(ts.bufs.buffer, "grad_rows")
         tracker.add([v for st in ts.optimizer.state.values() for v in st.values() if torch.is_tensor(v)], "optimizer_state")
+        tracker.add(getattr(ts.optimizer, "host_tensors", list)(), "host")
         tracker.add(list(batch.inputs.tensors.values()), "inputs")
         tracker.add([m for d in batch.targets.values() for m in d.values()], "teacher_targets")
         tracker.reset_peak()
@@ -306,7 +315,7 @@ def count_step(cfg, plan, shapes: Shapes, config, *, fake: bool = True, model=No
         rss = None if fake else _peak_rss() - rss_before
         cats = tracker.peak_by_category()
         return Counted(cats, tracker.peak, int(tracker.flops), sum(p.numel() for p in ts.params), baseline, rss,
-                       ts.engine, ts.engine_reason)
+                       ts.engine, ts.engine_reason, tracker.host_peak)
 
 
 def _rss_now() -> int:
@@ -389,6 +398,8 @@ def dry_run(cfg, *, seq_len: int | None = None, cameras: int = 6, gpu_memory: in
         "projection": cfg.projection,
         "gradient_checkpointing": cfg.gradient_checkpointing,
         "grad_buffer_dtype": cfg.grad_buffer_dtype,
+        "precision": cfg.precision,
+        "host_peak_bytes": run.host_peak,
         "grad_engine": run.engine,
         "grad_engine_reason": run.engine_reason,
         "micro_batch": 1,
@@ -416,6 +427,14 @@ def _suggestions(cfg, seq_len, cameras, gpu_memory, engine: str) -> list[dict[st
         options.append(("--grad-engine gram", {"grad_engine": "gram"}))
         if not cfg.gradient_checkpointing:
             options.append(("--grad-engine gram --gradient-checkpointing", {"grad_engine": "gram", "gradient_checkpointing": True}))
+    if cfg.precision == "fp32":
+        # bf16 weights and gradients with fp32 masters + AdamW on the host: 16 of the 20 fp32 bytes
+        # per parameter leave the GPU, and the optimizer math stays fp32 AdamW.
+        lean = {"precision": "bf16-offload", "dtype": "auto" if cfg.dtype in ("float32", "float16") else cfg.dtype}
+        options.append(("--precision bf16-offload", lean))
+        if engine != "none" and not (engine == "gram" and cfg.gradient_checkpointing):
+            options.append(("--precision bf16-offload --grad-engine gram --gradient-checkpointing",
+                            {**lean, "grad_engine": "gram", "gradient_checkpointing": True}))
     out = []
     for flags, change in options:
         r = dry_run(replace(cfg, **change), seq_len=seq_len, cameras=cameras, gpu_memory=gpu_memory, suggest=False)
@@ -430,11 +449,14 @@ def format_report(r: dict[str, Any]) -> str:
              f"projection {r['projection']}, T = {r['seq_len']} ({r['cameras']} camera(s) x {r['tokens_per_camera']} "
              f"image tokens), micro-batch 1",
              f"gradient checkpointing {'on' if r['gradient_checkpointing'] else 'off'}, gradient engine {r['grad_engine'] or 'none'}"
-             f" ({r['grad_engine_reason'] or 'one backward'}), gradient rows {r['grad_buffer_dtype']}",
+             f" ({r['grad_engine_reason'] or 'one backward'}), gradient rows {r['grad_buffer_dtype']}, "
+             f"precision {r['precision']}",
              "peak memory by category:"]
     for k, v in r["categories"].items():
         lines.append(f"  {k:<18}{g(v)}")
     lines.append(f"  {'total':<18}{g(r['peak_bytes'])}   (plain fine-tuning: {g(r['sft_peak_bytes']).strip()})")
+    if r["host_peak_bytes"]:
+        lines.append(f"host memory (offloaded fp32 masters, their gradients and AdamW state): {g(r['host_peak_bytes']).strip()}")
     ratio = f"{r['flops_ratio']:.2f}x" if r["flops_ratio"] else "-"
     lines.append(f"FLOPs per micro-step: {r['flops'] / 1e12:.2f} TFLOP; plain fine-tuning {r['sft_flops'] / 1e12:.2f} TFLOP "
                  f"({ratio})")
