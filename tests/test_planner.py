@@ -215,3 +215,48 @@ def test_cache_build_dry_run(tiny_models):
     one = 4 * 1024 * 1024
     assert (len(t["layers"]) - 1) * one <= t["categories"]["maps"] <= len(t["layers"]) * one
     assert t["peak_bytes"] > t["plain_peak_bytes"] and t["flops"] > t["plain_flops"]
+
+
+def _deeper(src: Path, dst: Path, text: int, vision: int) -> Path:
+    """A copy of a tiny student's config.json (no weights) with more text and vision layers."""
+    import shutil
+
+    c = json.loads((src / "config.json").read_text())
+    c["text_config"]["num_hidden_layers"] = text
+    if c["text_config"].get("layer_types"):
+        c["text_config"]["layer_types"] = c["text_config"]["layer_types"][:1] * text
+    vc = c["vision_config"]
+    if "depth" in vc:  # Qwen2.5-VL: periods of window-attention layers closed by a full-attention one
+        period = vc["fullatt_block_indexes"][0] + 1
+        vc["depth"] = vision * period
+        vc["fullatt_block_indexes"] = [period * (i + 1) - 1 for i in range(vision)]
+    else:
+        vc["num_hidden_layers"] = vision
+    dst.mkdir(parents=True)
+    for f in src.iterdir():
+        if f.suffix == ".json" and f.name != "config.json":
+            shutil.copy(f, dst / f.name)
+    (dst / "config.json").write_text(json.dumps(c))
+    return dst
+
+
+@pytest.mark.parametrize("family,kw", [
+    ("internvl", dict(recipe="multi", projection="agp", grad_engine="gram", precision="bf16-offload", dtype="bfloat16")),
+    ("qwen2_5_vl", dict(recipe="multi", projection="agp", grad_engine="rows", gradient_checkpointing=True)),
+])
+def test_depth_scaled_count_equals_the_full_count(tiny_models, one_thread, tmp_path, monkeypatch, family, kw):
+    """A deep student is counted at four reduced depths and extrapolated (planner/scale.py): the
+    result equals counting every layer, category by category, FLOPs and host memory included."""
+    student = _deeper(tiny_models / f"{family}-student", tmp_path / family, text=9, vision=2)
+    cfg = TrainConfig(student=student, **{"dtype": "float32", **kw})
+    family_, L = student_depth(student)
+    config = P.student_config(student)
+    shapes = P.shapes_for(family_, config, student, 2, 768)
+    scaled = P.count_at_depth(cfg, L, family_, None, shapes, config)
+    assert scaled.scaled_from  # it did scale
+    monkeypatch.setenv("DRIVEKD_PLAN_DIRECT", "1")
+    full = P.count_at_depth(cfg, L, family_, None, shapes, config)
+    assert not full.scaled_from
+    assert scaled.categories == full.categories
+    assert (scaled.peak, scaled.flops, scaled.params, scaled.host_peak) == (full.peak, full.flops, full.params, full.host_peak)
+    assert scaled.engine == full.engine

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 import warnings
@@ -31,6 +32,8 @@ from typing import Any
 import torch
 
 from drivekd.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 GiB = 1 << 30
 # Allocator margin: CUDA context + cuBLAS/cuDNN workspaces (~0.75 GiB on an A100/H100 with lazy
@@ -209,6 +212,7 @@ class Counted:
     engine: str = ""  # the per-loss gradient engine the step used (rows | gram | none), and why
     engine_reason: str = ""
     host_peak: int = 0  # host memory of --precision bf16-offload (fp32 masters, their gradients and AdamW state)
+    scaled_from: str = ""  # counted at reduced depths and extrapolated (planner/scale.py): which depths
 
 
 def build_student(student: Path, family: str, config, dtype=torch.float32):
@@ -342,6 +346,53 @@ def _status_kib(key: str) -> int:
     raise OSError(f"/proc/self/status has no {key}")
 
 
+def count_at_depth(cfg, L: int, family: str, teacher_L: int | None, shapes: Shapes, config, *,
+                   device_memory: int | None = None) -> Counted:
+    """count_step at the student's full depth: directly for a shallow student, else from reduced
+    depths, extrapolated (drivekd/planner/scale.py: why it is exact, and the checks that fall back
+    to the direct count). DRIVEKD_PLAN_DIRECT=1 always counts directly."""
+    from drivekd.layers import LayerSpecError
+    from drivekd.planner import scale
+
+    def direct() -> Counted:
+        return count_step(cfg, dry_plan(cfg, L, family, teacher_L), shapes, config, device_memory=device_memory)
+
+    d = scale.depth_of(config, family)
+    if os.environ.get("DRIVEKD_PLAN_DIRECT") == "1" or not scale.worth_scaling(d):
+        return direct()
+    from drivekd.projection.precision import param_dtype
+    from drivekd.trainer.step import choose_engine
+
+    # The full model's parameters (meta tensors: no memory), for --grad-engine auto's decision
+    # (the reduced copies would choose by their own size) and to check the fitted count.
+    with torch.device("meta"):
+        full = build_student(cfg.student, family, config, param_dtype(cfg.precision))
+    params = [p for p in full.parameters()]
+    n_params = sum(p.numel() for p in params)
+    K = len(dry_plan(cfg, L, family, teacher_L).row_names)
+    engine, reason = "none", ""
+    if K > 1 and (cfg.projection != "none" or cfg.dynamic_weights):
+        engine, reason = choose_engine(cfg, params, K, torch.device("cuda"), device_memory or PLANNED_GPU_MEMORY)
+    fixed = replace(cfg, grad_engine=engine) if engine != "none" else cfg
+    counts = {}
+    try:
+        for text, periods in scale.points():
+            small = scale.reduced_config(config, family, text, periods)
+            counts[(text, periods)] = count_step(fixed, dry_plan(fixed, text, family), shapes, small, device_memory=device_memory)
+    except (ConfigError, LayerSpecError):
+        return direct()  # e.g. a --layers index beyond the reduced depth
+    ext = lambda get: scale.extrapolate({p: get(c) for p, c in counts.items()}, d)  # noqa: E731
+    cats = {k: ext(lambda c, k=k: c.categories[k]) for k in counts[scale.points()[0]].categories}
+    got = dict(flops=ext(lambda c: c.flops), params=ext(lambda c: c.params), baseline=ext(lambda c: c.baseline),
+               host_peak=ext(lambda c: c.host_peak))
+    if any(v is None for v in (*cats.values(), *got.values())) or got["params"] != n_params:
+        log.warning("the reduced-depth counts do not extrapolate exactly; counting all %d layers", L)
+        return direct()
+    pts = ", ".join(f"{t}+{p * d.period}" for t, p in scale.points())
+    return Counted(cats, sum(cats.values()), got["flops"], got["params"], got["baseline"], None, engine, reason,
+                   got["host_peak"], f"text+vision layers {pts}")
+
+
 # ----------------------------------------------------------------------------- the report
 
 
@@ -369,7 +420,7 @@ def dry_run(cfg, *, seq_len: int | None = None, cameras: int = 6, gpu_memory: in
     shapes = shapes_for(family, config, Path(cfg.student), cameras, seq_len)
 
     def one(c) -> Counted:
-        return count_step(c, dry_plan(c, L, family, teacher_L), shapes, config, device_memory=gpu_memory)
+        return count_at_depth(c, L, family, teacher_L, shapes, config, device_memory=gpu_memory)
 
     run = one(cfg)
     # Suggestions (suggest=False) need the peak only: no SFT pass for them.
@@ -401,6 +452,7 @@ def dry_run(cfg, *, seq_len: int | None = None, cameras: int = 6, gpu_memory: in
         "precision": cfg.precision,
         "host_peak_bytes": run.host_peak,
         "grad_engine": run.engine,
+        "depth_scaled_from": run.scaled_from,
         "grad_engine_reason": run.engine_reason,
         "micro_batch": 1,
         "flops_per": "micro-step (one sample); an optimizer step is --grad-accum of them",
@@ -455,6 +507,9 @@ def format_report(r: dict[str, Any]) -> str:
     for k, v in r["categories"].items():
         lines.append(f"  {k:<18}{g(v)}")
     lines.append(f"  {'total':<18}{g(r['peak_bytes'])}   (plain fine-tuning: {g(r['sft_peak_bytes']).strip()})")
+    if r.get("depth_scaled_from"):
+        lines.append(f"counted at reduced depths ({r['depth_scaled_from']}) and extrapolated to {r['student_layers']} "
+                     "text layers (exact: the step is affine in the depth; drivekd/planner/scale.py)")
     if r["host_peak_bytes"]:
         lines.append(f"host memory (offloaded fp32 masters, their gradients and AdamW state): {g(r['host_peak_bytes']).strip()}")
     ratio = f"{r['flops_ratio']:.2f}x" if r["flops_ratio"] else "-"
