@@ -247,7 +247,10 @@ def _deeper(src: Path, dst: Path, text: int, vision: int) -> Path:
 def test_depth_scaled_count_equals_the_full_count(tiny_models, one_thread, tmp_path, monkeypatch, family, kw):
     """A deep student is counted at four reduced depths and extrapolated (planner/scale.py): the
     result equals counting every layer, category by category, FLOPs and host memory included."""
-    student = _deeper(tiny_models / f"{family}-student", tmp_path / family, text=9, vision=2)
+    from drivekd.planner import scale
+
+    monkeypatch.setattr(scale, "DIRECT_MAX_LAYERS", 6)  # the tiny students are shallow: scale them too
+    student = _deeper(tiny_models / f"{family}-student", tmp_path / family, text=7, vision=2)
     cfg = TrainConfig(student=student, **{"dtype": "float32", **kw})
     family_, L = student_depth(student)
     config = P.student_config(student)

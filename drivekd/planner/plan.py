@@ -374,21 +374,21 @@ def count_at_depth(cfg, L: int, family: str, teacher_L: int | None, shapes: Shap
     if K > 1 and (cfg.projection != "none" or cfg.dynamic_weights):
         engine, reason = choose_engine(cfg, params, K, torch.device("cuda"), device_memory or PLANNED_GPU_MEMORY)
     fixed = replace(cfg, grad_engine=engine) if engine != "none" else cfg
-    counts = {}
+    counts = []
     try:
-        for text, periods in scale.points():
-            small = scale.reduced_config(config, family, text, periods)
-            counts[(text, periods)] = count_step(fixed, dry_plan(fixed, text, family), shapes, small, device_memory=device_memory)
+        for small in scale.points(family):
+            conf = scale.reduced_config(config, family, small)
+            counts.append(count_step(fixed, dry_plan(fixed, small.text, family), shapes, conf, device_memory=device_memory))
     except (ConfigError, LayerSpecError):
         return direct()  # e.g. a --layers index beyond the reduced depth
-    ext = lambda get: scale.extrapolate({p: get(c) for p, c in counts.items()}, d)  # noqa: E731
-    cats = {k: ext(lambda c, k=k: c.categories[k]) for k in counts[scale.points()[0]].categories}
+    ext = lambda get: scale.extrapolate([get(c) for c in counts], d)  # noqa: E731
+    cats = {k: ext(lambda c, k=k: c.categories[k]) for k in counts[0].categories}
     got = dict(flops=ext(lambda c: c.flops), params=ext(lambda c: c.params), baseline=ext(lambda c: c.baseline),
                host_peak=ext(lambda c: c.host_peak))
-    if any(v is None for v in (*cats.values(), *got.values())) or got["params"] != n_params:
-        log.warning("the reduced-depth counts do not extrapolate exactly; counting all %d layers", L)
+    if got["params"] != n_params or min(cats.values()) < 0:
+        log.warning("the reduced-depth counts do not extrapolate to the full model; counting all %d layers", L)
         return direct()
-    pts = ", ".join(f"{t}+{p * d.period}" for t, p in scale.points())
+    pts = ", ".join(f"{p.text}+{sum(p.vision)}" for p in scale.points(family))
     return Counted(cats, sum(cats.values()), got["flops"], got["params"], got["baseline"], None, engine, reason,
                    got["host_peak"], f"text+vision layers {pts}")
 

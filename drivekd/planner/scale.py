@@ -1,25 +1,26 @@
 """Counting a deep student from shallower copies of it: the step's counts are affine in the depth.
 
-Why: a fake-tensor step costs ~0.4 ms per op on this CPU, and Qwen2.5-VL-3B's 36 text layers plus
-32 vision layers (each window-attention layer runs one attention per window: ~100 windows for six
-cameras) under the Gram engine's K-batched backward are ~10^6 ops: over 20 minutes. The step's
-graph repeats one block per layer, so every counted quantity is affine in the number of layers:
+Why: a fake-tensor step costs ~0.3 ms per op on this CPU, and Qwen2.5-VL-3B at six cameras under the
+Gram engine's K-batched backward takes ~20k ops per text layer and ~27k per vision window-attention
+layer (one attention per window, ~100 windows) on top of ~50k for the rest (counted by
+tools/bench_gram.py-style op counts on reduced copies): ~1.6M ops, over 10 minutes here. The
+step's graph repeats one block per layer, so every counted quantity is affine in the number of
+layers of each kind:
 
 * persistent bytes (weights, gradients, optimizer state, host state): parameters per layer x bytes;
-* saved activations and the capture's maps and teacher targets at the peak: one set per layer
-  (one target per student loss layer; the reasoning term has L - 1 loss layers, the others one);
+* saved activations, the capture's maps and teacher targets at the peak: one set per layer (one
+  target per student loss layer; the reasoning term has L - 1 loss layers, the others one);
 * temporaries at the peak: those of one point of the backward, the same point at every depth;
 * FLOPs: per layer, plus the embedding / head / losses.
 
-A Qwen2.5-VL vision tower repeats a period of layers (7 window-attention layers, then one with full
-attention: ``fullatt_block_indexes`` 7, 15, 23, 31), so its depth is counted in periods.
+Layer kinds: text decoder layers; vision layers, which for Qwen2.5-VL are two kinds (window
+attention, and full attention at ``fullatt_block_indexes``), for InternVL one.
 
-`counts = c0 + (L - a) * dL + (m - 1) * dm` is fitted from three reduced counts: text depths a and
-b = a + 1 at one vision period, and depth a at two periods; a fourth count (b, 2 periods) checks
-that the two depths add without interaction, and the fitted parameter count is checked against the
-full model's (built on the meta device). Either check failing (or a layer spec that does not
-resolve at the reduced depth) makes the planner count the full model. tests/test_planner.py checks
-the extrapolation against a full count on a small config.
+``counts = c(base) + (L - a) * d_text + sum_k (n_k - 1) * d_k`` is fitted from 2 + kinds reduced
+counts (base: a text layers and one vision layer of each kind; then one more of each kind), and the
+fitted parameter count must equal the full model's (built on the meta device); a layer spec that
+does not resolve at the reduced depth, or a mismatch, makes the planner count the full model.
+tests/test_planner.py checks the extrapolation against a full count, category by category.
 """
 
 from __future__ import annotations
@@ -27,75 +28,76 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 
-# Text depths of the reduced copies: a >= 4 keeps the recipes' loss layers (0, L-2, 0..L-2, mid
+# Text depth of the reduced copies: a >= 4 keeps the recipes' loss layers (0, L-2, 0..L-2, mid
 # ranges 1..L-3) distinct and non-empty.
 TEXT_A = 4
-# Scale only when it saves work: a model at most this deep (text and vision) is counted directly.
-DIRECT_MAX_LAYERS = 8
+# Count directly when the student has at most this many layers (text + vision): InternVL3-1B (48)
+# takes ~40 s here; scaling pays from Qwen2.5-VL-3B's 68 on.
+DIRECT_MAX_LAYERS = 48
 
 
 @dataclass(frozen=True)
 class Depth:
-    """A student's depth: text layers and vision periods of `period` layers each."""
+    """A student's depth: text layers and vision layers by kind (kind names in VISION_KINDS order)."""
 
     text: int
-    vision_periods: int
-    period: int
+    vision: tuple[int, ...]
+
+
+def vision_kinds(family: str) -> tuple[str, ...]:
+    return ("window", "full") if family == "qwen2_5_vl" else ("layer",)
 
 
 def depth_of(config, family: str) -> Depth | None:
-    """The depth, or None when a tower does not repeat (then the model is counted directly)."""
+    """The depth, or None when the text layers are not all of one type (then counted directly)."""
     text = config.text_config
     types = getattr(text, "layer_types", None)
     if types is not None and len(set(types)) > 1:
-        return None  # mixed layer types (sliding + full) would need their own period
+        return None  # mixed layer types (sliding + full) would be kinds of their own
     vc = config.vision_config
     if family == "qwen2_5_vl":
-        depth, full = int(vc.depth), list(getattr(vc, "fullatt_block_indexes", []) or [])
-        period = (full[0] + 1) if full else depth
-        if period <= 0 or depth % period or full != [period * (i + 1) - 1 for i in range(depth // period)]:
-            return None
+        full = len(set(getattr(vc, "fullatt_block_indexes", []) or []))
+        vision = (int(vc.depth) - full, full)
     else:
-        depth, period = int(vc.num_hidden_layers), 1
-    return Depth(int(text.num_hidden_layers), depth // period, period)
+        vision = (int(vc.num_hidden_layers),)
+    return Depth(int(text.num_hidden_layers), vision)
 
 
 def worth_scaling(d: Depth | None) -> bool:
-    return d is not None and (d.text > DIRECT_MAX_LAYERS or d.vision_periods * d.period > DIRECT_MAX_LAYERS) \
-        and d.text >= TEXT_A + 1 and d.vision_periods >= 2
+    return d is not None and d.text + sum(d.vision) > DIRECT_MAX_LAYERS and d.text > TEXT_A and min(d.vision) >= 1
 
 
-def reduced_config(config, family: str, text_layers: int, vision_periods: int):
-    """A copy of `config` with `text_layers` decoder layers and `vision_periods` vision periods."""
+def reduced_config(config, family: str, depth: Depth):
+    """A copy of `config` at `depth` (Qwen2.5-VL: the full-attention vision layers last)."""
     c = copy.deepcopy(config)
-    d = depth_of(config, family)
     t = c.text_config
-    t.num_hidden_layers = text_layers
+    t.num_hidden_layers = depth.text
     if getattr(t, "layer_types", None) is not None:
-        t.layer_types = list(t.layer_types[:1]) * text_layers
+        t.layer_types = list(t.layer_types[:1]) * depth.text
     if getattr(t, "max_window_layers", None) is not None:
-        t.max_window_layers = min(t.max_window_layers, text_layers)
+        t.max_window_layers = min(t.max_window_layers, depth.text)
     vc = c.vision_config
     if family == "qwen2_5_vl":
-        vc.depth = vision_periods * d.period
-        vc.fullatt_block_indexes = [d.period * (i + 1) - 1 for i in range(vision_periods)]
+        window, full = depth.vision
+        vc.depth = window + full
+        vc.fullatt_block_indexes = list(range(window, window + full))
     else:
-        vc.num_hidden_layers = vision_periods
+        vc.num_hidden_layers = depth.vision[0]
     return c
 
 
-def points() -> list[tuple[int, int]]:
-    """(text layers, vision periods) of the reduced counts: three to fit, the last to check."""
-    a, b = TEXT_A, TEXT_A + 1
-    return [(a, 1), (b, 1), (a, 2), (b, 2)]
+def points(family: str) -> list[Depth]:
+    """The reduced depths counted: the base, then one more text layer, then one more of each vision kind."""
+    n = len(vision_kinds(family))
+    base = Depth(TEXT_A, (1,) * n)
+    more = [Depth(TEXT_A, tuple(2 if i == k else 1 for i in range(n))) for k in range(n)]
+    return [base, Depth(TEXT_A + 1, base.vision), *more]
 
 
-def extrapolate(values: dict[tuple[int, int], int], d: Depth) -> int | None:
-    """One count at the full depth from the counts at `points()`; None when the check point shows
-    an interaction between the two depths (the count is then not affine in them)."""
-    (a, _), (b, _) = points()[:2]
-    c0, cb, cm, cbm = (values[p] for p in points())
-    dL, dm = cb - c0, cm - c0
-    if cbm != c0 + dL + dm:
-        return None
-    return c0 + (d.text - a) * dL // (b - a) + (d.vision_periods - 1) * dm
+def extrapolate(values: list[int], d: Depth) -> int:
+    """One count at depth `d` from its values at `points()` (same order)."""
+    base, text, *kinds = values
+    out = base + (d.text - TEXT_A) * (text - base)
+    for n, v in zip(d.vision, kinds):
+        out += (n - 1) * (v - base)
+    return out
