@@ -10,6 +10,12 @@ first (one zero-gradient AdamW step, before counting) so the count is that of a 
 formulas, as FlopCounterMode counts them); an SFT
 step (CE only, one backward) of the same student on the same shapes is counted for the ratio.
 
+--precision: the student is built in the run's weight dtype, so weights and the flat gradient
+count 2 bytes/parameter in the bf16 modes; BF16AdamW's device state (moments, Kahan compensation)
+is optimizer_state; bf16-offload's fp32 masters, their gradients, their AdamW state and the host
+step's temporaries are host memory, reported apart (`host_peak_bytes`). A deep student (more than
+48 layers) is counted at a few reduced depths and extrapolated (drivekd/planner/scale.py).
+
 What differs on a GPU (the allocator margin below covers it): the CUDA context and library
 workspaces, the caching allocator's 512-byte rounding and fragmentation, and CUDA's sdpa kernels
 (flash / memory-efficient) whose saved statistics are smaller than the CPU kernel's. Fake tensors
