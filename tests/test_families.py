@@ -190,3 +190,25 @@ def test_unreadable_image_names_sample(tiny_models, tmp_path):
 
     with pytest.raises(DataError, match="broken-1.*bad.png"):
         fam.encode(s)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_questions_on_one_image_group_process_its_images_once(tiny_models, samples, family):
+    """The group memo: a second question on the same images reuses the processed pixels (the image
+    processor runs once), and gives exactly the tensors of a fresh, un-memoised processing."""
+    a, _ = samples
+    q2 = Sample("s-a2", "reasoning", a.images, "Is the road clear?", "Yes.")
+    fam = Family.from_pretrained(tiny_models / f"{family}-student")
+    calls = []
+    ip = fam.processor.image_processor
+    orig = type(ip).__call__
+    type(ip).__call__ = lambda self, *x, **k: calls.append(1) or orig(self, *x, **k)
+    try:
+        fam.encode(a)
+        enc2, _ = fam.encode(q2)
+    finally:
+        type(ip).__call__ = orig
+    assert len(calls) == 1
+    fresh, _ = Family.from_pretrained(tiny_models / f"{family}-student").encode(q2)
+    assert enc2.keys() == fresh.keys() and all(torch.equal(enc2[k], fresh[k]) for k in fresh)
+    assert fam.processor._memo_key is None  # outside an encode nothing is memoised

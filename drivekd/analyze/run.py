@@ -15,7 +15,6 @@ g with g % world == r (as the teacher pass splits its units); rank 0 aggregates 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from pathlib import Path
@@ -29,6 +28,7 @@ from drivekd.analyze.sampling import REWORDING_FIELD, select
 from drivekd.analyze.settings import AnalyzeConfig
 from drivekd.data.loaders import load_samples
 from drivekd.errors import ConfigError, DataError, DriveKDError, ModelError
+from drivekd.fileio import atomic_write
 from drivekd.families.base import Family, detect_family, load_model
 from drivekd.store.build import _barrier, _dist, _fault_hook, dataset_fingerprint
 from drivekd.store.zarr_store import teacher_fingerprint
@@ -69,10 +69,6 @@ def _num_layers(model_dir: Path) -> int:
     return n
 
 
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    write(tmp)
-    os.replace(tmp, path)
 
 
 def _load_part(path: Path) -> dict | None:
@@ -97,7 +93,7 @@ def _check_manifest(out: Path, manifest: dict, overwrite: bool) -> None:
                               "pass a new --out, or --overwrite to discard them")
         shutil.rmtree(out / PARTS, ignore_errors=True)
     (out / PARTS).mkdir(parents=True, exist_ok=True)
-    _atomic_write(path, lambda p: p.write_text(json.dumps(manifest, indent=1) + "\n"))
+    atomic_write(path, lambda p: p.write_text(json.dumps(manifest, indent=1) + "\n"))
 
 
 def analyze(cfg: AnalyzeConfig) -> dict:
@@ -144,7 +140,7 @@ def analyze(cfg: AnalyzeConfig) -> dict:
                 raise DataError(str(e).split(". Fix or remove")[0] + f". Fix or remove the file, or drop sample {s.id} "
                                 f"from --data {cfg.data}") from None
             rec.update(id=s.id, capability=s.capability, rewording_of=sel.rewording_of.get(s.id))
-            _atomic_write(out / PARTS / f"{s.id}.pt", lambda p: torch.save(rec, p))
+            atomic_write(out / PARTS / f"{s.id}.pt", lambda p: torch.save(rec, p))
             bar.update(1)
             if fault:
                 fault()
@@ -179,7 +175,7 @@ def analyze(cfg: AnalyzeConfig) -> dict:
         **result,
         "figures": figures.write_figures(result, L, out),
     }
-    _atomic_write(out / "analysis.json", lambda p: p.write_text(json.dumps(doc, indent=1) + "\n"))
+    atomic_write(out / "analysis.json", lambda p: p.write_text(json.dumps(doc, indent=1) + "\n"))
     return {"rank": 0, "out": str(out), "computed": len(todo), "already": done_before, "seconds": time.perf_counter() - t0,
             "suggestion": result["suggestion"], "figures": doc["figures"], "questions": doc["questions"],
             "rewordings": doc["rewordings"], "images": doc["images"]}

@@ -243,11 +243,8 @@ class Family(abc.ABC):
         full_text = proc.apply_chat_template(self.messages(sample, with_answer), tokenize=False, add_generation_prompt=not with_answer)
         # Questions about one image group come in a row: decode and preprocess its images once.
         imgs = self.images(sample)
-        proc._memo_key = self._image_memo[0]
-        try:
+        with proc.image_group(self._image_memo[0]):
             enc = proc(images=imgs or None, text=[full_text], return_tensors="pt")
-        finally:
-            proc._memo_key = None
         ids = enc["input_ids"][0]
         T = ids.numel()
         if with_answer:

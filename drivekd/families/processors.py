@@ -9,6 +9,7 @@ another backend, and teacher and student must always see the same pixels.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 from pathlib import Path
@@ -23,12 +24,22 @@ class _GroupImageMemo:
 
     Several questions ask about one image group (up to 8 per six-camera group in Drive-KD data);
     processing six camera images costs more than the prefix-shared teacher pass of a question.
-    `Family.encode` sets `_memo_key` (image paths, sizes, mtimes) around each call; the memo
-    holds one group.
+    The caller names the group for the duration of one call (`with proc.image_group(key): proc(...)`,
+    key = image paths, sizes, mtimes; see `Family.encode`); outside such a block nothing is memoised.
+    The memo holds one group.
     """
 
     _memo_key = None
     _memo = (None, None)
+
+    @contextlib.contextmanager
+    def image_group(self, key):
+        """Within the block, calls whose images are group `key` reuse the previous processing of it."""
+        self._memo_key = key
+        try:
+            yield self
+        finally:
+            self._memo_key = None
 
     def _process_images(self, images, **kwargs):
         key = self._memo_key

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from drivekd.errors import AlignmentError, ConfigError
+from drivekd.fileio import atomic_write_text, write_error
 from drivekd.store.targets import TargetSource
 
 KINDS = ("data", "cache", "student")
@@ -163,4 +164,9 @@ def write_run_json(path: Path, record: dict[str, Any], resumed_from: Path | None
             history = []
     entry = {"started": time.strftime("%Y-%m-%dT%H:%M:%S"), "resumed_from": str(resumed_from) if resumed_from else None,
              "from_step": step, **record}
-    path.write_text(json.dumps({**record, "history": history + [entry]}, indent=2) + "\n")
+    text = json.dumps({**record, "history": history + [entry]}, indent=2) + "\n"
+    try:  # atomic: a run killed while writing keeps the previous run.json (and its history)
+        atomic_write_text(path, text)
+    except OSError as e:
+        raise write_error(e, path, "the run record", "Nothing was trained yet in this start; free space and run the "
+                          "command again (add --resume to continue from the latest checkpoint)") from e

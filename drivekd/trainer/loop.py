@@ -27,6 +27,7 @@ import torch
 from drivekd.distributed import Dist
 from drivekd.errors import DriveKDError
 from drivekd.families.base import Family, load_model
+from drivekd.fileio import append_line, atomic_write_text, write_error
 from drivekd.store.targets import TargetSource
 from drivekd.trainer import checkpoint as ckpt
 from drivekd.trainer.identity import write_run_json
@@ -263,8 +264,9 @@ class Trainer:
             losses.append(rec["loss"])
             records.append(rec)
             if self.dist.main and (self.step % cfg.log_every == 0 or self.step == plan.total_steps):
-                with metrics_path.open("a") as fh:
-                    fh.write(json.dumps(rec, allow_nan=False) + "\n")
+                append_line(metrics_path, json.dumps(rec, allow_nan=False), "the metrics log",
+                            f"Step {self.step} was trained but not logged or saved; free space, then continue with --resume "
+                            "(the run restarts from its latest checkpoint and rewrites the log from there)")
                 report_metrics(self, rec)  # the same record to TensorBoard / W&B (--report-to)
             bar.update(1)
             bar.set_postfix(loss=f"{rec['loss']:.4g}" if rec["loss"] is not None else "-", lr=f"{rec['lr']:.2e}")
@@ -311,8 +313,18 @@ def _truncate_metrics(path: Path, step: int) -> None:
     """On resume, keep the metrics of steps <= the checkpoint's step: the file reads as one run."""
     if not path.exists():
         return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
-    path.write_text("".join(line + "\n" for line in keep))
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line) if line.strip() else None
+        except ValueError:  # a line cut short when the disk filled or the process was killed mid-write
+            continue
+        if rec is not None and rec.get("step", 0) <= step:
+            keep.append(line)
+    try:
+        atomic_write_text(path, "".join(line + "\n" for line in keep))
+    except OSError as e:
+        raise write_error(e, path, "the metrics log", "Free space, then run the same command again") from e
 
 
 def train(cfg: TrainConfig, targets: TargetSource | None = None) -> TrainResult:
