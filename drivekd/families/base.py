@@ -129,6 +129,13 @@ class Family(abc.ABC):
     name = ""
     padding_side = "left"  # the family processor's own default
     vision_delimiter_tokens: tuple[str, ...] = ()
+    # --freeze groups (drivekd.trainer.trainable.PARAM_GROUPS) -> parameter-name prefixes in the HF
+    # model; the longest matching prefix decides (embed_tokens is embeddings, not language).
+    param_groups: dict[str, tuple[str, ...]] = {}
+    # --lora's default targets (globs on module names): the language model's attention and MLP
+    # projections (both families' text models are Qwen2-style decoders).
+    lora_targets: tuple[str, ...] = ("model.language_model.layers.*.self_attn.[qkvo]_proj",
+                                     "model.language_model.layers.*.mlp.*_proj")
 
     def __init__(self, processor, *, text_tokens: str = "paper"):
         if text_tokens not in ("paper", "not_vision"):
@@ -307,6 +314,13 @@ class InternVLFamily(Family):
     name = "internvl"
     padding_side = "left"
     vision_delimiter_tokens = ("<img>", "</img>")
+    param_groups = {
+        "vision": ("model.vision_tower.",),  # InternViT
+        "projector": ("model.multi_modal_projector.",),  # mlp1 of the original checkpoints
+        "language": ("model.language_model.",),
+        "embeddings": ("model.language_model.embed_tokens.",),
+        "lm_head": ("lm_head.",),
+    }
 
     @staticmethod
     def model_class():
@@ -330,6 +344,13 @@ class Qwen25VLFamily(Family):
     name = "qwen2_5_vl"
     padding_side = "right"
     vision_delimiter_tokens = ("<|vision_start|>", "<|vision_end|>")
+    param_groups = {
+        "vision": ("model.visual.",),
+        "projector": ("model.visual.merger.",),  # the patch merger: vision features -> text hidden size
+        "language": ("model.language_model.",),
+        "embeddings": ("model.language_model.embed_tokens.",),
+        "lm_head": ("lm_head.",),
+    }
 
     @staticmethod
     def model_class():

@@ -336,6 +336,8 @@ AttentionMaskInterface.register(CAPTURE_IMPL, sdpa_mask)
 
 def decoder_layers(model) -> list[torch.nn.Module]:
     """The language model's decoder layers of a supported VLM (HF layout: model.language_model.layers)."""
+    if hasattr(model, "get_base_model"):  # a LoRA student (peft.PeftModel): the HF model inside
+        model = model.get_base_model()
     lm = model.model.language_model if hasattr(model, "model") else model.language_model
     return list(lm.layers)
 

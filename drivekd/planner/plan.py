@@ -217,6 +217,7 @@ class Counted:
     rss_increase: int | None = None  # real runs: peak RSS over the step minus RSS before it (malloc trimmed)
     engine: str = ""  # the per-loss gradient engine the step used (rows | gram | none), and why
     engine_reason: str = ""
+    trainable: int = 0  # parameters with requires_grad (--freeze / --lora leave fewer)
     host_peak: int = 0  # host memory of --precision bf16-offload (fp32 masters, their gradients and AdamW state)
     scaled_from: str = ""  # counted at reduced depths and extrapolated (planner/scale.py): which depths
 
@@ -271,7 +272,9 @@ def count_step(cfg, plan, shapes: Shapes, config, *, fake: bool = True, model=No
                     model = build_student(cfg.student, shapes.family, config, wdtype)
             else:
                 model = build_student(cfg.student, shapes.family, config, wdtype)
-        prepare_student(model, cfg)
+        # --freeze / --lora: gradients, rows and optimizer state below cover the trainable params only.
+        with sh.paused() if fake else contextlib.nullcontext(), _adapters_stay_put(fake and cfg.lora):
+            model = prepare_student(model, cfg)
         # The GPU run's compute dtype (auto: bf16), run under CPU autocast here.
         # --grad-engine auto decides as on the planned GPU (--gpu-memory, else a 40 GiB A100).
         ts = TrainStep(model, plan, Dist("cpu"), autocast_dtype(cfg, torch.device("cuda" if fake else "cpu")), AssumeFinite(),
@@ -289,7 +292,7 @@ def count_step(cfg, plan, shapes: Shapes, config, *, fake: bool = True, model=No
             batch = synthetic_batch(shapes, config, plan)
         batch.inputs.tensors = {k: to_run(v) for k, v in batch.inputs.tensors.items()}
         batch.targets = {r: {s: targets_like(m) for s, m in d.items()} for r, d in batch.targets.items()}
-        tracker.add(ts.params, "weights")
+        tracker.add(list(model.parameters()), "weights")  # frozen ones too
         tracker.add(ts.grads.flat, "gradients")
         if ts.bufs is not None:
             tracker.add(ts.bufs.buffer, "grad_rows")
@@ -324,8 +327,23 @@ def count_step(cfg, plan, shapes: Shapes, config, *, fake: bool = True, model=No
             step_mod.capture_attention = real_capture
         rss = None if fake else _peak_rss() - rss_before
         cats = tracker.peak_by_category()
-        return Counted(cats, tracker.peak, int(tracker.flops), sum(p.numel() for p in ts.params), baseline, rss,
-                       ts.engine, ts.engine_reason, tracker.host_peak)
+        return Counted(cats, tracker.peak, int(tracker.flops), sum(p.numel() for p in model.parameters()), baseline, rss,
+                       ts.engine, ts.engine_reason, sum(p.numel() for p in ts.params), tracker.host_peak)
+
+
+@contextlib.contextmanager
+def _adapters_stay_put(active: bool):
+    """peft moves each new LoRA layer to its base layer's device and dtype with Module.to, which
+    fake parameters refuse (`_apply` must swap a FakeTensor parameter, and fake tensors carry
+    weakrefs). The planner builds every weight on the CPU in fp32, where peft creates the adapters,
+    so each move is a no-op: skip it while the adapters are added on a fake run."""
+    if not active:
+        yield
+        return
+    from unittest import mock
+
+    with mock.patch.object(torch.nn.Module, "to", lambda self, *a, **k: self):
+        yield
 
 
 def _rss_now() -> int:
@@ -364,7 +382,8 @@ def count_at_depth(cfg, L: int, family: str, teacher_L: int | None, shapes: Shap
         return count_step(cfg, dry_plan(cfg, L, family, teacher_L), shapes, config, device_memory=device_memory)
 
     d = scale.depth_of(config, family)
-    if os.environ.get("DRIVEKD_PLAN_DIRECT") == "1" or not scale.worth_scaling(d):
+    # --freeze / --lora change which parameters train (and so --grad-engine auto's choice): direct.
+    if os.environ.get("DRIVEKD_PLAN_DIRECT") == "1" or not scale.worth_scaling(d) or cfg.freeze or cfg.lora:
         return direct()
     from drivekd.projection.precision import param_dtype
     from drivekd.trainer.step import choose_engine
@@ -390,13 +409,13 @@ def count_at_depth(cfg, L: int, family: str, teacher_L: int | None, shapes: Shap
     ext = lambda get: scale.extrapolate([get(c) for c in counts], d)  # noqa: E731
     cats = {k: ext(lambda c, k=k: c.categories[k]) for k in counts[0].categories}
     got = dict(flops=ext(lambda c: c.flops), params=ext(lambda c: c.params), baseline=ext(lambda c: c.baseline),
-               host_peak=ext(lambda c: c.host_peak))
+               host_peak=ext(lambda c: c.host_peak), trainable=ext(lambda c: c.trainable))
     if got["params"] != n_params or min(cats.values()) < 0:
         log.warning("the reduced-depth counts do not extrapolate to the full model; counting all %d layers", L)
         return direct()
     pts = ", ".join(f"{p.text}+{sum(p.vision)}" for p in scale.points(family))
     return Counted(cats, sum(cats.values()), got["flops"], got["params"], got["baseline"], None, engine, reason,
-                   got["host_peak"], f"text+vision layers {pts}")
+                   trainable=got["trainable"], host_peak=got["host_peak"], scaled_from=f"text+vision layers {pts}")
 
 
 # ----------------------------------------------------------------------------- the report
@@ -449,6 +468,7 @@ def dry_run(cfg, *, seq_len: int | None = None, cameras: int = 6, gpu_memory: in
         "cameras": shapes.cameras,
         "tokens_per_camera": shapes.tokens_per_camera,
         "params": run.params,
+        "trainable_params": run.trainable,
         "family": family,
         "student_layers": L,
         "recipe": cfg.recipe,
@@ -503,7 +523,8 @@ def _suggestions(cfg, seq_len, cameras, gpu_memory, engine: str) -> list[dict[st
 def format_report(r: dict[str, Any]) -> str:
     """The human-readable answer."""
     g = lambda b: f"{b / GiB:7.2f} GiB"  # noqa: E731
-    lines = [f"drivekd-train --dry-run: {r['family']} student, {r['params'] / 1e9:.2f}B parameters, recipe {r['recipe']}, "
+    trainable = f" ({r['trainable_params'] / 1e6:.1f}M trainable)" if r["trainable_params"] != r["params"] else ""
+    lines = [f"drivekd-train --dry-run: {r['family']} student, {r['params'] / 1e9:.2f}B parameters{trainable}, recipe {r['recipe']}, "
              f"projection {r['projection']}, T = {r['seq_len']} ({r['cameras']} camera(s) x {r['tokens_per_camera']} "
              f"image tokens), micro-batch 1",
              f"gradient checkpointing {'on' if r['gradient_checkpointing'] else 'off'}, gradient engine {r['grad_engine'] or 'none'}"

@@ -2,7 +2,10 @@
 
 A checkpoint folder holds
 
-    model.safetensors, config.json, ...     the student (save_pretrained, safetensors)
+    model.safetensors, config.json, ...     the student (save_pretrained, safetensors); a LoRA run's
+                                           step checkpoints: adapter_model.safetensors and
+                                           adapter_config.json only, its final/: the merged
+                                           model plus adapter/ (drivekd/trainer/trainable.py)
     processor / tokenizer files            the family's processor (save_pretrained)
     trainer_state.pt                       optimizer, scheduler, re-weighting, RNG states: tensors
                                            and plain containers only, read with weights_only=True
@@ -106,9 +109,12 @@ def save_checkpoint(
     processor,
     state: dict[str, Any],
     meta: dict[str, Any],
+    write_model=None,
 ) -> Path:
     """Write a complete checkpoint RUN/<name>/ atomically. `state` goes to trainer_state.pt (tensors
-    and plain containers), `meta` to trainer_state.json. Refuses to write non-finite weights."""
+    and plain containers), `meta` to trainer_state.json. Refuses to write non-finite weights.
+    `write_model(folder)` writes the student instead of `model.save_pretrained` (a LoRA student:
+    drivekd.trainer.trainable.model_writer)."""
     bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
     if bad:
         raise DriveKDError(f"refusing to checkpoint {name}: non-finite weights in {', '.join(bad[:5])}")
@@ -119,7 +125,10 @@ def save_checkpoint(
         shutil.rmtree(tmp)
     try:
         tmp.mkdir()
-        model.save_pretrained(tmp, safe_serialization=True)
+        if write_model is not None:
+            write_model(tmp)
+        else:
+            model.save_pretrained(tmp, safe_serialization=True)
         processor.save_pretrained(tmp)
         torch.save(state, tmp / STATE_PT)
         (tmp / STATE_JSON).write_text(json.dumps({"format_version": FORMAT_VERSION, **meta}, indent=2, sort_keys=True) + "\n")

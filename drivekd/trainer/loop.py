@@ -30,6 +30,7 @@ from drivekd.families.base import Family, load_model
 from drivekd.fileio import append_line, atomic_write_text, write_error
 from drivekd.store.targets import TargetSource
 from drivekd.trainer import checkpoint as ckpt
+from drivekd.trainer import trainable
 from drivekd.trainer.identity import write_run_json
 from drivekd.trainer.plan import RunPlan, describe, validate
 from drivekd.trainer.report_to import report_metrics
@@ -95,10 +96,13 @@ class Trainer:
         self.device = dev
         self.family = Family.from_pretrained(cfg.student, text_tokens=cfg.text_tokens, image_processing=cfg.image_settings)
         # Weights and optimizer state per --precision (fp32 by default); compute under autocast.
+        # A LoRA checkpoint holds the adapter only: its base weights are --student's.
         from drivekd.projection.precision import param_dtype
 
-        model = load_model(plan.resume_dir or cfg.student, dtype=param_dtype(cfg.precision), device=dev)
-        self.train_step = TrainStep(prepare_student(model, cfg), plan, dist, autocast_dtype(cfg, dev))
+        model = load_model(trainable.weights_dir(cfg, plan.resume_dir), dtype=param_dtype(cfg.precision), device=dev)
+        self.train_step = TrainStep(prepare_student(model, cfg, plan.resume_dir), plan, dist, autocast_dtype(cfg, dev))
+        n = trainable.counts(self.train_step.model)
+        log.info("student: %d parameters, %d trainable (%.2f%%)", n["params"], n["trainable"], 100 * n["trainable"] / n["params"])
         if self.train_step.per_loss:
             log.info("gradient engine: %s (%s)", self.train_step.engine, self.train_step.engine_reason)
         self.model, self.optimizer = self.train_step.model, self.train_step.optimizer
@@ -157,7 +161,8 @@ class Trainer:
 
     def _save(self, name: str) -> None:
         if self.dist.main:
-            ckpt.save_checkpoint(self.out, name, self.model, self.family.processor, self._state(), self._meta())
+            ckpt.save_checkpoint(self.out, name, self.model, self.family.processor, self._state(), self._meta(),
+                                 write_model=trainable.model_writer(self.model, final=name == "final"))
             if name != "final":
                 ckpt.prune(self.out, self.cfg.keep_last)
         self.dist.barrier()
@@ -283,9 +288,11 @@ def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None
     return None if dtype == "float32" else getattr(torch, dtype)
 
 
-def prepare_student(model, cfg: TrainConfig):
-    """Training mode, no KV cache, and (--gradient-checkpointing) non-reentrant checkpointing:
-    the capture then records the maps again during the recomputation, inside its block."""
+def prepare_student(model, cfg: TrainConfig, resume_dir: Path | None = None):
+    """Training mode, no KV cache, (--gradient-checkpointing) non-reentrant checkpointing: the
+    capture then records the maps again during the recomputation, inside its block; then
+    --freeze / --lora (a LoRA student comes back as a PeftModel, its adapter from `resume_dir`).
+    Returns the model to train."""
     model.train()
     model.config.use_cache = False
     if cfg.gradient_checkpointing:
@@ -294,7 +301,7 @@ def prepare_student(model, cfg: TrainConfig):
             model.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
-    return model
+    return trainable.setup(model, cfg, resume_dir)
 
 
 def plan_json(plan: RunPlan) -> dict[str, Any]:

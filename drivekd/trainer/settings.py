@@ -21,6 +21,8 @@ from drivekd.images import ImageSettings, pop_flags
 from drivekd.projection.precision import PRECISIONS
 from drivekd.roles import ROLES
 from drivekd.trainer.report_to import default_report_to, parse_report_to
+from drivekd.trainer.trainable import PARAM_GROUPS
+from drivekd.trainer.trainable import check_settings as check_trainable
 
 RECIPES = (*ROLES, "multi", "sft")
 PROJECTIONS = ("agp", "g1", "g2", "none")
@@ -120,6 +122,16 @@ class TrainConfig:
                          "bf16-stochastic (bf16 weights and moments, stochastic rounding; 8 bytes/parameter, noisier) | "
                          "bf16-pure (round to nearest, as the authors' trainer: drops updates below bf16's resolution; for "
                          "comparison only). bf16 modes compute in bf16.", group="optimisation", choices=PRECISION_CHOICES)
+    # which weights train (drivekd.trainer.trainable): frozen groups, or LoRA adapters
+    freeze: str | None = opt(None, f"Freeze these module groups (comma list of {', '.join(PARAM_GROUPS)}): their weights "
+                             "get no gradient, rows or optimizer state.", group="optimisation")
+    lora: bool = opt(False, "Train LoRA adapters (peft) instead of the weights; final/ holds the adapter (adapter/) and "
+                     "the merged model.", group="optimisation")
+    lora_rank: int = opt(16, "LoRA rank r.", group="optimisation", minimum=">0")
+    lora_alpha: float = opt(32.0, "LoRA alpha (the update is scaled by alpha / r).", group="optimisation", minimum=">0")
+    lora_targets: str | None = opt(None, "Modules that get adapters: comma list of module names (q_proj) or globs on full "
+                                   "names (default: the language model's attention and MLP projections).",
+                                   group="optimisation")
 
     # ----- runtime
     dtype: str = opt("auto", "Compute dtype under autocast (weights and optimizer stay fp32): auto = bfloat16 on GPU, "
@@ -188,6 +200,10 @@ class TrainConfig:
         if self.precision != "fp32" and self.dtype in ("float32", "float16"):
             raise ConfigError(f"--precision {self.precision} keeps bf16 weights, so the step computes in bf16: use --dtype auto "
                               f"or bfloat16 (not {self.dtype}), or --precision fp32")
+        if self.precision != "fp32" and self.lora:
+            raise ConfigError(f"--precision {self.precision} with --lora is not supported: LoRA's few trainable parameters "
+                              "need little optimizer memory; use --precision fp32 with --lora")
+        check_trainable(self)  # --freeze groups, --lora-* only with --lora
         if self.resume and self.resume_from is not None:
             raise ConfigError("give either --resume (latest checkpoint in --out) or --resume-from DIR, not both")
 
