@@ -49,7 +49,7 @@ TABLE_KEYS = {
     "data": ("train", "images", "eval"),
     "teachers": ROLES,
     "cache": ("out", "device", "dtype", "encoding", "keepbits", "layers", "batch_size", "skip_bad", "share_prefix",
-              "writers", "text_tokens"),
+              "writers", "text_tokens", "signals", "logits_top_k"),
 }
 # Keys holding paths: resolved against the config file's folder.
 PATH_KEYS = {

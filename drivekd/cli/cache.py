@@ -41,6 +41,11 @@ def main() -> None:
 @click.option("--text-tokens", type=click.Choice(["paper", "not_vision"]), default=None,
               help="Text query set X stored for the losses: paper (no special tokens, default) or not_vision (the "
                    "reference trainer's); drivekd-train --text-tokens must match.")
+@click.option("--signals", default=None, help="What to store, comma separated, any order: attention (always), logits (the teacher's "
+              "top-k next-token log-probabilities on answer positions, for --recipe kl), hidden (hidden states at the role's layers "
+              "on text positions, for --recipe hidden). Adding a signal to an existing store computes only what is missing.")
+@click.option("--logits-top-k", type=int, default=None, help="k of the stored top-k log-probabilities (default 256: "
+              "tools/bench_signals.py measures bytes vs KL error); the rest of the mass is kept as one tail value.")
 @click.option("--share-prefix/--no-share-prefix", default=True, help="Run each image group's shared token prefix once (default on).")
 @click.option("--writers", type=int, default=None, help="Threads that compress and write targets (default: min(4, CPUs)).")
 @click.option("--config", "config_path", type=click.Path(path_type=Path), help="Project config (default ./drivekd.toml if present).")
@@ -49,13 +54,15 @@ def main() -> None:
 @click.option("--dry-run", is_flag=True, help="Plan only: peak memory and FLOPs of one teacher forward with capture, from config.json alone.")
 @click.option("--json", "as_json", is_flag=True, help="With --dry-run: print one JSON object.")
 @click.option("--seq-len", type=int, default=None, help="With --dry-run: tokens per sample (default: six cameras' image tokens + 264).")
-def build(role, model_dir, data, images, out, layers, batch_size, encoding, keepbits, skip_bad, overwrite, device, dtype, text_tokens, share_prefix, writers, config_path, no_progress,
+def build(role, model_dir, data, images, out, layers, batch_size, encoding, keepbits, skip_bad, overwrite, device, dtype, text_tokens, signals, logits_top_k,
+          share_prefix, writers, config_path, no_progress,
           dry_run=False, as_json=False, seq_len=None, **image_flags):
     """Run the teacher(s) once over every sample and write their targets."""
     import torch
 
     from drivekd.config import load_config
     from drivekd.store.build import BuildConfig, build as run_build
+    from drivekd.store.signals import DEFAULT_TOP_K, parse_signals
     from drivekd.store.zarr_store import Encoding
 
     try:
@@ -100,6 +107,8 @@ def build(role, model_dir, data, images, out, layers, batch_size, encoding, keep
             share_prefix=share_prefix and bool(c.get("share_prefix", True)),
             text_tokens=text_tokens or c.get("text_tokens", "paper"),
             image_processing=ImageSettings.from_sources(image_flags, cfg),
+            signals=parse_signals(signals or c.get("signals")),
+            logits_top_k=logits_top_k or int(c.get("logits_top_k", DEFAULT_TOP_K)),
         )
         if writers or c.get("writers"):
             bc.writers = writers or int(c["writers"])
@@ -143,6 +152,9 @@ def info(store, as_json):
         click.echo(f"  samples: {s['complete']} complete, {s['incomplete'] + s['missing']} missing/incomplete, {s['skipped']} skipped")
         click.echo(f"  {s['bytes_on_disk'] / 2**20:.2f} MiB on disk; attention {s['attn_bytes'] / 2**20:.2f} MiB vs "
                    f"{s['fp16_square_bytes'] / 2**20:.2f} MiB as fp16 square maps ({ratio})")
+        for name, st in s.get("signals", {}).items():
+            what = f"top {st['top_k']} log-probs + tail on answer positions" if name == "logits" else f"layers {st['layers']} on text positions"
+            click.echo(f"  {name}: {what}; {s['signal_bytes'].get(name, 0) / 2**20:.2f} MiB on disk")
         if s["prefix_groups"]:
             click.echo(f"  shared prefixes: {s['prefix_groups']} groups, {s['questions_per_group']:.1f} questions per group, "
                        f"{s['unshared_samples']} unshared samples; {s['bytes_saved_by_sharing'] / 2**20:.2f} MiB of fp16 "

@@ -14,14 +14,28 @@ from drivekd.losses.attention import KINDS, SIGNALS, layer_groups
 from drivekd.roles import RECIPE_LAYERS, RECIPE_SIGNAL
 
 
+# Terms that read the store's other signals, by signal: their row names.
+KD_NAMES = {"logits": "kl", "hidden": "hidden"}
+
+
 @dataclass(frozen=True)
 class TermPlan:
     """One teacher term: its signal, loss kind, and (student layer, teacher layers) pairs."""
 
-    role: str
-    signal: str  # "t2v" | "full"
-    kind: str  # "mse" | "cosine"
-    pairs: tuple[tuple[int, tuple[int, ...]], ...]
+    role: str  # the store role whose targets the term reads
+    signal: str  # "t2v" | "full" (attention), "logits" (--recipe kl) or "hidden" (--recipe hidden)
+    kind: str  # "mse" | "cosine" | "kl"
+    pairs: tuple[tuple[int, tuple[int, ...]], ...]  # (student layer, teacher layers); () for logits
+    teacher_width: int | None = None  # hidden: the teacher's hidden size (the projection's output)
+
+    @property
+    def name(self) -> str:
+        """The term's row name (metrics, weights): its role for an attention term, else kl / hidden."""
+        return KD_NAMES.get(self.signal, self.role)
+
+    @property
+    def attention(self) -> bool:
+        return self.signal in SIGNALS
 
     @property
     def student_layers(self) -> list[int]:

@@ -190,7 +190,9 @@ def dry_plan(cfg, student_L: int, family: str, teacher_L: int | None = None):
     from drivekd.trainer.plan import RunPlan, _plan_terms, parse_mix
 
     L_T = teacher_L or student_L
-    roles = [] if cfg.recipe == "sft" else list(ROLES) if cfg.recipe == "multi" else [cfg.recipe]
+    # --recipe kl / hidden are counted as CE only (a rough count: their term's logits gather or
+    # hidden-state projection is left out).
+    roles = [] if cfg.recipe in ("sft", "kl", "hidden") else list(ROLES) if cfg.recipe == "multi" else [cfg.recipe]
     roles = [r for r in roles if cfg.term_weight(r) > 0]
     infos = {r: RoleInfo(r, tuple(range(L_T)), L_T, "", family, "") for r in roles}
     terms = _plan_terms(cfg, roles, student_L, infos)
@@ -484,6 +486,8 @@ def dry_run(cfg, *, seq_len: int | None = None, cameras: int = 6, gpu_memory: in
         "flops_per": "micro-step (one sample); an optimizer step is --grad-accum of them",
         "suggestions": [],
     }
+    if cfg.recipe in ("kl", "hidden"):  # see dry_plan
+        out["approximation"] = f"--recipe {cfg.recipe} is counted as CE only (its second loss row, its targets and any projection are not)"
     if fits is False and suggest:
         out["suggestions"] = _suggestions(cfg, seq_len, cameras, gpu_memory, run.engine)
     return out
@@ -549,6 +553,8 @@ def format_report(r: dict[str, Any]) -> str:
             lines.append(f"  with {s['flags']}: {g(s['peak_bytes']).strip()} -> {'fits' if s['fits'] else 'still too big'}")
         if r["fits"] is False and not any(s["fits"] for s in r["suggestions"]):
             lines.append("  no trainer option alone makes it fit: a smaller --seq-len / fewer cameras, or a larger GPU")
+    if r.get("approximation"):
+        lines.append(f"rough count: {r['approximation']}")
     return "\n".join(lines)
 
 

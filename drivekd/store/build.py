@@ -31,6 +31,7 @@ from drivekd.images import ImageSettings
 from drivekd.layers import LayerSpecError, check_spec, recipe_layers, resolve_layers, spec_of
 from drivekd.roles import ROLES
 from drivekd.store.lock import StoreLock
+from drivekd.store.signals import DEFAULT_TOP_K, EXTRA, answer_rows, hidden_dtype, hidden_width, parse_signals, topk_logits, vocab_identity, vocab_rows
 from drivekd.store.zarr_store import Encoding, TeacherStore, pack_rows, teacher_fingerprint
 
 
@@ -53,6 +54,10 @@ class BuildConfig:
     text_tokens: str = "paper"  # the text query set X stored with each sample: paper | not_vision
     progress: bool = True
     share_prefix: bool = True  # run each image group's shared token prefix once
+    # Signals to store (drivekd.store.signals): attention always; logits and hidden on request. A
+    # store that lacks some of them for some samples gets only what is missing computed.
+    signals: tuple[str, ...] = ("attention",)
+    logits_top_k: int = DEFAULT_TOP_K  # k of the stored top-k next-token log-probabilities
     # Threads that quantise, compress and write (Blosc releases the GIL). With a fast GPU teacher
     # a reasoning role writes ~27 layers per sample: one thread would bound the build.
     writers: int = field(default_factory=lambda: max(1, min(4, os.cpu_count() or 1)))
@@ -78,6 +83,9 @@ class BuildConfig:
             raise ConfigError(f"--writers must be >= 1, not {self.writers}")
         if self.text_tokens not in ("paper", "not_vision"):
             raise ConfigError(f"--text-tokens must be paper or not_vision, not {self.text_tokens!r}")
+        self.signals = parse_signals(self.signals)
+        if self.logits_top_k < 1:
+            raise ConfigError(f"--logits-top-k must be >= 1, not {self.logits_top_k}")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ConfigError(f"--dtype must be float32, bfloat16 or float16, not {self.dtype!r}")
 
@@ -135,11 +143,17 @@ def _for_writer(m: torch.Tensor, row0: int = 0):
 
 
 class _Pass:
-    """The teacher pass over units of one checkpoint: forward, cut per sample, queue the writes."""
+    """The teacher pass over units of one checkpoint: forward, cut per sample, queue the writes.
 
-    def __init__(self, store, family, model, roles, layers, union, cfg, fault, totals, bar):
+    Per (sample, role) it computes only what is missing: the attention maps (with every signal
+    the role lists, when the sample must be written anew), or just the signals a complete sample
+    lacks (added beside its untouched attention files)."""
+
+    def __init__(self, store, family, model, roles, layers, union, cfg, fault, totals, bar, wanted=None, n_tok=None):
         self.store, self.family, self.model, self.roles, self.layers = store, family, model, roles, layers
         self.union, self.cfg, self.fault, self.totals, self.bar = union, cfg, fault, totals, bar
+        self.wanted = wanted or {r: () for r in roles}  # role -> extra signals it stores (logits, hidden)
+        self.n_tok = n_tok  # tokenizer size: top-k ids stay below it
         self.writer = None
         self.pending = []
 
@@ -158,9 +172,32 @@ class _Pass:
                 self.bar.update(1)
         return good
 
-    def _todo_roles(self, s: Sample) -> list[str]:
-        # Complete with every file present; a sample marked complete with arrays missing is redone.
-        return [r for r in self.roles if self.store.sample_status(r, s.id) != "complete" or self.store.missing_files(r, s.id)]
+    def _need(self, r: str, s: Sample) -> tuple[bool, list[str]]:
+        """(attention must be written, extra signals to compute) for role r of sample s."""
+        st = self.store
+        # Complete with every file present; a sample marked complete with arrays missing is redone (with all its signals).
+        if st.sample_status(r, s.id) != "complete" or st.missing_files(r, s.id):
+            return True, list(self.wanted[r])
+        return False, [n for n in self.wanted[r] if st.signal_missing_files(r, s.id, n)]
+
+    def _forward_needs(self, needs: list[dict]) -> tuple[bool, list[int], bool]:
+        """(capture attention, hidden layers, logits) a unit's forward must produce."""
+        att = any(a for nd in needs for a, _ in nd.values())
+        hid = sorted({l for nd in needs for r, (_, e) in nd.items() if "hidden" in e for l in self.layers[r]})
+        return att, hid, any("logits" in e for nd in needs for _, e in nd.values())
+
+    def _payload(self, extras: list[str], r: str, lay, logits_rows, hidden_full) -> dict:
+        """A sample's signal arrays. logits_rows: (A, V) teacher logits at answer_rows(labels);
+        hidden_full: layer -> (T, H) hidden states of the sample's own positions."""
+        out = {}
+        if "logits" in extras:
+            lp, idx, tail = topk_logits(logits_rows, self.cfg.logits_top_k, self.n_tok)
+            out["logits"] = {"logits_pos": answer_rows(lay.labels).to(torch.int32).numpy(), "logits_lp": lp, "logits_idx": idx, "logits_tail": tail}
+        if "hidden" in extras:
+            x = lay.text.nonzero().squeeze(-1)  # (X,) the text positions
+            h = torch.stack([hidden_full[l][x.to(hidden_full[l].device)] for l in self.layers[r]]).float()  # (n_layers, X, H)
+            out["hidden"] = {"hidden_pos": x.to(torch.int32).numpy(), "hidden": h.to(hidden_dtype(h)).cpu().numpy(), "layers": list(self.layers[r])}
+        return out
 
     def _submit(self, fn, *args, **kw):
         fut = self.writer.submit(fn, *args, **kw)
@@ -176,16 +213,35 @@ class _Pass:
     def run_batch(self, good: list[Sample]) -> None:
         """Unshared: one padded forward over the batch, each sample's full map."""
         cfg = self.cfg
+        needs = [{r: self._need(r, s) for r in self.roles} for s in good]
+        att, hid, want_logits = self._forward_needs(needs)
         inputs = self.family.build_inputs(good).to(cfg.device)
         am = inputs.tensors["attention_mask"].bool()
-        with torch.no_grad(), capture_attention(self.model, self.union, attention_mask=am) as maps:
-            self.model(**inputs.tensors)
+        kw = {"output_hidden_states": True} if hid else {}
+        keep = None
+        if want_logits:
+            from drivekd.losses.attention import answer_positions
+
+            keep = answer_positions(inputs.padded("labels"))[0]  # (P,) padded positions: only the answer rows' logits
+            kw["logits_to_keep"] = keep.to(cfg.device)
+        with torch.no_grad(), capture_attention(self.model, self.union if att else [], attention_mask=am) as maps:
+            out = self.model(**inputs.tensors, **kw)
         for b, (s, lay) in enumerate(zip(good, inputs.layouts)):
             pos = am[b].cpu().nonzero().squeeze(1)  # the sample's own rows/columns in the padded batch
             lo, hi = int(pos[0]), int(pos[-1]) + 1
-            for r in self._todo_roles(s):
-                rmaps = [_for_writer(maps[l][b, lo:hi, lo:hi].contiguous()) for l in self.layers[r]]
-                self._submit(self.store.write_sample, r, s.id, lay.input_ids, lay.vision, lay.text, rmaps, self.layers[r], cfg.encoding, self.fault)
+            rows = None
+            if want_logits:
+                rows = out.logits[b, torch.searchsorted(keep, answer_rows(lay.labels) + lo).to(out.logits.device)]  # (A, V)
+            hidden = {l: out.hidden_states[l + 1][b, lo:hi] for l in hid}
+            for r in self.roles:
+                a, extras = needs[b][r]
+                payload = self._payload(extras, r, lay, rows, hidden)
+                if a:
+                    rmaps = [_for_writer(maps[l][b, lo:hi, lo:hi].contiguous()) for l in self.layers[r]]
+                    self._submit(self.store.write_sample, r, s.id, lay.input_ids, lay.vision, lay.text, rmaps, self.layers[r], cfg.encoding, self.fault,
+                                 signals=payload)
+                elif payload:
+                    self._submit(self.store.write_signals, r, s.id, payload, self.fault)
         self.totals["written"] += len(good)
         self.bar.update(len(good))
 
@@ -193,20 +249,28 @@ class _Pass:
         """Shared: the group's common token prefix once, then each question's suffix against its KV cache."""
         cfg = self.cfg
         enc = [self.family.encode(s) for s in good]
-        need = [bool(self._todo_roles(s)) for s in good]
-        res = shared_forward(self.model, enc, self.union, need, cfg.device)
+        needs = [{r: self._need(r, s) for r in self.roles} for s in good]
+        att, hid, _ = self._forward_needs(needs)
+        member = [any(a or e for a, e in nd.values()) for nd in needs]
+        rows = [answer_rows(lay.labels) if any("logits" in e for _, e in nd.values()) else None for (_, lay), nd in zip(enc, needs)]
+        res = shared_forward(self.model, enc, self.union if att else [], member, cfg.device, hidden_layers=hid, logits_rows=rows)
         P, key = res.prefix_length, res.key
         prefix_ids = enc[0][1].input_ids[:P]
         prefix_done = {}
-        for r in self.roles:
+        for r in self.roles if att else []:
             if self.store.prefix_missing_files(r, key):
                 prefix_done[r] = self._submit(self.store.write_prefix, r, key, prefix_ids, [_for_writer(res.prefix[l]) for l in self.layers[r]],
                                               self.layers[r], cfg.encoding, len(good), self.fault)
-        for s, (_, lay), rows in zip(good, enc, res.suffixes):
-            for r in self._todo_roles(s) if rows is not None else []:
-                self._submit(self.store.write_sample, r, s.id, lay.input_ids, lay.vision, lay.text,
-                             [_for_writer(rows[l], P) for l in self.layers[r]], self.layers[r], cfg.encoding, self.fault,
-                             prefix=(key, P), after=prefix_done.get(r))
+        for i, (s, (_, lay), smaps) in enumerate(zip(good, enc, res.suffixes)):
+            for r in self.roles if smaps is not None else []:
+                a, extras = needs[i][r]
+                payload = self._payload(extras, r, lay, res.logits[i], {l: torch.cat([res.prefix_hidden[l], res.hidden[i][l]]) for l in hid})
+                if a:
+                    self._submit(self.store.write_sample, r, s.id, lay.input_ids, lay.vision, lay.text,
+                                 [_for_writer(smaps[l], P) for l in self.layers[r]], self.layers[r], cfg.encoding, self.fault,
+                                 prefix=(key, P), after=prefix_done.get(r), signals=payload)
+                elif payload:
+                    self._submit(self.store.write_signals, r, s.id, payload, self.fault)
             self.totals["written"] += 1
             self.bar.update(1)
 
@@ -217,6 +281,9 @@ class SharedMaps:
     key: str  # content hash of the prefix tokens and pixels
     prefix: dict[int, torch.Tensor]  # layer -> (P, P)
     suffixes: list[dict[int, torch.Tensor] | None]  # per sample: layer -> (T_i - P, T_i), None if not needed
+    prefix_hidden: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (P, H) (hidden_layers only)
+    hidden: list[dict[int, torch.Tensor]] = field(default_factory=list)  # per sample: layer -> (T_i - P, H)
+    logits: list[torch.Tensor | None] = field(default_factory=list)  # per sample: (A_i, V) at its logits_rows
 
 
 def kv_cache_arg(model) -> str:
@@ -226,13 +293,16 @@ def kv_cache_arg(model) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
-def shared_forward(model, encoded, layers, need=None, device="cpu") -> SharedMaps:
+def shared_forward(model, encoded, layers, need=None, device="cpu", hidden_layers=(), logits_rows=None) -> SharedMaps:
     """Head-mean maps of a group of samples that share their images, computing the shared prefix once.
 
     encoded: [(processor tensors, TokenLayout)] per sample (Family.encode, batch 1, unpadded).
     Under causal attention the first P rows of every member's map depend only on the common P
     tokens: they come from one prefix forward; each member then runs only its suffix against the
     prefix's KV cache. Equal to per-sample forwards within fp32 rounding.
+
+    hidden_layers: also return those layers' hidden states (prefix once, each suffix's own rows);
+    logits_rows: per sample, the positions (T_i,-coordinates) whose next-token logits to return, or None.
     """
     ids = [lay.input_ids for _, lay in encoded]
     need = need or [True] * len(encoded)
@@ -248,15 +318,26 @@ def shared_forward(model, encoded, layers, need=None, device="cpu") -> SharedMap
     full_pos = rope_positions(model, t0, device)  # (3, 1, T) for Qwen2.5-VL, None for 1-D RoPE
     if full_pos is not None:
         prefix_in.update(image_grid_thw=t0["image_grid_thw"], mm_token_type_ids=t0["mm_token_type_ids"][:, :P], position_ids=full_pos[..., :P])
+    logits_rows = logits_rows or [None] * len(encoded)
+    # Answer rows inside the prefix (only when questions share their first answer tokens): their
+    # logits come from the prefix forward.
+    in_prefix = sorted({int(t) for r in logits_rows if r is not None for t in r if t < P})
+    extra = {"output_hidden_states": True} if hidden_layers else {}
+    pkeep = torch.tensor(in_prefix or [P - 1])
     with torch.no_grad(), capture_attention(model, layers) as pmaps:
-        out = model(**{k: v.to(device) for k, v in prefix_in.items()}, use_cache=True)
+        out = model(**{k: v.to(device) for k, v in prefix_in.items()}, use_cache=True, logits_to_keep=pkeep.to(device), **extra)
+    prefix_hidden = {l: out.hidden_states[l + 1][0] for l in hidden_layers}
+    prefix_logits = out.logits[0]  # (len(pkeep), V)
     cache_arg = kv_cache_arg(model)
     cache = out[cache_arg]
     prefix = {l: m[0] for l, m in pmaps.items()}  # on the model's device
     suffixes: list[dict[int, torch.Tensor] | None] = []
-    for (tens, lay), want in zip(encoded, need):
+    hidden, logits = [], []
+    for (tens, lay), want, rows in zip(encoded, need, logits_rows):
         if not want:
             suffixes.append(None)
+            hidden.append({})
+            logits.append(None)
             continue
         T = lay.length
         pos = rope_positions(model, tens, device)
@@ -269,11 +350,19 @@ def shared_forward(model, encoded, layers, need=None, device="cpu") -> SharedMap
         }
         if "mm_token_type_ids" in tens:
             suf["mm_token_type_ids"] = tens["mm_token_type_ids"][:, P:]
+        skeep = (rows[rows >= P] - P) if rows is not None else torch.tensor([T - P - 1])
         with torch.no_grad(), capture_attention(model, layers) as smaps:
-            model(**{k: v.to(device) for k, v in suf.items()}, **{cache_arg: cache}, use_cache=True)
+            sout = model(**{k: v.to(device) for k, v in suf.items()}, **{cache_arg: cache}, use_cache=True,
+                         logits_to_keep=skeep.to(device), **extra)
         cache.crop(-(T - P))  # drop this suffix: back to the bare prefix for the next question
         suffixes.append({l: m[0] for l, m in smaps.items()})  # (T - P, T), on the model's device
-    return SharedMaps(P, key, prefix, suffixes)
+        hidden.append({l: sout.hidden_states[l + 1][0] for l in hidden_layers})  # (T - P, H)
+        if rows is None:
+            logits.append(None)
+        else:  # (A, V): rows in the prefix from the prefix forward, the others from this suffix's
+            head = prefix_logits[torch.searchsorted(pkeep, rows[rows < P]).to(prefix_logits.device)]
+            logits.append(torch.cat([head, sout.logits[0]]))
+    return SharedMaps(P, key, prefix, suffixes, prefix_hidden, hidden, logits)
 
 
 def write_error(e: OSError, store: TeacherStore, roles: list[str], left: int) -> StoreError:
@@ -380,17 +469,40 @@ def _build_locked(cfg: BuildConfig, dist: Dist) -> dict:
             "sample_ids": ids,
             "layout": "attn[k, i*(i+1)/2 + j] = A_layers[k][i, j] * (i + 1), j <= i, float16",
         }
+        # Signals besides attention: their settings are recorded per role; a role keeps every
+        # signal it ever stored, so a rebuilt sample gets all of them back.
+        settings = {}
+        if "logits" in cfg.signals:
+            settings["logits"] = {"top_k": cfg.logits_top_k, "positions": "answer", "vocab_size": vocab_rows(ncfg), **vocab_identity(family.tokenizer)}
+        refusal = None
         if rank == 0:
-            for role in roles:
-                store.init_role(role, {**meta_common, "role": role, "layers": layers[role]}, overwrite=cfg.overwrite)
+            try:
+                for role in roles:
+                    store.init_role(role, {**meta_common, "role": role, "layers": layers[role]}, overwrite=cfg.overwrite)
+                    role_settings = dict(settings)
+                    if "hidden" in cfg.signals:
+                        role_settings["hidden"] = {"layers": layers[role], "hidden_size": hidden_width(ncfg), "positions": "text", "dtype": "float16"}
+                    if role_settings:
+                        store.add_signals(role, role_settings, overwrite=cfg.overwrite)
+            except StoreError as e:
+                refusal = str(e)
+        if dist.world > 1:
+            from torch.distributed import broadcast_object_list
+
+            box = [refusal]
+            broadcast_object_list(box, src=0)
+            refusal = box[0]
+        if refusal:
+            raise StoreError(refusal)
         dist.barrier()
+        wanted = {r: tuple(n for n in EXTRA if n in store.role_meta(r).get("signals", {})) for r in roles}
 
         union = sorted(set().union(*layers.values()))
         # Units of work, fixed by the dataset order whatever is already stored: image groups when
         # sharing prefixes (a group's prefix runs once), else fixed batches.
         units = image_groups(samples) if cfg.share_prefix else [samples[i : i + cfg.batch_size] for i in range(0, len(samples), cfg.batch_size)]
         mine = [u for k, u in enumerate(units) if k % world == rank]
-        todo = [u for u in mine if not all(store.is_done(r, s.id) for s in u for r in roles)]
+        todo = [u for u in mine if not all(store.is_done(r, s.id, wanted[r]) for s in u for r in roles)]
         totals["already"] += sum(len(u) for u in mine) - sum(len(u) for u in todo)
         if not todo:
             continue
@@ -399,7 +511,8 @@ def _build_locked(cfg: BuildConfig, dist: Dist) -> dict:
         bar = tqdm(total=sum(len(u) for u in todo), desc=f"teacher {'+'.join(roles)}", unit="sample",
                    disable=not cfg.progress or rank != 0, dynamic_ncols=True)
         t_loop = time.perf_counter()
-        pass_ = _Pass(store, family, model, roles, layers, union, cfg, fault, totals, bar)
+        pass_ = _Pass(store, family, model, roles, layers, union, cfg, fault, totals, bar, wanted,
+                      vocab_identity(family.tokenizer)["tokenizer_size"])
         # Writer threads: packing (on CPU), compression and file writes overlap the next forward.
         try:
             with ThreadPoolExecutor(max_workers=cfg.writers) as writer:

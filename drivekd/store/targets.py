@@ -17,6 +17,24 @@ from drivekd.roles import ROLES
 
 
 @dataclass
+class LogitTargets:
+    """The teacher's next-token distribution at a sample's answer positions (drivekd.store.signals)."""
+
+    positions: torch.Tensor  # (A,) long: positions t whose next label t+1 the CE uses
+    logprobs: torch.Tensor  # (A, k) fp32: top-k log-probabilities, descending
+    index: torch.Tensor  # (A, k) long: their token ids
+    log_tail: torch.Tensor  # (A,) fp32: log of the mass outside the top-k
+
+
+@dataclass
+class HiddenTargets:
+    """The teacher's hidden states at a sample's text positions, per teacher layer."""
+
+    positions: torch.Tensor  # (X,) long
+    layers: dict[int, torch.Tensor]  # teacher layer -> (X, H) fp32
+
+
+@dataclass
 class SampleTargets:
     """One sample's teacher targets for one role."""
 
@@ -25,6 +43,8 @@ class SampleTargets:
     vision: torch.Tensor  # (T,) bool
     text: torch.Tensor  # (T,) bool
     maps: dict[int, torch.Tensor] = field(default_factory=dict)  # teacher layer -> (T, T) fp32, zero above the diagonal
+    logits: LogitTargets | None = None  # when asked for (signals={"logits": None})
+    hidden: HiddenTargets | None = None  # when asked for (signals={"hidden": [layers]})
 
     @property
     def length(self) -> int:
@@ -39,6 +59,9 @@ class RoleInfo:
     teacher: str  # teacher fingerprint
     family: str
     processor: str  # processor/chat-template fingerprint
+    # Signals besides attention and their settings (drivekd.store.signals): {"logits": {"top_k", "tokenizer_size",
+    # "tokenizer_fingerprint", "vocab_size"}, "hidden": {"layers", "hidden_size", "positions"}}
+    signals: dict = field(default_factory=dict, hash=False, compare=False)
 
 
 class TargetSource(Protocol):
@@ -46,7 +69,7 @@ class TargetSource(Protocol):
 
     def role_info(self, role: str) -> RoleInfo: ...
 
-    def get(self, role: str, sample_id: str, layers: list[int] | None = None) -> SampleTargets: ...
+    def get(self, role: str, sample_id: str, layers: list[int] | None = None, signals: dict | None = None) -> SampleTargets: ...
 
 
 class InMemoryTargets:
@@ -64,7 +87,7 @@ class InMemoryTargets:
             raise StoreError(f"role {role!r} is not in the targets (have: {', '.join(self.roles()) or 'none'})")
         return self._infos[role]
 
-    def get(self, role: str, sample_id: str, layers: list[int] | None = None) -> SampleTargets:
+    def get(self, role: str, sample_id: str, layers: list[int] | None = None, signals: dict | None = None) -> SampleTargets:
         info = self.role_info(role)
         t = self._targets.get(role, {}).get(sample_id)
         if t is None:
@@ -73,4 +96,8 @@ class InMemoryTargets:
         missing = [l for l in want if l not in t.maps]
         if missing:
             raise StoreError(f"sample {sample_id!r}, role {role}: layers {missing} not stored (have {sorted(t.maps)})")
-        return SampleTargets(t.sample_id, t.fingerprint, t.vision, t.text, {l: t.maps[l] for l in want})
+        for name in signals or {}:
+            if getattr(t, name) is None:
+                raise StoreError(f"sample {sample_id!r}, role {role}: no {name} targets")
+        return SampleTargets(t.sample_id, t.fingerprint, t.vision, t.text, {l: t.maps[l] for l in want},
+                             t.logits if signals and "logits" in signals else None, t.hidden if signals and "hidden" in signals else None)

@@ -40,6 +40,7 @@ from zarr.codecs import BloscCodec
 from drivekd.errors import StoreError
 from drivekd.ids import is_safe_key
 from drivekd.store.integrity import ALGORITHM, PREFIX_VECTORS, SAMPLE_VECTORS, absent, checksum, chunk_file, expected_files
+from drivekd.store.signals import ARRAYS as SIGNAL_ARRAYS
 from drivekd.store.targets import ROLES, RoleInfo, SampleTargets
 
 SCHEMA_VERSION = 3
@@ -198,6 +199,11 @@ def teacher_fingerprint(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def _payload_bytes(payload: dict) -> int:
+    """Raw bytes of a signal payload's arrays (before compression)."""
+    return sum(v.nbytes for v in payload.values() if isinstance(v, np.ndarray))
+
+
 def _dir_bytes(p: Path) -> int:
     return sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) if p.exists() else 0
 
@@ -260,7 +266,25 @@ class TeacherStore:
 
     def role_info(self, role: str) -> RoleInfo:
         m = self.role_meta(role)
-        return RoleInfo(role, tuple(m["layers"]), int(m["num_teacher_layers"]), m["teacher_fingerprint"], m["family"], m["processor_fingerprint"])
+        return RoleInfo(role, tuple(m["layers"]), int(m["num_teacher_layers"]), m["teacher_fingerprint"], m["family"], m["processor_fingerprint"],
+                        dict(m.get("signals", {})))
+
+    def add_signals(self, role: str, settings: dict[str, dict], overwrite: bool = False) -> None:
+        """Record that `role` stores these signals (besides attention), with their settings. A
+        signal already recorded with other settings (another --logits-top-k) is refused."""
+        g = zarr.open_group(str(self.path / role), mode="a")
+        have = dict(g.attrs.get("signals", {}))
+        for name, st in settings.items():
+            old = have.get(name)
+            if old is not None and old != st:
+                if not overwrite:
+                    diffs = "; ".join(f"{k}: store has {old.get(k)!r}, this build {st.get(k)!r}" for k in sorted(set(old) | set(st)) if old.get(k) != st.get(k))
+                    raise StoreError(f"role {role} of {self.path} stores {name} with other settings ({diffs}). Use the store's settings, "
+                                     f"another --out, or --overwrite to delete the role's {name} and recompute it")
+                self._drop_signal(role, name)
+            have[name] = st
+        g.update_attributes({"signals": have})
+        self._meta_cache.pop(role, None)
 
     def init_role(self, role: str, meta: dict, overwrite: bool = False) -> None:
         """Create the role group, or check that an existing one was built with the same settings."""
@@ -304,7 +328,7 @@ class TeacherStore:
         return attrs.get("status", "incomplete")
 
     def write_sample(self, role: str, sample_id: str, input_ids, vision, text, maps: list, layers, encoding: Encoding,
-                     fault=None, prefix: tuple[str, int] | None = None, after=None) -> int:
+                     fault=None, prefix: tuple[str, int] | None = None, after=None, signals: dict | None = None) -> int:
         """Write one sample's arrays, then its completion mark. Returns raw fp16 bytes of attention written.
 
         maps: per layer, a (T, T) map, or with prefix (key, P) its suffix rows (T - P, T) (the first
@@ -327,16 +351,70 @@ class TeacherStore:
             sums[name] = checksum(v)
         n = T * (T + 1) // 2 - row0 * (row0 + 1) // 2
         sums["attn"] = self._write_rows(g, maps, len(layers), n, encoding, row0, fault)
+        marks = {name: self._signal_mark(g, name, payload, fault) for name, payload in (signals or {}).items()}
         if after is not None:
             after.result()  # the shared prefix is complete before any member is
         mark = {"length": T, "fingerprint": token_fingerprint(input_ids), "layers": list(layers), "checksums": sums}
+        if marks:
+            mark["signals"] = marks
         if prefix:
             mark.update({"prefix": prefix[0], "prefix_length": row0})
         # The completion mark, last, in ONE zarr.json write: `g.attrs.update` would write the file
         # once per key (MutableMapping.update), and a kill between two of those writes could leave
         # "complete" without the fingerprint.
         g.update_attributes({**mark, "status": "complete"})
-        return len(layers) * n * 2
+        return len(layers) * n * 2 + sum(_payload_bytes(p) for p in (signals or {}).values())
+
+    @staticmethod
+    def _signal_mark(g, name: str, payload: dict, fault=None) -> dict:
+        from drivekd.store.signals import write_arrays
+
+        sums = write_arrays(g, name, payload, fault)
+        mark = {"status": "complete", "checksums": sums}
+        if name == "hidden":
+            mark["layers"] = list(payload["layers"])
+        return mark
+
+    def _drop_signal(self, role: str, name: str) -> None:
+        """Remove signal `name` (arrays and marks) from every sample of `role`; attention stays."""
+        sdir = self.path / role / "samples"
+        for d in sdir.iterdir() if sdir.exists() else []:
+            m = self._mark(d)
+            if name in m.get("signals", {}):
+                zarr.open_group(str(d), mode="a").update_attributes({"signals": {k: v for k, v in m["signals"].items() if k != name}})
+                for key in SIGNAL_ARRAYS[name]:
+                    shutil.rmtree(d / key, ignore_errors=True)
+
+    def write_signals(self, role: str, sample_id: str, signals: dict, fault=None) -> int:
+        """Add signals to a complete sample: their arrays, then ONE zarr.json write that adds their
+        marks. The attention arrays and every other file of the sample are not touched."""
+        d = self._sample_dir(role, sample_id)
+        g = zarr.open_group(str(d), mode="a")
+        marks = {name: self._signal_mark(g, name, payload, fault) for name, payload in signals.items()}
+        have = dict(self._mark(d).get("signals", {}))
+        have.update(marks)
+        g.update_attributes({"signals": have})
+        return sum(_payload_bytes(p) for p in signals.values())
+
+    def signal_status(self, role: str, sample_id: str, name: str) -> str:
+        """'complete' when the sample is complete and carries signal `name` with every file present."""
+        if name == "attention":
+            return self.sample_status(role, sample_id)
+        d = self._sample_dir(role, sample_id)
+        m = self._mark(d)
+        if m.get("status") != "complete":
+            return m.get("status", "missing") if (d / "zarr.json").is_file() else ("incomplete" if d.exists() else "missing")
+        return "complete" if not self.signal_missing_files(role, sample_id, name, m) else "missing"
+
+    def signal_missing_files(self, role: str, sample_id: str, name: str, mark: dict | None = None) -> list[Path]:
+        from drivekd.store.signals import expected_files as signal_files
+
+        d = self._sample_dir(role, sample_id)
+        m = mark if mark is not None else self._mark(d)
+        sm = m.get("signals", {}).get(name)
+        if not sm or sm.get("status") != "complete":
+            return [d / "zarr.json"]
+        return absent(signal_files(d, name, len(sm.get("layers", []))))
 
     @staticmethod
     def _write_rows(g, maps: list, n_layers: int, n: int, encoding: Encoding, row0: int, fault) -> list[str]:
@@ -389,8 +467,10 @@ class TeacherStore:
             shutil.rmtree(d)
         zarr.open_group(str(d), mode="w", attributes={"status": "skipped", "reason": reason})
 
-    def get(self, role: str, sample_id: str, layers: list[int] | None = None) -> SampleTargets:
-        """A sample's targets; every array read is checked against the checksum written with it."""
+    def get(self, role: str, sample_id: str, layers: list[int] | None = None, signals: dict | None = None) -> SampleTargets:
+        """A sample's targets; every array read is checked against the checksum written with it.
+
+        signals: {"logits": None, "hidden": [teacher layers]} to read those too."""
         info = self.role_info(role)
         status = self.sample_status(role, sample_id)
         if status != "complete":
@@ -430,7 +510,46 @@ class TeacherStore:
             maps[l] = decode_map(packed, T)
         vision = self._read(self._open(d, "vision", where, g), d, "vision", None, sums, where)
         text = self._read(self._open(d, "text", where, g), d, "text", None, sums, where)
-        return SampleTargets(sample_id, attrs["fingerprint"], torch.from_numpy(vision), torch.from_numpy(text), maps)
+        out = SampleTargets(sample_id, attrs["fingerprint"], torch.from_numpy(vision), torch.from_numpy(text), maps)
+        for name, sig_layers in (signals or {}).items():
+            setattr(out, name, self._read_signal(role, sample_id, d, g, attrs, name, sig_layers))
+        return out
+
+    def _read_signal(self, role: str, sample_id: str, d: Path, g, attrs: dict, name: str, layers: list[int] | None):
+        """One signal of a complete sample, each array checked against its mark's checksum."""
+        from drivekd.store.signals import chunk_of
+        from drivekd.store.targets import HiddenTargets, LogitTargets
+
+        where = f"{role} {name} targets of sample {sample_id!r}"
+        sm = attrs.get("signals", {}).get(name)
+        if not sm or sm.get("status") != "complete":
+            raise StoreError(f"{where}: not in the store (the sample has {', '.join(['attention', *attrs.get('signals', {})])}); add them with "
+                             f"`drivekd-cache build --teacher {role} --signals {name}` (computes only what is missing)")
+        sums = sm["checksums"]
+
+        def read(key: str, row: int | None = None) -> np.ndarray:
+            arr = self._open(d, key, where, g)
+            f = chunk_of(d, key, row)
+            try:
+                v = np.asarray(arr[row] if row is not None else arr[...])
+            except Exception as e:  # noqa: BLE001 - any decoder failure is damage of this chunk
+                raise StoreError(f"{where}: chunk {f} is unreadable ({type(e).__name__}: {e}); {self._fix()}") from None
+            expected = sums[key][row] if row is not None else sums[key]
+            if checksum(v) != expected:
+                what = "is missing" if not f.is_file() else f"does not match the {ALGORITHM} checksum written with it"
+                raise StoreError(f"{where}: chunk file {f} {what}; {self._fix()}")
+            return v
+
+        if name == "logits":
+            return LogitTargets(torch.from_numpy(read("logits_pos").astype(np.int64)), torch.from_numpy(read("logits_lp").astype(np.float32)),
+                                torch.from_numpy(read("logits_idx").astype(np.int64)), torch.from_numpy(read("logits_tail").astype(np.float32)))
+        stored = list(sm.get("layers", []))
+        want = stored if layers is None else [int(l) for l in layers]
+        missing = [l for l in want if l not in stored]
+        if missing:
+            raise StoreError(f"{where}: hidden states of teacher layers {missing} are not stored (have {stored}); rebuild the role with --layers")
+        pos = torch.from_numpy(read("hidden_pos").astype(np.int64))
+        return HiddenTargets(pos, {l: torch.from_numpy(read("hidden", stored.index(l)).astype(np.float32)) for l in want})
 
     def _fix(self) -> str:
         return (f"the store is damaged: `drivekd-cache verify {self.path}` lists every damaged sample, "
@@ -494,6 +613,8 @@ class TeacherStore:
             key = m.get("prefix")
             if key and key not in prefixes:
                 prefixes[key] = self._mark(self._prefix_dir(role, key)).get("checksums")
+            # Signals (logits, hidden) are not digested: adding them to the store later must not
+            # change the identity of attention runs that read it.
             h.update(json.dumps([sid, m.get("status"), m.get("fingerprint"), m.get("checksums"), prefixes.get(key)], sort_keys=True).encode())
         return h.hexdigest()
 
@@ -527,10 +648,14 @@ class TeacherStore:
             files += self.prefix_missing_files(role, m["prefix"])
         return files
 
-    def is_done(self, role: str, sample_id: str) -> bool:
-        """Complete (or recorded as skipped) with every file present: a build need not redo it."""
+    def is_done(self, role: str, sample_id: str, signals: tuple[str, ...] = ()) -> bool:
+        """Complete (or recorded as skipped) with every file present, `signals` included: a build need not redo it."""
         st = self.sample_status(role, sample_id)
-        return st == "skipped" or (st == "complete" and not self.missing_files(role, sample_id))
+        if st == "skipped":
+            return True
+        if st != "complete" or self.missing_files(role, sample_id):
+            return False
+        return all(not self.signal_missing_files(role, sample_id, n) for n in signals if n != "attention")
 
     # ----- reporting -----
     def sample_bytes(self, role: str, probe: int = 16) -> int | None:
@@ -565,6 +690,7 @@ class TeacherStore:
         sdir = self.path / role / "samples"
         attn_bytes = 0
         tril_entries = 0  # entries every complete sample's full lower triangles would hold
+        signal_bytes: dict[str, int] = {}  # logits / hidden arrays on disk
         prefix_use: dict[str, int] = {}
         for d in sdir.iterdir() if sdir.exists() else []:
             zj = d / "zarr.json"
@@ -576,6 +702,8 @@ class TeacherStore:
                 raw += nl * T * T * 2  # fp16 square maps
                 tril_entries += nl * T * (T + 1) // 2
                 attn_bytes += _dir_bytes(d / "attn")
+                for name in attrs.get("signals", {}):
+                    signal_bytes[name] = signal_bytes.get(name, 0) + sum(_dir_bytes(d / k) for k in SIGNAL_ARRAYS.get(name, ()))
                 if attrs.get("prefix"):
                     prefix_use[attrs["prefix"]] = prefix_use.get(attrs["prefix"], 0) + 1
         stored_entries = 0
@@ -609,6 +737,8 @@ class TeacherStore:
             # fp16 bytes of lower-triangle entries not stored thanks to sharing (before compression)
             "bytes_saved_by_sharing": -stored_entries * 2,
             "tril_fp16_bytes": tril_entries * 2,
+            "signals": meta.get("signals", {}),
+            "signal_bytes": signal_bytes,
         }
 
     def verify(self, role: str, quick: bool = False) -> list["Problem"]:
@@ -619,6 +749,7 @@ class TeacherStore:
 
         problems: list[Problem] = []
         bad_prefix: dict[str, str] = {}  # key -> problem, checked once however many members use it
+        extra = list(self.role_meta(role).get("signals", {}))  # logits / hidden, every sample must carry them
         for sid in self.role_meta(role).get("sample_ids", []):
             st = self.sample_status(role, sid)
             if st == "skipped":
@@ -629,6 +760,10 @@ class TeacherStore:
             gone = self.missing_files(role, sid)
             if gone:
                 problems.append(Problem(role, sid, f"marked complete but {len(gone)} file(s) are missing, e.g. {gone[0]}"))
+                continue
+            sig_problem = self._verify_signals(role, sid, extra, quick)
+            if sig_problem:
+                problems.append(Problem(role, sid, sig_problem))
                 continue
             if quick:
                 continue
@@ -658,6 +793,22 @@ class TeacherStore:
             except Exception as e:  # noqa: BLE001 - verify reports every unreadable sample
                 problems.append(Problem(role, sid, f"unreadable ({e})" if isinstance(e, StoreError) else f"unreadable ({type(e).__name__}: {e})"))
         return problems
+
+    def _verify_signals(self, role: str, sid: str, names: list[str], quick: bool) -> str:
+        """'' when the sample carries every signal the role lists, complete and (unless quick)
+        equal to its checksums; else what is wrong."""
+        for name in names:
+            if self.signal_status(role, sid, name) != "complete":
+                m = self._mark(self._sample_dir(role, sid)).get("signals", {}).get(name)
+                what = "missing" if not m else f"marked complete but {len(self.signal_missing_files(role, sid, name))} file(s) are missing"
+                return f"{name} {what} (`drivekd-cache build --teacher {role} --signals {name}` adds it)"
+            if not quick:
+                d = self._sample_dir(role, sid)
+                try:
+                    self._read_signal(role, sid, d, zarr.open_group(str(d), mode="r"), self._mark(d), name, None)
+                except StoreError as e:
+                    return f"{name} unreadable ({e})"
+        return ""
 
     def _verify_prefix(self, role: str, key: str) -> str:
         """'' when the shared prefix reads back equal to its checksums, else what is wrong."""

@@ -63,20 +63,25 @@ class StreamSampler(Sampler[list[int]]):
 
 
 class TargetDataset(Dataset):
-    """(sample, {role: SampleTargets of the layers the role's term needs})."""
+    """(sample, {term name: SampleTargets of what the term needs}): an attention term's maps of its
+    teacher layers; the KL term's logits; the hidden term's hidden states of its teacher layers."""
 
     def __init__(self, samples: list[Sample], source: TargetSource, terms: list[TermPlan]):
         self.samples = samples
         self.source = source
-        self.needs = {t.role: t.teacher_layers for t in terms}
+        self.needs = {t.name: (t.role, t.teacher_layers, None) if t.attention else
+                      (t.role, [], {t.signal: t.teacher_layers if t.signal == "hidden" else None}) for t in terms}
 
     def __len__(self) -> int:
         return len(self.samples)
 
+    def _get(self, role: str, sid: str, layers: list[int], signals: dict | None) -> SampleTargets:
+        return self.source.get(role, sid, layers, signals) if signals else self.source.get(role, sid, layers)
+
     def __getitem__(self, i: int):
         s = self.samples[i]
         try:
-            return s, {role: self.source.get(role, s.id, layers) for role, layers in self.needs.items()}
+            return s, {name: self._get(role, s.id, layers, sig) for name, (role, layers, sig) in self.needs.items()}
         except DriveKDError as e:  # a damaged target: one clear line from the main process, not a worker traceback
             return s, Failed(e)
 
@@ -84,7 +89,10 @@ class TargetDataset(Dataset):
 @dataclass
 class Batch:
     inputs: ModelInputs
-    targets: dict[str, dict[int, torch.Tensor]]  # role -> student layer -> (B, T, T) fp32
+    # term name -> tensors: an attention term (its role): student layer -> (B, T, T) fp32;
+    # "kl": logprobs / index (B, P, k), log_tail / mask (B, P), P = the batch's answer positions
+    # (drivekd.losses.attention.answer_positions, the CE's); "hidden": student layer -> (B, T, H_teacher), "mask" -> (B, T)
+    targets: dict[str, dict]
     capabilities: list[str]
     sample_ids: list[str]
     tokens: int  # real (non-padding) tokens
@@ -165,6 +173,12 @@ class Collate:
         T = inputs.tensors["input_ids"].shape[1]
         targets: dict[str, dict[int, torch.Tensor]] = {}
         for term in self.terms:
+            if not term.attention:
+                for lay, (_, tg) in zip(inputs.layouts, items):
+                    check_alignment(lay, tg[term.name], term.role, self.source)
+                place = kl_targets if term.signal == "logits" else hidden_targets
+                targets[term.name] = place(inputs, [tg[term.name] for _, tg in items], term)
+                continue
             per_layer: dict[int, list[torch.Tensor]] = {s: [] for s, _ in term.pairs}
             for lay, (_, tg) in zip(inputs.layouts, items):
                 t = tg[term.role]
@@ -176,6 +190,46 @@ class Collate:
             targets[term.role] = {s: place_maps(ms, T, inputs.padding_side) for s, ms in per_layer.items()}
         tokens = int(inputs.tensors["attention_mask"].sum())
         return Batch(inputs, targets, [s.capability for s in samples], [s.id for s in samples], tokens)
+
+
+def _offset(inputs: ModelInputs, lay) -> int:
+    """Where sample `lay`'s position 0 sits in the padded batch."""
+    return inputs.tensors["input_ids"].shape[1] - lay.length if inputs.padding_side == "left" else 0
+
+
+def kl_targets(inputs: ModelInputs, tgs: list[SampleTargets], term: TermPlan) -> dict[str, torch.Tensor]:
+    """The stored top-k distributions placed at the batch's answer positions (the rows of the
+    student's kept logits): logprobs, index (B, P, k), log_tail, mask (B, P)."""
+    from drivekd.losses.attention import answer_positions
+    from drivekd.store.signals import answer_rows
+
+    keep, _ = answer_positions(inputs.padded("labels"))  # (P,)
+    B, P, k = len(tgs), keep.numel(), tgs[0].logits.logprobs.shape[-1]
+    out = {"logprobs": torch.zeros(B, P, k), "index": torch.zeros(B, P, k, dtype=torch.long), "log_tail": torch.zeros(B, P),
+           "mask": torch.zeros(B, P, dtype=torch.bool)}
+    for b, (lay, t) in enumerate(zip(inputs.layouts, tgs)):
+        rows = answer_rows(lay.labels)
+        if not torch.equal(rows, t.logits.positions):
+            raise AlignmentError(f"sample {lay.sample_id}: the store's {term.role} logits are for positions {t.logits.positions.tolist()[:5]}... "
+                                 f"but the student's answer positions are {rows.tolist()[:5]}...; rebuild the store's logits for this --data/--student")
+        j = torch.searchsorted(keep, rows + _offset(inputs, lay))
+        out["logprobs"][b, j], out["index"][b, j], out["log_tail"][b, j] = t.logits.logprobs, t.logits.index, t.logits.log_tail
+        out["mask"][b, j] = True
+    return out
+
+
+def hidden_targets(inputs: ModelInputs, tgs: list[SampleTargets], term: TermPlan) -> dict:
+    """Per student layer the (mean-over-group) teacher hidden states at the stored text positions,
+    placed in the padded batch: (B, T, H_teacher); "mask" (B, T) marks those positions."""
+    T = inputs.tensors["input_ids"].shape[1]
+    out: dict = {s: torch.zeros(len(tgs), T, term.teacher_width) for s, _ in term.pairs}
+    out["mask"] = torch.zeros(len(tgs), T, dtype=torch.bool)
+    for b, (lay, t) in enumerate(zip(inputs.layouts, tgs)):
+        pos = t.hidden.positions + _offset(inputs, lay)
+        out["mask"][b, pos] = True
+        for s, ts in term.pairs:
+            out[s][b, pos] = torch.stack([t.hidden.layers[l] for l in ts]).mean(0)  # layer-group matching, as the maps
+    return out
 
 
 def make_loader(dataset: TargetDataset, sampler: StreamSampler, collate: Collate, num_workers: int, seed: int,

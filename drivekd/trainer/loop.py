@@ -130,8 +130,10 @@ class Trainer:
         return out.rows, out.per_sample, out.mixw
 
     # ----- state -----
-    def _state(self) -> dict[str, Any]:
+    def _state(self, final: bool = False) -> dict[str, Any]:
         state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(), "rng": ckpt.rng_state()}
+        if self.train_step.projection is not None and not final:  # --recipe hidden's width maps: resumable, not in final/
+            state["projection"] = self.train_step.projection.state_dict()
         if self.reweighter is not None:
             state["reweight"] = self.reweighter.state_dict()
         return state
@@ -152,6 +154,8 @@ class Trainer:
     def _restore(self, d: Path) -> None:
         meta = ckpt.read_meta(d)
         state = ckpt.load_state(d)
+        if self.train_step.projection is not None:
+            self.train_step.projection.load_state_dict(state["projection"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if self.reweighter is not None:
@@ -161,7 +165,7 @@ class Trainer:
 
     def _save(self, name: str) -> None:
         if self.dist.main:
-            ckpt.save_checkpoint(self.out, name, self.model, self.family.processor, self._state(), self._meta(),
+            ckpt.save_checkpoint(self.out, name, self.model, self.family.processor, self._state(final=name == "final"), self._meta(),
                                  write_model=trainable.model_writer(self.model, final=name == "final"))
             if name != "final":
                 ckpt.prune(self.out, self.cfg.keep_last)

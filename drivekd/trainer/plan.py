@@ -26,7 +26,7 @@ from drivekd.layers import LayerSpecError, mid_range_spec, parse_role_layers
 from drivekd.losses.recipes import TermPlan, plan_term
 from drivekd.roles import ROLES, capability_index, role_index
 from drivekd.store.targets import RoleInfo, TargetSource
-from drivekd.trainer.settings import DEFAULT_MIX, RESUME_FREE, TrainConfig, flag
+from drivekd.trainer.settings import DEFAULT_MIX, KD_RECIPES, RESUME_FREE, TrainConfig, flag
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,12 @@ class RunPlan:
     @property
     def student_layers(self) -> list[int]:
         """Layers whose student attention the losses need."""
-        return sorted({s for t in self.terms for s in t.student_layers})
+        return sorted({s for t in self.terms if t.attention for s in t.student_layers})
+
+    @property
+    def hidden_layers(self) -> list[int]:
+        """Student layers whose hidden states a hidden term needs."""
+        return sorted({s for t in self.terms if t.signal == "hidden" for s in t.student_layers})
 
     @property
     def multi(self) -> bool:
@@ -167,15 +172,19 @@ def _check_coverage(source: TargetSource, terms: list[TermPlan], samples: list[S
     """Every sample needs complete targets for every term. Samples the store marked 'skipped'
     (bad input at cache time) are dropped with a note; missing ones are an error."""
     status_fn = getattr(source, "sample_status", None)
+    signal_fn = getattr(source, "signal_status", None)
     dropped: set[str] = set()
     problems: list[str] = []
     for term in terms:
         for s in samples:
             if status_fn is not None:
                 st = status_fn(term.role, s.id)
+                if st == "complete" and not term.attention:
+                    st = signal_fn(term.role, s.id, term.signal)
+                    st = "complete" if st == "complete" else f"no {term.signal}"
             else:
                 try:
-                    source.get(term.role, s.id, [])
+                    source.get(term.role, s.id, [], {} if term.attention else {term.signal: None})
                     st = "complete"
                 except StoreError:
                     st = "missing"
@@ -185,8 +194,11 @@ def _check_coverage(source: TargetSource, terms: list[TermPlan], samples: list[S
                 problems.append(f"{s.id} ({term.role}: {st})")
     if problems:
         shown = ", ".join(problems[:10]) + (f" and {len(problems) - 10} more" if len(problems) > 10 else "")
+        kd = [t for t in terms if not t.attention]
+        how = (f"`drivekd-cache build --teacher {kd[0].role} --signals {kd[0].signal}` adds them (computing only what is missing)"
+               if kd else "build or complete them with `drivekd-cache build`")
         raise StoreError(f"--cache: {len(problems)} sample target(s) are not in the store: {shown}; "
-                         "build or complete them with `drivekd-cache build`, or train on data the store covers (--data)")
+                         f"{how}, or train on data the store covers (--data)")
     notes = [f"{len(dropped)} sample(s) skipped as bad input when the store was built are left out"] if dropped else []
     return [s for s in samples if s.id not in dropped], notes
 
@@ -220,21 +232,24 @@ def validate(cfg: TrainConfig, targets: TargetSource | None = None, world: int =
     if cfg.images is not None and not Path(cfg.images).is_dir():
         raise ConfigError(f"--images {cfg.images}: no such folder")
     samples = load_samples(cfg.data, cfg.images)
-    split = cfg.split if cfg.recipe == "sft" else (None if cfg.recipe == "multi" else cfg.recipe)
+    split = cfg.split if cfg.recipe in ("sft", *KD_RECIPES) else (None if cfg.recipe == "multi" else cfg.recipe)
     if split is not None:
         samples = [s for s in samples if s.capability == split]
         if not samples:
-            what = "--split" if cfg.recipe == "sft" else f"--recipe {cfg.recipe}"
+            what = "--split" if cfg.recipe in ("sft", *KD_RECIPES) else f"--recipe {cfg.recipe}"
             raise ConfigError(f"{what}: {cfg.data} has no {split} samples (a single-teacher recipe trains on its "
                               "capability split only)")
-    roles = [] if cfg.recipe == "sft" else list(ROLES) if cfg.recipe == "multi" else [cfg.recipe]
+    kd = cfg.recipe in KD_RECIPES and cfg.w_kd > 0
+    roles = [] if cfg.recipe in ("sft", *KD_RECIPES) else list(ROLES) if cfg.recipe == "multi" else [cfg.recipe]
     roles = [r for r in roles if cfg.term_weight(r) > 0]
-    if cfg.w_ce == 0 and not roles:
+    if cfg.w_ce == 0 and not roles and not kd:
         raise ConfigError("--w-ce is 0 and no teacher term is on: nothing to train")
 
     # Only teacher terms need targets: a CE-only run (--recipe sft, or every teacher weight 0)
     # trains without a store.
-    source = open_source(cfg, targets) if roles else targets
+    source = open_source(cfg, targets) if roles or kd else targets
+    if kd:
+        roles = [kd_role(cfg, source, student_L)]
     have = source.roles() if roles else []
     missing = [r for r in roles if r not in have]
     if missing:
@@ -246,6 +261,8 @@ def validate(cfg: TrainConfig, targets: TargetSource | None = None, world: int =
     from drivekd.families.base import Family
 
     student_family = Family.from_pretrained(student, text_tokens=cfg.text_tokens, image_processing=cfg.image_settings)
+    if kd and cfg.recipe == "kl":
+        check_vocabulary(infos[roles[0]], student_family, student)  # before the generic processor check: say what differs
     if infos:
         fp = student_family.fingerprint()
         for r, info in infos.items():
@@ -257,7 +274,7 @@ def validate(cfg: TrainConfig, targets: TargetSource | None = None, world: int =
                     f"--cache: the {r} targets were built with another processor/chat template/--text-tokens setting than "
                     f"--student's; their tokens would not line up. Rebuild the store or match --text-tokens"
                 )
-    terms = _plan_terms(cfg, roles, student_L, infos)
+    terms = [kd_term(cfg, roles[0], infos[roles[0]], student_L)] if kd else _plan_terms(cfg, roles, student_L, infos)
     samples, notes = _check_coverage(source, terms, samples)
     if not samples:
         raise ConfigError(f"--data {cfg.data}: no trainable samples left")
@@ -296,12 +313,86 @@ def validate(cfg: TrainConfig, targets: TargetSource | None = None, world: int =
     run_id["allowed_changes"] = identity.check_resume(resume_dir, run_id, cfg.resume_allow_changed)
     identity.check_alignment_all(student_family, samples, source, [t.role for t in terms], cfg.progress)
 
-    row_names = ["ce"] + [t.role for t in terms]
-    static = [cfg.w_ce] + [cfg.term_weight(t.role) for t in terms]
+    row_names = ["ce"] + [t.name for t in terms]
+    static = [cfg.w_ce] + [cfg.term_weight(t.name) for t in terms]
     plan = RunPlan(cfg, samples, family, student_L, terms, row_names, static, mix, infos, resume_dir, 0, micro_per_epoch,
                    world, notes, source, student_family, identity=run_id)
     plan.total_steps = math.ceil(plan.total_micro / cfg.grad_accum)
     return plan
+
+
+def kd_role(cfg: TrainConfig, source: TargetSource, student_L: int) -> str:
+    """The store role whose logits / hidden states --recipe kl / hidden reads: --teacher-role, or
+    the first role (perception, reasoning, planning) holding that signal."""
+    signal = KD_RECIPES[cfg.recipe]
+    have = source.roles()
+    fix = f"`drivekd-cache build --teacher ROLE --signals {signal}` adds them to the store (computing only what is missing)"
+    if cfg.teacher_role is not None:
+        if cfg.teacher_role not in have:
+            raise ConfigError(f"--teacher-role {cfg.teacher_role}: the store has no such role (have {', '.join(have) or 'none'})")
+        if signal not in source.role_info(cfg.teacher_role).signals:
+            raise ConfigError(f"--teacher-role {cfg.teacher_role}: its store role holds no {signal}; {fix.replace('ROLE', cfg.teacher_role)}")
+        return cfg.teacher_role
+    holding = [r for r in have if signal in source.role_info(r).signals]
+    if signal == "hidden" and len(holding) > 1:  # the first role that stores the layers asked for
+        for r in holding:
+            try:
+                kd_term(cfg, r, source.role_info(r), student_L)
+                return r
+            except ConfigError:
+                continue
+    if holding:
+        return holding[0]
+    raise ConfigError(f"--recipe {cfg.recipe} reads the teacher's {signal}, but no role of the store ({', '.join(have) or 'none'}) "
+                      f"holds them (--cache); {fix}")
+
+
+def check_vocabulary(info: RoleInfo, family, student: Path) -> None:
+    """--recipe kl compares distributions over token ids: teacher and student must share the
+    tokenizer, and the student's LM head must have a row for every id the teacher's top-k can name.
+    Refused before any model loads. (LM heads padded to other sizes, as Qwen2.5-VL 3B's 151936 vs
+    7B's 152064 rows, are fine: the store keeps padding rows out of the top-k.)"""
+    from drivekd.store.signals import vocab_identity, vocab_rows
+
+    lg = info.signals["logits"]
+    mine = vocab_identity(family.tokenizer)
+    rows = vocab_rows(json.loads((Path(student) / "config.json").read_text()))
+    if mine["tokenizer_fingerprint"] != lg["tokenizer_fingerprint"]:
+        raise AlignmentError(
+            f"--recipe kl: the {info.role} teacher's vocabulary ({lg['tokenizer_size']} token ids) is not --student's "
+            f"({mine['tokenizer_size']} token ids, another token -> id map); a KL between their next-token distributions "
+            "needs one vocabulary: use a teacher of the student's tokenizer, or another recipe")
+    if rows < lg["tokenizer_size"]:
+        raise AlignmentError(
+            f"--recipe kl: --student's LM head has {rows} rows (vocab_size in its config.json) but the {info.role} teacher's "
+            f"vocabulary has {lg['tokenizer_size']} token ids (its LM head {lg['vocab_size']} rows); the vocabularies differ, "
+            "so the stored top-k ids cannot all be scored by the student")
+
+
+def kd_term(cfg: TrainConfig, role: str, info: RoleInfo, student_L: int) -> TermPlan:
+    """The KL or hidden term of --recipe kl / hidden, resolved against the store."""
+    if cfg.recipe == "kl":
+        if cfg.layers or cfg.mid_range:
+            raise ConfigError("--layers / --mid-range choose hidden or attention layers; --recipe kl compares next-token distributions")
+        return TermPlan(role, "logits", "kl", ())
+    from drivekd.layers import resolve_layers
+    from drivekd.losses.attention import layer_groups
+    from drivekd.roles import RECIPE_LAYERS
+
+    st = info.signals["hidden"]
+    try:
+        spec = mid_range_spec(cfg.mid_range) if cfg.mid_range else parse_role_layers(cfg.layers, [role]).get(role, RECIPE_LAYERS[role])
+        pairs = layer_groups(resolve_layers(spec, student_L), resolve_layers(spec, info.num_teacher_layers))
+    except LayerSpecError as e:
+        raise ConfigError(f"--layers for --recipe hidden: {e} (student has {student_L} decoder layers, the teacher "
+                          f"{info.num_teacher_layers})") from None
+    need = sorted({t for _, ts in pairs for t in ts})
+    missing = [t for t in need if t not in st["layers"]]
+    if missing:
+        raise ConfigError(f"--layers: --recipe hidden needs teacher hidden states of layers {missing}, but the store's {role} role "
+                          f"holds only {st['layers']}; choose other --layers, another --teacher-role, or build that role with "
+                          f"`drivekd-cache build --teacher {role} --layers ... --signals hidden`")
+    return TermPlan(role, "hidden", "mse", tuple(pairs), int(st["hidden_size"]))
 
 
 def describe(plan: RunPlan) -> str:

@@ -18,13 +18,15 @@ from typing import Any
 
 from drivekd.errors import ConfigError
 from drivekd.images import ImageSettings, pop_flags
+from drivekd.losses.kl import DEFAULT_TEMPERATURE
 from drivekd.projection.precision import PRECISIONS
 from drivekd.roles import ROLES
 from drivekd.trainer.report_to import default_report_to, parse_report_to
 from drivekd.trainer.trainable import PARAM_GROUPS
 from drivekd.trainer.trainable import check_settings as check_trainable
 
-RECIPES = (*ROLES, "multi", "sft")
+RECIPES = (*ROLES, "multi", "sft", "kl", "hidden")
+KD_RECIPES = {"kl": "logits", "hidden": "hidden"}  # the ablation baselines: recipe -> the store signal they read
 PROJECTIONS = ("agp", "g1", "g2", "none")
 DEFAULT_MIX = "0.8,0.1,0.1;0.1,0.8,0.1;0.1,0.1,0.8"
 PRECISION_CHOICES = tuple(PRECISIONS)
@@ -59,10 +61,18 @@ class TrainConfig:
 
     # ----- distillation: which teacher terms, which signal, which layers, how mixed
     recipe: str = opt("multi", "perception | reasoning | planning (one teacher, its capability split) | multi (all samples, "
-                      "three teachers, mixing matrix) | sft (CE only, the fine-tuning baseline; no store needed).",
+                      "three teachers, mixing matrix) | sft (CE only, the fine-tuning baseline; no store needed) | kl (CE + "
+                      "tau^2 KL to the stored teacher distribution) | hidden (CE + MSE to the stored teacher hidden states "
+                      "at --layers). kl and hidden need a store built with --signals logits / hidden.",
                       group="distillation", choices=RECIPES)
-    split: str | None = opt(None, "With --recipe sft: train on one capability split, as the single-teacher recipes do "
-                            "(default: all samples).", group="distillation", choices=ROLES)
+    split: str | None = opt(None, "With --recipe sft, kl or hidden: train on one capability split, as the single-teacher "
+                            "recipes do (default: all samples).", group="distillation", choices=ROLES)
+    kl_temperature: float = opt(DEFAULT_TEMPERATURE, "--recipe kl: temperature tau of CE + tau^2 KL(teacher || student) over the "
+                                "stored top-k + tail buckets (default 2.0, DistillKit's distil_logits.py; the paper's value is lost; "
+                                "1.0 is the exact bucketed KL, docs/STORE.md).", group="distillation", minimum=">0")
+    w_kd: float = opt(1.0, "Static weight of the KL or hidden term of --recipe kl / hidden.", group="distillation", minimum=">=0")
+    teacher_role: str | None = opt(None, "--recipe kl / hidden: the store role whose logits / hidden states to read "
+                                   "(default: the first role holding them).", group="distillation", choices=ROLES)
     signal: str | None = opt(None, "Ablation: t2v | full for every teacher term (default: each recipe's own).",
                              group="distillation", choices=("t2v", "full"))
     loss: str = opt("mse", "Attention loss.", group="distillation", choices=("mse", "cosine"))
@@ -194,8 +204,12 @@ class TrainConfig:
             raise ConfigError(f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.device != "auto" and not self.device.startswith(("cpu", "cuda")):
             raise ConfigError(f"--device must be auto, cpu or cuda[:N], got {self.device!r}")
-        if self.split is not None and self.recipe != "sft":
-            raise ConfigError(f"--split applies to --recipe sft (recipe {self.recipe!r} chooses its own split)")
+        if self.split is not None and self.recipe not in ("sft", *KD_RECIPES):
+            raise ConfigError(f"--split applies to --recipe sft, kl and hidden (recipe {self.recipe!r} chooses its own split)")
+        if self.teacher_role is not None and self.recipe not in KD_RECIPES:
+            raise ConfigError(f"--teacher-role applies to --recipe kl and hidden (recipe {self.recipe!r} reads its own roles)")
+        if self.recipe in KD_RECIPES and (self.signal is not None or self.loss != "mse"):
+            raise ConfigError(f"--signal and --loss choose the attention terms; --recipe {self.recipe} has none (drop them)")
         parse_report_to(self.report_to)  # unknown names, or a reporter whose package is missing
         if self.precision != "fp32" and self.dtype in ("float32", "float16"):
             raise ConfigError(f"--precision {self.precision} keeps bf16 weights, so the step computes in bf16: use --dtype auto "
@@ -223,8 +237,8 @@ class TrainConfig:
         return cls(**d)
 
     def term_weight(self, role: str) -> float:
-        """Static weight of a teacher term."""
-        return getattr(self, f"w_{role}")
+        """Static weight of a teacher term (by its row name: a role, or kl / hidden)."""
+        return self.w_kd if role in ("kl", "hidden") else getattr(self, f"w_{role}")
 
 
 PATH_KEYS = ("student", "data", "images", "cache", "out", "resume_from")

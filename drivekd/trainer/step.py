@@ -38,6 +38,8 @@ from drivekd.distributed import Dist
 from drivekd.errors import DriveKDError
 from drivekd.families.capture import capture_attention
 from drivekd.losses.attention import answer_positions, attention_loss, token_ce
+from drivekd.losses.hidden import HiddenProjection, hidden_mse
+from drivekd.losses.kl import topk_kl
 from drivekd.projection import GradBuffers, GramEngine, coefficients, combine
 from drivekd.projection.precision import make_optimizer as _make_optimizer
 from drivekd.projection.precision import param_dtype
@@ -134,6 +136,15 @@ def choose_engine(cfg, params: list[torch.nn.Parameter], K: int, device: torch.d
     return "gram", f"auto: {K} rows would take {rows_bytes / 2**30:.2f} GiB, > 1/4 of the device's {device_memory / 2**30:.0f} GiB"
 
 
+def hidden_projection(plan, model, device) -> HiddenProjection | None:
+    """The hidden term's projection (None without one), seeded by torch's RNG like the model's init."""
+    terms = [t for t in plan.terms if t.signal == "hidden"]
+    if not terms:
+        return None
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    return HiddenProjection(plan.hidden_layers, int(cfg.hidden_size), int(terms[0].teacher_width)).to(device)
+
+
 def make_optimizer(params: list[torch.nn.Parameter], lr: float, weight_decay: float, precision: str = "fp32",
                    seed: int = 0) -> torch.optim.Optimizer:
     """AdamW for --precision (drivekd/projection/precision.py): torch's on fp32 weights, else BF16AdamW."""
@@ -161,7 +172,13 @@ class TrainStep:
             model.to(wdtype)  # in place: the Parameter objects (and tied weights) stay the same
         if wdtype == torch.bfloat16 and autocast_dtype is None:
             self.autocast_dtype = torch.bfloat16
-        self.params = [p for p in model.parameters() if p.requires_grad]
+        # --recipe hidden: the learned student -> teacher width maps, trained with the student (same
+        # optimizer, gradient rows and projection), saved in step checkpoints, never in the model files.
+        # In the weights' dtype: the flat gradient holds every trainable parameter in one dtype.
+        self.projection = hidden_projection(plan, model, self.device)
+        if self.projection is not None:
+            self.projection.to(wdtype)
+        self.params = [p for p in model.parameters() if p.requires_grad] + (list(self.projection.parameters()) if self.projection else [])
         self.K = len(plan.row_names)
         # Per-loss rows are needed for a projection, for re-weighting (per-loss gradient norms),
         # or not at all (fast path: one backward of the weighted sum).
@@ -198,11 +215,17 @@ class TrainStep:
         vision = inputs.padded("vision").to(dev)  # (B, T) V
         mixw = self.plan.mix_weights(batch.capabilities).to(dev)  # (B, terms)
         ac = torch.autocast(dev.type, dtype=self.autocast_dtype) if self.autocast_dtype else contextlib.nullcontext()
+        hidden = {"output_hidden_states": True} if self.plan.hidden_layers else {}
         with ac:
-            out = self.model(**inputs.tensors, logits_to_keep=keep, use_cache=False)
+            out = self.model(**inputs.tensors, logits_to_keep=keep, use_cache=False, **hidden)
         ce = token_ce(out.logits, ce_targets)  # (B,)
         per_sample, rows = [ce], [ce.mean()]
         for k, term in enumerate(self.plan.terms):
+            if not term.attention:
+                lk = self.kd_loss(term, out, batch.targets[term.name])
+                per_sample.append(lk)
+                rows.append((mixw[:, k] * lk).mean())
+                continue
             per_layer = [
                 attention_loss(term.signal, term.kind, maps[s], batch.targets[term.role][s], text=text, vision=vision,
                                valid=am, reduction=self.cfg.full_reduction)
@@ -212,6 +235,19 @@ class TrainStep:
             per_sample.append(lk)
             rows.append((mixw[:, k] * lk).mean())
         return Losses(rows, torch.stack([v.detach() for v in per_sample]), mixw)
+
+    def kd_loss(self, term, out, tg: dict) -> torch.Tensor:
+        """The KL or hidden term (B,): against the stored distribution at the CE's positions, or
+        the projected hidden states (output of layer s = hidden_states[s + 1]) at the stored positions."""
+        if term.signal == "logits":
+            return topk_kl(out.logits, tg["logprobs"], tg["index"], tg["log_tail"], tg["mask"], self.cfg.kl_temperature)
+        ac = torch.autocast(self.device.type, dtype=self.autocast_dtype) if self.autocast_dtype else contextlib.nullcontext()
+        per_layer = []
+        for s, _ in term.pairs:
+            with ac:
+                h = self.projection(s, out.hidden_states[s + 1])  # (B, T, H_teacher)
+            per_layer.append(hidden_mse(h, tg[s], tg["mask"]))
+        return torch.stack(per_layer).mean(0)
 
     def backward(self, losses: Losses, weights: list[float], active: list[bool], local: list[bool],
                  order: list[int] | None = None) -> None:
