@@ -93,10 +93,18 @@ _OPEN_TAG = {"perception": 2, "reasoning": 3, "planning": 1}
 # ----------------------------------------------------------------------------------- scene spec
 
 
-def generate_scene(rng: random.Random, six_view: bool) -> dict[str, Any]:
-    """A random scene: traffic light, crosswalk, lead vehicle, other vehicles and pedestrians."""
+def generate_scene(rng: random.Random, six_view: bool, light_colour: str | None = None) -> dict[str, Any]:
+    """A random scene: traffic light, crosswalk, lead vehicle, other vehicles and pedestrians.
+
+    light_colour: fix the traffic light (red / yellow / green) instead of drawing it uniformly; the
+    benchmark (drivekd.demo.benchmark) uses it to balance its yes/no questions.
+    """
+    if light_colour is not None and light_colour not in LAMP_ORDER:
+        raise ValueError(f"light_colour must be one of {', '.join(LAMP_ORDER)}, got {light_colour!r}")
     light_z = round(rng.uniform(22.0, 30.0), 2)
-    colour = rng.choice(LAMP_ORDER)
+    colour = rng.choice(LAMP_ORDER)  # drawn even when fixed, so the rest of the scene keeps its draws
+    if light_colour is not None:
+        colour = light_colour
     stop_z = light_z - 4.0  # stop line; the crosswalk spans [stop_z + 0.5, stop_z + 3.5]
     objects: list[dict[str, Any]] = []
 
