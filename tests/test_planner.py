@@ -28,7 +28,7 @@ from plan_configs import write_config  # noqa: E402
 
 
 def _count(student: Path, fake: bool, T: int, **kw) -> P.Counted:
-    cfg = TrainConfig(student=student, dtype="float32", **kw)
+    cfg = TrainConfig(student=student, **{"dtype": "float32", **kw})
     family, L = student_depth(student)
     config = P.student_config(student)
     shapes = P.shapes_for(family, config, student, 6, T)
@@ -90,6 +90,30 @@ def test_persistent_categories_are_param_count_times_bytes(tiny_models, one_thre
     # AdamW: exp_avg and exp_avg_sq in fp32, plus one fp32 `step` scalar per parameter tensor.
     assert c.categories["optimizer_state"] == 8 * N + 4 * n_tensors
     assert sum(c.categories.values()) == c.peak
+
+
+@pytest.mark.parametrize("precision,state_bytes", [("bf16-kahan", 6), ("bf16-stochastic", 4), ("bf16-offload", 0)])
+def test_precision_bytes_per_parameter(tiny_models, one_thread, precision, state_bytes):
+    """--precision bf16-*: bf16 weights and flat gradient (2 + 2 bytes/parameter), BF16AdamW's state
+    on the device (kahan: two bf16 moments + bf16 compensation; stochastic: the moments; offload:
+    none), and offload's fp32 masters + their gradients + fp32 AdamW state (16 bytes/parameter, plus
+    the host step's temporaries) counted as host memory, apart from the device peak."""
+    student = tiny_models / "internvl-student"
+    c = _count(student, True, 512, recipe="multi", projection="agp", grad_engine="gram", precision=precision,
+               dtype="bfloat16")
+    N = c.params
+    assert c.categories["weights"] == 2 * N and c.categories["gradients"] == 2 * N
+    assert c.categories["optimizer_state"] == state_bytes * N
+    assert sum(c.categories.values()) == c.peak
+    if precision == "bf16-offload":
+        assert 16 * N <= c.host_peak <= 24 * N
+        real = _count(student, False, 512, recipe="multi", projection="agp", grad_engine="gram", precision=precision,
+                      dtype="bfloat16")
+        assert (real.categories, real.host_peak) == (c.categories, c.host_peak)  # fake tensors predict the real run
+    else:
+        assert c.host_peak == 0
+    fp32 = _count(student, True, 512, recipe="multi", projection="agp", grad_engine="gram")
+    assert fp32.host_peak == 0 and fp32.peak - c.peak >= (20 - 4 - state_bytes) * N
 
 
 def test_sft_has_no_rows_and_fewer_flops(tiny_models, one_thread):
@@ -168,6 +192,7 @@ def test_suggestions_when_it_does_not_fit(tiny_models, one_thread):
     assert "--gradient-checkpointing" in flags and "--grad-buffer-dtype bfloat16" in flags and "--grad-engine gram" in flags
     by = {s["flags"]: s["peak_bytes"] for s in r["suggestions"]}
     assert by["--grad-buffer-dtype bfloat16"] < r["peak_bytes"]
+    assert by["--precision bf16-offload"] < r["peak_bytes"]  # the fp32 run's 20 bytes/parameter -> 4
     assert "does NOT fit" in P.format_report(r)
     # --grad-engine auto decides as the planned GPU would: on a tiny one the rows do not fit.
     auto = P.dry_run(replace(cfg, grad_engine="auto"), seq_len=1024, gpu_memory=1 << 20, suggest=False)
@@ -190,3 +215,51 @@ def test_cache_build_dry_run(tiny_models):
     one = 4 * 1024 * 1024
     assert (len(t["layers"]) - 1) * one <= t["categories"]["maps"] <= len(t["layers"]) * one
     assert t["peak_bytes"] > t["plain_peak_bytes"] and t["flops"] > t["plain_flops"]
+
+
+def _deeper(src: Path, dst: Path, text: int, vision: int) -> Path:
+    """A copy of a tiny student's config.json (no weights) with more text and vision layers."""
+    import shutil
+
+    c = json.loads((src / "config.json").read_text())
+    c["text_config"]["num_hidden_layers"] = text
+    if c["text_config"].get("layer_types"):
+        c["text_config"]["layer_types"] = c["text_config"]["layer_types"][:1] * text
+    vc = c["vision_config"]
+    if "depth" in vc:  # Qwen2.5-VL: periods of window-attention layers closed by a full-attention one
+        period = vc["fullatt_block_indexes"][0] + 1
+        vc["depth"] = vision * period
+        vc["fullatt_block_indexes"] = [period * (i + 1) - 1 for i in range(vision)]
+    else:
+        vc["num_hidden_layers"] = vision
+    dst.mkdir(parents=True)
+    for f in src.iterdir():
+        if f.suffix == ".json" and f.name != "config.json":
+            shutil.copy(f, dst / f.name)
+    (dst / "config.json").write_text(json.dumps(c))
+    return dst
+
+
+@pytest.mark.parametrize("family,kw", [
+    ("internvl", dict(recipe="multi", projection="agp", grad_engine="gram", precision="bf16-offload", dtype="bfloat16")),
+    ("qwen2_5_vl", dict(recipe="multi", projection="agp", grad_engine="rows", gradient_checkpointing=True)),
+])
+def test_depth_scaled_count_equals_the_full_count(tiny_models, one_thread, tmp_path, monkeypatch, family, kw):
+    """A deep student is counted at four reduced depths and extrapolated (planner/scale.py): the
+    result equals counting every layer, category by category, FLOPs and host memory included."""
+    from drivekd.planner import scale
+
+    monkeypatch.setattr(scale, "DIRECT_MAX_LAYERS", 6)  # the tiny students are shallow: scale them too
+    student = _deeper(tiny_models / f"{family}-student", tmp_path / family, text=7, vision=2)
+    cfg = TrainConfig(student=student, **{"dtype": "float32", **kw})
+    family_, L = student_depth(student)
+    config = P.student_config(student)
+    shapes = P.shapes_for(family_, config, student, 2, 768)
+    scaled = P.count_at_depth(cfg, L, family_, None, shapes, config)
+    assert scaled.scaled_from  # it did scale
+    monkeypatch.setenv("DRIVEKD_PLAN_DIRECT", "1")
+    full = P.count_at_depth(cfg, L, family_, None, shapes, config)
+    assert not full.scaled_from
+    assert scaled.categories == full.categories
+    assert (scaled.peak, scaled.flops, scaled.params, scaled.host_peak) == (full.peak, full.flops, full.params, full.host_peak)
+    assert scaled.engine == full.engine

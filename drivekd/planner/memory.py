@@ -8,10 +8,16 @@ targets) are registered with their category; the rest start as temporaries and g
 tagged when the capture block closes). At each new peak the set of live storages is remembered,
 so the categories are those of the live bytes at the peak. No CUDA caching-allocator rounding (512 B
 blocks) and no CUDA context: the planner adds those as the allocator margin.
+
+Host memory (--precision bf16-offload keeps fp32 masters and AdamW state in host RAM) is counted
+apart: storages registered with `add(..., "host")` and every storage an op makes inside a
+`host_side()` block go to `host_current` / `host_peak`, never to the device's `current` / `peak`
+(fake tensors all live on the CPU, so the device is not what tells them apart).
 """
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 from dataclasses import dataclass, field
 
@@ -45,15 +51,27 @@ class MemoryTracker(TorchDispatchMode):
         self._dirty = False  # current exceeds the stored peak set: snapshot on the next free
         self._hooks = None
         self.flops = 0
+        self._host = 0  # depth of host_side() blocks
+        self.host_live: set[int] = set()
+        self.host_current = 0
+        self.host_peak = 0
 
     # ----- registration -----
-    def _storage_serial(self, t: torch.Tensor) -> int | None:
+    def _storage_serial(self, t: torch.Tensor, host: bool = False) -> int | None:
         try:
             st = t.untyped_storage()
         except (NotImplementedError, RuntimeError):
             return None
         s = self._ids.get(st)
-        if s is None:
+        if s is None and (host or self._host):
+            s = len(self.infos)
+            self._ids[st] = s
+            self.infos[s] = _Info(int(st.nbytes()), {"host"})
+            self.host_live.add(s)
+            self.host_current += self.infos[s].nbytes
+            self.host_peak = max(self.host_peak, self.host_current)
+            weakref.finalize(st, self._free_host, s)
+        elif s is None:
             s = len(self.infos)
             self._ids[st] = s
             self.infos[s] = _Info(int(st.nbytes()))
@@ -63,6 +81,20 @@ class MemoryTracker(TorchDispatchMode):
             if self.current > self.peak:
                 self.peak, self._dirty = self.current, True
         return s
+
+    def _free_host(self, s: int) -> None:
+        if s in self.host_live:
+            self.host_live.discard(s)
+            self.host_current -= self.infos[s].nbytes
+
+    @contextlib.contextmanager
+    def host_side(self):
+        """Ops in this block allocate host memory (e.g. the offloaded optimizer's CPU step)."""
+        self._host += 1
+        try:
+            yield
+        finally:
+            self._host -= 1
 
     def _free(self, s: int) -> None:
         if s in self.live:
@@ -78,13 +110,14 @@ class MemoryTracker(TorchDispatchMode):
     def add(self, tensors, tag: str) -> None:
         """Register (or tag) the storages of `tensors` (a tensor or an iterable of them)."""
         for t in [tensors] if isinstance(tensors, torch.Tensor) else tensors:
-            s = self._storage_serial(t)
+            s = self._storage_serial(t, host=tag == "host")
             if s is not None:
                 self.infos[s].tags.add(tag)
 
     def reset_peak(self) -> None:
         """Start counting the peak from what is live now."""
         self.peak, self._dirty = self.current, True
+        self.host_peak = self.host_current
         self._snapshot()
 
     # ----- tracking -----

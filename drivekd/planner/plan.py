@@ -10,6 +10,12 @@ first (one zero-gradient AdamW step, before counting) so the count is that of a 
 formulas, as FlopCounterMode counts them); an SFT
 step (CE only, one backward) of the same student on the same shapes is counted for the ratio.
 
+--precision: the student is built in the run's weight dtype, so weights and the flat gradient
+count 2 bytes/parameter in the bf16 modes; BF16AdamW's device state (moments, Kahan compensation)
+is optimizer_state; bf16-offload's fp32 masters, their gradients, their AdamW state and the host
+step's temporaries are host memory, reported apart (`host_peak_bytes`). A deep student (more than
+48 layers) is counted at a few reduced depths and extrapolated (drivekd/planner/scale.py).
+
 What differs on a GPU (the allocator margin below covers it): the CUDA context and library
 workspaces, the caching allocator's 512-byte rounding and fragmentation, and CUDA's sdpa kernels
 (flash / memory-efficient) whose saved statistics are smaller than the CPU kernel's. Fake tensors
@@ -21,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 import warnings
@@ -31,6 +38,8 @@ from typing import Any
 import torch
 
 from drivekd.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 GiB = 1 << 30
 # Allocator margin: CUDA context + cuBLAS/cuDNN workspaces (~0.75 GiB on an A100/H100 with lazy
@@ -211,6 +220,8 @@ class Counted:
     engine: str = ""  # the per-loss gradient engine the step used (rows | gram | none), and why
     engine_reason: str = ""
     trainable: int = 0  # parameters with requires_grad (--freeze / --lora leave fewer)
+    host_peak: int = 0  # host memory of --precision bf16-offload (fp32 masters, their gradients and AdamW state)
+    scaled_from: str = ""  # counted at reduced depths and extrapolated (planner/scale.py): which depths
 
 
 def build_student(student: Path, family: str, config, dtype=torch.float32):
@@ -254,12 +265,15 @@ def count_step(cfg, plan, shapes: Shapes, config, *, fake: bool = True, model=No
         else:
             to_run = lambda t: t  # noqa: E731
             targets_like = lambda shape: torch.zeros(shape)  # noqa: E731
+        from drivekd.projection.precision import param_dtype
+
+        wdtype = param_dtype(cfg.precision)  # built in the run's weight dtype, as the loop loads it
         if model is None:
             if fake:
                 with sh.paused():
-                    model = build_student(cfg.student, shapes.family, config)
+                    model = build_student(cfg.student, shapes.family, config, wdtype)
             else:
-                model = build_student(cfg.student, shapes.family, config)
+                model = build_student(cfg.student, shapes.family, config, wdtype)
         # --freeze / --lora: gradients, rows and optimizer state below cover the trainable params only.
         with sh.paused() if fake else contextlib.nullcontext(), _adapters_stay_put(fake and cfg.lora):
             model = prepare_student(model, cfg)
@@ -269,6 +283,10 @@ def count_step(cfg, plan, shapes: Shapes, config, *, fake: bool = True, model=No
                        device_memory=device_memory or PLANNED_GPU_MEMORY)
         for group in ts.optimizer.param_groups:
             group["foreach"] = True  # AdamW's default on CUDA (its temporaries are counted as there)
+        # --precision bf16-offload: the fp32 masters' AdamW step runs on the host; its state and
+        # temporaries are host memory (counted apart), the device part of the step is in-place copies.
+        if hasattr(ts.optimizer, "host_context"):
+            ts.optimizer.host_context = tracker.host_side
         ts.optimizer_step()  # zero gradients: allocates AdamW's state, leaves the weights as they are
         from torch._subclasses.fake_tensor import unset_fake_temporarily
 
@@ -281,6 +299,7 @@ def count_step(cfg, plan, shapes: Shapes, config, *, fake: bool = True, model=No
         if ts.bufs is not None:
             tracker.add(ts.bufs.buffer, "grad_rows")
         tracker.add([v for st in ts.optimizer.state.values() for v in st.values() if torch.is_tensor(v)], "optimizer_state")
+        tracker.add(getattr(ts.optimizer, "host_tensors", list)(), "host")
         tracker.add(list(batch.inputs.tensors.values()), "inputs")
         tracker.add([m for d in batch.targets.values() for m in d.values()], "teacher_targets")
         tracker.reset_peak()
@@ -311,7 +330,7 @@ def count_step(cfg, plan, shapes: Shapes, config, *, fake: bool = True, model=No
         rss = None if fake else _peak_rss() - rss_before
         cats = tracker.peak_by_category()
         return Counted(cats, tracker.peak, int(tracker.flops), sum(p.numel() for p in model.parameters()), baseline, rss,
-                       ts.engine, ts.engine_reason, sum(p.numel() for p in ts.params))
+                       ts.engine, ts.engine_reason, sum(p.numel() for p in ts.params), tracker.host_peak)
 
 
 @contextlib.contextmanager
@@ -353,6 +372,54 @@ def _status_kib(key: str) -> int:
     raise OSError(f"/proc/self/status has no {key}")
 
 
+def count_at_depth(cfg, L: int, family: str, teacher_L: int | None, shapes: Shapes, config, *,
+                   device_memory: int | None = None) -> Counted:
+    """count_step at the student's full depth: directly for a shallow student, else from reduced
+    depths, extrapolated (drivekd/planner/scale.py: why it is exact, and the checks that fall back
+    to the direct count). DRIVEKD_PLAN_DIRECT=1 always counts directly."""
+    from drivekd.layers import LayerSpecError
+    from drivekd.planner import scale
+
+    def direct() -> Counted:
+        return count_step(cfg, dry_plan(cfg, L, family, teacher_L), shapes, config, device_memory=device_memory)
+
+    d = scale.depth_of(config, family)
+    # --freeze / --lora change which parameters train (and so --grad-engine auto's choice): direct.
+    if os.environ.get("DRIVEKD_PLAN_DIRECT") == "1" or not scale.worth_scaling(d) or cfg.freeze or cfg.lora:
+        return direct()
+    from drivekd.projection.precision import param_dtype
+    from drivekd.trainer.step import choose_engine
+
+    # The full model's parameters (meta tensors: no memory), for --grad-engine auto's decision
+    # (the reduced copies would choose by their own size) and to check the fitted count.
+    with torch.device("meta"):
+        full = build_student(cfg.student, family, config, param_dtype(cfg.precision))
+    params = [p for p in full.parameters()]
+    n_params = sum(p.numel() for p in params)
+    K = len(dry_plan(cfg, L, family, teacher_L).row_names)
+    engine, reason = "none", ""
+    if K > 1 and (cfg.projection != "none" or cfg.dynamic_weights):
+        engine, reason = choose_engine(cfg, params, K, torch.device("cuda"), device_memory or PLANNED_GPU_MEMORY)
+    fixed = replace(cfg, grad_engine=engine) if engine != "none" else cfg
+    counts = []
+    try:
+        for small in scale.points(family):
+            conf = scale.reduced_config(config, family, small)
+            counts.append(count_step(fixed, dry_plan(fixed, small.text, family), shapes, conf, device_memory=device_memory))
+    except (ConfigError, LayerSpecError):
+        return direct()  # e.g. a --layers index beyond the reduced depth
+    ext = lambda get: scale.extrapolate([get(c) for c in counts], d)  # noqa: E731
+    cats = {k: ext(lambda c, k=k: c.categories[k]) for k in counts[0].categories}
+    got = dict(flops=ext(lambda c: c.flops), params=ext(lambda c: c.params), baseline=ext(lambda c: c.baseline),
+               host_peak=ext(lambda c: c.host_peak), trainable=ext(lambda c: c.trainable))
+    if got["params"] != n_params or min(cats.values()) < 0:
+        log.warning("the reduced-depth counts do not extrapolate to the full model; counting all %d layers", L)
+        return direct()
+    pts = ", ".join(f"{p.text}+{sum(p.vision)}" for p in scale.points(family))
+    return Counted(cats, sum(cats.values()), got["flops"], got["params"], got["baseline"], None, engine, reason,
+                   trainable=got["trainable"], host_peak=got["host_peak"], scaled_from=f"text+vision layers {pts}")
+
+
 # ----------------------------------------------------------------------------- the report
 
 
@@ -380,7 +447,7 @@ def dry_run(cfg, *, seq_len: int | None = None, cameras: int = 6, gpu_memory: in
     shapes = shapes_for(family, config, Path(cfg.student), cameras, seq_len)
 
     def one(c) -> Counted:
-        return count_step(c, dry_plan(c, L, family, teacher_L), shapes, config, device_memory=gpu_memory)
+        return count_at_depth(c, L, family, teacher_L, shapes, config, device_memory=gpu_memory)
 
     run = one(cfg)
     # Suggestions (suggest=False) need the peak only: no SFT pass for them.
@@ -410,7 +477,10 @@ def dry_run(cfg, *, seq_len: int | None = None, cameras: int = 6, gpu_memory: in
         "projection": cfg.projection,
         "gradient_checkpointing": cfg.gradient_checkpointing,
         "grad_buffer_dtype": cfg.grad_buffer_dtype,
+        "precision": cfg.precision,
+        "host_peak_bytes": run.host_peak,
         "grad_engine": run.engine,
+        "depth_scaled_from": run.scaled_from,
         "grad_engine_reason": run.engine_reason,
         "micro_batch": 1,
         "flops_per": "micro-step (one sample); an optimizer step is --grad-accum of them",
@@ -439,6 +509,14 @@ def _suggestions(cfg, seq_len, cameras, gpu_memory, engine: str) -> list[dict[st
         options.append(("--grad-engine gram", {"grad_engine": "gram"}))
         if not cfg.gradient_checkpointing:
             options.append(("--grad-engine gram --gradient-checkpointing", {"grad_engine": "gram", "gradient_checkpointing": True}))
+    if cfg.precision == "fp32":
+        # bf16 weights and gradients with fp32 masters + AdamW on the host: 16 of the 20 fp32 bytes
+        # per parameter leave the GPU, and the optimizer math stays fp32 AdamW.
+        lean = {"precision": "bf16-offload", "dtype": "auto" if cfg.dtype in ("float32", "float16") else cfg.dtype}
+        options.append(("--precision bf16-offload", lean))
+        if engine != "none" and not (engine == "gram" and cfg.gradient_checkpointing):
+            options.append(("--precision bf16-offload --grad-engine gram --gradient-checkpointing",
+                            {**lean, "grad_engine": "gram", "gradient_checkpointing": True}))
     out = []
     for flags, change in options:
         r = dry_run(replace(cfg, **change), seq_len=seq_len, cameras=cameras, gpu_memory=gpu_memory, suggest=False)
@@ -454,11 +532,17 @@ def format_report(r: dict[str, Any]) -> str:
              f"projection {r['projection']}, T = {r['seq_len']} ({r['cameras']} camera(s) x {r['tokens_per_camera']} "
              f"image tokens), micro-batch 1",
              f"gradient checkpointing {'on' if r['gradient_checkpointing'] else 'off'}, gradient engine {r['grad_engine'] or 'none'}"
-             f" ({r['grad_engine_reason'] or 'one backward'}), gradient rows {r['grad_buffer_dtype']}",
+             f" ({r['grad_engine_reason'] or 'one backward'}), gradient rows {r['grad_buffer_dtype']}, "
+             f"precision {r['precision']}",
              "peak memory by category:"]
     for k, v in r["categories"].items():
         lines.append(f"  {k:<18}{g(v)}")
     lines.append(f"  {'total':<18}{g(r['peak_bytes'])}   (plain fine-tuning: {g(r['sft_peak_bytes']).strip()})")
+    if r.get("depth_scaled_from"):
+        lines.append(f"counted at reduced depths ({r['depth_scaled_from']}) and extrapolated to {r['student_layers']} "
+                     "text layers (exact: the step is affine in the depth; drivekd/planner/scale.py)")
+    if r["host_peak_bytes"]:
+        lines.append(f"host memory (offloaded fp32 masters, their gradients and AdamW state): {g(r['host_peak_bytes']).strip()}")
     ratio = f"{r['flops_ratio']:.2f}x" if r["flops_ratio"] else "-"
     lines.append(f"FLOPs per micro-step: {r['flops'] / 1e12:.2f} TFLOP; plain fine-tuning {r['sft_flops'] / 1e12:.2f} TFLOP "
                  f"({ratio})")

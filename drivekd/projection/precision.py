@@ -24,18 +24,50 @@ nearest 0.76 / 0.51. Choice: "offload" where host memory allows (least device me
 optimizer math), else "kahan".
 
 Use like any optimizer: ``opt = BF16AdamW(model.parameters(), lr=..., mode="offload")``;
-``opt.step()``; ``opt.zero_grad()``; ``state_dict``/``load_state_dict`` round-trip.
+``opt.step()``; ``opt.zero_grad()``; ``state_dict``/``load_state_dict`` round-trip (the
+compensation, the offloaded masters and their AdamW state, and the stochastic-rounding generator:
+a resumed run continues bit-exactly).
+
+The trainer's ``--precision`` (``PRECISIONS``) names these modes: ``fp32`` (fp32 weights and
+torch's AdamW, the default), ``bf16-offload``, ``bf16-kahan``, ``bf16-stochastic`` and
+``bf16-pure`` (nearest; for comparison only). ``param_dtype`` and ``make_optimizer`` map a
+precision to the weights' dtype and the optimizer.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable
 
 import torch
 
-__all__ = ["BF16AdamW", "MODES", "stochastic_round_"]
+__all__ = ["BF16AdamW", "MODES", "PRECISIONS", "make_optimizer", "param_dtype", "stochastic_round_"]
 
 MODES = ("offload", "kahan", "stochastic", "nearest")
+# --precision -> BF16AdamW mode (None: fp32 weights and torch's AdamW).
+PRECISIONS = {"fp32": None, "bf16-offload": "offload", "bf16-kahan": "kahan", "bf16-stochastic": "stochastic",
+              "bf16-pure": "nearest"}
+# Elements per chunk of the in-place (kahan / stochastic / nearest) step: its fp32 temporaries
+# (moments, update, weight; ~6 x 4 bytes per element) then take <= 400 MB even for a 311M-element
+# embedding, instead of 7 GiB at once.
+_STEP_CHUNK = 1 << 24
+
+
+def param_dtype(precision: str) -> torch.dtype:
+    """The weights' (and gradients') dtype under ``--precision``."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    return torch.float32 if PRECISIONS[precision] is None else torch.bfloat16
+
+
+def make_optimizer(params: list[torch.nn.Parameter], lr: float, weight_decay: float, precision: str = "fp32",
+                   seed: int = 0) -> torch.optim.Optimizer:
+    """AdamW (betas 0.9/0.999, eps 1e-8) for ``--precision``: torch's for fp32 weights, else BF16AdamW."""
+    param_dtype(precision)  # validates the name
+    mode = PRECISIONS[precision]
+    if mode is None:
+        return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=weight_decay)
+    return BF16AdamW(params, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=weight_decay, mode=mode, seed=seed)
 
 
 def stochastic_round_(out: torch.Tensor, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -68,6 +100,7 @@ class BF16AdamW(torch.optim.Optimizer):
             raise ValueError(f"lr must be > 0, got {lr}")
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
         self.mode = mode
+        self.host_context = contextlib.nullcontext
         ps = [p for g in self.param_groups for p in g["params"]]
         bad = sorted({str(p.dtype) for p in ps if p.dtype != torch.bfloat16})
         if bad:
@@ -94,7 +127,6 @@ class BF16AdamW(torch.optim.Optimizer):
             self._step_offload()
             return loss
         for g in self.param_groups:
-            b1, b2 = g["betas"]
             for p in g["params"]:
                 if p.grad is None:
                     continue
@@ -106,27 +138,40 @@ class BF16AdamW(torch.optim.Optimizer):
                     if self.mode == "kahan":
                         st["comp"] = torch.zeros_like(p, dtype=torch.bfloat16)
                 st["step"] += 1
-                t = st["step"]
-                grad = p.grad.float()
-                m = st["exp_avg"].float().mul_(b1).add_(grad, alpha=1 - b1)
-                v = st["exp_avg_sq"].float().mul_(b2).addcmul_(grad, grad, value=1 - b2)
-                self._write(st["exp_avg"], m)
-                self._write(st["exp_avg_sq"], v)
-                denom = (v / (1 - b2 ** t)).sqrt_().add_(g["eps"])
-                w = p.float()
-                upd = (m / (1 - b1 ** t)).div_(denom).mul_(-g["lr"])  # fp32 (shape of p)
-                if g["weight_decay"]:
-                    upd.add_(w, alpha=-g["lr"] * g["weight_decay"])
+                # Flat chunks of the parameter: fp32 temporaries of one chunk at a time.
+                flat = [p.view(-1), p.grad.reshape(-1), st["exp_avg"].view(-1), st["exp_avg_sq"].view(-1)]
                 if self.mode == "kahan":
-                    # Kahan: add the update plus what earlier roundings dropped; keep the new remainder.
-                    new = w.add_(upd).add_(st["comp"].float())  # fp32: exact enough (|comp| <= ulp(w) / 2)
-                    p.copy_(new)  # round to nearest
-                    st["comp"].copy_(new.sub_(p.float()))  # the remainder the rounding dropped
-                elif self.mode == "stochastic":
-                    stochastic_round_(p, w.add_(upd), self._gen)
-                else:  # nearest
-                    p.copy_(w.add_(upd))
+                    flat.append(st["comp"].view(-1))
+                for s in range(0, p.numel(), _STEP_CHUNK):
+                    self._update([x[s : s + _STEP_CHUNK] for x in flat], g, st["step"])
         return loss
+
+    def _update(self, chunk: list[torch.Tensor], g: dict, t: int) -> None:
+        """One AdamW update of a flat chunk: [weight, grad, exp_avg, exp_avg_sq(, comp)] (n,) views."""
+        b1, b2 = g["betas"]
+        p, grad, exp_avg, exp_avg_sq = chunk[:4]
+        grad = grad.float()
+        m = exp_avg.float().mul_(b1).add_(grad, alpha=1 - b1)
+        v = exp_avg_sq.float().mul_(b2).addcmul_(grad, grad, value=1 - b2)
+        del grad
+        self._write(exp_avg, m)
+        self._write(exp_avg_sq, v)
+        upd = v.div_(1 - b2 ** t).sqrt_().add_(g["eps"])  # denominator, in v's storage
+        upd = m.div_(1 - b1 ** t).div_(upd).mul_(-g["lr"])  # fp32 update, in m's storage
+        del v
+        w = p.float()
+        if g["weight_decay"]:
+            upd.add_(w, alpha=-g["lr"] * g["weight_decay"])
+        if self.mode == "kahan":
+            # Kahan: add the update plus what earlier roundings dropped; keep the new remainder.
+            comp = chunk[4]
+            new = w.add_(upd).add_(comp.float())  # fp32: exact enough (|comp| <= ulp(w) / 2)
+            p.copy_(new)  # round to nearest
+            comp.copy_(new.sub_(p.float()))  # the remainder the rounding dropped
+        elif self.mode == "stochastic":
+            stochastic_round_(p, w.add_(upd), self._gen)
+        else:  # nearest
+            p.copy_(w.add_(upd))
 
     def _write(self, state: torch.Tensor, x: torch.Tensor) -> None:
         if self.mode == "nearest":
@@ -147,14 +192,24 @@ class BF16AdamW(torch.optim.Optimizer):
         if any(p.grad is not None for g in self.param_groups for p in g["params"]):
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
-            self._inner.step()
+            with self.host_context():  # the planner counts this step's temporaries as host memory
+                self._inner.step()
         for g, ms in zip(self.param_groups, self._masters):
             for p, m in zip(g["params"], ms):
                 p.copy_(m, non_blocking=True)
 
+    def host_tensors(self) -> list[torch.Tensor]:
+        """What "offload" keeps in host memory: fp32 masters, their gradients, their AdamW state."""
+        if self.mode != "offload":
+            return []
+        inner = [v for st in self._inner.state.values() for v in st.values() if torch.is_tensor(v)]
+        return [t for ms in self._masters for t in ms] + [t for gs in self._cpu_grads for t in gs] + inner
+
     def state_dict(self):
         sd = super().state_dict()
         sd["mode"] = self.mode
+        if self._gen is not None:
+            sd["generator"] = self._gen.get_state()  # stochastic rounding: a resumed run draws the same noise
         if self.mode == "offload":
             sd["inner"] = self._inner.state_dict()
             sd["masters"] = [[m.clone() for m in ms] for ms in self._masters]
@@ -166,7 +221,10 @@ class BF16AdamW(torch.optim.Optimizer):
         if mode != self.mode:
             raise ValueError(f"optimizer state is for mode {mode!r}, this run uses {self.mode!r}: resume with the same mode")
         inner, masters = state_dict.pop("inner", None), state_dict.pop("masters", None)
+        gen = state_dict.pop("generator", None)
         super().load_state_dict(state_dict)
+        if gen is not None and self._gen is not None:
+            self._gen.set_state(gen.cpu())
         if self.mode == "offload":
             self._inner.load_state_dict(inner)
             with torch.no_grad():

@@ -95,9 +95,11 @@ class Trainer:
         self.out = Path(cfg.out)
         self.device = dev
         self.family = Family.from_pretrained(cfg.student, text_tokens=cfg.text_tokens, image_processing=cfg.image_settings)
-        # Weights and optimizer state in fp32; compute under autocast (mixed precision).
+        # Weights and optimizer state per --precision (fp32 by default); compute under autocast.
         # A LoRA checkpoint holds the adapter only: its base weights are --student's.
-        model = load_model(trainable.weights_dir(cfg, plan.resume_dir), dtype=torch.float32, device=dev)
+        from drivekd.projection.precision import param_dtype
+
+        model = load_model(trainable.weights_dir(cfg, plan.resume_dir), dtype=param_dtype(cfg.precision), device=dev)
         self.train_step = TrainStep(prepare_student(model, cfg, plan.resume_dir), plan, dist, autocast_dtype(cfg, dev))
         n = trainable.counts(self.train_step.model)
         log.info("student: %d parameters, %d trainable (%.2f%%)", n["params"], n["trainable"], 100 * n["trainable"] / n["params"])

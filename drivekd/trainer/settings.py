@@ -19,6 +19,7 @@ from typing import Any
 from drivekd.errors import ConfigError
 from drivekd.images import ImageSettings, pop_flags
 from drivekd.losses.kl import DEFAULT_TEMPERATURE
+from drivekd.projection.precision import PRECISIONS
 from drivekd.roles import ROLES
 from drivekd.trainer.report_to import default_report_to, parse_report_to
 from drivekd.trainer.trainable import PARAM_GROUPS
@@ -28,6 +29,7 @@ RECIPES = (*ROLES, "multi", "sft", "kl", "hidden")
 KD_RECIPES = {"kl": "logits", "hidden": "hidden"}  # the ablation baselines: recipe -> the store signal they read
 PROJECTIONS = ("agp", "g1", "g2", "none")
 DEFAULT_MIX = "0.8,0.1,0.1;0.1,0.8,0.1;0.1,0.1,0.8"
+PRECISION_CHOICES = tuple(PRECISIONS)
 GROUPS = ("inputs", "distillation", "gradients", "optimisation", "runtime", "checkpoints")
 
 # Keys that may differ between a checkpoint's run and the run resuming it (they do not change the
@@ -123,6 +125,13 @@ class TrainConfig:
                     minimum=">=0")
     max_steps: int | None = opt(None, "Stop after this many optimizer steps (overrides --epochs).", group="optimisation",
                                 minimum=">0")
+    precision: str = opt("fp32", "Weights, gradients and AdamW state (drivekd/projection/precision.py): fp32 (fp32 weights, "
+                         "gradients and AdamW, 16 bytes/parameter) | bf16-offload (bf16 weights and gradients on the GPU, fp32 "
+                         "master weights and AdamW on the host: exact fp32 AdamW; 4 bytes/parameter on the GPU, 16 on the "
+                         "host) | bf16-kahan (bf16 weights + bf16 Kahan compensation, bf16 moments; 10 bytes/parameter) | "
+                         "bf16-stochastic (bf16 weights and moments, stochastic rounding; 8 bytes/parameter, noisier) | "
+                         "bf16-pure (round to nearest, as the authors' trainer: drops updates below bf16's resolution; for "
+                         "comparison only). bf16 modes compute in bf16.", group="optimisation", choices=PRECISION_CHOICES)
     # which weights train (drivekd.trainer.trainable): frozen groups, or LoRA adapters
     freeze: str | None = opt(None, f"Freeze these module groups (comma list of {', '.join(PARAM_GROUPS)}): their weights "
                              "get no gradient, rows or optimizer state.", group="optimisation")
@@ -202,6 +211,12 @@ class TrainConfig:
         if self.recipe in KD_RECIPES and (self.signal is not None or self.loss != "mse"):
             raise ConfigError(f"--signal and --loss choose the attention terms; --recipe {self.recipe} has none (drop them)")
         parse_report_to(self.report_to)  # unknown names, or a reporter whose package is missing
+        if self.precision != "fp32" and self.dtype in ("float32", "float16"):
+            raise ConfigError(f"--precision {self.precision} keeps bf16 weights, so the step computes in bf16: use --dtype auto "
+                              f"or bfloat16 (not {self.dtype}), or --precision fp32")
+        if self.precision != "fp32" and self.lora:
+            raise ConfigError(f"--precision {self.precision} with --lora is not supported: LoRA's few trainable parameters "
+                              "need little optimizer memory; use --precision fp32 with --lora")
         check_trainable(self)  # --freeze groups, --lora-* only with --lora
         if self.resume and self.resume_from is not None:
             raise ConfigError("give either --resume (latest checkpoint in --out) or --resume-from DIR, not both")

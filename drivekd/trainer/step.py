@@ -41,6 +41,8 @@ from drivekd.losses.attention import answer_positions, attention_loss, token_ce
 from drivekd.losses.hidden import HiddenProjection, hidden_mse
 from drivekd.losses.kl import topk_kl
 from drivekd.projection import GradBuffers, GramEngine, coefficients, combine
+from drivekd.projection.precision import make_optimizer as _make_optimizer
+from drivekd.projection.precision import param_dtype
 from drivekd.trainer.data import Batch
 
 
@@ -66,7 +68,15 @@ class AssumeFinite(HostChecks):
 
 
 class FlatGrads:
-    """The parameters' accumulated gradient as one flat fp32 (N,) buffer; each `.grad` is a view.
+    """The parameters' accumulated gradient as one flat (N,) buffer; each `.grad` is a view.
+
+    Its dtype is the parameters' (autograd accumulates in place only into a `.grad` of the
+    parameter's dtype): fp32 for --precision fp32, bf16 for the bf16 modes. Why bf16 there rather
+    than an fp32 buffer beside bf16 `.grad`s: an fp32 flat gradient would need a transient bf16
+    gradient set per backward as well (4 + 2 bytes/parameter against 2: 22 GiB against 7 GiB for
+    a 3.75B student); what bf16 accumulation loses (relative 2^-9 per addition of --grad-accum
+    micro-steps, or of the combined K rows) is far below the gradient's own sampling noise, and
+    the bf16 optimizers read the gradient in bf16 anyway (BF16AdamW upcasts it per chunk).
 
     `combine(..., accumulate_into=flat)` then adds the combined gradient with no extra N-vector,
     the data-parallel fast path reduces one tensor, and `GradBuffers.backward` (which points the
@@ -75,7 +85,7 @@ class FlatGrads:
 
     def __init__(self, params: list[torch.nn.Parameter]):
         self.params = params
-        self.flat = torch.zeros(sum(p.numel() for p in params), dtype=torch.float32, device=params[0].device)
+        self.flat = torch.zeros(sum(p.numel() for p in params), dtype=params[0].dtype, device=params[0].device)
         self.views, o = [], 0
         for p in params:
             self.views.append(self.flat[o : o + p.numel()].view_as(p))
@@ -135,14 +145,19 @@ def hidden_projection(plan, model, device) -> HiddenProjection | None:
     return HiddenProjection(plan.hidden_layers, int(cfg.hidden_size), int(terms[0].teacher_width)).to(device)
 
 
-def make_optimizer(params: list[torch.nn.Parameter], lr: float, weight_decay: float) -> torch.optim.AdamW:
-    return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=weight_decay)
+def make_optimizer(params: list[torch.nn.Parameter], lr: float, weight_decay: float, precision: str = "fp32",
+                   seed: int = 0) -> torch.optim.Optimizer:
+    """AdamW for --precision (drivekd/projection/precision.py): torch's on fp32 weights, else BF16AdamW."""
+    return _make_optimizer(params, lr, weight_decay, precision, seed)
 
 
 class TrainStep:
     """The step's state (flat gradient, per-loss rows, optimizer) and its parts.
 
     `plan` is a RunPlan (terms, row names, mixing); `autocast_dtype` None runs in fp32.
+    --precision bf16-*: the model is cast to bf16 here (a no-op when loaded so), the flat gradient
+    is bf16, the optimizer is BF16AdamW, and the forward runs under bf16 autocast (the weights are
+    bf16; autocast casts the fp32 inputs such as pixel values, and keeps the losses in fp32).
     """
 
     def __init__(self, model, plan, dist: Dist, autocast_dtype: torch.dtype | None, checks: HostChecks | None = None,
@@ -152,9 +167,17 @@ class TrainStep:
         self.device = dist.device
         self.autocast_dtype = autocast_dtype
         self.checks = checks or HostChecks()
+        wdtype = param_dtype(getattr(cfg, "precision", "fp32"))
+        if any(p.dtype != wdtype for p in model.parameters() if p.is_floating_point()):
+            model.to(wdtype)  # in place: the Parameter objects (and tied weights) stay the same
+        if wdtype == torch.bfloat16 and autocast_dtype is None:
+            self.autocast_dtype = torch.bfloat16
         # --recipe hidden: the learned student -> teacher width maps, trained with the student (same
         # optimizer, gradient rows and projection), saved in step checkpoints, never in the model files.
+        # In the weights' dtype: the flat gradient holds every trainable parameter in one dtype.
         self.projection = hidden_projection(plan, model, self.device)
+        if self.projection is not None:
+            self.projection.to(wdtype)
         self.params = [p for p in model.parameters() if p.requires_grad] + (list(self.projection.parameters()) if self.projection else [])
         self.K = len(plan.row_names)
         # Per-loss rows are needed for a projection, for re-weighting (per-loss gradient norms),
@@ -172,7 +195,7 @@ class TrainStep:
         elif self.engine == "gram":
             self.gram_engine = GramEngine(self.params, reduce=self.dist.mean_ if self.dist.world > 1 else None)
         self._gram_info: dict | None = None
-        self.optimizer = make_optimizer(self.params, cfg.lr, cfg.weight_decay)
+        self.optimizer = make_optimizer(self.params, cfg.lr, cfg.weight_decay, getattr(cfg, "precision", "fp32"), cfg.seed)
 
     # ----- one micro-step -----
     def row_activity(self, weights: list[float], mixw: torch.Tensor) -> tuple[list[bool], list[bool]]:
@@ -260,10 +283,12 @@ class TrainStep:
             return None, []
         if self.engine == "gram":
             info, self._gram_info = self._gram_info, None
-        elif self.cfg.skip_nonfinite:
+        elif self.cfg.skip_nonfinite or self.grads.flat.dtype != torch.float32:
+            # combine() accumulates in place into fp32 only: bf16 flat gradient (--precision bf16-*)
+            # via one transient fp32 N-vector.
             rows = self.dist.mean_(self.bufs.buffer)  # global per-loss gradients before the (non-linear) combine
             vec, info = combine(rows, self.cfg.projection, order, active=active, return_info=True)
-            if self.checks.finite(info["gram"]):
+            if not self.cfg.skip_nonfinite or self.checks.finite(info["gram"]):
                 self.grads.flat.add_(vec)
         else:
             rows = self.dist.mean_(self.bufs.buffer)
