@@ -32,6 +32,38 @@ def demo_data(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def samples(demo_data):
+    """The demo training samples (a module may define its own `samples`; the nearest fixture wins)."""
+    from drivekd.data.loaders import load_samples
+
+    return load_samples(demo_data / "train.json")
+
+
+@pytest.fixture(scope="session")
+def targets(tiny_models, samples):
+    """Teacher targets of the tiny InternVL teacher on the demo samples (TEACHER_LAYERS), computed once."""
+    from online_targets import TEACHER_LAYERS, compute_targets
+
+    return compute_targets(tiny_models / "internvl-teacher", samples, TEACHER_LAYERS)
+
+
+@pytest.fixture(scope="session")
+def small_data(demo_data, tmp_path_factory) -> Path:
+    """Five samples of the demo data: a six-view group of two questions (shared prefix) and three
+    single views, image paths resolved."""
+    import json
+
+    recs = json.loads((demo_data / "train.json").read_text())
+    six = [r for r in recs if len(r["images"]) == 6][:2]
+    one = [r for r in recs if len(r["images"]) == 1][:3]
+    d = tmp_path_factory.mktemp("small")
+    for r in six + one:
+        r["images"] = [str(demo_data / p) for p in r["images"]]
+    (d / "train.json").write_text(json.dumps(six + one))
+    return d / "train.json"
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Training tests run tiny ops: one thread is as fast, and far faster when other jobs share the cores."""

@@ -18,6 +18,9 @@ from drivekd.roles import ROLES
 from drivekd.store.targets import InMemoryTargets, RoleInfo, SampleTargets
 from drivekd.store.zarr_store import teacher_fingerprint
 
+# The tiny teachers have 6 decoder layers: perception reads layer 0, reasoning 0..L-2, planning L-2.
+TEACHER_LAYERS = {"perception": [0], "reasoning": [0, 1, 2, 3, 4], "planning": [4]}
+
 
 def compute_targets(
     teacher_dir: str | Path,

@@ -23,19 +23,6 @@ from drivekd.store.zarr_store import Encoding, TeacherStore, check_key, pack_tri
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def small_data(demo_data, tmp_path_factory) -> Path:
-    """Five samples of the demo data (a six-view group and single views), images resolved."""
-    recs = json.loads((demo_data / "train.json").read_text())
-    six = [r for r in recs if len(r["images"]) == 6][:2]
-    one = [r for r in recs if len(r["images"]) == 1][:3]
-    d = tmp_path_factory.mktemp("small")
-    for r in six + one:
-        r["images"] = [str(demo_data / p) for p in r["images"]]
-    (d / "train.json").write_text(json.dumps(six + one))
-    return d / "train.json"
-
-
 def _cfg(tiny_models, data, out, **kw):
     t = tiny_models / "internvl-teacher"
     return BuildConfig(teachers={"perception": t, "reasoning": t, "planning": t}, data=data, images=None, out=out, progress=False, **kw)

@@ -1,7 +1,6 @@
 """Lean student capture (HeadMeanAttention): same maps and gradients as the plain-autograd reference
 and eager attention, without keeping any heads x Q x K tensor for backward."""
 
-import json
 import math
 
 import pytest
@@ -16,7 +15,7 @@ from drivekd.families.capture import head_mean_attention, head_mean_attention_re
 from drivekd.store.build import kv_cache_arg
 from drivekd.trainer.settings import TrainConfig
 from drivekd.trainer.loop import train
-from online_targets import compute_targets
+from online_targets import TEACHER_LAYERS, compute_targets
 
 FAMILIES = ["qwen2_5_vl", "internvl"]
 RTOL = 1e-5
@@ -325,7 +324,6 @@ def test_prefix_cache_rows_equal_reference(tiny_models, samples, family):
 
 # ----- teacher pass and training -----
 
-TEACHER_LAYERS = {"perception": [0], "reasoning": [0, 1, 2, 3, 4], "planning": [4]}
 
 
 def test_teacher_pass_equals_reference(tiny_models, demo_data):

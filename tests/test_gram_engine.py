@@ -23,7 +23,6 @@ from drivekd.projection.gram_engine import GramEngine
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 METHODS = ("agp", "g1", "g2", "none")
-TEACHER_LAYERS = {"perception": [0], "reasoning": [0, 1, 2, 3, 4], "planning": [4]}  # tiny teacher: 6 layers
 
 
 def flat_grad(params) -> torch.Tensor:
@@ -154,7 +153,7 @@ def forward(tr, batch):
 @pytest.fixture(scope="module")
 def targets(tiny_models, demo_data):
     from drivekd.data.loaders import load_samples
-    from online_targets import compute_targets
+    from online_targets import TEACHER_LAYERS, compute_targets
 
     out = {}
     for fam in ("internvl", "qwen2_5_vl"):

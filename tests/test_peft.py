@@ -1,6 +1,5 @@
 """Parameter-efficient students: --freeze GROUPS and --lora (peft) on the tiny models."""
 
-import json
 import math
 import subprocess
 import sys
@@ -10,7 +9,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from drivekd.data.loaders import load_samples
 from drivekd.errors import ConfigError
 from drivekd.families import Family, load_model
 from drivekd.families.base import family_class
@@ -18,22 +16,10 @@ from drivekd.trainer import trainable
 from drivekd.trainer.checkpoint import list_checkpoints, load_state
 from drivekd.trainer.loop import train
 from drivekd.trainer.settings import TrainConfig
-from online_targets import compute_targets
 
-TEACHER_LAYERS = {"perception": [0], "reasoning": [0, 1, 2, 3, 4], "planning": [4]}  # tiny teacher: 6 layers
 ROOT = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def samples(demo_data):
-    return load_samples(demo_data / "train.json")
-
-
-@pytest.fixture(scope="module")
-def targets(tiny_models, samples):
-    return compute_targets(tiny_models / "internvl-teacher", samples, TEACHER_LAYERS)
 
 
 def _cfg(tiny_models, demo_data, out, **kw):

@@ -10,21 +10,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from drivekd.data.loaders import load_samples
 from drivekd.errors import ConfigError
 from drivekd.trainer.checkpoint import load_state
 from drivekd.trainer.loop import train
 from drivekd.trainer.settings import TrainConfig
-from online_targets import compute_targets
 
-TEACHER_LAYERS = {"perception": [0], "reasoning": [0, 1, 2, 3, 4], "planning": [4]}
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def targets(tiny_models, demo_data):
-    return compute_targets(tiny_models / "internvl-teacher", load_samples(demo_data / "train.json"), TEACHER_LAYERS)
 
 
 def _cfg(tiny_models, demo_data, out, **kw):

@@ -12,7 +12,7 @@ from PIL import Image
 from drivekd.data.loaders import load_samples
 from drivekd.errors import ConfigError
 from drivekd.trainer.report_to import MetricLoggers, flatten, installed, parse_report_to
-from drivekd.trainer.runs_report import FILES, conflict_stats, load_run, running_mean, series, write_report
+from drivekd.trainer.runs_report import FILES, conflict_stats, running_mean, series, write_report
 from drivekd.trainer.settings import TrainConfig
 from online_targets import compute_targets
 

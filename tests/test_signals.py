@@ -30,19 +30,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 ROLES2 = ("perception", "planning")
 
 
-@pytest.fixture(scope="module")
-def small_data(demo_data, tmp_path_factory) -> Path:
-    """Five samples: a six-view group of two questions (shared prefix) and three single views."""
-    recs = json.loads((demo_data / "train.json").read_text())
-    six = [r for r in recs if len(r["images"]) == 6][:2]
-    one = [r for r in recs if len(r["images"]) == 1][:3]
-    d = tmp_path_factory.mktemp("small")
-    for r in six + one:
-        r["images"] = [str(demo_data / p) for p in r["images"]]
-    (d / "train.json").write_text(json.dumps(six + one))
-    return d / "train.json"
-
-
 def _cfg(tiny_models, data, out, **kw):
     t = tiny_models / "internvl-teacher"
     return BuildConfig(teachers={r: t for r in ROLES2}, data=data, images=None, out=out, progress=False, **kw)

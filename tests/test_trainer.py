@@ -17,22 +17,11 @@ from drivekd.store.targets import InMemoryTargets, SampleTargets
 from drivekd.trainer.checkpoint import is_complete, list_checkpoints, load_state, read_meta
 from drivekd.trainer.settings import TrainConfig
 from drivekd.trainer.loop import train
-from online_targets import compute_targets
+from online_targets import TEACHER_LAYERS, compute_targets
 
-TEACHER_LAYERS = {"perception": [0], "reasoning": [0, 1, 2, 3, 4], "planning": [4]}  # tiny teacher: 6 layers
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def samples(demo_data):
-    return load_samples(demo_data / "train.json")
-
-
-@pytest.fixture(scope="module")
-def targets(tiny_models, samples):
-    return compute_targets(tiny_models / "internvl-teacher", samples, TEACHER_LAYERS)
 
 
 def _cfg(tiny_models, demo_data, out, **kw):

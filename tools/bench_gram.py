@@ -50,7 +50,7 @@ def step_gram(params, make_losses, flat):
 
 def compare(name, params, make_losses, reps):
     flat = torch.zeros(sum(p.numel() for p in params))
-    views, o = [], 0
+    o = 0
     for p in params:
         p.grad = flat[o : o + p.numel()].view_as(p)
         o += p.numel()

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from drivekd.ablate.config import Ablation

@@ -16,7 +16,6 @@ disk per sample and aggregated afterwards (drivekd.analyze.aggregate).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from drivekd.roles import IGNORE_INDEX
 
