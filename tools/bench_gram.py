@@ -99,8 +99,8 @@ def tiny(reps: int):
     from drivekd.demo import make_demo_data, make_tiny_models
     from drivekd.data.loaders import load_samples
     from drivekd.families.capture import capture_attention
-    from online_targets import compute_targets
-    from test_gram_engine import TEACHER_LAYERS, batch_of, make_trainer
+    from online_targets import TEACHER_LAYERS, compute_targets
+    from test_gram_engine import batch_of, make_trainer
 
     with tempfile.TemporaryDirectory() as d:
         d = Path(d)
