@@ -64,6 +64,26 @@ def small_data(demo_data, tmp_path_factory) -> Path:
     return d / "train.json"
 
 
+@pytest.fixture(scope="session")
+def padded_pair(tmp_path_factory):
+    """Two samples on solid-colour images, the second longer, so a batch of them really pads."""
+    from PIL import Image
+
+    from drivekd.data.sample import Sample
+
+    d = tmp_path_factory.mktemp("imgs")
+    paths = []
+    for i, c in enumerate([(200, 40, 40), (40, 200, 40), (40, 40, 200)]):
+        im = Image.new("RGB", (224, 112), c)
+        im.paste((255, 255, 0), (20 + 30 * i, 30, 60 + 30 * i, 70))
+        p = d / f"{i}.png"
+        im.save(p)
+        paths.append(p)
+    a = Sample("s-a", "perception", (paths[0], paths[1]), "What colour is the light?", "Red.")
+    b = Sample("s-b", "planning", (paths[2],), "What should the ego vehicle do next?", "Stop and wait for the light to turn green.")
+    return a, b
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Training tests run tiny ops: one thread is as fast, and far faster when other jobs share the cores."""

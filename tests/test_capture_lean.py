@@ -5,11 +5,9 @@ import math
 
 import pytest
 import torch
-from PIL import Image
 
 import drivekd.families.capture as capture
 from drivekd.data.loaders import load_samples
-from drivekd.data.sample import Sample
 from drivekd.families import Family, capture_attention, load_model, num_decoder_layers
 from drivekd.families.capture import head_mean_attention, head_mean_attention_reference, reference_capture
 from drivekd.store.build import kv_cache_arg
@@ -164,20 +162,6 @@ def test_saved_state_has_no_per_head_maps():
 
 # ----- inside the models -----
 
-@pytest.fixture(scope="module")
-def samples(tmp_path_factory):
-    d = tmp_path_factory.mktemp("imgs")
-    paths = []
-    for i, c in enumerate([(200, 40, 40), (40, 200, 40), (40, 40, 200)]):
-        im = Image.new("RGB", (224, 112), c)
-        im.paste((255, 255, 0), (20 + 30 * i, 30, 60 + 30 * i, 70))
-        p = d / f"{i}.png"
-        im.save(p)
-        paths.append(p)
-    a = Sample("s-a", "perception", (paths[0], paths[1]), "What colour is the light?", "Red.")
-    b = Sample("s-b", "planning", (paths[2],), "What should the ego vehicle do next?", "Stop and wait for the light to turn green.")
-    return a, b
-
 
 def _model_grads(model, inputs, layers, reference, autocast=False, weights_seed=0):
     """Maps of `layers` and every parameter gradient of sum_l <map_l, W_l> (a fixed random W per layer)."""
@@ -213,12 +197,12 @@ def _compare(new, ref):
 
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("side", ["left", "right"])
-def test_model_maps_and_grads_equal_reference_and_eager(tiny_models, samples, family, side):
+def test_model_maps_and_grads_equal_reference_and_eager(tiny_models, padded_pair, family, side):
     """Micro-batch of 2, padded on either side, grouped-query heads: maps and every parameter
     gradient equal the reference capture; maps and q_proj gradient equal eager's head mean."""
     path = tiny_models / f"{family}-student"
     fam = Family.from_pretrained(path)
-    inputs = fam.build_inputs(list(samples), padding_side=side)
+    inputs = fam.build_inputs(list(padded_pair), padding_side=side)
     am = inputs.tensors["attention_mask"].bool()
     assert not am.all()
     model = load_model(path).train()
@@ -244,13 +228,13 @@ def test_model_maps_and_grads_equal_reference_and_eager(tiny_models, samples, fa
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_model_bf16_autocast_equals_reference(tiny_models, samples, family):
+def test_model_bf16_autocast_equals_reference(tiny_models, padded_pair, family):
     """Under bf16 autocast the maps equal the reference within 1e-5. The parameter gradients pass
     through bf16 (dQ, dK rounded, then bf16 matmuls), where a 1e-7 difference flips some roundings:
     elementwise 1e-5 is out of reach for any reimplementation. So: the lean run is as close to the
     fp32 run as the reference is, and far closer to the reference than bf16 moves either."""
     path = tiny_models / f"{family}-student"
-    inputs = Family.from_pretrained(path).build_inputs(list(samples))
+    inputs = Family.from_pretrained(path).build_inputs(list(padded_pair))
     model = load_model(path).train()
     layers = [1, 2]
     new = _model_grads(model, inputs, layers, reference=False, autocast=True)
@@ -271,10 +255,10 @@ def test_model_bf16_autocast_equals_reference(tiny_models, samples, family):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_gradient_checkpointing_equals_reference(tiny_models, samples, family):
+def test_gradient_checkpointing_equals_reference(tiny_models, padded_pair, family):
     """Non-reentrant checkpointing (as the trainer sets it) recomputes the capture in backward."""
     path = tiny_models / f"{family}-student"
-    inputs = Family.from_pretrained(path).build_inputs(list(samples))
+    inputs = Family.from_pretrained(path).build_inputs(list(padded_pair))
     model = load_model(path).train()
     layers = [0, 2]
     plain = _model_grads(model, inputs, layers, reference=False)
@@ -287,11 +271,11 @@ def test_gradient_checkpointing_equals_reference(tiny_models, samples, family):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_prefix_cache_rows_equal_reference(tiny_models, samples, family):
+def test_prefix_cache_rows_equal_reference(tiny_models, padded_pair, family):
     """K > Q: a suffix run with gradients against a cached prefix (the shared teacher pass's shape)."""
     path = tiny_models / f"{family}-student"
     fam = Family.from_pretrained(path)
-    tens, lay = fam.encode(samples[1])
+    tens, lay = fam.encode(padded_pair[1])
     model = load_model(path).train()
     T = lay.length
     P = T - 9
@@ -327,12 +311,12 @@ def test_prefix_cache_rows_equal_reference(tiny_models, samples, family):
 
 
 def test_teacher_pass_equals_reference(tiny_models, demo_data):
-    samples = load_samples(demo_data / "train.json")[:3]
+    padded_pair = load_samples(demo_data / "train.json")[:3]
     path = tiny_models / "qwen2_5_vl-teacher"
-    new = compute_targets(path, samples, {"planning": [0, 4]})
+    new = compute_targets(path, padded_pair, {"planning": [0, 4]})
     with reference_capture():
-        ref = compute_targets(path, samples, {"planning": [0, 4]})
-    for s in samples:
+        ref = compute_targets(path, padded_pair, {"planning": [0, 4]})
+    for s in padded_pair:
         a, b = new.get("planning", s.id), ref.get("planning", s.id)
         for l in (0, 4):
             assert_rel(a.maps[l], b.maps[l], what=f"{s.id} layer {l}")
@@ -340,8 +324,8 @@ def test_teacher_pass_equals_reference(tiny_models, demo_data):
 
 def test_multi_agp_loss_sequence_unchanged(tiny_models, demo_data, tmp_path):
     """A short multi + AGP run (micro-batch 2, re-weighting on) gives the same losses with either capture."""
-    samples = load_samples(demo_data / "train.json")
-    targets = compute_targets(tiny_models / "internvl-teacher", samples, TEACHER_LAYERS)
+    padded_pair = load_samples(demo_data / "train.json")
+    targets = compute_targets(tiny_models / "internvl-teacher", padded_pair, TEACHER_LAYERS)
     runs = []
     for reference in (False, True):
         cfg = TrainConfig(student=tiny_models / "internvl-student", data=demo_data / "train.json",

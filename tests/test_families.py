@@ -5,7 +5,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
 
 from drivekd.data.sample import Sample
 from drivekd.errors import ModelError
@@ -13,21 +12,6 @@ from drivekd.families import Family, capture_attention, detect_family, load_mode
 
 FAMILIES = ["qwen2_5_vl", "internvl"]
 
-
-@pytest.fixture(scope="module")
-def samples(tmp_path_factory):
-    d = tmp_path_factory.mktemp("imgs")
-    paths = []
-    for i, c in enumerate([(200, 40, 40), (40, 200, 40), (40, 40, 200)]):
-        im = Image.new("RGB", (224, 112), c)
-        im.paste((255, 255, 0), (20 + 30 * i, 30, 60 + 30 * i, 70))
-        p = d / f"{i}.png"
-        im.save(p)
-        paths.append(p)
-    a = Sample("s-a", "perception", (paths[0], paths[1]), "What colour is the light?", "Red.")
-    # A longer second sample so the batch really pads.
-    b = Sample("s-b", "planning", (paths[2],), "What should the ego vehicle do next?", "Stop and wait for the light to turn green.")
-    return a, b
 
 
 def _eager_head_mean(model_dir, inputs, grad=False):
@@ -39,10 +23,10 @@ def _eager_head_mean(model_dir, inputs, grad=False):
 
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("side", ["left", "right"])
-def test_capture_equals_eager_on_padded_batch(tiny_models, samples, family, side):
+def test_capture_equals_eager_on_padded_batch(tiny_models, padded_pair, family, side):
     path = tiny_models / f"{family}-teacher"
     fam = Family.from_pretrained(path)
-    inputs = fam.build_inputs(list(samples), padding_side=side)
+    inputs = fam.build_inputs(list(padded_pair), padding_side=side)
     am = inputs.tensors["attention_mask"].bool()
     assert not am.all(), "the batch must contain padding"
     model = load_model(path)
@@ -70,10 +54,10 @@ def test_capture_equals_eager_on_padded_batch(tiny_models, samples, family, side
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_capture_gradient_matches_eager(tiny_models, samples, family):
+def test_capture_gradient_matches_eager(tiny_models, padded_pair, family):
     path = tiny_models / f"{family}-student"
     fam = Family.from_pretrained(path)
-    inputs = fam.build_inputs(list(samples))
+    inputs = fam.build_inputs(list(padded_pair))
     layer = 1
     w = torch.rand(inputs.tensors["input_ids"].shape[1], inputs.tensors["input_ids"].shape[1], generator=torch.Generator().manual_seed(0))
     model = load_model(path)
@@ -113,9 +97,9 @@ def _expected_vision_tokens(family, fam: Family, size=(224, 112)) -> int:
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_token_layout(tiny_models, samples, family):
+def test_token_layout(tiny_models, padded_pair, family):
     fam = Family.from_pretrained(tiny_models / f"{family}-teacher")
-    a, b = samples
+    a, b = padded_pair
     inputs = fam.build_inputs([a, b])
     per_image = _expected_vision_tokens(family, fam)
     for s, lay in zip((a, b), inputs.layouts):
@@ -138,11 +122,11 @@ def test_token_layout(tiny_models, samples, family):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_teacher_and_student_tokens_identical(tiny_models, samples, family):
+def test_teacher_and_student_tokens_identical(tiny_models, padded_pair, family):
     t = Family.from_pretrained(tiny_models / f"{family}-teacher")
     s = Family.from_pretrained(tiny_models / f"{family}-student")
     assert t.fingerprint() == s.fingerprint()
-    for smp in samples:
+    for smp in padded_pair:
         assert t.encode(smp)[1].fingerprint == s.encode(smp)[1].fingerprint
     # A different image setting changes the fingerprint (it would change the tokens).
     if family == "qwen2_5_vl":
@@ -150,10 +134,10 @@ def test_teacher_and_student_tokens_identical(tiny_models, samples, family):
         assert other.fingerprint() != t.fingerprint()
 
 
-def test_generation_prompt_has_no_answer(tiny_models, samples):
+def test_generation_prompt_has_no_answer(tiny_models, padded_pair):
     fam = Family.from_pretrained(tiny_models / "internvl-student")
-    inputs = fam.build_inputs(list(samples), with_answer=False, padding_side="left")
-    for s, lay in zip(samples, inputs.layouts):
+    inputs = fam.build_inputs(list(padded_pair), with_answer=False, padding_side="left")
+    for s, lay in zip(padded_pair, inputs.layouts):
         assert (lay.labels == -100).all()
         assert s.answer not in fam.tokenizer.decode(lay.input_ids)
 
@@ -193,10 +177,10 @@ def test_unreadable_image_names_sample(tiny_models, tmp_path):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_questions_on_one_image_group_process_its_images_once(tiny_models, samples, family):
+def test_questions_on_one_image_group_process_its_images_once(tiny_models, padded_pair, family):
     """The group memo: a second question on the same images reuses the processed pixels (the image
     processor runs once), and gives exactly the tensors of a fresh, un-memoised processing."""
-    a, _ = samples
+    a, _ = padded_pair
     q2 = Sample("s-a2", "reasoning", a.images, "Is the road clear?", "Yes.")
     fam = Family.from_pretrained(tiny_models / f"{family}-student")
     calls = []
