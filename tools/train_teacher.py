@@ -69,10 +69,12 @@ def _copy_checkpoint(final: Path, out: Path) -> None:
 
 
 def train_format_student(out: Path, work: Path, bench: Path, *, seed: int, steps: int, lr: float, micro_batch: int,
-                         threads: int) -> dict:
-    """A tiny student trained on random answer letters: the template without the task (see the docstring)."""
+                         threads: int, vision_from: Path | None = None) -> dict:
+    """A tiny student trained on random answer letters: the template without the task (see the docstring).
+    With `vision_from` (a teacher checkpoint), its vision tower and projector LayerNorm are then grafted
+    in (drivekd.demo.tiny_models.graft_vision): a student that can see, as real students can."""
     from drivekd.demo.benchmark import format_only_split
-    from drivekd.demo.tiny_models import make_internvl
+    from drivekd.demo.tiny_models import graft_vision, make_internvl
 
     log: list[dict] = []
     data = bench / "train_format_only.json"
@@ -90,6 +92,7 @@ def train_format_student(out: Path, work: Path, bench: Path, *, seed: int, steps
     _run(["drivekd.cli.eval", "--model", str(run / "final"), "--data", str(bench / "val_drivebench.json"), "--images",
           str(bench), "--out", str(ev), "--max-new-tokens", "10", "--batch-size", "32"], threads, log)
     _copy_checkpoint(run / "final", out)
+    grafted = graft_vision(out, vision_from, out) if vision_from is not None else []
     report = json.loads((ev / "report.json").read_text())
     record = {
         "what": "tiny InternVL student (drivekd.demo.tiny_models student config) trained with answer CE on the "
@@ -100,6 +103,9 @@ def train_format_student(out: Path, work: Path, bench: Path, *, seed: int, steps
         "command": "python tools/train_teacher.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
         "steps_run": log,
     }
+    if vision_from is not None:
+        record["vision_grafted_from"] = {"teacher": str(vision_from), "tensors": len(grafted),
+                                         "note": "val_accuracy is of the student before the graft"}
     (out / "training_record.json").write_text(json.dumps(record, indent=2) + "\n")
     return record
 
@@ -221,9 +227,13 @@ def train_teacher(out: Path, work: Path, *, seed: int, steps: int, lr: float, mi
 @click.option("--init-from", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Continue from this teacher checkpoint (a second stage) instead of a fresh init from --seed.")
 @click.option("--student-only", is_flag=True, help="Only (re)build the student (from the benchmark in WORK/bench or --bench).")
+@click.option("--student-vision-from", type=click.Path(file_okay=False, exists=True, path_type=Path), default=None,
+              help="Graft this teacher's vision tower and projector LayerNorm into the student (default with "
+                   "--student-out: OUT, the teacher just trained; with --student-only: none unless given).")
 def main(out: Path, work: Path | None, seed: int, steps: int, lr: float, micro_batch: int, bench: Path | None,
          bench_scenes: tuple[int, int, int], eval_limit: int | None, threads: int, quick: bool, allow_weak: bool,
-         student_out: Path | None, student_steps: int, student_only: bool, init_from: Path | None) -> None:
+         student_out: Path | None, student_steps: int, student_only: bool, init_from: Path | None,
+         student_vision_from: Path | None) -> None:
     if quick:
         steps, micro_batch, bench_scenes, eval_limit = min(steps, 4), min(micro_batch, 4), (4, 2, 2), 12
     work = work or out.with_name(out.name + ".work")
@@ -231,7 +241,7 @@ def main(out: Path, work: Path | None, seed: int, steps: int, lr: float, micro_b
         if student_out is None:
             raise click.ClickException("--student-only needs --student-out DIR")
         srec = train_format_student(student_out, work, bench or work / "bench", seed=seed, steps=student_steps, lr=lr,
-                                    micro_batch=micro_batch, threads=threads)
+                                    micro_batch=micro_batch, threads=threads, vision_from=student_vision_from)
         click.echo(f"student: val accuracy {srec['val_accuracy']} (unanswerable {srec['val_unanswerable']}) -> {student_out}")
         return
     rec = train_teacher(out, work, seed=seed, steps=steps, lr=lr, micro_batch=micro_batch, bench=bench,
@@ -243,7 +253,7 @@ def main(out: Path, work: Path | None, seed: int, steps: int, lr: float, micro_b
                f"total {rec['total_wall_s']} s -> {out}")
     if student_out is not None:
         srec = train_format_student(student_out, work, Path(rec["bench"]), seed=seed, steps=student_steps, lr=lr,
-                                    micro_batch=micro_batch, threads=threads)
+                                    micro_batch=micro_batch, threads=threads, vision_from=student_vision_from or out)
         click.echo(f"student: val accuracy {srec['val_accuracy']} (unanswerable {srec['val_unanswerable']}) -> {student_out}")
 
 

@@ -191,3 +191,32 @@ def make_tiny_models(out: Path, families=("internvl", "qwen2_5_vl")) -> dict[str
             written[name] = BUILDERS[fam](out / name, role, seed=1000 + i)
     (out / "tiny-models.json").write_text(json.dumps({k: str(v) for k, v in written.items()}, indent=2))
     return written
+
+
+def graft_vision(student_dir: Path, teacher_dir: Path, out: Path) -> list[str]:
+    """Copy the teacher's vision tower and the projector's LayerNorm (its input side, in the vision
+    tower's width) into the student; the student's language model and projector linears stay.
+
+    Why: real students start from a vision encoder that already knows pixels (InternVL3-1B and -8B
+    share InternViT-300M), while the tiny student's was random and never trained on images, so no
+    budget of CE or KD could teach it the task. Both tiny configs share the vision config (checked:
+    every grafted tensor must have the same shape). Returns the names of the copied tensors.
+    """
+    from safetensors.torch import load_file, save_file
+
+    student_dir, teacher_dir, out = Path(student_dir), Path(teacher_dir), Path(out)
+    s = load_file(student_dir / "model.safetensors")
+    t = load_file(teacher_dir / "model.safetensors")
+    names = sorted(k for k in s if k.startswith("vision_tower.") or k.startswith("multi_modal_projector.layer_norm."))
+    for k in names:
+        if k not in t or t[k].shape != s[k].shape:
+            raise ValueError(f"cannot graft {k}: the teacher's is {tuple(t[k].shape) if k in t else 'missing'}, "
+                             f"the student's {tuple(s[k].shape)}; the two vision configs must be the same")
+        s[k] = t[k].clone()
+    out.mkdir(parents=True, exist_ok=True)
+    if out.resolve() != student_dir.resolve():
+        for f in student_dir.iterdir():
+            if f.is_file() and f.name != "model.safetensors":
+                (out / f.name).write_bytes(f.read_bytes())
+    save_file(s, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return names
