@@ -300,3 +300,12 @@ def test_judge_timeout_flag_bounds_each_request(tmp_path, monkeypatch):
     assert r.exit_code == 2 and "timed out" in r.output, r.output
     r = CliRunner().invoke(eval_cli, ["score", str(path), "--judge-url", "http://127.0.0.1:9/v1", "--judge-model", "m", "--judge-timeout", "0"])
     assert r.exit_code == 2 and "--judge-timeout must be > 0" in r.output
+
+
+@pytest.mark.parametrize("answer, why", [("", "is empty"), ("the red car", "names no option")])
+def test_mcq_reference_that_names_no_option_is_malformed(answer, why):
+    # Once such a record left the multiple-choice denominator silently (3 of 4 counted, 100.00 shown).
+    records = [rec(f"f{i}", "perception", "A", "A") for i in range(3)] + [rec("f9", "perception", answer, "A")]
+    with pytest.raises(DataError, match=rf"record 3 .*multiple-choice \(tag 0\) 'answer'.*{why}"):
+        score_predictions(records)
+    assert score_predictions(records[:3])["capabilities"]["perception"]["mcq_total"] == 3

@@ -74,8 +74,6 @@ def report_markdown(report: Mapping[str, Any]) -> str:
     if un["ids"]:
         shown = ", ".join(un["ids"][:20]) + (f", ... ({len(un['ids']) - 20} more in report.json)" if len(un["ids"]) > 20 else "")
         lines.append(f"Ids: {shown}")
-    if report.get("mcq_reference_unreadable"):
-        lines.append(f"{len(report['mcq_reference_unreadable'])} tag-0 records have a reference that is neither a letter nor Yes/No; they are scored as open questions.")
     lines.append("")
 
     lines += ["## Judge", ""]

@@ -112,25 +112,28 @@ def is_mcq(rec: Mapping[str, Any]) -> bool:
     return 0 in tags_of(rec) or _single_letter(rec.get("answer"))
 
 
-def mcq_outcome(rec: Mapping[str, Any]) -> tuple[str | None, str | None]:
-    """(predicted choice, reference choice) of a multiple-choice record.
-
-    The reference is None when it is neither a letter nor Yes/No (the record is then scored as an
-    open question and listed under `mcq_reference_unreadable`).
-    """
-    question = str(rec.get("question", ""))
+def mcq_reference(rec: Mapping[str, Any]) -> tuple[str | None, str, str]:
+    """(reference choice, how to read the prediction: "letter" | "yesno", the options the parser
+    accepts) of a multiple-choice record. The reference is None when it is neither a letter nor
+    Yes/No (`check_records` refuses such a tag-0 record as malformed)."""
     answer = str(rec.get("answer", ""))
-    options = options_in_question(question)
+    options = options_in_question(str(rec.get("question", "")))
     if _single_letter(answer):
         ref = answer.strip(" \t\r\n().").upper()
-        return extract_choice(rec.get("pred"), options + ("" if ref in options else ref)), ref
+        return ref, "letter", options + ("" if ref in options else ref)
     ref = extract_choice(answer, options)
     if ref is not None:
-        return extract_choice(rec.get("pred"), options), ref
-    ref = extract_yes_no(answer)
-    if ref is not None:
-        return extract_yes_no(rec.get("pred")), ref
-    return None, None
+        return ref, "letter", options
+    return extract_yes_no(answer), "yesno", options
+
+
+def mcq_outcome(rec: Mapping[str, Any]) -> tuple[str | None, str | None]:
+    """(predicted choice, reference choice) of a multiple-choice record."""
+    ref, kind, options = mcq_reference(rec)
+    if ref is None:
+        return None, None
+    pred = extract_choice(rec.get("pred"), options) if kind == "letter" else extract_yes_no(rec.get("pred"))
+    return pred, ref
 
 
 def _mean(values: Sequence[float]) -> float | None:
@@ -236,9 +239,18 @@ def record_problems(i: int, rec: Any) -> list[str]:
     if "question" in rec and not isinstance(rec["question"], str):
         out.append(f"record {i} (id {rid}): 'question' must be a string, got {type(rec['question']).__name__}")
     try:
-        tags_of(rec)
+        tags = tags_of(rec)
     except DataError:
         out.append(f"record {i} (id {rid}): 'tag' must be an int or a list of ints, got {rec.get('tag')!r}")
+        return out
+    # A multiple-choice record whose reference names no option would leave the MCQ denominator
+    # (it was once scored as an open question, so the accuracy silently covered fewer records).
+    if 0 in tags and isinstance(rec.get("answer"), str) and isinstance(rec.get("question", ""), str):
+        if not rec["answer"].strip():
+            out.append(f"record {i} (id {rid}): multiple-choice (tag 0) 'answer' is empty; give the reference letter")
+        elif mcq_reference(rec)[0] is None:
+            out.append(f"record {i} (id {rid}): multiple-choice (tag 0) 'answer' {rec['answer']!r} names no option "
+                       f"({', '.join(options_in_question(rec.get('question', '')))}) and is not Yes/No; give the reference letter")
     return out
 
 
@@ -272,16 +284,12 @@ def score_predictions(
         qtype = str(rec["question_type"]).strip().lower()
         rows.append((rid, rec, capability_of(qtype), qtype))
 
-    unreadable_refs: list[str] = []
     unanswerable: list[str] = []
     mcq: dict[int, tuple[bool, bool]] = {}  # row index -> (correct, unanswerable)
     for i, (rid, rec, _, _) in enumerate(rows):
         if not is_mcq(rec):
             continue
-        pred, ref = mcq_outcome(rec)
-        if ref is None:
-            unreadable_refs.append(rid)
-            continue
+        pred, ref = mcq_outcome(rec)  # ref is never None here: check_records refused such records
         if pred is None:
             unanswerable.append(rid)
         mcq[i] = (pred == ref, pred is None)
@@ -348,7 +356,6 @@ def score_predictions(
         "average": average,
         "table1": {**{c: capabilities[c]["score"] for c in CAPABILITIES}, "average": average},
         "unanswerable": {"count": len(unanswerable), "ids": unanswerable},
-        "mcq_reference_unreadable": unreadable_refs,
         "judge": (
             {
                 "runs": max((len(g) for g in grades.values()), default=0),
