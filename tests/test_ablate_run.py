@@ -8,7 +8,7 @@ import shutil
 import pytest
 
 from drivekd.ablate import load_ablation, run_ablation, write_ablation_report
-from drivekd.ablate.runner import read_state
+from drivekd.ablate.state import read_state
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
@@ -145,7 +145,8 @@ def test_changed_settings_of_a_finished_run_are_refused(setup, tmp_path):
     p = _file(root, tiny_models, demo_data, tmp_path)
     abl = load_ablation(p)
     job = abl.run("ce").jobs[0]
-    from drivekd.ablate.runner import settings_identity, write_state
+    from drivekd.ablate.runner import settings_identity
+    from drivekd.ablate.state import write_state
 
     from drivekd.ablate.runner import check_finished_settings
 

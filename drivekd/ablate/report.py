@@ -19,6 +19,7 @@ import math
 from typing import Any, Mapping, Sequence
 
 from drivekd.ablate.config import Ablation
+from drivekd.ablate.state import read_state
 from drivekd.eval.score import capability_of
 from drivekd.roles import CAPABILITIES
 
@@ -141,8 +142,6 @@ def markdown(report: Mapping[str, Any]) -> str:
 
 def collect(abl: Ablation) -> list[dict[str, Any]]:
     """Each run's status, job states and eval reports, as `table4` takes them."""
-    from drivekd.ablate.runner import read_state
-
     runs = []
     for spec in abl.runs:
         run: dict[str, Any] = {"name": spec.name, "row": spec.row, "report": list(spec.report), "reports": {},
@@ -174,7 +173,7 @@ def collect(abl: Ablation) -> list[dict[str, Any]]:
 def write_ablation_report(abl: Ablation) -> dict[str, Any]:
     """report.json, report.md and report.png in the ablation's folder; returns the report dict."""
     from drivekd.eval.predictions import atomic_write_text
-    from drivekd.eval.report import _bar_png
+    from drivekd.plots import bar_png
 
     runs = collect(abl)
     definitions = {rep.get("score_definition") for r in runs for rep in r["reports"].values()}
@@ -193,7 +192,7 @@ def write_ablation_report(abl: Ablation) -> dict[str, Any]:
     atomic_write_text(abl.out / REPORT_MD, markdown(report))
     shown = [r for r in report["rows"] if any(r["cells"][c]["mean"] is not None for c in COLUMNS)]
     if shown:
-        _bar_png(abl.out / REPORT_PNG, [r["row"] for r in shown], [[r["cells"][c]["mean"] for c in COLUMNS] for r in shown],
+        bar_png(abl.out / REPORT_PNG, [r["row"] for r in shown], [[r["cells"][c]["mean"] for c in COLUMNS] for r in shown],
                  f"{abl.title} (mean over seeds; error bars: std)", [[r["cells"][c]["std"] for c in COLUMNS] for r in shown])
     return report
 

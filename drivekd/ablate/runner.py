@@ -24,33 +24,17 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from drivekd.ablate.config import Ablation, Job
+from drivekd.ablate.state import read_state, write_state
 from drivekd.errors import ConfigError, DriveKDError
 from drivekd.trainer.settings import RESUME_FREE, TrainConfig
 
 log = logging.getLogger(__name__)
-
-STATE_VERSION = 1
 
 
 def settings_identity(cfg: TrainConfig) -> dict[str, Any]:
     """The settings that change a run's numbers (as the trainer's resume check compares them), as
     JSON gives them back (tuples as lists), so a recorded state compares equal."""
     return json.loads(json.dumps({k: v for k, v in cfg.to_json().items() if k not in RESUME_FREE}))
-
-
-def read_state(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        return {}
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except ValueError:
-        return {}  # a torn write: the job is redone from its checkpoints, which are always complete
-
-
-def write_state(path: Path, state: dict[str, Any]) -> None:
-    from drivekd.eval.predictions import atomic_write_text
-
-    atomic_write_text(path, json.dumps({"version": STATE_VERSION, **state}, indent=2, sort_keys=True) + "\n")
 
 
 @dataclass
