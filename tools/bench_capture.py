@@ -134,6 +134,7 @@ def case_step(args, capture: str) -> dict:
     from drivekd.families.capture import CAPTURE_IMPL, capture_attention, reference_capture
     from drivekd.losses.attention import answer_positions, attention_loss, token_ce
     from drivekd.losses.recipes import plan_term
+    from drivekd.roles import ROLES
 
     base_rss = peak_rss()
     torch.manual_seed(0)
@@ -154,7 +155,7 @@ def case_step(args, capture: str) -> dict:
     text = ~vision
     am = torch.ones(1, T, dtype=torch.bool)
     keep, ce_t = answer_positions(labels)
-    terms = [plan_term(r, L, L) for r in ("perception", "reasoning", "planning")]
+    terms = [plan_term(r, L, L) for r in ROLES]
     mix = {"perception": 0.8, "reasoning": 0.1, "planning": 0.1}  # a perception sample's row of M
     layers = sorted({s for t in terms for s, _ in t.pairs})
     g = torch.Generator().manual_seed(2)

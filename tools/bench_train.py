@@ -248,6 +248,7 @@ def saved_bytes(text_layers: int, vision_layers: int, T: int, tiles: int, answer
     from drivekd.families.capture import CAPTURE_IMPL, capture_attention
     from drivekd.losses.attention import answer_positions, attention_loss, token_ce
     from drivekd.losses.recipes import plan_term
+    from drivekd.roles import ROLES
 
     import drivekd.families.capture as capture_mod
 
@@ -281,7 +282,7 @@ def saved_bytes(text_layers: int, vision_layers: int, T: int, tiles: int, answer
     pixel = torch.randn(tiles, 3, 448, 448)
     am = torch.ones(1, T, dtype=torch.bool)
     L = text_layers
-    terms = [plan_term(r, L, L) for r in ("perception", "reasoning", "planning")]
+    terms = [plan_term(r, L, L) for r in ROLES]
     layers = sorted({s for t in terms for s, _ in t.pairs})
     seen: dict[tuple, int] = {}
     weight_copies = {"n": 0}

@@ -53,6 +53,7 @@ import click
 
 from drivekd.demo.scenes import generate_scene, render_view
 from drivekd.errors import ConfigError
+from drivekd.roles import CAPABILITIES
 
 SPLITS = ("train", "val", "heldout")
 # The tiny teacher trained on this benchmark (tools/train_teacher.py), committed with its record.
@@ -61,7 +62,6 @@ TEACHER_DIR = Path(__file__).parent / "teacher"
 STUDENT_DIR = Path(__file__).parent / "student"
 SIZE = (128, 64)
 CAMERA = "CAM_FRONT"
-CAPABILITIES = ("perception", "reasoning", "planning")
 # Light colour per scene: green half the time, so "will it stop?" is 50/50.
 LIGHT_WEIGHTS = {"red": 0.25, "yellow": 0.25, "green": 0.5}
 FOLLOW_GAP_M = 15.0  # scenes.generate_scene: a green-light lead closer than this means "follow"

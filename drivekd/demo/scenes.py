@@ -31,6 +31,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from drivekd.data.sample import CAMERA_ORDER
+from drivekd.roles import CAPABILITIES
 
 DEFAULT_SIZE = (224, 128)
 MAX_QUESTIONS_PER_GROUP = 8
@@ -554,7 +555,7 @@ def _make_questions(scene: dict, rng: random.Random, n: int) -> list[dict]:
         rng.shuffle(caps)
     out: list[dict] = []
     while len(out) < n and any(pools.values()):
-        for cap in ("perception", "reasoning", "planning"):
+        for cap in CAPABILITIES:
             if pools[cap] and len(out) < n:
                 out.append(pools[cap].pop()(scene, rng))
     if len(out) < n:
@@ -672,7 +673,7 @@ def make_demo_data(
     _write_json(out / "train.json", train)
     _write_json(out / "drivebench.json", bench)
     _write_json(out / "scenes.json", {"seed": seed, "size": [w, h], "scenes": scenes})
-    counts = {c: sum(1 for r in train if r["question_type"] == c) for c in ("perception", "reasoning", "planning")}
+    counts = {c: sum(1 for r in train if r["question_type"] == c) for c in CAPABILITIES}
     return {
         "out": str(out),
         "groups": groups,
