@@ -123,10 +123,12 @@ def load_samples(
     unknown_capability: Literal["error", "skip"] = "error",
     check_images: bool = True,
     format: Format = "auto",
+    allow_outside_images: bool = False,
 ) -> list[Sample]:
     """Read one Drive-KD or DriveBench JSON file; see `load_samples_report` for the arguments."""
     return load_samples_report(
-        path, images_root, unknown_capability=unknown_capability, check_images=check_images, format=format
+        path, images_root, unknown_capability=unknown_capability, check_images=check_images, format=format,
+        allow_outside_images=allow_outside_images,
     ).samples
 
 
@@ -137,6 +139,7 @@ def load_samples_report(
     unknown_capability: Literal["error", "skip"] = "error",
     check_images: bool = True,
     format: Format = "auto",
+    allow_outside_images: bool = False,
 ) -> LoadReport:
     """Read one JSON file into Samples, in file order, and report what was skipped.
 
@@ -145,6 +148,8 @@ def load_samples_report(
         such records, logs how many, and lists them in `LoadReport.skipped`.
     check_images: open every image with PIL and verify it (each distinct path once).
     format: "auto" detects the format from the records.
+    allow_outside_images: accept image paths that resolve outside `images_root` (`../x.jpg`,
+        absolute paths); refused by default, since such a path usually means a wrong root.
     """
     if unknown_capability not in ("error", "skip"):
         raise DataError(f"unknown_capability must be 'error' or 'skip', got {unknown_capability!r}")
@@ -167,6 +172,8 @@ def load_samples_report(
                 raise _Problem("<record>", f"is a {type(record).__name__}, expected a JSON object; "
                                "every list entry must be one record {...}")
             sample = parse(record, root, unknown_capability)
+            if not allow_outside_images:
+                _check_inside(sample, record, fmt, root)
             if check_images:
                 _check_images(sample, record, fmt, image_cache)
         except _Skip as skip:
@@ -179,7 +186,18 @@ def load_samples_report(
         indices.append(index)
 
     first_index: dict[str, int] = {}
+    folded: dict[str, int] = {}  # lower-cased id -> record: ids that differ only in case
     for sample, index in zip(samples, indices):
+        low = sample.id.lower()
+        if sample.id not in first_index and low in folded:
+            j = folded[low]
+            problems.append(_format_problem(
+                index, sample.id, "id",
+                f"differs only in case from the id {samples[indices.index(j)].id!r} of record {j}; the two would "
+                f"share one store folder on a case-insensitive disk (macOS, Windows): give them distinct `id` fields",
+            ))
+            continue
+        folded.setdefault(low, index)
         if sample.id in first_index:
             j = first_index[sample.id]
             problems.append(_format_problem(
@@ -425,6 +443,20 @@ def _parse_drivebench(record: dict, root: Path, unknown: str) -> Sample:
 
 
 # --------------------------------------------------------------------------------------- images
+
+
+def _check_inside(sample: Sample, record: dict, fmt: str, root: Path) -> None:
+    """Refuse an image path that resolves outside the image root (`../x.jpg`, an absolute path)."""
+    if fmt == "drivekd":
+        fields = [f"images[{i}]" for i in range(len(sample.images))]
+    else:
+        paths = record["image_path"]
+        cams = [c for c in CAMERA_ORDER if c in paths] + sorted(c for c in paths if c not in CAMERA_ORDER)
+        fields = [f"image_path.{c}" for c in cams]
+    for field, p in zip(fields, sample.images):
+        if os.path.commonpath([str(root), str(p)]) != str(root):
+            raise _Problem(field, f"resolves to {p}, outside the image root {root}; keep the images under the "
+                           "image root (--images), or pass --allow-outside-images if you mean it", sample.id)
 
 
 def _check_images(sample: Sample, record: dict, fmt: str, cache: dict[Path, str | None]) -> None:
