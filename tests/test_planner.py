@@ -281,7 +281,8 @@ def _planned(monkeypatch, student: Path, settings: ImageSettings, cameras: int =
     """dry_run's shapes for `student` under `settings`, the step count stubbed out (only T is wanted)."""
     monkeypatch.setattr(P, "count_at_depth", lambda *a, **k: P.Counted({"weights": 1}, 1, 1, 1, 0))
     r = P.dry_run(TrainConfig(student=student, recipe="sft", image_settings=settings), cameras=cameras, suggest=False)
-    return {k: r[k] for k in ("tokens_per_camera", "seq_len", "cameras")}
+    assert "image settings (a 1600x900 camera" in P.format_report(r)
+    return {k: r[k] for k in ("tokens_per_camera", "seq_len", "cameras", "image_settings")}
 
 
 @pytest.fixture(scope="module")
@@ -347,6 +348,7 @@ def test_planned_T_follows_the_settings_on_real_configs(monkeypatch):
             processed = int(out["image_grid_thw"].prod()) // ip.merge_size**2
         got = _planned(monkeypatch, folder, settings)
         assert got["tokens_per_camera"] == processed == expected, (name, settings, got, processed)
+        assert got["image_settings"] == fam.effective_image_settings(ip)  # reported as the processor applies them
         assert got["seq_len"] == 6 * expected + P.PROMPT_TOKENS + P.ANSWER_TOKENS
 
 

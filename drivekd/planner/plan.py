@@ -31,7 +31,7 @@ import logging
 import math
 import os
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +61,7 @@ class Shapes:
     cameras: int
     tokens_per_camera: int
     seq_len: int
+    image_settings: dict = field(default_factory=dict)  # the processor's effective settings, [images] keys
 
     @property
     def vision_tokens(self) -> int:
@@ -104,11 +105,14 @@ def model_depth(model_dir: Path, flag: str = "--student") -> tuple[str, int]:
     return family, family_class(family).depth(student_config(model_dir)).text
 
 
-def camera_tokens(family: str, student: Path, images: ImageSettings | None = None, flag: str = "--student") -> int:
-    """Vision tokens one 1600x900 camera contributes: the family's count under the folder's
-    processor with the run's image settings ([images] / image flags), as the processor path gives."""
+def camera_tokens(family: str, student: Path, images: ImageSettings | None = None, flag: str = "--student") -> tuple[int, dict]:
+    """Vision tokens one 1600x900 camera contributes, and the settings the processor applies: the
+    family's count under the folder's processor with the run's image settings ([images] / image
+    flags), as the processor path gives."""
+    fam = family_class(family)
     try:
-        return family_class(family).image_tokens(student, images)
+        effective = fam.effective_image_settings(fam.load_image_processor(student, images))
+        return fam.image_tokens(student, images), effective
     except ModelError as e:
         raise ConfigError(f"{flag}: {e}") from None
 
@@ -117,14 +121,14 @@ def shapes_for(family: str, config, student: Path, cameras: int, seq_len: int | 
                images: ImageSettings | None = None, flag: str = "--student") -> Shapes:
     """The synthetic sample of `cameras` 1600x900 cameras: T = `seq_len`, or the cameras' image
     tokens + 264 text tokens."""
-    per = camera_tokens(family, student, images, flag)
+    per, effective = camera_tokens(family, student, images, flag)
     need = cameras * (per + 2) + ANSWER_TOKENS + 8
     T = seq_len if seq_len is not None else cameras * per + PROMPT_TOKENS + ANSWER_TOKENS
     if T < need:
         raise ConfigError(f"--seq-len {T}: {cameras} camera(s) take {cameras * per} image tokens and the answer "
                           f"{ANSWER_TOKENS}; give at least {need}, or fewer --cameras (or fewer image tokens: "
                           "the image flags / [images] table)")
-    return Shapes(family, cameras, per, T)
+    return Shapes(family, cameras, per, T, effective)
 
 
 def synthetic_batch(shapes: Shapes, config, plan):
@@ -453,6 +457,7 @@ def dry_run(cfg, *, seq_len: int | None = None, cameras: int = 6, gpu_memory: in
         "seq_len": shapes.seq_len,
         "cameras": shapes.cameras,
         "tokens_per_camera": shapes.tokens_per_camera,
+        "image_settings": shapes.image_settings,
         "params": run.params,
         "trainable_params": run.trainable,
         "family": family,
@@ -515,6 +520,8 @@ def format_report(r: dict[str, Any]) -> str:
     lines = [f"drivekd-train --dry-run: {r['family']} student, {r['params'] / 1e9:.2f}B parameters{trainable}, recipe {r['recipe']}, "
              f"projection {r['projection']}, T = {r['seq_len']} ({r['cameras']} camera(s) x {r['tokens_per_camera']} "
              f"image tokens), micro-batch 1",
+             "image settings (a 1600x900 camera; [images] table / image flags): "
+             + (", ".join(f"{k} {v}" for k, v in r.get("image_settings", {}).items()) or "-"),
              f"gradient checkpointing {'on' if r['gradient_checkpointing'] else 'off'}, gradient engine {r['grad_engine'] or 'none'}"
              f" ({r['grad_engine_reason'] or 'one backward'}), gradient rows {r['grad_buffer_dtype']}, "
              f"precision {r['precision']}",
