@@ -14,16 +14,16 @@ identically (the store records them; a train run with other settings is refused,
     max_pixels = 200704     #   (256 tokens per image at most); --max-pixels
 
 Unset keys keep the checkpoint's own values. A setting of the other family is an error, not ignored.
+
+This module holds the settings alone; what they mean for a model (processor arguments, tokens per
+image) is the family's (drivekd.families: `Family.processor_overrides`, `Family.image_tokens`), and
+the flags that build them are the CLI's (drivekd.cli.options).
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, fields
-from pathlib import Path
 from typing import Any
-
-import click
 
 from drivekd.errors import AlignmentError, ConfigError
 
@@ -31,9 +31,6 @@ from drivekd.errors import AlignmentError, ConfigError
 QWEN_PIXELS_PER_TOKEN = 28 * 28
 # nuScenes camera images; the default image size for token-count planning.
 NUSCENES_CAMERA = (1600, 900)
-
-_FAMILY_OF = {"tiling": "internvl", "max_patches": "internvl", "min_pixels": "qwen2_5_vl", "max_pixels": "qwen2_5_vl"}
-_FAMILY_NAME = {"internvl": "InternVL", "qwen2_5_vl": "Qwen2.5-VL"}
 
 
 def flag(key: str) -> str:
@@ -90,44 +87,6 @@ class ImageSettings:
         table.update({k: v for k, v in flags.items() if k in cls.keys() and v is not None})
         return cls(**table)
 
-    def processor_overrides(self, family: str) -> dict[str, Any]:
-        """Image-processor keyword arguments for `family` (raises when a setting belongs to the other family)."""
-        wrong = [k for k in self.given() if _FAMILY_OF[k] != family]
-        if wrong:
-            other = _FAMILY_NAME[_FAMILY_OF[wrong[0]]]
-            raise ConfigError(
-                f"{', '.join(flag(k) for k in wrong)} ([images].{wrong[0]}) applies to {other} models, but this model is "
-                f"{_FAMILY_NAME.get(family, family)}: remove it from the command line or the [images] table"
-            )
-        if family == "internvl":
-            out: dict[str, Any] = {}
-            if self.tiling is False:
-                out["max_patches"] = 1  # the processor forces crop_to_patches on; one tile = no tiling
-            if self.max_patches is not None:
-                out["max_patches"] = self.max_patches
-            return out
-        return {k: getattr(self, k) for k in ("min_pixels", "max_pixels") if getattr(self, k) is not None}
-
-
-def processor_overrides(family: str, settings: "ImageSettings | dict | None") -> dict[str, Any]:
-    """Image-processor kwargs from user settings, or a raw kwargs dict passed through (programmatic use)."""
-    if settings is None:
-        return {}
-    if isinstance(settings, ImageSettings):
-        return settings.processor_overrides(family)
-    return dict(settings)
-
-
-def effective(family: str, image_processor) -> dict[str, Any]:
-    """The settings an image processor actually applies, in [images] keys: what the store records."""
-    size = image_processor.size
-    get = (lambda k: size.get(k)) if isinstance(size, dict) else (lambda k: getattr(size, k, None))
-    if family == "internvl":
-        # InternVLProcessor passes crop_to_patches=True at call time: max_patches alone decides tiling.
-        n = int(image_processor.max_patches)
-        return {"tiling": n > 1, "max_patches": n, "tile_size": [int(get("height")), int(get("width"))]}
-    return {"min_pixels": int(get("shortest_edge")), "max_pixels": int(get("longest_edge"))}
-
 
 def check_same(stored: dict | None, current: dict, what: str, fix: str) -> None:
     """Refuse a run whose effective image settings differ from the stored ones, naming each setting."""
@@ -146,87 +105,6 @@ def check_store(source, role: str, family) -> None:
                "Pass the store's values (flags or the [images] table of drivekd.toml), or rebuild the store")
 
 
-def image_options(f):
-    """The four image flags, shared by drivekd-cache build, drivekd-train and drivekd-eval."""
-    options = [
-        click.option("--tiling/--no-tiling", "tiling", default=None, help="InternVL: tile large images into 448-px crops plus a thumbnail (default: the checkpoint's; [images].tiling)."),
-        click.option("--max-patches", type=int, default=None, help="InternVL: most tiles per image (1 = no tiling; [images].max_patches)."),
-        click.option("--min-pixels", type=int, default=None, help="Qwen2.5-VL: smallest image area in pixels, 784 per token ([images].min_pixels)."),
-        click.option("--max-pixels", type=int, default=None, help="Qwen2.5-VL: largest image area in pixels, e.g. 200704 = 256 tokens ([images].max_pixels)."),
-    ]
-    for option in reversed(options):
-        f = option(f)
-    return f
-
-
 def pop_flags(kwargs: dict) -> dict:
     """Remove the image flags from a click kwargs dict and return them."""
     return {k: kwargs.pop(k) for k in ImageSettings.keys() if k in kwargs}
-
-
-# ----------------------------------------------------------------------------- token counts
-
-
-def _image_processor(folder: Path, family: str, settings: ImageSettings | dict | None):
-    overrides = processor_overrides(family, settings)
-    if family == "qwen2_5_vl":
-        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-
-        return Qwen2VLImageProcessorPil.from_pretrained(folder, **overrides)
-    from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
-
-    return GotOcr2ImageProcessorPil.from_pretrained(folder, **overrides)
-
-
-def _image_seq_length(folder: Path) -> int:
-    """InternVL tokens per tile: processor_config.json, else config.json's, else the 256 default."""
-    for name in ("processor_config.json", "config.json"):
-        p = folder / name
-        if p.is_file():
-            v = json.loads(p.read_text()).get("image_seq_length")
-            if v:
-                return int(v)
-    return 256
-
-
-def tokens_per_image(folder: str | Path, settings: ImageSettings | dict | None = None,
-                     image_size: tuple[int, int] = NUSCENES_CAMERA) -> int:
-    """Vision tokens (placeholder positions) one image of `image_size` (width, height) gives.
-
-    Processor arithmetic only: needs `config.json` and the image-processor files, no tokenizer or
-    weights, so it works on the shipped configs/models/ folders.
-    """
-    from drivekd.families.base import detect_family
-
-    folder = Path(folder)
-    family = detect_family(folder)
-    ip = _image_processor(folder, family, settings)
-    w, h = image_size
-    if family == "qwen2_5_vl":
-        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
-
-        eff = effective(family, ip)
-        factor = ip.patch_size * ip.merge_size
-        rh, rw = smart_resize(h, w, factor=factor, min_pixels=eff["min_pixels"], max_pixels=eff["max_pixels"])
-        return (rh // ip.patch_size) * (rw // ip.patch_size) // ip.merge_size**2
-    from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import get_optimal_tiled_canvas
-
-    size = effective(family, ip)["tile_size"]
-    tiles = 1
-    if ip.max_patches > 1:
-        cols, rows = get_optimal_tiled_canvas((h, w), tuple(size), ip.min_patches, ip.max_patches)
-        tiles = cols * rows
-        tiles += 1 if tiles > 1 else 0  # the thumbnail, added whenever the image is split
-    return tiles * _image_seq_length(folder)
-
-
-def vision_tokens(folder: str | Path, settings: ImageSettings | dict | None = None, cameras=(1, 6),
-                  image_size: tuple[int, int] = NUSCENES_CAMERA) -> dict[int, int]:
-    """Vision tokens of a sample with each camera count in `cameras` (equal-sized images).
-
-    The planner adds the text tokens (question, answer, chat template, 2 image delimiters per image)
-    to get T. Example (configs/models/InternVL3-1B-hf, 1600x900): published settings {1: 2304,
-    6: 13824}; ImageSettings(tiling=False): {1: 256, 6: 1536}.
-    """
-    per = tokens_per_image(folder, settings, image_size)
-    return {int(n): int(n) * per for n in cameras}

@@ -9,8 +9,8 @@ from PIL import Image
 
 from drivekd.data.sample import Sample
 from drivekd.errors import AlignmentError, ConfigError
-from drivekd.families import Family
-from drivekd.images import ImageSettings, tokens_per_image, vision_tokens
+from drivekd.families import Family, InternVLFamily, Qwen25VLFamily, family_class
+from drivekd.images import ImageSettings
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "models"
 
@@ -41,9 +41,21 @@ def test_table_and_flags_merge_flags_win():
 
 def test_setting_of_the_other_family_is_refused():
     with pytest.raises(ConfigError, match="--max-pixels.*applies to Qwen2.5-VL models, but this model is InternVL"):
-        ImageSettings(max_pixels=200704).processor_overrides("internvl")
+        InternVLFamily.processor_overrides(ImageSettings(max_pixels=200704))
     with pytest.raises(ConfigError, match="--no-tiling|--tiling"):
-        ImageSettings(tiling=False).processor_overrides("qwen2_5_vl")
+        Qwen25VLFamily.processor_overrides(ImageSettings(tiling=False))
+
+
+def test_each_family_owns_its_settings():
+    """Every [images] key belongs to exactly one family, and a family's own settings become its
+    processor's arguments (no tiling = one tile)."""
+    owners = {k: [c.name for c in (InternVLFamily, Qwen25VLFamily) if k in c.image_keys] for k in ImageSettings.keys()}
+    assert all(len(v) == 1 for v in owners.values()), owners
+    assert InternVLFamily.processor_overrides(ImageSettings(tiling=False)) == {"max_patches": 1}
+    assert InternVLFamily.processor_overrides(ImageSettings(max_patches=4)) == {"max_patches": 4}
+    assert Qwen25VLFamily.processor_overrides(ImageSettings(min_pixels=3136, max_pixels=200704)) == \
+        {"min_pixels": 3136, "max_pixels": 200704}
+    assert Qwen25VLFamily.processor_overrides({"max_pixels": 5}) == {"max_pixels": 5}  # raw kwargs pass through
 
 
 # ----------------------------------------------------------------------------- token counts
@@ -78,18 +90,18 @@ def test_settings_change_the_token_count(tiny_models, wide_sample, family, setti
     n = _encoded_vision(folder, settings, wide_sample)
     assert n == expected
     # the tokenizer-free arithmetic the planner uses agrees with the real processor
-    assert tokens_per_image(folder, settings, (1600, 900)) == n
+    assert family_class(family).image_tokens(folder, settings, (1600, 900)) == n
 
 
 def test_real_configs_token_counts():
     """Published settings vs the recommended six-camera ones (configs/models/README.md)."""
     internvl = CONFIGS / "InternVL3-1B-hf"
-    assert vision_tokens(internvl) == {1: 2304, 6: 13824}  # 8 tiles + thumbnail, 256 each
-    assert vision_tokens(internvl, ImageSettings(tiling=False)) == {1: 256, 6: 1536}
-    assert vision_tokens(internvl, ImageSettings(max_patches=4), cameras=[6]) == {6: 6 * 3 * 256}  # 2 x 1 tiles + thumbnail
+    assert InternVLFamily.image_tokens(internvl) == 2304  # 8 tiles + thumbnail, 256 each
+    assert InternVLFamily.image_tokens(internvl, ImageSettings(tiling=False)) == 256
+    assert InternVLFamily.image_tokens(internvl, ImageSettings(max_patches=4)) == 3 * 256  # 2 x 1 tiles + thumbnail
     qwen = CONFIGS / "Qwen2.5-VL-3B-Instruct"
-    assert vision_tokens(qwen) == {1: 1824, 6: 10944}
-    assert vision_tokens(qwen, ImageSettings(max_pixels=200704)) == {1: 231, 6: 1386}
+    assert Qwen25VLFamily.image_tokens(qwen) == 1824
+    assert Qwen25VLFamily.image_tokens(qwen, ImageSettings(max_pixels=200704)) == 231
 
 
 def test_settings_change_the_processor_fingerprint(tiny_models):

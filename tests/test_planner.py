@@ -3,7 +3,8 @@
 Proofs, as issue 18 asks: on the tiny models the dry run's peak equals the same step on real
 tensors counted by the same tracker (within 5%; it is exact), and is within 15% of the measured
 RSS increase; weights, gradients, per-loss rows and optimizer state are parameter count x bytes
-exactly; a real-size config (InternVL3-1B, T = 1800) runs through the CLI in under a minute.
+exactly; a real-size config (InternVL3-1B, T = 1800) runs through the CLI in under a minute; the
+planned T is the one the family's processor path gives under the run's image settings.
 """
 
 from __future__ import annotations
@@ -18,20 +19,25 @@ from pathlib import Path
 
 import pytest
 
+from drivekd.images import ImageSettings
 from drivekd.planner import plan as P
 from drivekd.trainer.plan import student_depth
 from drivekd.trainer.settings import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tools"))
-from plan_configs import write_config  # noqa: E402
+
+
+CONFIGS = ROOT / "configs" / "models"
+# The tiny Qwen's processor allows 1024 tokens per image (966 for a 1600x900 camera); this caps it
+# at 256 (231 per camera), as the real six-camera setting does, to keep six cameras within T = 2048.
+QWEN_256 = ImageSettings(max_pixels=200704)
 
 
 def _count(student: Path, fake: bool, T: int, **kw) -> P.Counted:
     cfg = TrainConfig(student=student, **{"dtype": "float32", **kw})
     family, L = student_depth(student)
     config = P.student_config(student)
-    shapes = P.shapes_for(family, config, student, 6, T)
+    shapes = P.shapes_for(family, config, student, 6, T, cfg.image_settings)
     return P.count_step(cfg, P.dry_plan(cfg, L, family), shapes, config, fake=fake)
 
 
@@ -40,8 +46,9 @@ def test_fake_peak_equals_real_step(tiny_models, one_thread, family):
     """Same step, same tracker: fake tensors predict the real tensors' peak and categories."""
     student = tiny_models / f"{family}-student"
     T = 1024 if family == "internvl" else 2048  # the tiny Qwen's cameras take 231 tokens each
-    fake = _count(student, True, T, recipe="multi", projection="agp")
-    real = _count(student, False, T, recipe="multi", projection="agp")
+    images = QWEN_256 if family == "qwen2_5_vl" else ImageSettings()
+    fake = _count(student, True, T, recipe="multi", projection="agp", image_settings=images)
+    real = _count(student, False, T, recipe="multi", projection="agp", image_settings=images)
     assert abs(fake.peak - real.peak) <= 0.05 * real.peak, (fake.peak, real.peak)
     assert fake.categories == real.categories  # exact in practice: same ops, same sizes
     assert fake.flops == real.flops
@@ -136,11 +143,12 @@ def test_gradient_checkpointing_lowers_planned_activations(tiny_models, one_thre
 
 
 def test_real_size_dry_run_json_under_a_minute(tmp_path):
-    """InternVL3-1B, six cameras, T = 1800, multi + AGP through the CLI: the categories add up."""
-    student = write_config("InternVL3-1B-hf", tmp_path)
+    """InternVL3-1B, six cameras of one 448-px tile (--no-tiling), T = 1800, multi + AGP through the
+    CLI: the categories add up."""
+    student = CONFIGS / "InternVL3-1B-hf"
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_utime
     r = subprocess.run([sys.executable, "-m", "drivekd.cli.train", "--dry-run", "--json", "--student", str(student),
-                        "--seq-len", "1800", "--gpu-memory", "80GiB"],
+                        "--seq-len", "1800", "--gpu-memory", "80GiB", "--no-tiling"],
                        capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=600)
     cpu_s = resource.getrusage(resource.RUSAGE_CHILDREN).ru_utime - before
     assert r.returncode == 0, r.stderr[-3000:]
@@ -150,7 +158,7 @@ def test_real_size_dry_run_json_under_a_minute(tmp_path):
     for key in ("peak_bytes", "categories", "flops", "sft_flops", "fits", "gpu_memory_bytes", "seq_len", "params"):
         assert key in out
     cats, N = out["categories"], out["params"]
-    assert out["seq_len"] == 1800 and out["gpu_memory_bytes"] == 80 << 30
+    assert out["seq_len"] == 1800 and out["gpu_memory_bytes"] == 80 << 30 and out["tokens_per_camera"] == 256
     assert sum(cats.values()) == out["peak_bytes"]
     assert cats["weights"] == 4 * N and cats["gradients"] == 4 * N and cats["grad_rows"] == 16 * N
     assert 8 * N <= cats["optimizer_state"] < 8 * N + 4096
@@ -242,7 +250,8 @@ def _deeper(src: Path, dst: Path, text: int, vision: int) -> Path:
 
 @pytest.mark.parametrize("family,kw", [
     ("internvl", dict(recipe="multi", projection="agp", grad_engine="gram", precision="bf16-offload", dtype="bfloat16")),
-    ("qwen2_5_vl", dict(recipe="multi", projection="agp", grad_engine="rows", gradient_checkpointing=True)),
+    ("qwen2_5_vl", dict(recipe="multi", projection="agp", grad_engine="rows", gradient_checkpointing=True,
+                        image_settings=QWEN_256)),
 ])
 def test_depth_scaled_count_equals_the_full_count(tiny_models, one_thread, tmp_path, monkeypatch, family, kw):
     """A deep student is counted at four reduced depths and extrapolated (planner/scale.py): the
@@ -254,7 +263,7 @@ def test_depth_scaled_count_equals_the_full_count(tiny_models, one_thread, tmp_p
     cfg = TrainConfig(student=student, **{"dtype": "float32", **kw})
     family_, L = student_depth(student)
     config = P.student_config(student)
-    shapes = P.shapes_for(family_, config, student, 2, 768)
+    shapes = P.shapes_for(family_, config, student, 2, 768, cfg.image_settings)
     scaled = P.count_at_depth(cfg, L, family_, None, shapes, config)
     assert scaled.scaled_from  # it did scale
     monkeypatch.setenv("DRIVEKD_PLAN_DIRECT", "1")
@@ -263,3 +272,102 @@ def test_depth_scaled_count_equals_the_full_count(tiny_models, one_thread, tmp_p
     assert scaled.categories == full.categories
     assert (scaled.peak, scaled.flops, scaled.params, scaled.host_peak) == (full.peak, full.flops, full.params, full.host_peak)
     assert scaled.engine == full.engine
+
+
+# ----------------------------------------------------------------------------- T from the family
+
+
+def _planned(monkeypatch, student: Path, settings: ImageSettings, cameras: int = 6) -> dict:
+    """dry_run's shapes for `student` under `settings`, the step count stubbed out (only T is wanted)."""
+    monkeypatch.setattr(P, "count_at_depth", lambda *a, **k: P.Counted({"weights": 1}, 1, 1, 1, 0))
+    r = P.dry_run(TrainConfig(student=student, recipe="sft", image_settings=settings), cameras=cameras, suggest=False)
+    assert "image settings (a 1600x900 camera" in P.format_report(r)
+    return {k: r[k] for k in ("tokens_per_camera", "seq_len", "cameras", "image_settings")}
+
+
+@pytest.fixture(scope="module")
+def six_cameras(tmp_path_factory):
+    """One six-camera sample of 1600x900 images (nuScenes size)."""
+    from PIL import Image
+
+    from drivekd.data.sample import Sample
+
+    d = tmp_path_factory.mktemp("cams")
+    paths = []
+    for i in range(6):
+        paths.append(d / f"cam{i}.jpg")
+        Image.new("RGB", (1600, 900), (40 * i, 120, 150)).save(paths[-1])
+    return Sample(id="six", capability="planning", images=tuple(paths), question="What should the ego car do?", answer="Stop.")
+
+
+@pytest.mark.parametrize("family, settings", [
+    ("internvl", ImageSettings()),  # the tiny processor's max_patches 2: 2 tiles + thumbnail
+    ("internvl", ImageSettings(tiling=False)),
+    ("qwen2_5_vl", ImageSettings()),
+    ("qwen2_5_vl", ImageSettings(max_pixels=28 * 28 * 16)),
+    ("qwen2_5_vl", ImageSettings(min_pixels=28 * 28 * 1024, max_pixels=28 * 28 * 1024)),
+])
+def test_planned_T_is_the_processor_paths_tiny(tiny_models, six_cameras, monkeypatch, family, settings):
+    """drivekd-train --dry-run's image tokens are what Family.encode (the cache and trainer path)
+    gives the same six-camera sample under the same [images] settings."""
+    from drivekd.families import Family
+
+    student = tiny_models / f"{family}-student"
+    _, lay = Family.from_pretrained(student, image_processing=settings).encode(six_cameras)
+    got = _planned(monkeypatch, student, settings)
+    assert 6 * got["tokens_per_camera"] == int(lay.vision.sum())
+    assert got["seq_len"] == int(lay.vision.sum()) + P.PROMPT_TOKENS + P.ANSWER_TOKENS
+
+
+def test_planned_T_follows_the_settings_on_real_configs(monkeypatch):
+    """Real-size configs without weights or tokenizer: the planned tokens per camera equal the
+    family's image processor's output for a 1600x900 camera, and change with the settings (the
+    planner once counted one 448-px tile for InternVL and ignored [images] for both families)."""
+    import numpy as np
+
+    from drivekd.families import InternVLFamily, Qwen25VLFamily
+
+    image = np.zeros((900, 1600, 3), dtype=np.uint8)
+    cases = [
+        (InternVLFamily, "InternVL3-1B-hf", ImageSettings(), 2304),  # published: 8 tiles + thumbnail
+        (InternVLFamily, "InternVL3-1B-hf", ImageSettings(tiling=False), 256),
+        (InternVLFamily, "InternVL3-8B-hf", ImageSettings(max_patches=4), 3 * 256),
+        (Qwen25VLFamily, "Qwen2.5-VL-3B-Instruct", ImageSettings(), 1824),
+        (Qwen25VLFamily, "Qwen2.5-VL-3B-Instruct", ImageSettings(max_pixels=200704), 231),
+        # upscaled to at least 2048 tokens' area, sides rounded up to 28 px: 34 x 61 tokens
+        (Qwen25VLFamily, "Qwen2.5-VL-7B-Instruct", ImageSettings(min_pixels=28 * 28 * 2048), 2074),
+    ]
+    for fam, name, settings, expected in cases:
+        folder = CONFIGS / name
+        ip = fam.load_image_processor(folder, settings)
+        if fam is InternVLFamily:  # InternVLProcessor asks for tiling at call time
+            out = ip(images=[image], crop_to_patches=True, return_tensors="pt")
+            processed = int(out["num_patches"][0]) * fam.tokens_per_tile(folder)
+        else:
+            out = ip(images=[image], return_tensors="pt")
+            processed = int(out["image_grid_thw"].prod()) // ip.merge_size**2
+        got = _planned(monkeypatch, folder, settings)
+        assert got["tokens_per_camera"] == processed == expected, (name, settings, got, processed)
+        assert got["image_settings"] == fam.effective_image_settings(ip)  # reported as the processor applies them
+        assert got["seq_len"] == 6 * expected + P.PROMPT_TOKENS + P.ANSWER_TOKENS
+
+
+def test_planner_refuses_a_setting_of_the_other_family(monkeypatch):
+    with pytest.raises(Exception, match="--max-pixels.*applies to Qwen2.5-VL models"):
+        _planned(monkeypatch, CONFIGS / "InternVL3-1B-hf", ImageSettings(max_pixels=200704))
+
+
+def test_cache_dry_run_honours_the_image_flags(tiny_models):
+    """drivekd-cache build --dry-run counts the teacher pass at the T the build's settings give."""
+    from click.testing import CliRunner
+
+    from drivekd.cli.cache import main
+
+    seq = {}
+    for flags in ([], ["--no-tiling"]):
+        r = CliRunner().invoke(main, ["build", "--dry-run", "--json", "--teacher", "perception", "--model",
+                                      str(tiny_models / "internvl-teacher"), *flags])
+        assert r.exit_code == 0, r.output
+        seq[tuple(flags)] = json.loads(r.output[r.output.index("{"):])["teachers"][0]["seq_len"]
+    assert seq[()] == 6 * 48 + P.PROMPT_TOKENS + P.ANSWER_TOKENS  # 2 tiles + thumbnail of 16 tokens
+    assert seq[("--no-tiling",)] == 6 * 16 + P.PROMPT_TOKENS + P.ANSWER_TOKENS

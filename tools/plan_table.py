@@ -2,7 +2,9 @@
 
     PYTHONPATH=. .venv/bin/python tools/plan_table.py [--out plan_table.json] [--models InternVL3-1B-hf ...]
 
-Students InternVL3-1B (teacher InternVL3-8B) and Qwen2.5-VL-3B (teacher Qwen2.5-VL-7B); rows: SFT,
+Students InternVL3-1B (teacher InternVL3-8B) and Qwen2.5-VL-3B (teacher Qwen2.5-VL-7B), from
+configs/models/, at the six-camera image settings (InternVL: no tiling, 256 tokens per camera;
+Qwen2.5-VL: max_pixels 200704, 231 per camera); rows: SFT,
 multi + none, multi + AGP, each with and without gradient checkpointing, the per-loss rows in fp32
 and bf16 (SFT has no rows); and the teacher pass (bf16 weights, all three roles' layers captured)
 against a plain sdpa forward. Everything runs on fake tensors (drivekd-train --dry-run's code).
@@ -12,16 +14,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from plan_configs import write_config  # noqa: E402
-
+CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "models"
 PAIRS = {"InternVL3-1B-hf": "InternVL3-8B-hf", "Qwen2.5-VL-3B-Instruct": "Qwen2.5-VL-7B-Instruct"}
 
 
@@ -30,21 +29,23 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="plan_table.json")
     ap.add_argument("--models", nargs="*", default=list(PAIRS))
-    ap.add_argument("--configs", default="/tmp/drivekd-plan-configs")
+    ap.add_argument("--configs", default=str(CONFIGS), help="folder of the models' config folders")
     args = ap.parse_args()
+    from drivekd.images import ImageSettings
     from drivekd.planner import plan as P
-    from drivekd.trainer.plan import student_depth
     from drivekd.trainer.settings import TrainConfig
+
+    six_cameras = {"internvl": ImageSettings(tiling=False), "qwen2_5_vl": ImageSettings(max_pixels=200704)}
 
     GiB = 1 << 30
     results = {}
     for name in args.models:
-        student = write_config(name, args.configs)
-        teacher = write_config(PAIRS[name], args.configs)
-        family, L = student_depth(student)
+        student, teacher = Path(args.configs) / name, Path(args.configs) / PAIRS[name]
+        family, L = P.model_depth(student)
+        images = six_cameras[family]
         config = P.student_config(student)
-        shapes = P.shapes_for(family, config, student, 6, None)
-        base = TrainConfig(student=student, recipe="multi", dtype="bfloat16")
+        shapes = P.shapes_for(family, config, student, 6, None, images)
+        base = TrainConfig(student=student, recipe="multi", dtype="bfloat16", image_settings=images)
         rows = []
         variants = [("SFT", P.sft_config(base), ["float32"])] + [
             (f"multi+{proj}", replace(base, projection=proj), ["float32", "bfloat16"]) for proj in ("none", "agp")]
@@ -65,8 +66,8 @@ def main() -> None:
                            "cpu_s": round(time.process_time() - t0, 1)}
                     rows.append(row)
                     print(name, json.dumps(row), flush=True)
-        tshapes = P.shapes_for(*[student_depth(teacher)[0]], P.student_config(teacher), teacher, 6, shapes.seq_len)
-        TL = student_depth(teacher)[1]
+        tfamily, TL = P.model_depth(teacher, "--model")
+        tshapes = P.shapes_for(tfamily, P.student_config(teacher), teacher, 6, shapes.seq_len, images, "--model")
         layers = sorted({0, TL - 2, *range(0, TL - 1)})  # perception 0, reasoning 0..L-2, planning L-2
         tp = {}
         for label, lay in (("capture", layers), ("plain_sdpa", None)):

@@ -62,11 +62,9 @@ DEFINITIONS = {
 
 
 def _num_layers(model_dir: Path) -> int:
-    cfg = json.loads((model_dir / "config.json").read_text())
-    n = (cfg.get("text_config") or cfg).get("num_hidden_layers")
-    if not isinstance(n, int) or n < 1:
-        raise ModelError(f"--model {model_dir}: config.json has no text_config.num_hidden_layers")
-    return n
+    from drivekd.families.base import checkpoint_depth
+
+    return checkpoint_depth(model_dir)[1].text
 
 
 

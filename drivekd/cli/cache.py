@@ -8,8 +8,9 @@ from pathlib import Path
 
 import click
 
+from drivekd.cli.options import image_options
 from drivekd.errors import DriveKDError
-from drivekd.images import ImageSettings, image_options
+from drivekd.images import ImageSettings
 from drivekd.roles import ROLES
 
 
@@ -80,7 +81,8 @@ def build(role, model_dir, data, images, out, layers, batch_size, encoding, keep
 
             from drivekd.planner.plan import dry_run_teacher, format_teacher_report
 
-            rep = dry_run_teacher(teachers, layers, seq_len=seq_len, dtype=dtype or "bfloat16")
+            rep = dry_run_teacher(teachers, layers, seq_len=seq_len, dtype=dtype or "bfloat16",
+                                  images=ImageSettings.from_sources(image_flags, cfg))
             click.echo(json.dumps(rep, indent=2) if as_json else format_teacher_report(rep))
             return
         c = cfg.get("cache", {})

@@ -14,9 +14,10 @@ from typing import Any
 
 import click
 
+from drivekd.cli.options import image_options
 from drivekd.errors import ConfigError, DriveKDError
 from drivekd.eval.judge import DEFAULT_KEY_ENV, DRIVEBENCH_TEMPERATURE
-from drivekd.images import ImageSettings, image_options, pop_flags
+from drivekd.images import ImageSettings, pop_flags
 
 _PATH = click.Path(path_type=Path)
 

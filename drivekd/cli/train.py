@@ -17,8 +17,8 @@ from pathlib import Path
 import click
 from click.core import ParameterSource
 
+from drivekd.cli.options import image_options
 from drivekd.errors import DriveKDError
-from drivekd.images import image_options
 from drivekd.trainer.settings import GROUPS, TrainConfig, flag, kind
 
 

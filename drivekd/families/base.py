@@ -8,6 +8,7 @@ trainer check that, sample by sample, instead of trusting it.
 from __future__ import annotations
 
 import abc
+import copy
 import hashlib
 import json
 from dataclasses import dataclass
@@ -18,14 +19,18 @@ import torch
 from PIL import Image
 
 from drivekd.data.sample import Sample
-from drivekd.errors import AlignmentError, DataError, ModelError
+from drivekd.errors import AlignmentError, ConfigError, DataError, ModelError
 from drivekd.families.capture import CAPTURE_IMPL
 from drivekd.families.processors import load_processor
+from drivekd.images import NUSCENES_CAMERA, ImageSettings, flag
 from drivekd.roles import IGNORE_INDEX
 
 FAMILIES = ("internvl", "qwen2_5_vl")
 
 _MODEL_TYPES = {"qwen2_5_vl": "qwen2_5_vl", "internvl": "internvl"}
+# name -> Family subclass; each subclass registers itself when its module is imported (the package
+# __init__ imports every family module, so importing any drivekd.families module fills this).
+_FAMILY_CLASSES: dict[str, type["Family"]] = {}
 
 
 def detect_family(path: str | Path) -> str:
@@ -45,6 +50,29 @@ def detect_family(path: str | Path) -> str:
             "(transformers/models/internvl/convert_internvl_weights_to_hf.py), or use an '-hf' checkpoint"
         )
     raise ModelError(f"{path}: unsupported model_type {mt!r}; drivekd supports {', '.join(FAMILIES)}")
+
+
+def family_class(name: str) -> type["Family"]:
+    """The Family subclass of a family name (as `detect_family` returns) or HF model_type."""
+    try:
+        return _FAMILY_CLASSES[_MODEL_TYPES.get(name, name)]
+    except KeyError:
+        raise ModelError(f"unknown family {name!r}; drivekd supports {', '.join(FAMILIES)}") from None
+
+
+def model_config(path: str | Path):
+    """The transformers config of a local checkpoint folder (config.json only, no weights)."""
+    from transformers import AutoConfig
+
+    detect_family(path)  # a clear error for a folder without config.json or of another family
+    return AutoConfig.from_pretrained(Path(path), local_files_only=True)
+
+
+def checkpoint_depth(path: str | Path) -> tuple[str, Depth]:
+    """(family, depth) of a local checkpoint folder from its config.json: the one place drivekd reads
+    a model's depth from a folder (its text layers are `depth.text`)."""
+    family = detect_family(path)
+    return family, family_class(family).depth(model_config(path))
 
 
 def load_model(path, *, dtype=torch.float32, device="cpu", capture=True, attn="sdpa", trust_remote_code=False):
@@ -121,14 +149,30 @@ class ModelInputs:
         return self
 
 
+@dataclass(frozen=True)
+class Depth:
+    """A model's depth from its config: text decoder layers, and vision layers by kind (in the
+    family's `vision_layer_kinds` order: InternVL one kind, Qwen2.5-VL window and full attention)."""
+
+    text: int
+    vision: tuple[int, ...]
+    uniform_text: bool = True  # False: text layers of several types (e.g. sliding + full attention)
+
+
 class Family(abc.ABC):
-    """Processor-level logic shared by teacher and student code; one subclass per model family owns
-    what differs between families (model class, padding side, vision delimiters, vision-token
-    arithmetic, rope positions). Build one with `Family.from_pretrained(path)`."""
+    """Everything that differs between model families, in one subclass per family (one module each:
+    drivekd/families/internvl.py, qwen2_5_vl.py). Class level, from config files alone: model class,
+    image settings -> processor arguments, image tokens per camera, depth and layer kinds, the
+    planner's synthetic image inputs. Instance level (`Family.from_pretrained(path)`, holding the
+    processor): encoding samples into token layouts and model inputs."""
 
     name = ""
+    display_name = ""  # in messages
     padding_side = "left"  # the family processor's own default
     vision_delimiter_tokens: tuple[str, ...] = ()
+    image_keys: tuple[str, ...] = ()  # the [images] settings (drivekd.images.ImageSettings) that apply
+    vision_layer_kinds: tuple[str, ...] = ()  # names of the vision tower's layer kinds (Depth.vision)
+    processor_class: type | None = None  # drivekd's video-free subclass of the family's HF processor
     # --freeze groups (drivekd.trainer.trainable.PARAM_GROUPS) -> parameter-name prefixes in the HF
     # model; the longest matching prefix decides (embed_tokens is embeddings, not language).
     param_groups: dict[str, tuple[str, ...]] = {}
@@ -136,6 +180,11 @@ class Family(abc.ABC):
     # projections (both families' text models are Qwen2-style decoders).
     lora_targets: tuple[str, ...] = ("model.language_model.layers.*.self_attn.[qkvo]_proj",
                                      "model.language_model.layers.*.mlp.*_proj")
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if cls.name:
+            _FAMILY_CLASSES[cls.name] = cls
 
     def __init__(self, processor, *, text_tokens: str = "paper"):
         if text_tokens not in ("paper", "not_vision"):
@@ -157,13 +206,51 @@ class Family(abc.ABC):
     def from_pretrained(cls, path, *, image_processing=None, text_tokens: str = "paper") -> "Family":
         """`image_processing`: `drivekd.images.ImageSettings` (the user's [images] settings) or raw kwargs."""
         klass = family_class(detect_family(path))
-        return klass(load_processor(klass.name, path, image_processing), text_tokens=text_tokens)
+        ip = klass.load_image_processor(path, image_processing)
+        return klass(load_processor(klass.processor_class, path, ip, **klass.processor_kwargs(path)), text_tokens=text_tokens)
 
     # ----- what each family defines -----
     @staticmethod
     @abc.abstractmethod
     def model_class():
         """The transformers class that loads this family's checkpoints."""
+
+    @staticmethod
+    @abc.abstractmethod
+    def image_processor_class():
+        """The family's PIL image processor (pinned: teacher and student must see the same pixels)."""
+
+    @staticmethod
+    @abc.abstractmethod
+    def _overrides(settings: ImageSettings) -> dict:
+        """Image-processor keyword arguments for the family's own settings (`image_keys`)."""
+
+    @staticmethod
+    @abc.abstractmethod
+    def effective_image_settings(image_processor) -> dict:
+        """The settings an image processor actually applies, in [images] keys: what the store records."""
+
+    @classmethod
+    @abc.abstractmethod
+    def count_image_tokens(cls, image_processor, tile_tokens: int, image_size: tuple[int, int]) -> int:
+        """Vision tokens one image of `image_size` (width, height) expands to under `image_processor`
+        (processor arithmetic, no pixels); `tile_tokens`: tokens per tile for a tiling family."""
+
+    @staticmethod
+    @abc.abstractmethod
+    def vision_depth(vision_config) -> tuple[int, ...]:
+        """Vision layers by kind (`vision_layer_kinds` order)."""
+
+    @staticmethod
+    @abc.abstractmethod
+    def set_vision_depth(vision_config, counts: tuple[int, ...]) -> None:
+        """Give `vision_config` (a copy) `counts` vision layers by kind."""
+
+    @staticmethod
+    @abc.abstractmethod
+    def synthetic_image_inputs(config, vision: torch.Tensor, cameras: int, tokens_per_camera: int) -> dict[str, torch.Tensor]:
+        """Zero-pixel model inputs for `cameras` images of `tokens_per_camera` tokens each, matching
+        the (T,) bool `vision` mask of one sample: what the planner feeds the model."""
 
     @abc.abstractmethod
     def expected_vision_tokens(self, enc) -> int:
@@ -179,11 +266,81 @@ class Family(abc.ABC):
         explicitly (a suffix run against a cached prefix); None for plain 1-D positions."""
         return None
 
+    @staticmethod
+    def delimiter_ids(config) -> tuple[int | None, int | None]:
+        """Token ids the config names around each image's tokens (start, end); None where it names none."""
+        return None, None
+
+    @classmethod
+    def processor_kwargs(cls, folder: str | Path) -> dict:
+        """Processor constructor arguments read from the checkpoint folder, beyond image processor and tokenizer."""
+        return {}
+
+    @classmethod
+    def tokens_per_tile(cls, folder: str | Path) -> int:
+        """Tokens per image tile for a tiling family (0: the family does not tile)."""
+        return 0
+
+    # ----- image settings (class level: config files only) -----
+    @classmethod
+    def processor_overrides(cls, settings: "ImageSettings | dict | None") -> dict:
+        """Image-processor keyword arguments from the user's settings (a setting of another family is
+        refused, naming it), or a raw kwargs dict passed through (programmatic use)."""
+        if settings is None:
+            return {}
+        if not isinstance(settings, ImageSettings):
+            return dict(settings)
+        wrong = [k for k in settings.given() if k not in cls.image_keys]
+        if wrong:
+            owner = next((c.display_name for c in _FAMILY_CLASSES.values() if wrong[0] in c.image_keys), "another family's")
+            raise ConfigError(
+                f"{', '.join(flag(k) for k in wrong)} ([images].{wrong[0]}) applies to {owner} models, but this model is "
+                f"{cls.display_name}: remove it from the command line or the [images] table"
+            )
+        return cls._overrides(settings)
+
+    @classmethod
+    def load_image_processor(cls, folder: str | Path, settings: "ImageSettings | dict | None" = None):
+        """The checkpoint's image processor (PIL backend) with the user's settings applied."""
+        folder = Path(folder)
+        if not any((folder / n).is_file() for n in ("preprocessor_config.json", "processor_config.json")):
+            raise ModelError(f"{folder}: no image-processor settings (preprocessor_config.json or processor_config.json); "
+                             "copy them from the checkpoint: they decide how many tokens an image becomes")
+        return cls.image_processor_class().from_pretrained(folder, **cls.processor_overrides(settings))
+
+    @classmethod
+    def image_tokens(cls, folder: str | Path, settings: "ImageSettings | dict | None" = None,
+                     image_size: tuple[int, int] = NUSCENES_CAMERA) -> int:
+        """Vision tokens (placeholder positions) one camera image of `image_size` (width, height) gives
+        under the checkpoint's processor with `settings`: the count the processor path produces.
+        Needs config.json and the image-processor files only (no tokenizer, no weights)."""
+        return cls.count_image_tokens(cls.load_image_processor(folder, settings), cls.tokens_per_tile(folder), image_size)
+
     def image_settings(self) -> dict:
         """The image settings this processor applies, in [images] keys (recorded in the store)."""
-        from drivekd.images import effective
+        return self.effective_image_settings(self.processor.image_processor)
 
-        return effective(self.name, self.processor.image_processor)
+    # ----- depth and layer kinds (class level) -----
+    @classmethod
+    def depth(cls, config) -> Depth:
+        """Text decoder layers and vision layers by kind of a model config (a transformers config)."""
+        text = config.text_config
+        types = getattr(text, "layer_types", None)
+        return Depth(int(text.num_hidden_layers), tuple(cls.vision_depth(config.vision_config)),
+                     types is None or len(set(types)) <= 1)
+
+    @classmethod
+    def with_depth(cls, config, depth: Depth):
+        """A copy of `config` with `depth` layers (text layers of its first layer type)."""
+        c = copy.deepcopy(config)
+        t = c.text_config
+        t.num_hidden_layers = depth.text
+        if getattr(t, "layer_types", None) is not None:
+            t.layer_types = list(t.layer_types[:1]) * depth.text
+        if getattr(t, "max_window_layers", None) is not None:
+            t.max_window_layers = min(t.max_window_layers, depth.text)
+        cls.set_vision_depth(c.vision_config, depth.vision)
+        return c
 
     def _vision_delimiters(self) -> set[int]:
         tok = self.tokenizer
@@ -305,88 +462,6 @@ class Family(abc.ABC):
                 cols.setdefault(k, []).append(v)
         tensors = {k: torch.cat(v, 0) for k, v in cols.items()}
         return ModelInputs(tensors, [lay for _, lay in encoded], side)
-
-
-class InternVLFamily(Family):
-    """HF-native InternVL3 (`InternVLForConditionalGeneration`, Qwen2 text model): 1-D RoPE,
-    `image_seq_length` tokens per 448-px tile, left padding."""
-
-    name = "internvl"
-    padding_side = "left"
-    vision_delimiter_tokens = ("<img>", "</img>")
-    param_groups = {
-        "vision": ("model.vision_tower.",),  # InternViT
-        "projector": ("model.multi_modal_projector.",),  # mlp1 of the original checkpoints
-        "language": ("model.language_model.",),
-        "embeddings": ("model.language_model.embed_tokens.",),
-        "lm_head": ("lm_head.",),
-    }
-
-    @staticmethod
-    def model_class():
-        from transformers import InternVLForConditionalGeneration
-
-        return InternVLForConditionalGeneration
-
-    def expected_vision_tokens(self, enc) -> int:
-        if "pixel_values" not in enc:
-            return 0
-        return int(enc["pixel_values"].shape[0]) * int(self.processor.image_seq_length)  # tiles x tokens per tile
-
-    def _image_tokens(self, enc) -> int:
-        return int(enc["num_patches"][0]) * int(self.processor.image_seq_length)
-
-
-class Qwen25VLFamily(Family):
-    """Qwen2.5-VL (`Qwen2_5_VLForConditionalGeneration`): M-RoPE positions (3, B, T), one token per
-    merge_size^2 patches of the dynamic-resolution grid, right padding."""
-
-    name = "qwen2_5_vl"
-    padding_side = "right"
-    vision_delimiter_tokens = ("<|vision_start|>", "<|vision_end|>")
-    param_groups = {
-        "vision": ("model.visual.",),
-        "projector": ("model.visual.merger.",),  # the patch merger: vision features -> text hidden size
-        "language": ("model.language_model.",),
-        "embeddings": ("model.language_model.embed_tokens.",),
-        "lm_head": ("lm_head.",),
-    }
-
-    @staticmethod
-    def model_class():
-        from transformers import Qwen2_5_VLForConditionalGeneration
-
-        return Qwen2_5_VLForConditionalGeneration
-
-    def expected_vision_tokens(self, enc) -> int:
-        merge = self.processor.image_processor.merge_size ** 2
-        return int(enc["image_grid_thw"].prod(-1).sum()) // merge if "image_grid_thw" in enc else 0
-
-    def _image_tokens(self, enc) -> int:
-        return int(enc["image_grid_thw"].prod()) // self.processor.image_processor.merge_size ** 2
-
-    @staticmethod
-    def rope_positions(model, tensors: dict, device) -> torch.Tensor | None:
-        """M-RoPE position ids of the whole sequence, (3, 1, T) on the CPU, from the model's own
-        `get_rope_index` (without them the cached branch cannot rebuild positions for a suffix)."""
-        if "image_grid_thw" not in tensors:
-            return None
-        pos, _ = model.model.get_rope_index(
-            tensors["input_ids"].to(device), tensors["mm_token_type_ids"].to(device),
-            image_grid_thw=tensors["image_grid_thw"].to(device), attention_mask=tensors["attention_mask"].to(device),
-        )
-        return pos.cpu()
-
-
-_FAMILY_CLASSES: dict[str, type[Family]] = {c.name: c for c in (InternVLFamily, Qwen25VLFamily)}
-
-
-def family_class(name: str) -> type[Family]:
-    """The Family subclass of a family name (as `detect_family` returns) or HF model_type."""
-    try:
-        return _FAMILY_CLASSES[_MODEL_TYPES.get(name, name)]
-    except KeyError:
-        raise ModelError(f"unknown family {name!r}; drivekd supports {', '.join(FAMILIES)}") from None
 
 
 def check_same_family(a: Family, b: Family, what_a="teacher", what_b="student") -> None:

@@ -2,9 +2,10 @@
 
 The stock `Qwen2_5_VLProcessor` and `InternVLProcessor` refuse to build without torchvision
 (their video processor needs it), and `AutoProcessor.from_pretrained` fails the same way. drivekd
-never processes video, so these subclasses drop the video processor. `load_processor` also pins
-the PIL image-processing backend: with torchvision installed (GPU machines) transformers may pick
-another backend, and teacher and student must always see the same pixels.
+never processes video, so these subclasses drop the video processor. The family classes
+(`Family.load_image_processor`) pin the PIL image-processing backend: with torchvision installed
+(GPU machines) transformers may pick another backend, and teacher and student must always see the
+same pixels.
 """
 
 from __future__ import annotations
@@ -15,8 +16,6 @@ import json
 from pathlib import Path
 
 from transformers import InternVLProcessor, Qwen2_5_VLProcessor
-
-from drivekd.images import ImageSettings, processor_overrides
 
 
 class _GroupImageMemo:
@@ -81,32 +80,13 @@ def _read_chat_template(path: Path, tokenizer) -> str | None:
     return getattr(tokenizer, "chat_template", None)
 
 
-def _processor_kwargs(path: Path) -> dict:
-    proc_cfg = path / "processor_config.json"
-    return json.loads(proc_cfg.read_text()) if proc_cfg.is_file() else {}
-
-
-def load_processor(family: str, path: str | Path, image_processing: "ImageSettings | dict | None" = None):
-    """Load the processor of a local checkpoint folder, PIL backend, no video.
-
-    `image_processing`: the user's `drivekd.images.ImageSettings` ([images] table / image flags), or
-    raw image-processor kwargs; teacher and student must use the same, which the store checks.
-    """
+def load_processor(processor_class, path: str | Path, image_processor, **kwargs):
+    """The processor of a local checkpoint folder: `processor_class` (one of the video-free classes
+    above) around `image_processor` (the family's, settings applied: `Family.load_image_processor`),
+    the folder's tokenizer and chat template. `kwargs`: the family's other processor arguments."""
     from transformers import AutoTokenizer
 
     path = Path(path)
     tokenizer = AutoTokenizer.from_pretrained(path)
     template = _read_chat_template(path, tokenizer)
-    overrides = processor_overrides(family, image_processing)
-    if family == "qwen2_5_vl":
-        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-
-        ip = Qwen2VLImageProcessorPil.from_pretrained(path, **overrides)
-        return Qwen2_5_VLProcessorNoVideo(image_processor=ip, tokenizer=tokenizer, chat_template=template)
-    if family == "internvl":
-        from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
-
-        ip = GotOcr2ImageProcessorPil.from_pretrained(path, **overrides)
-        seq = int(_processor_kwargs(path).get("image_seq_length", 256))
-        return InternVLProcessorNoVideo(image_processor=ip, tokenizer=tokenizer, image_seq_length=seq, chat_template=template)
-    raise ValueError(f"unknown family {family!r}")
+    return processor_class(image_processor=image_processor, tokenizer=tokenizer, chat_template=template, **kwargs)

@@ -1,7 +1,8 @@
 """`dry_run(cfg)`: does a training run fit one GPU, and what does a step cost, without a GPU or weights.
 
 The student is built from its config.json alone on fake tensors (drivekd/planner/fake.py), fed a
-synthetic batch of the run's shapes (T tokens, the cameras' image tokens, a 200-token answer, one
+synthetic batch of the run's shapes (T tokens, the cameras' image tokens as the student's family
+counts them under the run's image settings and the folder's image-processor files, a 200-token answer, one
 teacher target (B, T, T) per student loss layer), and the REAL step code (drivekd/trainer/step.py)
 runs one micro-step and the optimizer step: forward with capture, the configured losses, the
 per-loss backwards or the fast path, combine, clipping, AdamW. The optimizer state is initialised
@@ -26,18 +27,19 @@ autocast runs with the CPU autocast op list, which casts matmuls and linears lik
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import os
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from drivekd.errors import ConfigError
+from drivekd.errors import ConfigError, ModelError
+from drivekd.families.base import detect_family, family_class
+from drivekd.images import ImageSettings
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +61,7 @@ class Shapes:
     cameras: int
     tokens_per_camera: int
     seq_len: int
+    image_settings: dict = field(default_factory=dict)  # the processor's effective settings, [images] keys
 
     @property
     def vision_tokens(self) -> int:
@@ -93,34 +96,39 @@ def student_config(student: Path):
     return AutoConfig.from_pretrained(student, local_files_only=True)
 
 
-def camera_tokens(family: str, config, student: Path) -> int:
-    """Vision tokens one camera contributes under the folder's processor settings.
-
-    InternVL: one 448-px tile per camera (config.image_seq_length, 256 for InternVL3). Qwen2.5-VL:
-    a 1600x900 nuScenes camera resized as the processor's smart_resize does to at most max_pixels
-    (preprocessor_config.json; default 256 * 28 * 28), one token per 28x28 pixels.
-    """
-    if family == "internvl":
-        return int(config.image_seq_length)
-    pre = Path(student) / "preprocessor_config.json"
-    settings = json.loads(pre.read_text()) if pre.is_file() else {}
-    max_pixels = settings.get("max_pixels") or (settings.get("size") or {}).get("longest_edge") or 256 * 28 * 28
-    h, w, f = 900, 1600, 28
-    beta = math.sqrt(h * w / max_pixels)
-    hb, wb = max(f, math.floor(h / beta / f) * f), max(f, math.floor(w / beta / f) * f)
-    if hb * wb > max_pixels:
-        hb, wb = hb - f, wb
-    return (hb // f) * (wb // f)
+def model_depth(model_dir: Path, flag: str = "--student") -> tuple[str, int]:
+    """(family, text decoder layers) of a config folder, as the family reads them from its config."""
+    try:
+        family = detect_family(model_dir)
+    except ModelError as e:
+        raise ConfigError(f"{flag}: {e}") from None
+    return family, family_class(family).depth(student_config(model_dir)).text
 
 
-def shapes_for(family: str, config, student: Path, cameras: int, seq_len: int | None) -> Shapes:
-    per = camera_tokens(family, config, student)
+def camera_tokens(family: str, student: Path, images: ImageSettings | None = None, flag: str = "--student") -> tuple[int, dict]:
+    """Vision tokens one 1600x900 camera contributes, and the settings the processor applies: the
+    family's count under the folder's processor with the run's image settings ([images] / image
+    flags), as the processor path gives."""
+    fam = family_class(family)
+    try:
+        effective = fam.effective_image_settings(fam.load_image_processor(student, images))
+        return fam.image_tokens(student, images), effective
+    except ModelError as e:
+        raise ConfigError(f"{flag}: {e}") from None
+
+
+def shapes_for(family: str, config, student: Path, cameras: int, seq_len: int | None,
+               images: ImageSettings | None = None, flag: str = "--student") -> Shapes:
+    """The synthetic sample of `cameras` 1600x900 cameras: T = `seq_len`, or the cameras' image
+    tokens + 264 text tokens."""
+    per, effective = camera_tokens(family, student, images, flag)
     need = cameras * (per + 2) + ANSWER_TOKENS + 8
     T = seq_len if seq_len is not None else cameras * per + PROMPT_TOKENS + ANSWER_TOKENS
     if T < need:
         raise ConfigError(f"--seq-len {T}: {cameras} camera(s) take {cameras * per} image tokens and the answer "
-                          f"{ANSWER_TOKENS}; give at least {need}, or fewer --cameras")
-    return Shapes(family, cameras, per, T)
+                          f"{ANSWER_TOKENS}; give at least {need}, or fewer --cameras (or fewer image tokens: "
+                          "the image flags / [images] table)")
+    return Shapes(family, cameras, per, T, effective)
 
 
 def synthetic_batch(shapes: Shapes, config, plan):
@@ -137,9 +145,8 @@ def synthetic_batch(shapes: Shapes, config, plan):
     ids = torch.full((T,), text_id, dtype=torch.long)
     vision = torch.zeros(T, dtype=torch.bool)
     pos = 8
-    qwen = shapes.family == "qwen2_5_vl"
-    start = int(getattr(config, "vision_start_token_id", text_id)) if qwen else text_id
-    end = int(getattr(config, "vision_end_token_id", text_id)) if qwen else text_id
+    fam = family_class(shapes.family)
+    start, end = (text_id if i is None else int(i) for i in fam.delimiter_ids(config))
     for _ in range(n):
         ids[pos] = start
         ids[pos + 1 : pos + 1 + per] = img
@@ -152,23 +159,7 @@ def synthetic_batch(shapes: Shapes, config, plan):
     labels = torch.full((T,), IGNORE, dtype=torch.long)
     labels[T - ANSWER_TOKENS :] = ids[T - ANSWER_TOKENS :]
     tensors = {"input_ids": ids[None], "attention_mask": torch.ones(1, T, dtype=torch.long)}
-    if qwen:
-        vc = config.vision_config
-        merge = int(getattr(vc, "spatial_merge_size", 2))
-        patch, tps = int(vc.patch_size), int(getattr(vc, "temporal_patch_size", 2))
-        # A camera of gh x gw merged tokens: (gh * merge) x (gw * merge) patches of 14 px.
-        gh = int(math.isqrt(per))
-        while per % gh:
-            gh -= 1
-        gw = per // gh
-        grid = torch.tensor([[1, gh * merge, gw * merge]] * n)
-        tensors["pixel_values"] = torch.zeros(int(grid.prod(-1).sum()), 3 * tps * patch * patch)
-        tensors["image_grid_thw"] = grid
-        tensors["mm_token_type_ids"] = vision.long()[None]
-    else:
-        vc = config.vision_config
-        size = vc.image_size[0] if isinstance(vc.image_size, (list, tuple)) else vc.image_size
-        tensors["pixel_values"] = torch.zeros(n, 3, int(size), int(size))
+    tensors.update(fam.synthetic_image_inputs(config, vision, n, per))
     lay = TokenLayout("dry-run", ids, vision, text, labels, T - ANSWER_TOKENS, "")
     inputs = ModelInputs(tensors, [lay], "right")
     targets = {t.role: {s: (1, T, T) for s, _ in t.pairs} for t in plan.terms}
@@ -225,7 +216,6 @@ class Counted:
 
 
 def build_student(student: Path, family: str, config, dtype=torch.float32):
-    from drivekd.families.base import family_class
     from drivekd.families.capture import CAPTURE_IMPL
 
     return family_class(family).model_class()._from_config(
@@ -430,13 +420,11 @@ def margin_bytes(tracked_peak: int) -> int:
 def dry_run(cfg, *, seq_len: int | None = None, cameras: int = 6, gpu_memory: int | None = None,
             suggest: bool = True) -> dict[str, Any]:
     """The planner's answer for the run `cfg` (a TrainConfig): a JSON-ready dict."""
-    from drivekd.trainer.plan import student_depth
-
     if cfg.student is None:
         raise ConfigError("--student is required (a folder with the student's config.json; weights are not read)")
     if not isinstance(cameras, int) or cameras < 0:
         raise ConfigError(f"--cameras must be an integer >= 0, got {cameras!r}")
-    family, L = student_depth(Path(cfg.student))
+    family, L = model_depth(Path(cfg.student))
     teacher_L = None
     if cfg.cache is not None:
         from drivekd.trainer.plan import open_source
@@ -444,7 +432,7 @@ def dry_run(cfg, *, seq_len: int | None = None, cameras: int = 6, gpu_memory: in
         src = open_source(cfg, None)
         teacher_L = max((src.role_info(r).num_teacher_layers for r in src.roles()), default=None)
     config = student_config(cfg.student)
-    shapes = shapes_for(family, config, Path(cfg.student), cameras, seq_len)
+    shapes = shapes_for(family, config, Path(cfg.student), cameras, seq_len, cfg.image_settings)
 
     def one(c) -> Counted:
         return count_at_depth(c, L, family, teacher_L, shapes, config, device_memory=gpu_memory)
@@ -469,6 +457,7 @@ def dry_run(cfg, *, seq_len: int | None = None, cameras: int = 6, gpu_memory: in
         "seq_len": shapes.seq_len,
         "cameras": shapes.cameras,
         "tokens_per_camera": shapes.tokens_per_camera,
+        "image_settings": shapes.image_settings,
         "params": run.params,
         "trainable_params": run.trainable,
         "family": family,
@@ -531,6 +520,8 @@ def format_report(r: dict[str, Any]) -> str:
     lines = [f"drivekd-train --dry-run: {r['family']} student, {r['params'] / 1e9:.2f}B parameters{trainable}, recipe {r['recipe']}, "
              f"projection {r['projection']}, T = {r['seq_len']} ({r['cameras']} camera(s) x {r['tokens_per_camera']} "
              f"image tokens), micro-batch 1",
+             "image settings (a 1600x900 camera; [images] table / image flags): "
+             + (", ".join(f"{k} {v}" for k, v in r.get("image_settings", {}).items()) or "-"),
              f"gradient checkpointing {'on' if r['gradient_checkpointing'] else 'off'}, gradient engine {r['grad_engine'] or 'none'}"
              f" ({r['grad_engine_reason'] or 'one backward'}), gradient rows {r['grad_buffer_dtype']}, "
              f"precision {r['precision']}",
@@ -569,9 +560,8 @@ def count_teacher_pass(model_dir: Path, layers: list[int] | None, shapes: Shapes
     from drivekd.families.capture import capture_attention
     from drivekd.planner.fake import fake_mode
     from drivekd.planner.memory import MemoryTracker
-    from drivekd.trainer.plan import student_depth
 
-    family, _ = student_depth(model_dir)
+    family, _ = model_depth(model_dir, "--model")
     config = student_config(model_dir)
     tracker = MemoryTracker()
     with fake_mode() as (fm, sh):
@@ -602,19 +592,19 @@ class _NoTerms:
 
 
 def dry_run_teacher(teachers: dict[str, Path], layers: str | None = None, *, seq_len: int | None = None,
-                    cameras: int = 6, dtype: str = "bfloat16") -> dict[str, Any]:
+                    cameras: int = 6, dtype: str = "bfloat16", images: ImageSettings | None = None) -> dict[str, Any]:
     """`drivekd-cache build --dry-run`: each checkpoint's forward with capture of its roles' layers
-    (roles naming one checkpoint share one forward), against a plain sdpa forward."""
+    (roles naming one checkpoint share one forward), against a plain sdpa forward. `images`: the
+    build's image settings, which decide T."""
     from drivekd.layers import LayerSpecError, recipe_layers, resolve_layers
-    from drivekd.trainer.plan import student_depth
 
     by_ckpt: dict[Path, list[str]] = {}
     for role, path in teachers.items():
         by_ckpt.setdefault(Path(path), []).append(role)
     out = []
     for ckpt, roles in by_ckpt.items():
-        family, L = student_depth(ckpt)
-        shapes = shapes_for(family, student_config(ckpt), ckpt, cameras, seq_len)
+        family, L = model_depth(ckpt, "--model")
+        shapes = shapes_for(family, student_config(ckpt), ckpt, cameras, seq_len, images, "--model")
         try:
             want = sorted({l for r in roles for l in (resolve_layers(layers, L) if layers else recipe_layers(r, L))})
         except LayerSpecError as e:

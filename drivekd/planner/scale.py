@@ -13,8 +13,9 @@ layers of each kind:
 * temporaries at the peak: those of one point of the backward, the same point at every depth;
 * FLOPs: per layer, plus the embedding / head / losses.
 
-Layer kinds: text decoder layers; vision layers, which for Qwen2.5-VL are two kinds (window
-attention, and full attention at ``fullatt_block_indexes``), for InternVL one.
+Layer kinds (the family's: `Family.depth`, `Family.vision_layer_kinds`): text decoder layers;
+vision layers, which for Qwen2.5-VL are two kinds (window attention, and full attention at
+``fullatt_block_indexes``), for InternVL one.
 
 ``counts = c(base) + (L - a) * d_text + sum_k (n_k - 1) * d_k`` is fitted from 2 + kinds reduced
 counts (base: a text layers and one vision layer of each kind; then one more of each kind), and the
@@ -25,8 +26,7 @@ tests/test_planner.py checks the extrapolation against a full count, category by
 
 from __future__ import annotations
 
-import copy
-from dataclasses import dataclass
+from drivekd.families.base import Depth, family_class
 
 # Text depth of the reduced copies: a >= 4 keeps the recipes' loss layers (0, L-2, 0..L-2, mid
 # ranges 1..L-3) distinct and non-empty.
@@ -36,31 +36,11 @@ TEXT_A = 4
 DIRECT_MAX_LAYERS = 48
 
 
-@dataclass(frozen=True)
-class Depth:
-    """A student's depth: text layers and vision layers by kind (kind names in VISION_KINDS order)."""
-
-    text: int
-    vision: tuple[int, ...]
-
-
-def vision_kinds(family: str) -> tuple[str, ...]:
-    return ("window", "full") if family == "qwen2_5_vl" else ("layer",)
-
-
 def depth_of(config, family: str) -> Depth | None:
-    """The depth, or None when the text layers are not all of one type (then counted directly)."""
-    text = config.text_config
-    types = getattr(text, "layer_types", None)
-    if types is not None and len(set(types)) > 1:
-        return None  # mixed layer types (sliding + full) would be kinds of their own
-    vc = config.vision_config
-    if family == "qwen2_5_vl":
-        full = len(set(getattr(vc, "fullatt_block_indexes", []) or []))
-        vision = (int(vc.depth) - full, full)
-    else:
-        vision = (int(vc.num_hidden_layers),)
-    return Depth(int(text.num_hidden_layers), vision)
+    """The family's depth of `config`, or None when the text layers are not all of one type (mixed
+    sliding + full attention would be kinds of their own: then counted directly)."""
+    d = family_class(family).depth(config)
+    return d if d.uniform_text else None
 
 
 def worth_scaling(d: Depth | None) -> bool:
@@ -69,26 +49,12 @@ def worth_scaling(d: Depth | None) -> bool:
 
 def reduced_config(config, family: str, depth: Depth):
     """A copy of `config` at `depth` (Qwen2.5-VL: the full-attention vision layers last)."""
-    c = copy.deepcopy(config)
-    t = c.text_config
-    t.num_hidden_layers = depth.text
-    if getattr(t, "layer_types", None) is not None:
-        t.layer_types = list(t.layer_types[:1]) * depth.text
-    if getattr(t, "max_window_layers", None) is not None:
-        t.max_window_layers = min(t.max_window_layers, depth.text)
-    vc = c.vision_config
-    if family == "qwen2_5_vl":
-        window, full = depth.vision
-        vc.depth = window + full
-        vc.fullatt_block_indexes = list(range(window, window + full))
-    else:
-        vc.num_hidden_layers = depth.vision[0]
-    return c
+    return family_class(family).with_depth(config, depth)
 
 
 def points(family: str) -> list[Depth]:
     """The reduced depths counted: the base, then one more text layer, then one more of each vision kind."""
-    n = len(vision_kinds(family))
+    n = len(family_class(family).vision_layer_kinds)
     base = Depth(TEXT_A, (1,) * n)
     more = [Depth(TEXT_A, tuple(2 if i == k else 1 for i in range(n))) for k in range(n)]
     return [base, Depth(TEXT_A + 1, base.vision), *more]
