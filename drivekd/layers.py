@@ -24,8 +24,10 @@ def _index(item: str, L: int) -> int:
     m = _ITEM.match(item.strip())
     if not m:
         raise LayerSpecError(f"{item.strip()!r} is not a layer index (use N, -N, L-N or a range A..B, e.g. 0..L-2)")
+    # `L-N` and `-N` both mean index L-N, once: an N larger than L is out of range, never wrapped
+    # round again (L-9 on a 6-layer model once silently selected layer 3).
     i = L - int(m.group(1)) if m.group(1) is not None else int(m.group(2))
-    if i < 0:
+    if m.group(2) is not None and i < 0:
         i += L
     if not 0 <= i < L:
         raise LayerSpecError(f"layer {item.strip()!r} is out of range for a model with {L} decoder layers (0..{L - 1})")

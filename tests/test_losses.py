@@ -209,6 +209,11 @@ def test_layer_specs_and_recipes():
     for bad in ("7", "x", "3..1", "L-9"):
         with pytest.raises(LayerSpecError):
             resolve_layers(bad, 4)
+    # L-N (or -N) with N > L is out of range, never wrapped round (L-9 on 6 layers once gave layer 3)
+    assert resolve_layers("L-6", 6) == [0] == resolve_layers("-6", 6)
+    for bad in ("L-9", "L-7", "-7", "L-7..L-2", "0..L-8"):
+        with pytest.raises(LayerSpecError, match="out of range for a model with 6 decoder layers"):
+            resolve_layers(bad, 6)
     # Recipes on the tiny pair (student 4 layers, teacher 6).
     assert plan_term("perception", 4, 6).pairs == ((0, (0,)),)
     plan = plan_term("planning", 4, 6)
