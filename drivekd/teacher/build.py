@@ -12,7 +12,6 @@ import hashlib
 import inspect
 import json
 import os
-import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -23,7 +22,7 @@ from tqdm import tqdm
 
 from drivekd.data.loaders import load_samples
 from drivekd.data.sample import Sample
-from drivekd.distributed import Dist
+from drivekd.distributed import Dist, fault_hook
 from drivekd.errors import ConfigError, DataError, StoreError
 from drivekd.families.base import Family, family_class, load_model
 from drivekd.families.capture import capture_attention
@@ -32,7 +31,8 @@ from drivekd.layers import LayerSpecError, check_spec, recipe_layers, resolve_la
 from drivekd.roles import ROLES
 from drivekd.store.lock import StoreLock
 from drivekd.store.signals import DEFAULT_TOP_K, EXTRA, answer_rows, hidden_dtype, hidden_width, parse_signals, topk_logits, vocab_identity, vocab_rows
-from drivekd.store.zarr_store import Encoding, TeacherStore, pack_rows, teacher_fingerprint
+from drivekd.store.format import Encoding, pack_rows, teacher_fingerprint
+from drivekd.store.zarr_store import TeacherStore
 
 
 @dataclass
@@ -95,27 +95,6 @@ def dataset_fingerprint(samples: list[Sample]) -> str:
     for s in samples:
         h.update(json.dumps([s.id, s.question, s.answer, [str(p) for p in s.images]]).encode())
     return h.hexdigest()
-
-
-def _fault_hook():
-    """Test hooks: DRIVEKD_FAULT_KILL_AFTER=N sends SIGKILL to this process after N attention-row
-    writes, a real kill -9 at a reproducible point (tests of resume use it);
-    DRIVEKD_FAULT_SLOW_WRITES=S sleeps S seconds after each, so that a test's second build
-    certainly starts while the first is running (tests of the store lock)."""
-    n = os.environ.get("DRIVEKD_FAULT_KILL_AFTER")
-    slow = float(os.environ.get("DRIVEKD_FAULT_SLOW_WRITES") or 0)
-    if not n and not slow:
-        return None
-    left = [int(n) if n else -1]
-
-    def hook():
-        if slow:
-            time.sleep(slow)
-        left[0] -= 1
-        if left[0] == 0:
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    return hook
 
 
 def image_groups(samples: list[Sample]) -> list[list[Sample]]:
@@ -369,32 +348,20 @@ def write_error(e: OSError, store: TeacherStore, roles: list[str], left: int) ->
     """One clear error for a failed store write: the file, the OS's reason and, for a full disk,
     the free space the remaining samples need (estimated from samples already on disk)."""
     import errno
-    import shutil
 
     path = e.filename or store.path
     if e.errno not in (errno.ENOSPC, errno.EDQUOT):
         return StoreError(f"cannot write the teacher store: {e.strerror or e} ({path}); the samples being written stay "
                           f"incomplete and the next `drivekd-cache build` redoes them")
-    free = shutil.disk_usage(store.path).free
+    free = store.backend.free_bytes()
     per = [store.sample_bytes(r) for r in roles]
     need = sum(b for b in per if b) * max(left, 1)
     est = (f"the {max(left, 1)} sample(s) left need about {need / 2**20:.1f} MiB more (measured on samples already stored)"
            if need else "no sample is stored yet to estimate the space needed from")
-    return StoreError(f"disk full while writing the teacher store at {path}: {free / 2**20:.1f} MiB free on that file system; "
+    room = f"{free / 2**20:.1f} MiB free on that file system" if free is not None else "its free space is unknown"
+    return StoreError(f"disk full while writing the teacher store at {path}: {room}; "
                       f"{est}. Free space (or pass another --out) and run the same `drivekd-cache build` again: it keeps every "
                       "complete sample and redoes the rest")
-
-
-def _dist() -> tuple[int, int]:
-    """(rank, world), initialising the process group under torchrun. For drivekd.analyze, which
-    still imports it; it is drivekd.distributed.Dist underneath (the one place for processes)."""
-    d = Dist("auto")
-    return d.rank, d.world
-
-
-def _barrier(world: int) -> None:
-    if world > 1:
-        Dist("auto").barrier()
 
 
 def build(cfg: BuildConfig) -> dict:
@@ -442,7 +409,7 @@ def _build_locked(cfg: BuildConfig, dist: Dist) -> dict:
         if role in cfg.teachers:
             by_ckpt.setdefault(Path(cfg.teachers[role]).resolve(), []).append(role)
 
-    fault = _fault_hook()
+    fault = fault_hook()
     totals = {"written": 0, "skipped": 0, "already": 0, "bytes": 0, "seconds": 0.0, "loop_seconds": 0.0}
     t0 = time.perf_counter()
     for ckpt, roles in by_ckpt.items():
