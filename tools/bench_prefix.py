@@ -39,7 +39,7 @@ def main(work: Path, groups: int, size: str) -> None:
     from drivekd.demo.scenes import make_demo_data
     from drivekd.families import Family
     from drivekd.demo.tiny_models import make_tiny_models
-    from drivekd.teacher.build import common_prefix_length, image_groups
+    from drivekd.teacher.forward import common_prefix_length, image_groups
     from drivekd.store import Encoding
 
     torch.set_num_threads(1)  # see bench_cache.py: 2 OpenMP threads stall on this shared machine
