@@ -19,46 +19,18 @@ class StoreMaintenance(StoreReader):
     """Summary, verify and repair over a store's reader."""
 
     def summary(self, role: str) -> dict:
+        """What a role holds: sample counts by status, bytes on disk and what compression and
+        prefix sharing saved (`drivekd-cache info` prints it)."""
         meta = self.role_meta(role)
-        ids = meta.get("sample_ids", [])
         counts = {"complete": 0, "skipped": 0, "incomplete": 0, "missing": 0}
-        raw = 0
         skipped_ids = []
-        for sid in ids:
+        for sid in meta.get("sample_ids", []):
             st = self.sample_status(role, sid)
             counts[st] += 1
             if st == "skipped":
                 skipped_ids.append(sid)
-        nl = len(meta["layers"])
-        sdir = self.path / role / "samples"
-        attn_bytes = 0
-        tril_entries = 0  # entries every complete sample's full lower triangles would hold
-        signal_bytes: dict[str, int] = {}  # logits / hidden arrays on disk
-        prefix_use: dict[str, int] = {}
-        for d in self.backend.children(sdir):
-            zj = d / "zarr.json"
-            if not self.backend.is_file(zj):
-                continue
-            attrs = self.backend.read_json(zj).get("attributes", {})
-            if attrs.get("status") == "complete":
-                T = int(attrs["length"])
-                raw += nl * T * T * 2  # fp16 square maps
-                tril_entries += nl * T * (T + 1) // 2
-                attn_bytes += self.backend.size(d / "attn")
-                for name in attrs.get("signals", {}):
-                    signal_bytes[name] = signal_bytes.get(name, 0) + sum(self.backend.size(d / k) for k in SIGNAL_ARRAYS.get(name, ()))
-                if attrs.get("prefix"):
-                    prefix_use[attrs["prefix"]] = prefix_use.get(attrs["prefix"], 0) + 1
-        stored_entries = 0
-        for key in prefix_use:
-            attn_bytes += self.backend.size(self._prefix_dir(role, key) / "attn")
-        pdir = self.path / role / "prefixes"
-        for d in self.backend.children(pdir):
-            zj = d / "zarr.json"
-            if d.name in prefix_use and self.backend.is_file(zj):
-                P = int(self.backend.read_json(zj)["attributes"]["length"])
-                stored_entries -= nl * P * (P + 1) // 2 * (prefix_use[d.name] - 1)  # kept once, used n times
-        groups = len(prefix_use)
+        b = self._bytes(role, len(meta["layers"]))
+        groups, shared = len(b["prefix_use"]), sum(b["prefix_use"].values())
         return {
             "role": role,
             "schema_version": self.schema_version,
@@ -71,18 +43,49 @@ class StoreMaintenance(StoreReader):
             **counts,
             "skipped_ids": skipped_ids,
             "bytes_on_disk": self.backend.size(self.path / role),
-            "attn_bytes": attn_bytes,
-            "fp16_square_bytes": raw,
-            "compression_ratio": (raw / attn_bytes) if attn_bytes else None,
+            "attn_bytes": b["attn"],
+            "fp16_square_bytes": b["raw"],
+            "compression_ratio": (b["raw"] / b["attn"]) if b["attn"] else None,
             "prefix_groups": groups,
-            "questions_per_group": (sum(prefix_use.values()) / groups) if groups else None,
-            "unshared_samples": counts["complete"] - sum(prefix_use.values()),
+            "questions_per_group": (shared / groups) if groups else None,
+            "unshared_samples": counts["complete"] - shared,
             # fp16 bytes of lower-triangle entries not stored thanks to sharing (before compression)
-            "bytes_saved_by_sharing": -stored_entries * 2,
-            "tril_fp16_bytes": tril_entries * 2,
+            "bytes_saved_by_sharing": b["saved_entries"] * 2,
+            "tril_fp16_bytes": b["tril_entries"] * 2,
             "signals": meta.get("signals", {}),
-            "signal_bytes": signal_bytes,
+            "signal_bytes": b["signals"],
         }
+
+    def _bytes(self, role: str, nl: int) -> dict:
+        """Byte accounting of a role's complete samples (nl stored layers each): attention bytes on
+        disk (shared prefixes once), fp16 bytes of their square maps (`raw`), lower-triangle entries,
+        entries not stored thanks to sharing, signal bytes by name, and members per prefix key."""
+        raw = attn = tril_entries = 0
+        signals: dict[str, int] = {}  # logits / hidden arrays on disk
+        prefix_use: dict[str, int] = {}
+        for d in self.backend.children(self.path / role / "samples"):
+            zj = d / "zarr.json"
+            if not self.backend.is_file(zj):
+                continue
+            attrs = self.backend.read_json(zj).get("attributes", {})
+            if attrs.get("status") == "complete":
+                T = int(attrs["length"])
+                raw += nl * T * T * 2  # fp16 square maps
+                tril_entries += nl * T * (T + 1) // 2  # what its full lower triangles would hold
+                attn += self.backend.size(d / "attn")
+                for name in attrs.get("signals", {}):
+                    signals[name] = signals.get(name, 0) + sum(self.backend.size(d / k) for k in SIGNAL_ARRAYS.get(name, ()))
+                if attrs.get("prefix"):
+                    prefix_use[attrs["prefix"]] = prefix_use.get(attrs["prefix"], 0) + 1
+        for key in prefix_use:
+            attn += self.backend.size(self._prefix_dir(role, key) / "attn")
+        saved = 0
+        for d in self.backend.children(self.path / role / "prefixes"):
+            zj = d / "zarr.json"
+            if d.name in prefix_use and self.backend.is_file(zj):
+                P = int(self.backend.read_json(zj)["attributes"]["length"])
+                saved += nl * P * (P + 1) // 2 * (prefix_use[d.name] - 1)  # kept once, used n times
+        return {"raw": raw, "attn": attn, "tril_entries": tril_entries, "saved_entries": saved, "signals": signals, "prefix_use": prefix_use}
 
     def sample_bytes(self, role: str, probe: int = 16) -> int | None:
         """Mean bytes on disk of a complete sample of `role` (a few probed; shared prefixes shared
