@@ -1,12 +1,16 @@
 """Processes under torchrun: rank, world size, device and the few collectives drivekd uses.
 
-One home for the teacher pass (drivekd/store/build.py) and the trainer. In a single process
-(no WORLD_SIZE) every collective is a no-op, so callers never branch on the world size.
+One home for the teacher pass (drivekd/teacher/build.py), the analysis pass (drivekd/analyze/run.py)
+and the trainer. In a single process (no WORLD_SIZE) every collective is a no-op, so callers never
+branch on the world size. Also the fault hook the passes' kill-and-resume tests drive.
 """
 
 from __future__ import annotations
 
 import os
+import signal
+import time
+from typing import Callable
 
 import torch
 
@@ -87,4 +91,39 @@ class Dist:
             dist.barrier()
 
 
-__all__ = ["Dist"]
+def rank_world() -> tuple[int, int]:
+    """(rank, world), initialising the process group under torchrun (device auto). For passes that
+    need no device of their own beyond what `Dist("auto")` picks."""
+    d = Dist("auto")
+    return d.rank, d.world
+
+
+def barrier(world: int) -> None:
+    """Wait for every rank (no-op in a single process)."""
+    if world > 1:
+        Dist("auto").barrier()
+
+
+def fault_hook() -> Callable[[], None] | None:
+    """Test hooks of the resumable passes (teacher store build, analysis), called once per unit written:
+    DRIVEKD_FAULT_KILL_AFTER=N sends SIGKILL to this process after N calls, a real kill -9 at a
+    reproducible point (tests of resume use it); DRIVEKD_FAULT_SLOW_WRITES=S sleeps S seconds in
+    each, so that a test's second build certainly starts while the first is running (tests of the
+    store lock). None when neither is set: callers skip the call."""
+    n = os.environ.get("DRIVEKD_FAULT_KILL_AFTER")
+    slow = float(os.environ.get("DRIVEKD_FAULT_SLOW_WRITES") or 0)
+    if not n and not slow:
+        return None
+    left = [int(n) if n else -1]
+
+    def hook():
+        if slow:
+            time.sleep(slow)
+        left[0] -= 1
+        if left[0] == 0:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return hook
+
+
+__all__ = ["Dist", "barrier", "fault_hook", "rank_world"]

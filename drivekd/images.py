@@ -100,7 +100,7 @@ def check_same(stored: dict | None, current: dict, what: str, fix: str) -> None:
 
 def check_store(source, role: str, family) -> None:
     """The student `family`'s image settings must be those the `role` targets were built with."""
-    meta = source.role_meta(role) if hasattr(source, "role_meta") else {}
+    meta = source.role_meta(role)
     check_same(meta.get("image_settings"), family.image_settings(), f"the {role} store's",
                "Pass the store's values (flags or the [images] table of drivekd.toml), or rebuild the store")
 

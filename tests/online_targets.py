@@ -1,58 +1,7 @@
-"""Test helper: teacher targets computed on the fly, as an `InMemoryTargets` source.
+"""Test helper: the tiny teachers' layers per role. Targets computed on the fly come from the
+package (drivekd.teacher.online.compute_targets), re-exported here for the tests that import it."""
 
-The normal path reads targets from the Zarr store built once by `drivekd-cache build`; this runs
-the teacher here, one sample at a time without gradients, through the same capture mechanism.
-"""
-
-from __future__ import annotations
-
-from pathlib import Path
-from typing import Sequence
-
-import torch
-
-from drivekd.data.sample import Sample
-from drivekd.families.base import Family, load_model
-from drivekd.families.capture import capture_attention, num_decoder_layers
-from drivekd.roles import ROLES
-from drivekd.store.targets import InMemoryTargets, RoleInfo, SampleTargets
-from drivekd.store.zarr_store import teacher_fingerprint
+from drivekd.teacher.online import compute_targets  # noqa: F401 - re-exported for the tests
 
 # The tiny teachers have 6 decoder layers: perception reads layer 0, reasoning 0..L-2, planning L-2.
 TEACHER_LAYERS = {"perception": [0], "reasoning": [0, 1, 2, 3, 4], "planning": [4]}
-
-
-def compute_targets(
-    teacher_dir: str | Path,
-    samples: Sequence[Sample],
-    roles_layers: dict[str, list[int]],
-    *,
-    device: str = "cpu",
-    dtype: torch.dtype = torch.float32,
-    text_tokens: str = "paper",
-) -> InMemoryTargets:
-    """Run the teacher (batch 1, no grad) over `samples` and keep the head-mean maps of the layers
-    each role asks for. `roles_layers` = {role: [teacher layer, ...]}; one teacher may serve
-    several roles (each role gets its own RoleInfo and map dict)."""
-    teacher_dir = Path(teacher_dir)
-    bad = [r for r in roles_layers if r not in ROLES]
-    if bad:
-        raise ValueError(f"unknown role(s) {bad}; roles are {ROLES}")
-    fam = Family.from_pretrained(teacher_dir, text_tokens=text_tokens)
-    model = load_model(teacher_dir, dtype=dtype, device=device).eval()
-    L = num_decoder_layers(model)
-    wanted = sorted({int(l) for ls in roles_layers.values() for l in ls})
-    targets: dict[str, dict[str, SampleTargets]] = {r: {} for r in roles_layers}
-    for s in samples:
-        inputs = fam.build_inputs([s]).to(device)
-        lay = inputs.layouts[0]
-        with torch.no_grad(), capture_attention(model, wanted) as maps:
-            model(**inputs.tensors)
-        for role, layers in roles_layers.items():
-            targets[role][s.id] = SampleTargets(
-                s.id, lay.fingerprint, lay.vision.clone(), lay.text.clone(),
-                {int(l): maps[int(l)][0].float().cpu() for l in layers},
-            )
-    fp, proc = teacher_fingerprint(teacher_dir), fam.fingerprint()  # the store's own fingerprints
-    infos = {r: RoleInfo(r, tuple(sorted(int(l) for l in ls)), L, fp, fam.name, proc) for r, ls in roles_layers.items()}
-    return InMemoryTargets(infos, targets)

@@ -17,7 +17,7 @@ PAPER_ROWS = {"CE", "CE + KL", "CE + Hidden (1)", "CE + Hidden (mid)", "CE + Hid
 
 
 def test_every_table4_and_appendix_e_row_trains_from_one_store(tiny_models, demo_data, tmp_path):
-    from drivekd.store.build import BuildConfig, build
+    from drivekd.teacher.build import BuildConfig, build
 
     records = json.loads((demo_data / "train.json").read_text())
     train = [next(r for r in records if r["question_type"] == cap) for cap in ("perception", "reasoning", "planning")]

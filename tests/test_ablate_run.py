@@ -16,7 +16,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 @pytest.fixture(scope="module")
 def setup(tiny_models, demo_data, tmp_path_factory):
     """Six training samples (two per capability), their store, and six DriveBench records to evaluate."""
-    from drivekd.store.build import BuildConfig, build
+    from drivekd.teacher.build import BuildConfig, build
 
     root = tmp_path_factory.mktemp("ablate")
     records = json.loads((demo_data / "train.json").read_text())

@@ -17,8 +17,8 @@ from drivekd.data import load_samples
 from drivekd.errors import StoreError
 from drivekd.families import Family, capture_attention, load_model
 from drivekd.layers import recipe_layers
-from drivekd.store.build import BuildConfig, build
-from drivekd.store.zarr_store import Encoding, TeacherStore, check_key, pack_tril, unpack_tril
+from drivekd.teacher.build import BuildConfig, build
+from drivekd.store import Encoding, TeacherStore, check_key, pack_tril, unpack_tril
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -209,7 +209,7 @@ def test_missing_role_names_command(tiny_models, small_data, tmp_path):
 
 def test_device_packing_equals_host_packing():
     """The GPU path packs with a boolean mask; it must give the host path's bytes (run here on CPU)."""
-    from drivekd.store.zarr_store import _pack_masked, pack_rows
+    from drivekd.store.format import _pack_masked, pack_rows
 
     m = torch.rand(9, 9).tril()
     for row0, rows in ((0, m), (4, m[4:])):

@@ -10,7 +10,7 @@ import drivekd.families.capture as capture
 from drivekd.data.loaders import load_samples
 from drivekd.families import Family, capture_attention, load_model, num_decoder_layers
 from drivekd.families.capture import head_mean_attention, head_mean_attention_reference, reference_capture
-from drivekd.store.build import kv_cache_arg
+from drivekd.teacher.forward import kv_cache_arg
 from drivekd.trainer.settings import TrainConfig
 from drivekd.trainer.loop import train
 from online_targets import TEACHER_LAYERS, compute_targets

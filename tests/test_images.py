@@ -136,7 +136,7 @@ def no_tiling_store(tiny_models, demo_data, tmp_path_factory):
 
 
 def test_store_records_the_settings(no_tiling_store):
-    from drivekd.store.zarr_store import TeacherStore
+    from drivekd.store import TeacherStore
 
     meta = TeacherStore(no_tiling_store / "cache").role_meta("perception")
     assert meta["image_settings"] == {"tiling": False, "max_patches": 1, "tile_size": [64, 64]}

@@ -16,9 +16,9 @@ from click.testing import CliRunner
 from drivekd.cli.cache import main as cache_cli
 from drivekd.cli.train import main as train_cli
 from drivekd.errors import StoreError
-from drivekd.store.build import BuildConfig, build
+from drivekd.teacher.build import BuildConfig, build
 from drivekd.store.lock import StoreLock
-from drivekd.store.zarr_store import Encoding, TeacherStore
+from drivekd.store import Encoding, TeacherStore
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -12,8 +12,9 @@ from drivekd.cli.cache import main as cache_cli
 from drivekd.data import load_samples
 from drivekd.errors import StoreError
 from drivekd.families import Family, capture_attention, load_model
-from drivekd.store.build import BuildConfig, build, common_prefix_length, image_groups, shared_forward
-from drivekd.store.zarr_store import TeacherStore
+from drivekd.teacher.build import BuildConfig, build
+from drivekd.teacher.forward import common_prefix_length, image_groups, shared_forward
+from drivekd.store import TeacherStore
 
 
 @pytest.fixture(scope="module")

@@ -84,7 +84,7 @@ def test_cache_build_takes_the_trainer_layer_grammar(tiny_models, demo_data, tmp
     import json
 
     from drivekd.cli.cache import main as cache_cli
-    from drivekd.store.zarr_store import TeacherStore
+    from drivekd.store import TeacherStore
 
     recs = [r for r in json.loads((demo_data / "train.json").read_text()) if len(r["images"]) == 1][:1]
     data = tmp_path / "one.json"

@@ -19,9 +19,9 @@ from drivekd.errors import AlignmentError, ConfigError, StoreError
 from drivekd.families import Family, load_model
 from drivekd.losses.hidden import hidden_mse
 from drivekd.losses.kl import student_buckets, topk_kl
-from drivekd.store.build import BuildConfig, build
+from drivekd.teacher.build import BuildConfig, build
 from drivekd.store.signals import answer_rows, parse_signals
-from drivekd.store.zarr_store import TeacherStore
+from drivekd.store import TeacherStore
 from drivekd.trainer.checkpoint import list_checkpoints, load_state
 from drivekd.trainer.loop import train
 from drivekd.trainer.settings import TrainConfig

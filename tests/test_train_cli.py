@@ -34,7 +34,7 @@ def data6(demo_data, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def store(tiny_models, data6, demo_data, tmp_path_factory):
-    from drivekd.store.build import BuildConfig, build
+    from drivekd.teacher.build import BuildConfig, build
 
     t = tiny_models / "internvl-teacher"
     out = tmp_path_factory.mktemp("store") / "cache"
@@ -101,7 +101,7 @@ def test_validation_errors_name_the_flag(tiny_models, data6, demo_data, store, t
 
 
 def test_validation_errors_of_store_and_files(tiny_models, data6, demo_data, store, tmp_path, monkeypatch):
-    from drivekd.store.build import BuildConfig, build
+    from drivekd.teacher.build import BuildConfig, build
 
     t = tiny_models / "internvl-teacher"
     partial = tmp_path / "partial"

@@ -13,7 +13,8 @@ from safetensors.torch import load_file
 from drivekd.data.loaders import load_samples
 from drivekd.errors import AlignmentError, DriveKDError
 from drivekd.families import Family, load_model
-from drivekd.store.targets import InMemoryTargets, SampleTargets
+from drivekd.store.memory import InMemoryTargets
+from drivekd.store.targets import SampleTargets
 from drivekd.trainer.checkpoint import is_complete, list_checkpoints, load_state, read_meta
 from drivekd.trainer.settings import TrainConfig
 from drivekd.trainer.loop import train
@@ -263,8 +264,8 @@ def test_sft_baseline_needs_no_store(tiny_models, demo_data, tmp_path):
 def test_reference_text_set_end_to_end(tiny_models, demo_data, tmp_path):
     """--text-tokens not_vision (the reference trainer's X set) runs end to end: the build stores it,
     the trainer uses it, and a student with the other setting is refused, naming --text-tokens."""
-    from drivekd.store.build import BuildConfig, build
-    from drivekd.store.zarr_store import TeacherStore
+    from drivekd.teacher.build import BuildConfig, build
+    from drivekd.store import TeacherStore
 
     recs = [r for r in json.loads((demo_data / "train.json").read_text()) if r["question_type"] == "planning"][:2]
     data = tmp_path / "two.json"

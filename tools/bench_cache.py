@@ -45,7 +45,7 @@ def run_case(case: str, work: Path) -> dict:
 
     from drivekd.data import load_samples
     from drivekd.families import Family, load_model
-    from drivekd.store.build import BuildConfig, build
+    from drivekd.teacher.build import BuildConfig, build
 
     # One thread: on this shared 2-core machine two OpenMP threads stall (~20x) whenever another
     # process holds a core, which would swamp every ratio.
@@ -95,8 +95,8 @@ def loss_change(work: Path) -> dict:
     from drivekd.data import load_samples
     from drivekd.families import Family, capture_attention, load_model
     from drivekd.losses.attention import full_attention_mse, t2v_mse
-    from drivekd.store.build import BuildConfig, build
-    from drivekd.store.zarr_store import Encoding, TeacherStore
+    from drivekd.teacher.build import BuildConfig, build
+    from drivekd.store import Encoding, TeacherStore
 
     teacher = work / "models" / "qwen2_5_vl-teacher"
     data = work / "data" / "train.json"
@@ -162,7 +162,7 @@ def read_throughput(work: Path) -> dict:
     import torch
     from torch.utils.data import DataLoader, Dataset
 
-    from drivekd.store.zarr_store import TeacherStore
+    from drivekd.store import TeacherStore
 
     class Targets(Dataset):
         def __init__(self, path):

@@ -93,14 +93,20 @@ def real_width(T: int, layers: int, reps: int):
 
 
 def tiny(reps: int):
+    import json
     import tempfile
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from drivekd.demo import make_demo_data, make_tiny_models
     from drivekd.data.loaders import load_samples
+    from drivekd.demo import make_demo_data, make_tiny_models
+    from drivekd.distributed import Dist
     from drivekd.families.capture import capture_attention
-    from online_targets import TEACHER_LAYERS, compute_targets
-    from test_gram_engine import batch_of, make_trainer
+    from drivekd.layers import recipe_layers
+    from drivekd.roles import ROLES
+    from drivekd.teacher.online import compute_targets
+    from drivekd.trainer.data import Collate, TargetDataset
+    from drivekd.trainer.loop import Trainer
+    from drivekd.trainer.plan import validate
+    from drivekd.trainer.settings import TrainConfig
 
     with tempfile.TemporaryDirectory() as d:
         d = Path(d)
@@ -108,9 +114,17 @@ def tiny(reps: int):
         make_demo_data(d / "demo", groups=4, questions_per_group=3, seed=0)
         samples = load_samples(d / "demo" / "train.json")
         for fam in ("internvl", "qwen2_5_vl"):
-            targets = compute_targets(d / "m" / f"{fam}-teacher", samples, TEACHER_LAYERS)
-            tr = make_trainer(d / "m", d / "demo", targets, fam)
-            batch = batch_of(tr, [0, 5])
+            teacher = d / "m" / f"{fam}-teacher"
+            conf = json.loads((teacher / "config.json").read_text())
+            L = int((conf.get("text_config") or conf)["num_hidden_layers"])
+            targets = compute_targets(teacher, samples, {r: recipe_layers(r, L) for r in ROLES})  # each role's recipe layers
+            cfg = TrainConfig(student=d / "m" / f"{fam}-student", data=d / "demo" / "train.json", out=d / "unused", num_workers=0,
+                              progress=False, max_steps=1, grad_accum=1, micro_batch=2, save_every=0, dynamic_weights=False,
+                              warmup_ratio=0.0)
+            plan = validate(cfg, targets)
+            tr = Trainer(plan, plan.source, Dist("cpu"))
+            ds = TargetDataset(plan.samples, tr.source, plan.terms)
+            batch = Collate(tr.family, plan.terms, tr.source)([ds[i] for i in (0, 5)]).to(tr.device)
             am = batch.inputs.tensors["attention_mask"].bool()
             with capture_attention(tr.model, tr.plan.student_layers, grad=True, attention_mask=am) as maps:
                 compare(f"tiny {fam} student (micro-batch 2, real losses)", tr.params,

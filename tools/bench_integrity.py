@@ -24,7 +24,7 @@ import zarr
 
 from drivekd.store.integrity import checksum
 from drivekd.store.targets import SampleTargets
-from drivekd.store.zarr_store import Encoding, TeacherStore, decode_map
+from drivekd.store import Encoding, TeacherStore, decode_map
 
 
 def causal_map(T: int, g: torch.Generator) -> torch.Tensor:

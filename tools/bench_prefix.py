@@ -17,7 +17,7 @@ import click
 
 
 def one(work: Path, q: int, groups: int, size, share: bool, encoding) -> dict:
-    from drivekd.store.build import BuildConfig, build
+    from drivekd.teacher.build import BuildConfig, build
 
     teacher = work / "models" / "qwen2_5_vl-teacher"
     data = work / f"data-q{q}" / "train.json"
@@ -39,8 +39,8 @@ def main(work: Path, groups: int, size: str) -> None:
     from drivekd.demo.scenes import make_demo_data
     from drivekd.families import Family
     from drivekd.demo.tiny_models import make_tiny_models
-    from drivekd.store.build import common_prefix_length, image_groups
-    from drivekd.store.zarr_store import Encoding
+    from drivekd.teacher.forward import common_prefix_length, image_groups
+    from drivekd.store import Encoding
 
     torch.set_num_threads(1)  # see bench_cache.py: 2 OpenMP threads stall on this shared machine
     w, h = (int(x) for x in size.split("x"))

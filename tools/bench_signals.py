@@ -99,8 +99,8 @@ def _du(paths) -> int:
 def measure_store(models: Path, data: Path, work: Path) -> dict:
     import zarr
 
-    from drivekd.store.build import BuildConfig, build
-    from drivekd.store.zarr_store import TeacherStore
+    from drivekd.teacher.build import BuildConfig, build
+    from drivekd.store import TeacherStore
 
     out = work / "store"
     shutil.rmtree(out, ignore_errors=True)

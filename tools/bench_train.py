@@ -51,7 +51,7 @@ def prepare(work: Path) -> dict:
     """Tiny models, demo data and a teacher store (built once, reused)."""
     from drivekd.demo.scenes import make_demo_data
     from drivekd.demo.tiny_models import make_tiny_models
-    from drivekd.store.build import BuildConfig, build
+    from drivekd.teacher.build import BuildConfig, build
 
     models, data, store = work / "models", work / "data", work / "store"
     if not (models / "tiny-models.json").exists():
@@ -77,8 +77,8 @@ def base_cfg(paths: dict, out: Path, steps: int, **kw):
 
 def in_memory(store_path: Path, samples) -> "object":
     """Read the whole store into an InMemoryTargets (what 'targets already in memory' means)."""
-    from drivekd.store.targets import InMemoryTargets
-    from drivekd.store.zarr_store import TeacherStore
+    from drivekd.store.memory import InMemoryTargets
+    from drivekd.store import TeacherStore
 
     st = TeacherStore(store_path)
     infos = {r: st.role_info(r) for r in st.roles()}
@@ -151,7 +151,7 @@ def case_reference(paths, args) -> dict:
     from drivekd.families.base import Family, load_model
     from drivekd.losses.attention import answer_ce, attention_loss
     from drivekd.projection import GradBuffers, combine
-    from drivekd.store.zarr_store import TeacherStore
+    from drivekd.store import TeacherStore
     from drivekd.trainer.plan import validate
     from drivekd.trainer.data import StreamSampler
     from drivekd.trainer.loop import FlatGrads

@@ -126,7 +126,7 @@ def run_study(teacher: Path, student: Path | None, benchmark: Path, out: Path, *
     from drivekd.ablate import load_ablation, run_ablation
     from drivekd.data.loaders import load_samples
     from drivekd.errors import ConfigError
-    from drivekd.store.build import BuildConfig, build
+    from drivekd.teacher.build import BuildConfig, build
 
     t0 = time.perf_counter()
     benchmark, out = benchmark.resolve(), out.resolve()

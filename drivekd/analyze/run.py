@@ -30,8 +30,11 @@ from drivekd.data.loaders import load_samples
 from drivekd.errors import ConfigError, DataError, DriveKDError, ModelError
 from drivekd.fileio import atomic_write
 from drivekd.families.base import Family, detect_family, load_model
-from drivekd.store.build import _barrier, _dist, _fault_hook, dataset_fingerprint
-from drivekd.store.zarr_store import teacher_fingerprint
+from drivekd.distributed import barrier as _barrier
+from drivekd.distributed import fault_hook as _fault_hook
+from drivekd.distributed import rank_world as _dist
+from drivekd.store.format import teacher_fingerprint
+from drivekd.teacher.build import dataset_fingerprint
 
 FORMAT_VERSION = 1
 MANIFEST = "run.json"

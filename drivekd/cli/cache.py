@@ -62,7 +62,7 @@ def build(role, model_dir, data, images, out, layers, batch_size, encoding, keep
     import torch
 
     from drivekd.config import load_config
-    from drivekd.store.build import BuildConfig, build as run_build
+    from drivekd.teacher.build import BuildConfig, build as run_build
     from drivekd.store.signals import DEFAULT_TOP_K, parse_signals
     from drivekd.store.zarr_store import Encoding
 

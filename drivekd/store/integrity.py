@@ -44,7 +44,3 @@ def expected_files(group_dir: Path, vectors: tuple[str, ...], n_layers: int) -> 
     files.append(group_dir / "attn" / "zarr.json")
     files += [chunk_file(group_dir, "attn", k) for k in range(n_layers)]
     return files
-
-
-def absent(files: list[Path]) -> list[Path]:
-    return [f for f in files if not f.is_file()]

@@ -10,7 +10,7 @@ deletes the file while still holding the lock; a process that opened the old fil
 notices (its inode is no longer the one at the path) and retries on the new one.
 
 A torchrun build takes the lock in rank 0 only; the other ranks follow rank 0's decision
-(`drivekd.store.build`), so ranks of one build coordinate as before.
+(`drivekd.teacher.build`), so ranks of one build coordinate as before.
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """Where teacher signals come from: one interface, two sources.
 
 The trainer asks a `TargetSource` for a sample's teacher maps and never knows whether they come
-from the Zarr store (`drivekd.store.zarr_store.TeacherStore`, the normal case) or from memory
-(`InMemoryTargets`: tests, or targets computed on the fly).
+from the Zarr store (`drivekd.store.TeacherStore`, the normal case) or from memory
+(`drivekd.store.memory.InMemoryTargets`: tests, or targets computed on the fly by
+`drivekd.teacher.online`).
 """
 
 from __future__ import annotations
@@ -12,8 +13,6 @@ from typing import Protocol
 
 import torch
 
-from drivekd.errors import StoreError
-from drivekd.roles import ROLES
 
 
 @dataclass
@@ -45,6 +44,7 @@ class SampleTargets:
     maps: dict[int, torch.Tensor] = field(default_factory=dict)  # teacher layer -> (T, T) fp32, zero above the diagonal
     logits: LogitTargets | None = None  # when asked for (signals={"logits": None})
     hidden: HiddenTargets | None = None  # when asked for (signals={"hidden": [layers]})
+    input_ids: torch.Tensor | None = None  # (T,) int64 teacher token ids, where a source keeps them with the targets
 
     @property
     def length(self) -> int:
@@ -65,39 +65,57 @@ class RoleInfo:
 
 
 class TargetSource(Protocol):
-    def roles(self) -> list[str]: ...
+    """Where a run's teacher targets come from: the whole contract, nothing reached by probing.
 
-    def role_info(self, role: str) -> RoleInfo: ...
+    Implemented by the Zarr store (`drivekd.store.TeacherStore`) and by memory
+    (`drivekd.store.memory.InMemoryTargets`, filled by `drivekd.teacher.online.compute_targets` or
+    by hand). A new backend implements every method below; the trainer calls nothing else.
 
-    def get(self, role: str, sample_id: str, layers: list[int] | None = None, signals: dict | None = None) -> SampleTargets: ...
-
-
-class InMemoryTargets:
-    """A `TargetSource` over a dict {role: {sample_id: SampleTargets}}."""
-
-    def __init__(self, infos: dict[str, RoleInfo], targets: dict[str, dict[str, SampleTargets]]):
-        self._infos = infos
-        self._targets = targets
+    Shapes: T = the sample's token count (teacher = student tokens), L = the role's stored teacher
+    layers. Statuses are one of 'complete', 'skipped' (bad input when the targets were made; the
+    trainer leaves the sample out), 'incomplete' (started, not finished) or 'missing'.
+    """
 
     def roles(self) -> list[str]:
-        return [r for r in ROLES if r in self._infos]
+        """The roles held, in ROLES order."""
+        ...
 
     def role_info(self, role: str) -> RoleInfo:
-        if role not in self._infos:
-            raise StoreError(f"role {role!r} is not in the targets (have: {', '.join(self.roles()) or 'none'})")
-        return self._infos[role]
+        """What the trainer checks a run against: stored layers, teacher depth, fingerprints, signals.
+        Raises StoreError naming the roles held when `role` is not one of them."""
+        ...
+
+    def role_meta(self, role: str) -> dict:
+        """The role's build metadata as recorded (encoding, text_tokens, image_settings, sample_ids, ...);
+        keys a source does not know are absent. Raises StoreError for a role not held."""
+        ...
+
+    def sample_status(self, role: str, sample_id: str) -> str:
+        """The status of the sample's attention targets (the base every sample has); cheap, no array read."""
+        ...
+
+    def signal_status(self, role: str, sample_id: str, name: str) -> str:
+        """The status of signal `name` ('attention', 'logits', 'hidden') of a sample: 'complete' only when
+        the sample is complete and carries that signal."""
+        ...
 
     def get(self, role: str, sample_id: str, layers: list[int] | None = None, signals: dict | None = None) -> SampleTargets:
-        info = self.role_info(role)
-        t = self._targets.get(role, {}).get(sample_id)
-        if t is None:
-            raise StoreError(f"sample {sample_id!r} has no {role} targets")
-        want = list(info.layers) if layers is None else list(layers)
-        missing = [l for l in want if l not in t.maps]
-        if missing:
-            raise StoreError(f"sample {sample_id!r}, role {role}: layers {missing} not stored (have {sorted(t.maps)})")
-        for name in signals or {}:
-            if getattr(t, name) is None:
-                raise StoreError(f"sample {sample_id!r}, role {role}: no {name} targets")
-        return SampleTargets(t.sample_id, t.fingerprint, t.vision, t.text, {l: t.maps[l] for l in want},
-                             t.logits if signals and "logits" in signals else None, t.hidden if signals and "hidden" in signals else None)
+        """A complete sample's targets: maps {teacher layer: (T, T) fp32} for `layers` (None = every stored
+        one, [] = none), masks (T,) bool, and the signals asked for ({"logits": None, "hidden": [layers]}).
+        Raises StoreError when the sample, a layer or a signal is not held."""
+        ...
+
+    def read_input_ids(self, role: str, sample_id: str) -> torch.Tensor | None:
+        """The teacher's token ids (T,) int64, for naming the first position where a student differs;
+        None when the source does not hold token ids (then the masks locate the difference)."""
+        ...
+
+    def fingerprint(self, role: str, sample_id: str) -> str | None:
+        """sha256 of the sample's teacher token ids (what the student's must equal), no array read;
+        None when the sample is not complete."""
+        ...
+
+    def content_digest(self, role: str, sample_ids: list[str]) -> str:
+        """A digest of the stored values these samples' attention targets hold: equal digests, equal
+        targets (a resumed run checks it). Signals besides attention are not digested."""
+        ...

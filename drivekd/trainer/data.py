@@ -128,9 +128,8 @@ def check_alignment(layout, t: SampleTargets, role: str, source: TargetSource) -
     Ts, Tt = layout.length, t.length
     what = f"length {Ts} (student) vs {Tt} (store)" if Ts != Tt else f"same length {Ts}"
     first = None
-    read_ids = getattr(source, "read_input_ids", None)
-    if read_ids is not None:
-        ids = read_ids(role, layout.sample_id)
+    ids = source.read_input_ids(role, layout.sample_id)
+    if ids is not None:
         n = min(Ts, ids.numel())
         diff = (layout.input_ids[:n] != ids[:n]).nonzero()
         first = int(diff[0]) if len(diff) else n

@@ -51,15 +51,9 @@ def role_identity(source: TargetSource, role: str, sample_ids: list[str]) -> dic
     info = source.role_info(role)
     ident: dict[str, Any] = {"teacher_fingerprint": info.teacher, "processor_fingerprint": info.processor, "family": info.family,
                              "layers": list(info.layers)}
-    meta = getattr(source, "role_meta", None)
-    if meta is not None:
-        m = meta(role)
-        ident.update(encoding=m.get("encoding"), text_tokens=m.get("text_tokens"))
-    digest = getattr(source, "content_digest", None)
-    if digest is not None:
-        ident["targets"] = digest(role, sample_ids)
-    else:  # in-memory targets: their token fingerprints
-        ident["targets"] = hashlib.sha256(json.dumps([source.get(role, s, []).fingerprint for s in sample_ids]).encode()).hexdigest()
+    m = source.role_meta(role)
+    ident.update(encoding=m.get("encoding"), text_tokens=m.get("text_tokens"))
+    ident["targets"] = source.content_digest(role, sample_ids)
     return ident
 
 
@@ -128,7 +122,6 @@ def check_alignment_all(family, samples, source: TargetSource, roles: list[str],
     from drivekd.errors import DriveKDError
     from drivekd.trainer.data import check_alignment
 
-    stored = getattr(source, "fingerprint", None)
     bad: list[str] = []
     details: list[str] = []
     for s in tqdm(samples, desc="checking tokens against the store", unit="sample", disable=not progress, dynamic_ncols=True):
@@ -137,7 +130,7 @@ def check_alignment_all(family, samples, source: TargetSource, roles: list[str],
         except DriveKDError:
             continue  # bad input (an unreadable image) is reported where the sample is loaded
         for role in roles:
-            fp = stored(role, s.id) if stored is not None else source.get(role, s.id, []).fingerprint
+            fp = source.fingerprint(role, s.id)
             if fp == layout.fingerprint:
                 continue
             bad.append(s.id)

@@ -171,23 +171,14 @@ def _plan_terms(cfg: TrainConfig, roles: list[str], student_L: int, infos: dict[
 def _check_coverage(source: TargetSource, terms: list[TermPlan], samples: list[Sample]) -> tuple[list[Sample], list[str]]:
     """Every sample needs complete targets for every term. Samples the store marked 'skipped'
     (bad input at cache time) are dropped with a note; missing ones are an error."""
-    status_fn = getattr(source, "sample_status", None)
-    signal_fn = getattr(source, "signal_status", None)
     dropped: set[str] = set()
     problems: list[str] = []
     for term in terms:
         for s in samples:
-            if status_fn is not None:
-                st = status_fn(term.role, s.id)
-                if st == "complete" and not term.attention:
-                    st = signal_fn(term.role, s.id, term.signal)
-                    st = "complete" if st == "complete" else f"no {term.signal}"
-            else:
-                try:
-                    source.get(term.role, s.id, [], {} if term.attention else {term.signal: None})
-                    st = "complete"
-                except StoreError:
-                    st = "missing"
+            st = source.sample_status(term.role, s.id)
+            if st == "complete" and not term.attention:
+                st = source.signal_status(term.role, s.id, term.signal)
+                st = "complete" if st == "complete" else f"no {term.signal}"
             if st == "skipped":
                 dropped.add(s.id)
             elif st != "complete":

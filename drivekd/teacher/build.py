@@ -1,5 +1,8 @@
 """`drivekd-cache build`: run each teacher once over every sample, store its head-mean attention.
 
+The settings are drivekd.teacher.config.BuildConfig (importable from here too), the forward of a
+group sharing its images drivekd.teacher.forward; this module drives them and the store's writer.
+
 Work is cut into fixed batches of the dataset order (batch b = samples[b*bs:(b+1)*bs]) whatever
 is already stored, so a resumed or sharded build runs every forward with exactly the inputs of
 an uninterrupted single-process build: the stored arrays are bit-identical. Under torchrun, rank
@@ -9,13 +12,9 @@ r takes batches b with b % world == r; ranks write disjoint sample groups.
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
-import os
-import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -23,71 +22,18 @@ from tqdm import tqdm
 
 from drivekd.data.loaders import load_samples
 from drivekd.data.sample import Sample
-from drivekd.distributed import Dist
+from drivekd.distributed import Dist, fault_hook
 from drivekd.errors import ConfigError, DataError, StoreError
-from drivekd.families.base import Family, family_class, load_model
+from drivekd.families.base import Family, load_model
 from drivekd.families.capture import capture_attention
-from drivekd.images import ImageSettings
-from drivekd.layers import LayerSpecError, check_spec, recipe_layers, resolve_layers, spec_of
+from drivekd.layers import LayerSpecError, recipe_layers, resolve_layers, spec_of
 from drivekd.roles import ROLES
+from drivekd.store.format import pack_rows, teacher_fingerprint
 from drivekd.store.lock import StoreLock
-from drivekd.store.signals import DEFAULT_TOP_K, EXTRA, answer_rows, hidden_dtype, hidden_width, parse_signals, topk_logits, vocab_identity, vocab_rows
-from drivekd.store.zarr_store import Encoding, TeacherStore, pack_rows, teacher_fingerprint
-
-
-@dataclass
-class BuildConfig:
-    """Everything a build needs, validated before any model loads."""
-
-    teachers: dict[str, Path]  # role -> checkpoint folder
-    data: Path
-    images: Path | None
-    out: Path
-    layers: dict[str, str | list[int]] | None = None  # role -> layer spec (drivekd.layers) or indices; None = recipe
-    batch_size: int = 1
-    encoding: Encoding = field(default_factory=Encoding)
-    skip_bad: bool = False
-    overwrite: bool = False
-    device: str = "cpu"
-    dtype: str = "float32"
-    image_processing: ImageSettings | dict | None = None  # [images] table / image flags, or raw processor kwargs
-    text_tokens: str = "paper"  # the text query set X stored with each sample: paper | not_vision
-    progress: bool = True
-    share_prefix: bool = True  # run each image group's shared token prefix once
-    # Signals to store (drivekd.store.signals): attention always; logits and hidden on request. A
-    # store that lacks some of them for some samples gets only what is missing computed.
-    signals: tuple[str, ...] = ("attention",)
-    logits_top_k: int = DEFAULT_TOP_K  # k of the stored top-k next-token log-probabilities
-    # Threads that quantise, compress and write (Blosc releases the GIL). With a fast GPU teacher
-    # a reasoning role writes ~27 layers per sample: one thread would bound the build.
-    writers: int = field(default_factory=lambda: max(1, min(4, os.cpu_count() or 1)))
-
-    def validate(self) -> None:
-        if not self.teachers:
-            raise ConfigError("no teacher: pass --teacher ROLE with --model DIR, or set [teachers] in drivekd.toml")
-        for role, path in self.teachers.items():
-            if role not in ROLES:
-                raise ConfigError(f"--teacher: unknown role {role!r} (choose from {', '.join(ROLES)} or all)")
-            if not Path(path).is_dir():
-                raise ConfigError(f"--model for role {role}: {path} is not a folder (set --model or [teachers].{role} in drivekd.toml)")
-        if not Path(self.data).is_file():
-            raise ConfigError(f"--data {self.data}: no such file (or set [data].train in drivekd.toml)")
-        for role, spec in (self.layers or {}).items():
-            try:
-                check_spec(spec_of(spec))
-            except LayerSpecError as e:
-                raise ConfigError(f"--layers for role {role}: {e}") from None
-        if self.batch_size < 1:
-            raise ConfigError(f"--batch-size must be >= 1, not {self.batch_size}")
-        if self.writers < 1:
-            raise ConfigError(f"--writers must be >= 1, not {self.writers}")
-        if self.text_tokens not in ("paper", "not_vision"):
-            raise ConfigError(f"--text-tokens must be paper or not_vision, not {self.text_tokens!r}")
-        self.signals = parse_signals(self.signals)
-        if self.logits_top_k < 1:
-            raise ConfigError(f"--logits-top-k must be >= 1, not {self.logits_top_k}")
-        if self.dtype not in ("float32", "bfloat16", "float16"):
-            raise ConfigError(f"--dtype must be float32, bfloat16 or float16, not {self.dtype!r}")
+from drivekd.store.signals import EXTRA, answer_rows, hidden_dtype, hidden_width, topk_logits, vocab_identity, vocab_rows
+from drivekd.store.zarr_store import TeacherStore
+from drivekd.teacher.config import BuildConfig
+from drivekd.teacher.forward import image_groups, shared_forward
 
 
 def dataset_fingerprint(samples: list[Sample]) -> str:
@@ -95,45 +41,6 @@ def dataset_fingerprint(samples: list[Sample]) -> str:
     for s in samples:
         h.update(json.dumps([s.id, s.question, s.answer, [str(p) for p in s.images]]).encode())
     return h.hexdigest()
-
-
-def _fault_hook():
-    """Test hooks: DRIVEKD_FAULT_KILL_AFTER=N sends SIGKILL to this process after N attention-row
-    writes, a real kill -9 at a reproducible point (tests of resume use it);
-    DRIVEKD_FAULT_SLOW_WRITES=S sleeps S seconds after each, so that a test's second build
-    certainly starts while the first is running (tests of the store lock)."""
-    n = os.environ.get("DRIVEKD_FAULT_KILL_AFTER")
-    slow = float(os.environ.get("DRIVEKD_FAULT_SLOW_WRITES") or 0)
-    if not n and not slow:
-        return None
-    left = [int(n) if n else -1]
-
-    def hook():
-        if slow:
-            time.sleep(slow)
-        left[0] -= 1
-        if left[0] == 0:
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    return hook
-
-
-def image_groups(samples: list[Sample]) -> list[list[Sample]]:
-    """Samples grouped by their images, groups in order of first appearance, members in data order."""
-    groups: dict[tuple, list[Sample]] = {}
-    for s in samples:
-        groups.setdefault(s.group_key, []).append(s)
-    return list(groups.values())
-
-
-def common_prefix_length(seqs: list[torch.Tensor]) -> int:
-    n = min(int(x.numel()) for x in seqs)
-    first = seqs[0][:n]
-    same = torch.ones(n, dtype=torch.bool)
-    for x in seqs[1:]:
-        same &= x[:n] == first
-    diff = (~same).nonzero()
-    return int(diff[0]) if len(diff) else n
 
 
 def _for_writer(m: torch.Tensor, row0: int = 0):
@@ -275,126 +182,24 @@ class _Pass:
             self.bar.update(1)
 
 
-@dataclass
-class SharedMaps:
-    prefix_length: int  # P
-    key: str  # content hash of the prefix tokens and pixels
-    prefix: dict[int, torch.Tensor]  # layer -> (P, P)
-    suffixes: list[dict[int, torch.Tensor] | None]  # per sample: layer -> (T_i - P, T_i), None if not needed
-    prefix_hidden: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (P, H) (hidden_layers only)
-    hidden: list[dict[int, torch.Tensor]] = field(default_factory=list)  # per sample: layer -> (T_i - P, H)
-    logits: list[torch.Tensor | None] = field(default_factory=list)  # per sample: (A_i, V) at its logits_rows
-
-
-def kv_cache_arg(model) -> str:
-    """The name of the KV-cache argument (and output field) of `model.forward`: transformers 5.24
-    renamed `past_key_values` to `cache` (the old name warns and goes in 5.40); earlier 5.x releases
-    know only the old name."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
-def shared_forward(model, encoded, layers, need=None, device="cpu", hidden_layers=(), logits_rows=None) -> SharedMaps:
-    """Head-mean maps of a group of samples that share their images, computing the shared prefix once.
-
-    encoded: [(processor tensors, TokenLayout)] per sample (Family.encode, batch 1, unpadded).
-    Under causal attention the first P rows of every member's map depend only on the common P
-    tokens: they come from one prefix forward; each member then runs only its suffix against the
-    prefix's KV cache. Equal to per-sample forwards within fp32 rounding.
-
-    hidden_layers: also return those layers' hidden states (prefix once, each suffix's own rows);
-    logits_rows: per sample, the positions (T_i,-coordinates) whose next-token logits to return, or None.
-    """
-    ids = [lay.input_ids for _, lay in encoded]
-    need = need or [True] * len(encoded)
-    # Every suffix keeps at least one token.
-    P = min(common_prefix_length(ids), min(int(x.numel()) for x in ids) - 1)
-    t0 = encoded[0][0]
-    # The same token ids can carry other pixels: the key hashes both.
-    h = hashlib.sha256(ids[0][:P].to(torch.int32).numpy().tobytes())
-    h.update(t0["pixel_values"].float().numpy().tobytes())
-    key = "p-" + h.hexdigest()[:32]
-    prefix_in = {"input_ids": t0["input_ids"][:, :P], "attention_mask": t0["attention_mask"][:, :P], "pixel_values": t0["pixel_values"]}
-    rope_positions = family_class(model.config.model_type).rope_positions
-    full_pos = rope_positions(model, t0, device)  # (3, 1, T) for Qwen2.5-VL, None for 1-D RoPE
-    if full_pos is not None:
-        prefix_in.update(image_grid_thw=t0["image_grid_thw"], mm_token_type_ids=t0["mm_token_type_ids"][:, :P], position_ids=full_pos[..., :P])
-    logits_rows = logits_rows or [None] * len(encoded)
-    # Answer rows inside the prefix (only when questions share their first answer tokens): their
-    # logits come from the prefix forward.
-    in_prefix = sorted({int(t) for r in logits_rows if r is not None for t in r if t < P})
-    extra = {"output_hidden_states": True} if hidden_layers else {}
-    pkeep = torch.tensor(in_prefix or [P - 1])
-    with torch.no_grad(), capture_attention(model, layers) as pmaps:
-        out = model(**{k: v.to(device) for k, v in prefix_in.items()}, use_cache=True, logits_to_keep=pkeep.to(device), **extra)
-    prefix_hidden = {l: out.hidden_states[l + 1][0] for l in hidden_layers}
-    prefix_logits = out.logits[0]  # (len(pkeep), V)
-    cache_arg = kv_cache_arg(model)
-    cache = out[cache_arg]
-    prefix = {l: m[0] for l, m in pmaps.items()}  # on the model's device
-    suffixes: list[dict[int, torch.Tensor] | None] = []
-    hidden, logits = [], []
-    for (tens, lay), want, rows in zip(encoded, need, logits_rows):
-        if not want:
-            suffixes.append(None)
-            hidden.append({})
-            logits.append(None)
-            continue
-        T = lay.length
-        pos = rope_positions(model, tens, device)
-        suf = {
-            "input_ids": tens["input_ids"][:, P:],
-            "attention_mask": torch.ones(1, T, dtype=torch.long),
-            "cache_position": torch.arange(P, T),
-            # Explicit positions: the cached branch cannot rebuild M-RoPE positions itself.
-            "position_ids": pos[..., P:] if pos is not None else torch.arange(P, T)[None],
-        }
-        if "mm_token_type_ids" in tens:
-            suf["mm_token_type_ids"] = tens["mm_token_type_ids"][:, P:]
-        skeep = (rows[rows >= P] - P) if rows is not None else torch.tensor([T - P - 1])
-        with torch.no_grad(), capture_attention(model, layers) as smaps:
-            sout = model(**{k: v.to(device) for k, v in suf.items()}, **{cache_arg: cache}, use_cache=True,
-                         logits_to_keep=skeep.to(device), **extra)
-        cache.crop(-(T - P))  # drop this suffix: back to the bare prefix for the next question
-        suffixes.append({l: m[0] for l, m in smaps.items()})  # (T - P, T), on the model's device
-        hidden.append({l: sout.hidden_states[l + 1][0] for l in hidden_layers})  # (T - P, H)
-        if rows is None:
-            logits.append(None)
-        else:  # (A, V): rows in the prefix from the prefix forward, the others from this suffix's
-            head = prefix_logits[torch.searchsorted(pkeep, rows[rows < P]).to(prefix_logits.device)]
-            logits.append(torch.cat([head, sout.logits[0]]))
-    return SharedMaps(P, key, prefix, suffixes, prefix_hidden, hidden, logits)
-
-
 def write_error(e: OSError, store: TeacherStore, roles: list[str], left: int) -> StoreError:
     """One clear error for a failed store write: the file, the OS's reason and, for a full disk,
     the free space the remaining samples need (estimated from samples already on disk)."""
     import errno
-    import shutil
 
     path = e.filename or store.path
     if e.errno not in (errno.ENOSPC, errno.EDQUOT):
         return StoreError(f"cannot write the teacher store: {e.strerror or e} ({path}); the samples being written stay "
                           f"incomplete and the next `drivekd-cache build` redoes them")
-    free = shutil.disk_usage(store.path).free
+    free = store.backend.free_bytes()
     per = [store.sample_bytes(r) for r in roles]
     need = sum(b for b in per if b) * max(left, 1)
     est = (f"the {max(left, 1)} sample(s) left need about {need / 2**20:.1f} MiB more (measured on samples already stored)"
            if need else "no sample is stored yet to estimate the space needed from")
-    return StoreError(f"disk full while writing the teacher store at {path}: {free / 2**20:.1f} MiB free on that file system; "
+    room = f"{free / 2**20:.1f} MiB free on that file system" if free is not None else "its free space is unknown"
+    return StoreError(f"disk full while writing the teacher store at {path}: {room}; "
                       f"{est}. Free space (or pass another --out) and run the same `drivekd-cache build` again: it keeps every "
                       "complete sample and redoes the rest")
-
-
-def _dist() -> tuple[int, int]:
-    """(rank, world), initialising the process group under torchrun. For drivekd.analyze, which
-    still imports it; it is drivekd.distributed.Dist underneath (the one place for processes)."""
-    d = Dist("auto")
-    return d.rank, d.world
-
-
-def _barrier(world: int) -> None:
-    if world > 1:
-        Dist("auto").barrier()
 
 
 def build(cfg: BuildConfig) -> dict:
@@ -428,10 +233,55 @@ def build(cfg: BuildConfig) -> dict:
             lock.release()
 
 
+def _init_roles(cfg: BuildConfig, dist: Dist, store: TeacherStore, ckpt: Path, roles: list[str], layers: dict[str, list[int]], family,
+                ncfg: dict, L: int, samples: list[Sample]) -> None:
+    """Rank 0 creates (or checks) the role groups of one checkpoint with their build metadata and
+    signal settings; a refusal (other settings, no --overwrite) stops every rank with its message."""
+    ids = [s.id for s in samples]
+    meta_common = {
+        "family": family.name,
+        "teacher_path": str(ckpt),
+        "teacher_fingerprint": teacher_fingerprint(ckpt),
+        "processor_fingerprint": family.fingerprint(),
+        "image_settings": family.image_settings(),  # trainer names a mismatch (drivekd.images.check_store)
+        "text_tokens": family.text_tokens,
+        "num_teacher_layers": L,
+        "encoding": cfg.encoding.to_dict(),
+        "dataset_fingerprint": dataset_fingerprint(samples),
+        "sample_ids": ids,
+        "layout": "attn[k, i*(i+1)/2 + j] = A_layers[k][i, j] * (i + 1), j <= i, float16",
+    }
+    # Signals besides attention: their settings are recorded per role; a role keeps every
+    # signal it ever stored, so a rebuilt sample gets all of them back.
+    settings = {}
+    if "logits" in cfg.signals:
+        settings["logits"] = {"top_k": cfg.logits_top_k, "positions": "answer", "vocab_size": vocab_rows(ncfg), **vocab_identity(family.tokenizer)}
+    refusal = None
+    if dist.rank == 0:
+        try:
+            for role in roles:
+                store.init_role(role, {**meta_common, "role": role, "layers": layers[role]}, overwrite=cfg.overwrite)
+                role_settings = dict(settings)
+                if "hidden" in cfg.signals:
+                    role_settings["hidden"] = {"layers": layers[role], "hidden_size": hidden_width(ncfg), "positions": "text", "dtype": "float16"}
+                if role_settings:
+                    store.add_signals(role, role_settings, overwrite=cfg.overwrite)
+        except StoreError as e:
+            refusal = str(e)
+    if dist.world > 1:
+        from torch.distributed import broadcast_object_list
+
+        box = [refusal]
+        broadcast_object_list(box, src=0)
+        refusal = box[0]
+    if refusal:
+        raise StoreError(refusal)
+    dist.barrier()
+
+
 def _build_locked(cfg: BuildConfig, dist: Dist) -> dict:
     rank, world = dist.rank, dist.world
     samples = load_samples(cfg.data, cfg.images, check_images=False)
-    ids = [s.id for s in samples]
     store = TeacherStore(cfg.out, mode="a") if rank == 0 else None
     dist.barrier()
     store = store or TeacherStore(cfg.out, mode="a")
@@ -442,7 +292,7 @@ def _build_locked(cfg: BuildConfig, dist: Dist) -> dict:
         if role in cfg.teachers:
             by_ckpt.setdefault(Path(cfg.teachers[role]).resolve(), []).append(role)
 
-    fault = _fault_hook()
+    fault = fault_hook()
     totals = {"written": 0, "skipped": 0, "already": 0, "bytes": 0, "seconds": 0.0, "loop_seconds": 0.0}
     t0 = time.perf_counter()
     for ckpt, roles in by_ckpt.items():
@@ -456,45 +306,7 @@ def _build_locked(cfg: BuildConfig, dist: Dist) -> dict:
                 layers[role] = recipe_layers(role, L) if spec is None else resolve_layers(spec_of(spec), L)
             except LayerSpecError as e:
                 raise ConfigError(f"--layers for role {role} (teacher {ckpt}): {e}") from None
-        meta_common = {
-            "family": family.name,
-            "teacher_path": str(ckpt),
-            "teacher_fingerprint": teacher_fingerprint(ckpt),
-            "processor_fingerprint": family.fingerprint(),
-            "image_settings": family.image_settings(),  # trainer names a mismatch (drivekd.images.check_store)
-            "text_tokens": family.text_tokens,
-            "num_teacher_layers": L,
-            "encoding": cfg.encoding.to_dict(),
-            "dataset_fingerprint": dataset_fingerprint(samples),
-            "sample_ids": ids,
-            "layout": "attn[k, i*(i+1)/2 + j] = A_layers[k][i, j] * (i + 1), j <= i, float16",
-        }
-        # Signals besides attention: their settings are recorded per role; a role keeps every
-        # signal it ever stored, so a rebuilt sample gets all of them back.
-        settings = {}
-        if "logits" in cfg.signals:
-            settings["logits"] = {"top_k": cfg.logits_top_k, "positions": "answer", "vocab_size": vocab_rows(ncfg), **vocab_identity(family.tokenizer)}
-        refusal = None
-        if rank == 0:
-            try:
-                for role in roles:
-                    store.init_role(role, {**meta_common, "role": role, "layers": layers[role]}, overwrite=cfg.overwrite)
-                    role_settings = dict(settings)
-                    if "hidden" in cfg.signals:
-                        role_settings["hidden"] = {"layers": layers[role], "hidden_size": hidden_width(ncfg), "positions": "text", "dtype": "float16"}
-                    if role_settings:
-                        store.add_signals(role, role_settings, overwrite=cfg.overwrite)
-            except StoreError as e:
-                refusal = str(e)
-        if dist.world > 1:
-            from torch.distributed import broadcast_object_list
-
-            box = [refusal]
-            broadcast_object_list(box, src=0)
-            refusal = box[0]
-        if refusal:
-            raise StoreError(refusal)
-        dist.barrier()
+        _init_roles(cfg, dist, store, ckpt, roles, layers, family, ncfg, L, samples)
         wanted = {r: tuple(n for n in EXTRA if n in store.role_meta(r).get("signals", {})) for r in roles}
 
         union = sorted(set().union(*layers.values()))
