@@ -15,7 +15,8 @@ from drivekd.trainer.settings import RECIPES, TrainConfig
 
 
 def test_every_recipe_is_made_of_registered_kinds():
-    assert RECIPES == tuple(terms.RECIPES) == (*ROLES, "multi", "sft", "kl", "hidden")
+    assert RECIPES == tuple(terms.RECIPES)  # --recipe's choices are the registry's
+    assert RECIPES[:7] == (*ROLES, "multi", "sft", "kl", "hidden")  # a new kind's recipe comes after these
     names = [t.name for t in terms.TERMS]
     assert len(set(names)) == len(names)
     for r in terms.RECIPES.values():
@@ -25,7 +26,7 @@ def test_every_recipe_is_made_of_registered_kinds():
     for t in terms.TERMS:
         assert all(terms.term_of(TermPlan("planning", s, "mse", ())) is t for s in t.signals)
     assert terms.recipe("multi").mixes and terms.recipe("planning").split == "planning"
-    assert terms.flag_recipes("split_flag") == ["sft", "kl", "hidden"]
+    assert terms.flag_recipes("split_flag")[:3] == ["sft", "kl", "hidden"]
     with pytest.raises(KeyError, match="recipes are perception"):
         terms.recipe("nope")
 
