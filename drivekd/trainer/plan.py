@@ -27,7 +27,8 @@ from drivekd.images import check_store
 from drivekd.losses.recipes import TermPlan
 from drivekd.roles import ROLES, capability_index, role_index
 from drivekd.store.targets import RoleInfo, TargetSource
-from drivekd.terms import ATTENTION, Recipe, Term, kinds, recipe, term_of
+from drivekd.terms import ATTENTION, Recipe, Term, kinds, term_of
+from drivekd.terms import recipe as recipe_named
 from drivekd.trainer.settings import DEFAULT_MIX, RESUME_FREE, TrainConfig, flag
 
 log = logging.getLogger(__name__)
@@ -60,7 +61,7 @@ class RunPlan:
 
     @property
     def recipe(self) -> Recipe:
-        return recipe(self.cfg.recipe)
+        return recipe_named(self.cfg.recipe)
 
     @property
     def student_layers(self) -> list[int]:
@@ -309,7 +310,7 @@ def validate(cfg: TrainConfig, targets: TargetSource | None = None, world: int =
     _check_required(cfg)
     student, family, student_L = _check_student(cfg)
     mix = parse_mix(cfg.mix)
-    rec = recipe(cfg.recipe)
+    rec = recipe_named(cfg.recipe)
     samples = _load_split(cfg, rec)
     on, roles, source = _term_roles(cfg, rec, targets, student_L)
     infos = {r: source.role_info(r) for rs in roles.values() for r in rs}
