@@ -171,7 +171,7 @@ def synthetic_batch(shapes: Shapes, config, plan):
         tensors["pixel_values"] = torch.zeros(n, 3, int(size), int(size))
     lay = TokenLayout("dry-run", ids, vision, text, labels, T - ANSWER_TOKENS, "")
     inputs = ModelInputs(tensors, [lay], "right")
-    targets = {t.role: {s: (1, T, T) for s, _ in t.pairs} for t in plan.terms}
+    targets = {t.name: {s: (1, T, T) for s, _ in t.pairs} for t in plan.terms}
     caps = ["planning"] if plan.multi else [plan.cfg.recipe]
     return Batch(inputs, targets, caps, ["dry-run"], T)
 
