@@ -1,8 +1,10 @@
-"""Resolve a teacher term: its signal, loss kind and (student layer, teacher layers) pairs.
+"""Resolve an attention teacher term: its signal, loss kind and (student layer, teacher layers) pairs.
 
 The recipe table (signal and layers per role) lives in `drivekd.roles`; the layer-spec grammar in
 `drivekd.layers`. A spec is resolved separately against the student's and the teacher's depth, and
-the two lists are paired by layer-group matching (METHOD.md section 4).
+the two lists are paired by layer-group matching (METHOD.md section 4). `TermPlan` is the resolved
+term of any kind; which kind (attention, logits, hidden, ...) handles it is the term registry's
+business (`drivekd.terms`).
 """
 
 from __future__ import annotations
@@ -14,10 +16,6 @@ from drivekd.losses.attention import KINDS, SIGNALS, layer_groups
 from drivekd.roles import RECIPE_LAYERS, RECIPE_SIGNAL
 
 
-# Terms that read the store's other signals, by signal: their row names.
-KD_NAMES = {"logits": "kl", "hidden": "hidden"}
-
-
 @dataclass(frozen=True)
 class TermPlan:
     """One teacher term: its signal, loss kind, and (student layer, teacher layers) pairs."""
@@ -27,15 +25,14 @@ class TermPlan:
     kind: str  # "mse" | "cosine" | "kl"
     pairs: tuple[tuple[int, tuple[int, ...]], ...]  # (student layer, teacher layers); () for logits
     teacher_width: int | None = None  # hidden: the teacher's hidden size (the projection's output)
+    # The term's row name (metrics, weights, batch targets): the term kind sets it ("kl", "hidden");
+    # empty means the role (an attention term).
+    row: str = ""
 
     @property
     def name(self) -> str:
-        """The term's row name (metrics, weights): its role for an attention term, else kl / hidden."""
-        return KD_NAMES.get(self.signal, self.role)
-
-    @property
-    def attention(self) -> bool:
-        return self.signal in SIGNALS
+        """The term's row name: its role for an attention term, else its kind's (kl / hidden)."""
+        return self.row or self.role
 
     @property
     def student_layers(self) -> list[int]:
@@ -48,7 +45,7 @@ class TermPlan:
 
 def plan_term(role: str, student_L: int, teacher_L: int, *, signal: str | None = None, kind: str = "mse",
               layers: str | None = None) -> TermPlan:
-    """Resolve one teacher term for a student of depth student_L and a teacher of depth teacher_L."""
+    """Resolve one attention term for a student of depth student_L and a teacher of depth teacher_L."""
     sig = signal or RECIPE_SIGNAL[role]
     if sig not in SIGNALS:
         raise LayerSpecError(f"signal must be one of {SIGNALS}, got {sig!r}")

@@ -162,7 +162,7 @@ def synthetic_batch(shapes: Shapes, config, plan):
     tensors.update(fam.synthetic_image_inputs(config, vision, n, per))
     lay = TokenLayout("dry-run", ids, vision, text, labels, T - ANSWER_TOKENS, "")
     inputs = ModelInputs(tensors, [lay], "right")
-    targets = {t.role: {s: (1, T, T) for s, _ in t.pairs} for t in plan.terms}
+    targets = {t.name: {s: (1, T, T) for s, _ in t.pairs} for t in plan.terms}
     caps = ["planning"] if plan.multi else [plan.cfg.recipe]
     return Batch(inputs, targets, caps, ["dry-run"], T)
 
@@ -176,20 +176,26 @@ def dry_plan(cfg, student_L: int, family: str, teacher_L: int | None = None):
     Without --cache the teacher is taken to have the student's depth (layer-group matching then
     pairs layer to layer): the student's loss layers, and so every shape the step sees, are the same
     whatever the teacher's depth, since each student layer learns one (mean-over-group) target."""
-    from drivekd.roles import ROLES
     from drivekd.store.targets import RoleInfo
-    from drivekd.trainer.plan import RunPlan, _plan_terms, parse_mix
+    from drivekd.terms import ATTENTION, recipe
+    from drivekd.trainer.plan import RunPlan, parse_mix
 
     L_T = teacher_L or student_L
-    # --recipe kl / hidden are counted as CE only (a rough count: their term's logits gather or
-    # hidden-state projection is left out).
-    roles = [] if cfg.recipe in ("sft", "kl", "hidden") else list(ROLES) if cfg.recipe == "multi" else [cfg.recipe]
-    roles = [r for r in roles if cfg.term_weight(r) > 0]
+    # Only the attention terms are counted: a recipe's other terms (--recipe kl / hidden) are left
+    # out, a rough count (their logits gather or hidden-state projection is not in it).
+    roles = recipe(cfg.recipe).weighted_roles(cfg)
     infos = {r: RoleInfo(r, tuple(range(L_T)), L_T, "", family, "") for r in roles}
-    terms = _plan_terms(cfg, roles, student_L, infos)
-    rows = ["ce"] + [t.role for t in terms]
-    static = [cfg.w_ce] + [cfg.term_weight(t.role) for t in terms]
+    terms = ATTENTION.resolve(cfg, roles, infos, student_L)
+    rows = ["ce"] + [t.name for t in terms]
+    static = [cfg.w_ce] + [cfg.term_weight(t.name) for t in terms]
     return RunPlan(cfg, [], family, student_L, terms, rows, static, parse_mix(cfg.mix), infos, None, 1, 1)
+
+
+def uncounted_terms(cfg) -> list[str]:
+    """The term kinds of the run's recipe that dry_plan leaves out of the count (all but attention)."""
+    from drivekd.terms import recipe
+
+    return [n for n in recipe(cfg.recipe).terms if n != "attention"]
 
 
 def sft_config(cfg):
@@ -475,7 +481,7 @@ def dry_run(cfg, *, seq_len: int | None = None, cameras: int = 6, gpu_memory: in
         "flops_per": "micro-step (one sample); an optimizer step is --grad-accum of them",
         "suggestions": [],
     }
-    if cfg.recipe in ("kl", "hidden"):  # see dry_plan
+    if uncounted_terms(cfg):  # see dry_plan
         out["approximation"] = f"--recipe {cfg.recipe} is counted as CE only (its second loss row, its targets and any projection are not)"
     if fits is False and suggest:
         out["suggestions"] = _suggestions(cfg, seq_len, cameras, gpu_memory, run.engine)

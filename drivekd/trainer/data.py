@@ -6,9 +6,10 @@ the permutation, as DistributedSampler pads). Rank r takes slice r of each globa
 run is one stream of global micro-batches across epochs, so "resume at optimizer step s" is
 "start the stream at micro-batch s * grad_accum": no sampler state beyond that number exists.
 
-The Dataset yields (sample, {role: SampleTargets}); the collate function (run in the workers)
+The Dataset yields (sample, {term name: SampleTargets}); the collate function (run in the workers)
 builds the student's padded ModelInputs, checks each sample's token fingerprint against the
-store's, and places each (mean-over-group) teacher map at the sample's offset in the padded batch.
+store's, and has each term's kind (drivekd.terms) place its targets at the sample's offset in the
+padded batch (an attention term: each mean-over-group teacher map).
 Reading and decoding thus overlap the model's compute.
 """
 
@@ -24,9 +25,9 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from drivekd.data.sample import Sample
 from drivekd.errors import AlignmentError, DriveKDError
 from drivekd.families.base import Family, ModelInputs
-from drivekd.losses.attention import place_maps
 from drivekd.losses.recipes import TermPlan
 from drivekd.store.targets import SampleTargets, TargetSource
+from drivekd.terms import term_of
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
@@ -63,14 +64,14 @@ class StreamSampler(Sampler[list[int]]):
 
 
 class TargetDataset(Dataset):
-    """(sample, {term name: SampleTargets of what the term needs}): an attention term's maps of its
-    teacher layers; the KL term's logits; the hidden term's hidden states of its teacher layers."""
+    """(sample, {term name: SampleTargets of what the term needs}) - its kind says what (`Term.reads`):
+    an attention term's maps of its teacher layers; the KL term's logits; the hidden term's hidden
+    states of its teacher layers."""
 
     def __init__(self, samples: list[Sample], source: TargetSource, terms: list[TermPlan]):
         self.samples = samples
         self.source = source
-        self.needs = {t.name: (t.role, t.teacher_layers, None) if t.attention else
-                      (t.role, [], {t.signal: t.teacher_layers if t.signal == "hidden" else None}) for t in terms}
+        self.needs = {t.name: (t.role, *term_of(t).reads(t)) for t in terms}
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -89,9 +90,9 @@ class TargetDataset(Dataset):
 @dataclass
 class Batch:
     inputs: ModelInputs
-    # term name -> tensors: an attention term (its role): student layer -> (B, T, T) fp32;
-    # "kl": logprobs / index (B, P, k), log_tail / mask (B, P), P = the batch's answer positions
-    # (drivekd.losses.attention.answer_positions, the CE's); "hidden": student layer -> (B, T, H_teacher), "mask" -> (B, T)
+    # term name -> its kind's collated tensors (drivekd.terms): an attention term (its role): student
+    # layer -> (B, T, T) fp32; "kl": logprobs / index (B, P, k), log_tail / mask (B, P), P = the batch's
+    # answer positions (the CE's); "hidden": student layer -> (B, T, H_teacher), "mask" -> (B, T)
     targets: dict[str, dict]
     capabilities: list[str]
     sample_ids: list[str]
@@ -169,66 +170,14 @@ class Collate:
     def _collate(self, items) -> Batch:
         samples = [s for s, _ in items]
         inputs = self.family.build_inputs(samples, padding_side=self.padding_side)
-        T = inputs.tensors["input_ids"].shape[1]
-        targets: dict[str, dict[int, torch.Tensor]] = {}
+        targets: dict[str, dict] = {}
         for term in self.terms:
-            if not term.attention:
-                for lay, (_, tg) in zip(inputs.layouts, items):
-                    check_alignment(lay, tg[term.name], term.role, self.source)
-                place = kl_targets if term.signal == "logits" else hidden_targets
-                targets[term.name] = place(inputs, [tg[term.name] for _, tg in items], term)
-                continue
-            per_layer: dict[int, list[torch.Tensor]] = {s: [] for s, _ in term.pairs}
-            for lay, (_, tg) in zip(inputs.layouts, items):
-                t = tg[term.role]
+            per_sample = [tg[term.name] for _, tg in items]
+            for lay, t in zip(inputs.layouts, per_sample):
                 check_alignment(lay, t, term.role, self.source)
-                for s_layer, t_layers in term.pairs:
-                    # Layer-group matching: the student layer learns the mean of its teacher group.
-                    m = t.maps[t_layers[0]] if len(t_layers) == 1 else torch.stack([t.maps[l] for l in t_layers]).mean(0)
-                    per_layer[s_layer].append(m.float())
-            targets[term.role] = {s: place_maps(ms, T, inputs.padding_side) for s, ms in per_layer.items()}
+            targets[term.name] = term_of(term).collate(inputs, per_sample, term)
         tokens = int(inputs.tensors["attention_mask"].sum())
         return Batch(inputs, targets, [s.capability for s in samples], [s.id for s in samples], tokens)
-
-
-def _offset(inputs: ModelInputs, lay) -> int:
-    """Where sample `lay`'s position 0 sits in the padded batch."""
-    return inputs.tensors["input_ids"].shape[1] - lay.length if inputs.padding_side == "left" else 0
-
-
-def kl_targets(inputs: ModelInputs, tgs: list[SampleTargets], term: TermPlan) -> dict[str, torch.Tensor]:
-    """The stored top-k distributions placed at the batch's answer positions (the rows of the
-    student's kept logits): logprobs, index (B, P, k), log_tail, mask (B, P)."""
-    from drivekd.losses.attention import answer_positions
-    from drivekd.store.signals import answer_rows
-
-    keep, _ = answer_positions(inputs.padded("labels"))  # (P,)
-    B, P, k = len(tgs), keep.numel(), tgs[0].logits.logprobs.shape[-1]
-    out = {"logprobs": torch.zeros(B, P, k), "index": torch.zeros(B, P, k, dtype=torch.long), "log_tail": torch.zeros(B, P),
-           "mask": torch.zeros(B, P, dtype=torch.bool)}
-    for b, (lay, t) in enumerate(zip(inputs.layouts, tgs)):
-        rows = answer_rows(lay.labels)
-        if not torch.equal(rows, t.logits.positions):
-            raise AlignmentError(f"sample {lay.sample_id}: the store's {term.role} logits are for positions {t.logits.positions.tolist()[:5]}... "
-                                 f"but the student's answer positions are {rows.tolist()[:5]}...; rebuild the store's logits for this --data/--student")
-        j = torch.searchsorted(keep, rows + _offset(inputs, lay))
-        out["logprobs"][b, j], out["index"][b, j], out["log_tail"][b, j] = t.logits.logprobs, t.logits.index, t.logits.log_tail
-        out["mask"][b, j] = True
-    return out
-
-
-def hidden_targets(inputs: ModelInputs, tgs: list[SampleTargets], term: TermPlan) -> dict:
-    """Per student layer the (mean-over-group) teacher hidden states at the stored text positions,
-    placed in the padded batch: (B, T, H_teacher); "mask" (B, T) marks those positions."""
-    T = inputs.tensors["input_ids"].shape[1]
-    out: dict = {s: torch.zeros(len(tgs), T, term.teacher_width) for s, _ in term.pairs}
-    out["mask"] = torch.zeros(len(tgs), T, dtype=torch.bool)
-    for b, (lay, t) in enumerate(zip(inputs.layouts, tgs)):
-        pos = t.hidden.positions + _offset(inputs, lay)
-        out["mask"][b, pos] = True
-        for s, ts in term.pairs:
-            out[s][b, pos] = torch.stack([t.hidden.layers[l] for l in ts]).mean(0)  # layer-group matching, as the maps
-    return out
 
 
 def make_loader(dataset: TargetDataset, sampler: StreamSampler, collate: Collate, num_workers: int, seed: int,

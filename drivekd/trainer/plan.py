@@ -3,9 +3,11 @@ resolves it into a `RunPlan` - everything the training loop needs.
 
 It reads the data, opens the store, checks roles, layers, processor fingerprints and coverage of
 every sample, reads the student's depth from its config.json, and checks a resume against the
-checkpoint it would continue. The settings themselves (`TrainConfig`) check their own values when
-built (drivekd.trainer.settings). Each problem raises one `ConfigError` (or `AlignmentError` /
-`StoreError`) naming the flag to change.
+checkpoint it would continue; `validate` runs these as named checks, in that order. What differs
+per kind of teacher term (which roles it reads, how its layers resolve, what it asks of the
+student) is the term's own method (drivekd.terms); the --recipe is a `Recipe` looked up there. The
+settings themselves (`TrainConfig`) check their own values when built (drivekd.trainer.settings).
+Each problem raises one `ConfigError` (or `AlignmentError` / `StoreError`) naming the flag to change.
 """
 
 from __future__ import annotations
@@ -22,11 +24,12 @@ import torch
 from drivekd.data.sample import Sample
 from drivekd.errors import AlignmentError, ConfigError, StoreError
 from drivekd.images import check_store
-from drivekd.layers import LayerSpecError, mid_range_spec, parse_role_layers
-from drivekd.losses.recipes import TermPlan, plan_term
+from drivekd.losses.recipes import TermPlan
 from drivekd.roles import ROLES, capability_index, role_index
 from drivekd.store.targets import RoleInfo, TargetSource
-from drivekd.trainer.settings import DEFAULT_MIX, KD_RECIPES, RESUME_FREE, TrainConfig, flag
+from drivekd.terms import ATTENTION, Recipe, Term, kinds, term_of
+from drivekd.terms import recipe as recipe_named
+from drivekd.trainer.settings import DEFAULT_MIX, RESUME_FREE, TrainConfig, flag
 
 log = logging.getLogger(__name__)
 
@@ -57,18 +60,23 @@ class RunPlan:
     identity: dict = field(default_factory=dict)  # data/store/student content identity (drivekd.trainer.identity)
 
     @property
+    def recipe(self) -> Recipe:
+        return recipe_named(self.cfg.recipe)
+
+    @property
     def student_layers(self) -> list[int]:
         """Layers whose student attention the losses need."""
-        return sorted({s for t in self.terms if t.attention for s in t.student_layers})
+        return sorted({s for t in self.terms for s in term_of(t).capture_layers(t)})
 
     @property
     def hidden_layers(self) -> list[int]:
-        """Student layers whose hidden states a hidden term needs."""
-        return sorted({s for t in self.terms if t.signal == "hidden" for s in t.student_layers})
+        """Student layers whose hidden states a term needs."""
+        return sorted({s for t in self.terms for s in term_of(t).hidden_layers(t)})
 
     @property
     def multi(self) -> bool:
-        return self.cfg.recipe == "multi"
+        """Per-sample mixing of the terms (--recipe multi)."""
+        return self.recipe.mixes
 
     @property
     def total_micro(self) -> int:
@@ -134,60 +142,27 @@ def _check_required(cfg: TrainConfig) -> None:
         raise ConfigError(f"--device {cfg.device}: CUDA is not available on this machine; use --device cpu")
 
 
-def _plan_terms(cfg: TrainConfig, roles: list[str], student_L: int, infos: dict[str, RoleInfo]) -> list[TermPlan]:
-    """The active teacher terms (`roles`: the recipe's roles with a weight > 0), resolved."""
-    try:
-        per_role = parse_role_layers(cfg.layers, roles)
-    except LayerSpecError as e:
-        raise ConfigError(f"--layers {cfg.layers!r}: {e}") from None
-    if cfg.mid_range is not None:
-        if "reasoning" not in roles:
-            raise ConfigError(f"--mid-range applies to the reasoning term; recipe {cfg.recipe!r} has none")
-        if "reasoning" in per_role:
-            raise ConfigError("give the reasoning layers either with --layers or with --mid-range, not both")
-        try:
-            per_role["reasoning"] = mid_range_spec(cfg.mid_range)
-        except LayerSpecError as e:
-            raise ConfigError(f"--mid-range: {e}") from None
-    terms = []
-    for role in roles:
-        info = infos[role]
-        what = "--mid-range" if role == "reasoning" and cfg.mid_range else "--layers"
-        try:
-            term = plan_term(role, student_L, info.num_teacher_layers, signal=cfg.signal, kind=cfg.loss, layers=per_role.get(role))
-        except LayerSpecError as e:
-            raise ConfigError(f"{what} for the {role} term: {e} (student has {student_L} decoder layers, "
-                              f"the {role} teacher {info.num_teacher_layers})") from None
-        missing = [t for t in term.teacher_layers if t not in info.layers]
-        if missing:
-            raise ConfigError(
-                f"{what}: the {role} term needs teacher layers {missing}, but the store has only {list(info.layers)} for "
-                f"{role}; choose other layers or rebuild with `drivekd-cache build --teacher {role} --layers ...`"
-            )
-        terms.append(term)
-    return terms
-
-
 def _check_coverage(source: TargetSource, terms: list[TermPlan], samples: list[Sample]) -> tuple[list[Sample], list[str]]:
     """Every sample needs complete targets for every term. Samples the store marked 'skipped'
     (bad input at cache time) are dropped with a note; missing ones are an error."""
     dropped: set[str] = set()
     problems: list[str] = []
     for term in terms:
+        need = term_of(term).store_signal  # None: the role's attention maps, which "complete" covers
         for s in samples:
             st = source.sample_status(term.role, s.id)
-            if st == "complete" and not term.attention:
-                st = source.signal_status(term.role, s.id, term.signal)
-                st = "complete" if st == "complete" else f"no {term.signal}"
+            if st == "complete" and need:
+                st = source.signal_status(term.role, s.id, need)
+                st = "complete" if st == "complete" else f"no {need}"
             if st == "skipped":
                 dropped.add(s.id)
             elif st != "complete":
                 problems.append(f"{s.id} ({term.role}: {st})")
     if problems:
         shown = ", ".join(problems[:10]) + (f" and {len(problems) - 10} more" if len(problems) > 10 else "")
-        kd = [t for t in terms if not t.attention]
-        how = (f"`drivekd-cache build --teacher {kd[0].role} --signals {kd[0].signal}` adds them (computing only what is missing)"
-               if kd else "build or complete them with `drivekd-cache build`")
+        kd = [t for t in terms if term_of(t).store_signal]
+        how = (f"`drivekd-cache build --teacher {kd[0].role} --signals {term_of(kd[0]).store_signal}` adds them (computing only "
+               "what is missing)" if kd else "build or complete them with `drivekd-cache build`")
         raise StoreError(f"--cache: {len(problems)} sample target(s) are not in the store: {shown}; "
                          f"{how}, or train on data the store covers (--data)")
     notes = [f"{len(dropped)} sample(s) skipped as bad input when the store was built are left out"] if dropped else []
@@ -207,70 +182,87 @@ def open_source(cfg: TrainConfig, targets: TargetSource | None) -> TargetSource:
         raise ConfigError(f"--cache: {e}") from None
 
 
-def validate(cfg: TrainConfig, targets: TargetSource | None = None, world: int = 1) -> RunPlan:
-    """Check the whole run and resolve it. No model is loaded; the processor is (for the store check)."""
-    from drivekd.data.loaders import load_samples
-    from drivekd.trainer.checkpoint import is_complete, latest_checkpoint, read_meta
-
-    _check_required(cfg)
+def _check_student(cfg: TrainConfig) -> tuple[Path, str, int]:
+    """--student: a folder whose config.json gives its family and depth."""
     student = Path(cfg.student)
     if not student.is_dir():
         raise ConfigError(f"--student {student}: no such folder")
-    family, student_L = student_depth(student)
-    mix = parse_mix(cfg.mix)
+    return (student, *student_depth(student))
+
+
+def _load_split(cfg: TrainConfig, rec: Recipe) -> list[Sample]:
+    """--data (and --images), cut to the recipe's capability split."""
+    from drivekd.data.loaders import load_samples
+
     if not Path(cfg.data).is_file():
         raise ConfigError(f"--data {cfg.data}: no such file")
     if cfg.images is not None and not Path(cfg.images).is_dir():
         raise ConfigError(f"--images {cfg.images}: no such folder")
     samples = load_samples(cfg.data, cfg.images)
-    split = cfg.split if cfg.recipe in ("sft", *KD_RECIPES) else (None if cfg.recipe == "multi" else cfg.recipe)
+    split = rec.split_of(cfg)
     if split is not None:
         samples = [s for s in samples if s.capability == split]
         if not samples:
-            what = "--split" if cfg.recipe in ("sft", *KD_RECIPES) else f"--recipe {cfg.recipe}"
+            what = "--split" if rec.split_flag else f"--recipe {cfg.recipe}"
             raise ConfigError(f"{what}: {cfg.data} has no {split} samples (a single-teacher recipe trains on its "
                               "capability split only)")
-    kd = cfg.recipe in KD_RECIPES and cfg.w_kd > 0
-    roles = [] if cfg.recipe in ("sft", *KD_RECIPES) else list(ROLES) if cfg.recipe == "multi" else [cfg.recipe]
-    roles = [r for r in roles if cfg.term_weight(r) > 0]
-    if cfg.w_ce == 0 and not roles and not kd:
-        raise ConfigError("--w-ce is 0 and no teacher term is on: nothing to train")
+    return samples
 
-    # Only teacher terms need targets: a CE-only run (--recipe sft, or every teacher weight 0)
-    # trains without a store.
-    source = open_source(cfg, targets) if roles or kd else targets
-    if kd:
-        roles = [kd_role(cfg, source, student_L)]
-    have = source.roles() if roles else []
-    missing = [r for r in roles if r not in have]
+
+def _term_roles(cfg: TrainConfig, rec: Recipe, targets: TargetSource | None,
+                student_L: int) -> tuple[list[Term], dict[str, list[str]], TargetSource | None]:
+    """The recipe's term kinds that are on, the store roles each reads, and the opened source.
+    Only teacher terms need targets: a CE-only run (--recipe sft, or every teacher weight 0)
+    trains without a store."""
+    on = [k for k in kinds(rec) if k.on(cfg, rec)]
+    if cfg.w_ce == 0 and not on:
+        raise ConfigError("--w-ce is 0 and no teacher term is on: nothing to train")
+    source = open_source(cfg, targets) if on else targets
+    roles = {k.name: k.roles(cfg, rec, source, student_L) for k in on}
+    wanted = [r for rs in roles.values() for r in rs]
+    have = source.roles() if wanted else []
+    missing = [r for r in wanted if r not in have]
     if missing:
         raise ConfigError(
             f"--recipe {cfg.recipe} needs the {', '.join(missing)} teacher role(s), but the store has "
             f"{', '.join(have) or 'none'}; build them with `drivekd-cache build --teacher ROLE` (--cache) or set their weight to 0"
         )
-    infos = {r: source.role_info(r) for r in roles}
-    from drivekd.families.base import Family
+    return on, roles, source
 
-    student_family = Family.from_pretrained(student, text_tokens=cfg.text_tokens, image_processing=cfg.image_settings)
-    if kd and cfg.recipe == "kl":
-        check_vocabulary(infos[roles[0]], student_family, student)  # before the generic processor check: say what differs
-    if infos:
-        fp = student_family.fingerprint()
-        for r, info in infos.items():
-            if info.family != family:
-                raise AlignmentError(f"--cache: the {r} teacher is {info.family} but --student is {family}; distillation needs one family")
-            check_store(source, r, student_family)  # names each image setting that differs
-            if info.processor != fp:
-                raise AlignmentError(
-                    f"--cache: the {r} targets were built with another processor/chat template/--text-tokens setting than "
-                    f"--student's; their tokens would not line up. Rebuild the store or match --text-tokens"
-                )
-    terms = [kd_term(cfg, roles[0], infos[roles[0]], student_L)] if kd else _plan_terms(cfg, roles, student_L, infos)
-    samples, notes = _check_coverage(source, terms, samples)
-    if not samples:
-        raise ConfigError(f"--data {cfg.data}: no trainable samples left")
 
-    micro_per_epoch = math.ceil(len(samples) / (cfg.micro_batch * world))
+def _check_teachers(source: TargetSource, on: list[Term], roles: dict[str, list[str]], infos: dict[str, RoleInfo],
+                    student_family, family: str, student: Path, cfg: TrainConfig) -> None:
+    """Each term's own check of the student (--recipe kl: one vocabulary; first, to say what
+    differs), then every role's teacher: the student's family, image settings and processor."""
+    for k in on:
+        k.check_student(cfg, {r: infos[r] for r in roles[k.name]}, student_family, student)
+    if not infos:
+        return
+    fp = student_family.fingerprint()
+    for r, info in infos.items():
+        if info.family != family:
+            raise AlignmentError(f"--cache: the {r} teacher is {info.family} but --student is {family}; distillation needs one family")
+        check_store(source, r, student_family)  # names each image setting that differs
+        if info.processor != fp:
+            raise AlignmentError(
+                f"--cache: the {r} targets were built with another processor/chat template/--text-tokens setting than "
+                f"--student's; their tokens would not line up. Rebuild the store or match --text-tokens"
+            )
+
+
+def _resolve_terms(cfg: TrainConfig, on: list[Term], roles: dict[str, list[str]], infos: dict[str, RoleInfo],
+                   student_L: int) -> list[TermPlan]:
+    """The run's terms, resolved against the student's depth and the store. With no term on,
+    attention's resolution over no roles refuses --layers / --mid-range: nothing would read them."""
+    if not on:
+        return ATTENTION.resolve(cfg, [], {}, student_L)
+    return [t for k in on for t in k.resolve(cfg, roles[k.name], infos, student_L)]
+
+
+def _check_resume(cfg: TrainConfig, world: int, notes: list[str]) -> Path | None:
+    """The checkpoint a run continues (--resume / --resume-from), with the same settings and
+    process count; without either, --out must not already hold a run."""
+    from drivekd.trainer.checkpoint import is_complete, latest_checkpoint, read_meta
 
     resume_dir = None
     out = Path(cfg.out)
@@ -284,21 +276,43 @@ def validate(cfg: TrainConfig, targets: TargetSource | None = None, world: int =
             notes.append(f"--resume: no complete checkpoint in {out}; starting from the beginning")
     elif out.exists() and any(out.iterdir()):
         raise ConfigError(f"--out {out} already holds a run; pass --resume to continue it, or choose another --out")
-    if resume_dir is not None:
-        meta = read_meta(resume_dir)
-        old = meta["config"]
-        new = cfg.to_json()
-        # A key a checkpoint predates (written by an older drivekd) had its default then.
-        defaults = TrainConfig().to_json()
-        diffs = [k for k in new if k not in RESUME_FREE and old.get(k, defaults[k]) != new[k]]
-        if diffs:
-            lines = "; ".join(f"{flag(k)}: checkpoint {old.get(k)!r}, now {new[k]!r}" for k in diffs)
-            raise ConfigError(f"cannot resume from {resume_dir}: settings differ ({lines}); resume with the same settings")
-        if meta["world"] != world:
-            raise ConfigError(f"cannot resume from {resume_dir}: it was written by {meta['world']} "
-                              f"process(es), now {world}; use the same --nproc_per_node")
+    if resume_dir is None:
+        return None
+    meta = read_meta(resume_dir)
+    old = meta["config"]
+    new = cfg.to_json()
+    # A key a checkpoint predates (written by an older drivekd) had its default then.
+    defaults = TrainConfig().to_json()
+    diffs = [k for k in new if k not in RESUME_FREE and old.get(k, defaults[k]) != new[k]]
+    if diffs:
+        lines = "; ".join(f"{flag(k)}: checkpoint {old.get(k)!r}, now {new[k]!r}" for k in diffs)
+        raise ConfigError(f"cannot resume from {resume_dir}: settings differ ({lines}); resume with the same settings")
+    if meta["world"] != world:
+        raise ConfigError(f"cannot resume from {resume_dir}: it was written by {meta['world']} "
+                          f"process(es), now {world}; use the same --nproc_per_node")
+    return resume_dir
 
+
+def validate(cfg: TrainConfig, targets: TargetSource | None = None, world: int = 1) -> RunPlan:
+    """Check the whole run and resolve it. No model is loaded; the processor is (for the store check)."""
+    from drivekd.families.base import Family
     from drivekd.trainer import identity
+
+    _check_required(cfg)
+    student, family, student_L = _check_student(cfg)
+    mix = parse_mix(cfg.mix)
+    rec = recipe_named(cfg.recipe)
+    samples = _load_split(cfg, rec)
+    on, roles, source = _term_roles(cfg, rec, targets, student_L)
+    infos = {r: source.role_info(r) for rs in roles.values() for r in rs}
+    student_family = Family.from_pretrained(student, text_tokens=cfg.text_tokens, image_processing=cfg.image_settings)
+    _check_teachers(source, on, roles, infos, student_family, family, student, cfg)
+    terms = _resolve_terms(cfg, on, roles, infos, student_L)
+    samples, notes = _check_coverage(source, terms, samples)
+    if not samples:
+        raise ConfigError(f"--data {cfg.data}: no trainable samples left")
+    micro_per_epoch = math.ceil(len(samples) / (cfg.micro_batch * world))
+    resume_dir = _check_resume(cfg, world, notes)
 
     run_id = identity.run_identity(cfg, source, [t.role for t in terms], [s.id for s in samples])
     run_id["allowed_changes"] = identity.check_resume(resume_dir, run_id, cfg.resume_allow_changed)
@@ -310,80 +324,6 @@ def validate(cfg: TrainConfig, targets: TargetSource | None = None, world: int =
                    world, notes, source, student_family, identity=run_id)
     plan.total_steps = math.ceil(plan.total_micro / cfg.grad_accum)
     return plan
-
-
-def kd_role(cfg: TrainConfig, source: TargetSource, student_L: int) -> str:
-    """The store role whose logits / hidden states --recipe kl / hidden reads: --teacher-role, or
-    the first role (perception, reasoning, planning) holding that signal."""
-    signal = KD_RECIPES[cfg.recipe]
-    have = source.roles()
-    fix = f"`drivekd-cache build --teacher ROLE --signals {signal}` adds them to the store (computing only what is missing)"
-    if cfg.teacher_role is not None:
-        if cfg.teacher_role not in have:
-            raise ConfigError(f"--teacher-role {cfg.teacher_role}: the store has no such role (have {', '.join(have) or 'none'})")
-        if signal not in source.role_info(cfg.teacher_role).signals:
-            raise ConfigError(f"--teacher-role {cfg.teacher_role}: its store role holds no {signal}; {fix.replace('ROLE', cfg.teacher_role)}")
-        return cfg.teacher_role
-    holding = [r for r in have if signal in source.role_info(r).signals]
-    if signal == "hidden" and len(holding) > 1:  # the first role that stores the layers asked for
-        for r in holding:
-            try:
-                kd_term(cfg, r, source.role_info(r), student_L)
-                return r
-            except ConfigError:
-                continue
-    if holding:
-        return holding[0]
-    raise ConfigError(f"--recipe {cfg.recipe} reads the teacher's {signal}, but no role of the store ({', '.join(have) or 'none'}) "
-                      f"holds them (--cache); {fix}")
-
-
-def check_vocabulary(info: RoleInfo, family, student: Path) -> None:
-    """--recipe kl compares distributions over token ids: teacher and student must share the
-    tokenizer, and the student's LM head must have a row for every id the teacher's top-k can name.
-    Refused before any model loads. (LM heads padded to other sizes, as Qwen2.5-VL 3B's 151936 vs
-    7B's 152064 rows, are fine: the store keeps padding rows out of the top-k.)"""
-    from drivekd.store.signals import vocab_identity, vocab_rows
-
-    lg = info.signals["logits"]
-    mine = vocab_identity(family.tokenizer)
-    rows = vocab_rows(json.loads((Path(student) / "config.json").read_text()))
-    if mine["tokenizer_fingerprint"] != lg["tokenizer_fingerprint"]:
-        raise AlignmentError(
-            f"--recipe kl: the {info.role} teacher's vocabulary ({lg['tokenizer_size']} token ids) is not --student's "
-            f"({mine['tokenizer_size']} token ids, another token -> id map); a KL between their next-token distributions "
-            "needs one vocabulary: use a teacher of the student's tokenizer, or another recipe")
-    if rows < lg["tokenizer_size"]:
-        raise AlignmentError(
-            f"--recipe kl: --student's LM head has {rows} rows (vocab_size in its config.json) but the {info.role} teacher's "
-            f"vocabulary has {lg['tokenizer_size']} token ids (its LM head {lg['vocab_size']} rows); the vocabularies differ, "
-            "so the stored top-k ids cannot all be scored by the student")
-
-
-def kd_term(cfg: TrainConfig, role: str, info: RoleInfo, student_L: int) -> TermPlan:
-    """The KL or hidden term of --recipe kl / hidden, resolved against the store."""
-    if cfg.recipe == "kl":
-        if cfg.layers or cfg.mid_range:
-            raise ConfigError("--layers / --mid-range choose hidden or attention layers; --recipe kl compares next-token distributions")
-        return TermPlan(role, "logits", "kl", ())
-    from drivekd.layers import resolve_layers
-    from drivekd.losses.attention import layer_groups
-    from drivekd.roles import RECIPE_LAYERS
-
-    st = info.signals["hidden"]
-    try:
-        spec = mid_range_spec(cfg.mid_range) if cfg.mid_range else parse_role_layers(cfg.layers, [role]).get(role, RECIPE_LAYERS[role])
-        pairs = layer_groups(resolve_layers(spec, student_L), resolve_layers(spec, info.num_teacher_layers))
-    except LayerSpecError as e:
-        raise ConfigError(f"--layers for --recipe hidden: {e} (student has {student_L} decoder layers, the teacher "
-                          f"{info.num_teacher_layers})") from None
-    need = sorted({t for _, ts in pairs for t in ts})
-    missing = [t for t in need if t not in st["layers"]]
-    if missing:
-        raise ConfigError(f"--layers: --recipe hidden needs teacher hidden states of layers {missing}, but the store's {role} role "
-                          f"holds only {st['layers']}; choose other --layers, another --teacher-role, or build that role with "
-                          f"`drivekd-cache build --teacher {role} --layers ... --signals hidden`")
-    return TermPlan(role, "hidden", "mse", tuple(pairs), int(st["hidden_size"]))
 
 
 def describe(plan: RunPlan) -> str:

@@ -21,12 +21,13 @@ from drivekd.images import ImageSettings, pop_flags
 from drivekd.losses.kl import DEFAULT_TEMPERATURE
 from drivekd.projection.precision import PRECISIONS
 from drivekd.roles import ROLES
+from drivekd.terms import RECIPES as RECIPE_TABLE
+from drivekd.terms import flag_recipes
 from drivekd.trainer.report_to import default_report_to, parse_report_to
 from drivekd.trainer.trainable import PARAM_GROUPS
 from drivekd.trainer.trainable import check_settings as check_trainable
 
-RECIPES = (*ROLES, "multi", "sft", "kl", "hidden")
-KD_RECIPES = {"kl": "logits", "hidden": "hidden"}  # the ablation baselines: recipe -> the store signal they read
+RECIPES = tuple(RECIPE_TABLE)  # perception, reasoning, planning, multi, sft, kl, hidden (drivekd.terms)
 PROJECTIONS = ("agp", "g1", "g2", "none")
 DEFAULT_MIX = "0.8,0.1,0.1;0.1,0.8,0.1;0.1,0.1,0.8"
 PRECISION_CHOICES = tuple(PRECISIONS)
@@ -204,11 +205,14 @@ class TrainConfig:
             raise ConfigError(f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.device != "auto" and not self.device.startswith(("cpu", "cuda")):
             raise ConfigError(f"--device must be auto, cpu or cuda[:N], got {self.device!r}")
-        if self.split is not None and self.recipe not in ("sft", *KD_RECIPES):
-            raise ConfigError(f"--split applies to --recipe sft, kl and hidden (recipe {self.recipe!r} chooses its own split)")
-        if self.teacher_role is not None and self.recipe not in KD_RECIPES:
-            raise ConfigError(f"--teacher-role applies to --recipe kl and hidden (recipe {self.recipe!r} reads its own roles)")
-        if self.recipe in KD_RECIPES and (self.signal is not None or self.loss != "mse"):
+        recipe = RECIPE_TABLE[self.recipe]
+        if self.split is not None and not recipe.split_flag:
+            raise ConfigError(f"--split applies to --recipe {_names(flag_recipes('split_flag'))} (recipe {self.recipe!r} "
+                              "chooses its own split)")
+        if self.teacher_role is not None and not recipe.picks_role:
+            raise ConfigError(f"--teacher-role applies to --recipe {_names(flag_recipes('picks_role'))} (recipe "
+                              f"{self.recipe!r} reads its own roles)")
+        if recipe.terms and "attention" not in recipe.terms and (self.signal is not None or self.loss != "mse"):
             raise ConfigError(f"--signal and --loss choose the attention terms; --recipe {self.recipe} has none (drop them)")
         parse_report_to(self.report_to)  # unknown names, or a reporter whose package is missing
         if self.precision != "fp32" and self.dtype in ("float32", "float16"):
@@ -238,7 +242,12 @@ class TrainConfig:
 
     def term_weight(self, role: str) -> float:
         """Static weight of a teacher term (by its row name: a role, or kl / hidden)."""
-        return self.w_kd if role in ("kl", "hidden") else getattr(self, f"w_{role}")
+        return getattr(self, f"w_{role}") if role in ROLES else self.w_kd
+
+
+def _names(names: list[str]) -> str:
+    """'a, b and c'."""
+    return ", ".join(names[:-1]) + " and " + names[-1] if len(names) > 1 else "".join(names)
 
 
 PATH_KEYS = ("student", "data", "images", "cache", "out", "resume_from")

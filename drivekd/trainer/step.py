@@ -37,12 +37,11 @@ import torch
 from drivekd.distributed import Dist
 from drivekd.errors import DriveKDError
 from drivekd.families.capture import capture_attention
-from drivekd.losses.attention import answer_positions, attention_loss, token_ce
-from drivekd.losses.hidden import HiddenProjection, hidden_mse
-from drivekd.losses.kl import topk_kl
+from drivekd.losses.attention import answer_positions, token_ce
 from drivekd.projection import GradBuffers, GramEngine, coefficients, combine
 from drivekd.projection.precision import make_optimizer as _make_optimizer
 from drivekd.projection.precision import param_dtype
+from drivekd.terms import TermForward, term_of
 from drivekd.trainer.data import Batch
 
 
@@ -136,13 +135,15 @@ def choose_engine(cfg, params: list[torch.nn.Parameter], K: int, device: torch.d
     return "gram", f"auto: {K} rows would take {rows_bytes / 2**30:.2f} GiB, > 1/4 of the device's {device_memory / 2**30:.0f} GiB"
 
 
-def hidden_projection(plan, model, device) -> HiddenProjection | None:
-    """The hidden term's projection (None without one), seeded by torch's RNG like the model's init."""
-    terms = [t for t in plan.terms if t.signal == "hidden"]
-    if not terms:
-        return None
+def hidden_projection(plan, model, device) -> torch.nn.Module | None:
+    """The trainable state a term owns beyond the student (`Term.make_state`: the hidden term's
+    projection), None without one; seeded by torch's RNG like the model's init. One term per run
+    may own state (the step checkpoints keep it under "projection"); the recipes have at most one."""
     cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    return HiddenProjection(plan.hidden_layers, int(cfg.hidden_size), int(terms[0].teacher_width)).to(device)
+    states = [m for t in plan.terms if (m := term_of(t).make_state(t, int(cfg.hidden_size))) is not None]
+    if len(states) > 1:
+        raise DriveKDError(f"{len(states)} teacher terms own trainable state; a run holds one (the step's projection)")
+    return states[0].to(device) if states else None
 
 
 def make_optimizer(params: list[torch.nn.Parameter], lr: float, weight_decay: float, precision: str = "fp32",
@@ -214,40 +215,21 @@ class TrainStep:
         text = inputs.padded("text").to(dev)  # (B, T) X
         vision = inputs.padded("vision").to(dev)  # (B, T) V
         mixw = self.plan.mix_weights(batch.capabilities).to(dev)  # (B, terms)
-        ac = torch.autocast(dev.type, dtype=self.autocast_dtype) if self.autocast_dtype else contextlib.nullcontext()
         hidden = {"output_hidden_states": True} if self.plan.hidden_layers else {}
-        with ac:
+        with self.autocast():
             out = self.model(**inputs.tensors, logits_to_keep=keep, use_cache=False, **hidden)
         ce = token_ce(out.logits, ce_targets)  # (B,)
         per_sample, rows = [ce], [ce.mean()]
+        fw = TermForward(out, maps, text, vision, am, self.cfg, self.autocast, self.projection)
         for k, term in enumerate(self.plan.terms):
-            if not term.attention:
-                lk = self.kd_loss(term, out, batch.targets[term.name])
-                per_sample.append(lk)
-                rows.append((mixw[:, k] * lk).mean())
-                continue
-            per_layer = [
-                attention_loss(term.signal, term.kind, maps[s], batch.targets[term.role][s], text=text, vision=vision,
-                               valid=am, reduction=self.cfg.full_reduction)
-                for s, _ in term.pairs
-            ]
-            lk = torch.stack(per_layer).mean(0)  # (B,)
+            lk = term_of(term).loss(term, fw, batch.targets[term.name])  # (B,), unmixed
             per_sample.append(lk)
             rows.append((mixw[:, k] * lk).mean())
         return Losses(rows, torch.stack([v.detach() for v in per_sample]), mixw)
 
-    def kd_loss(self, term, out, tg: dict) -> torch.Tensor:
-        """The KL or hidden term (B,): against the stored distribution at the CE's positions, or
-        the projected hidden states (output of layer s = hidden_states[s + 1]) at the stored positions."""
-        if term.signal == "logits":
-            return topk_kl(out.logits, tg["logprobs"], tg["index"], tg["log_tail"], tg["mask"], self.cfg.kl_temperature)
-        ac = torch.autocast(self.device.type, dtype=self.autocast_dtype) if self.autocast_dtype else contextlib.nullcontext()
-        per_layer = []
-        for s, _ in term.pairs:
-            with ac:
-                h = self.projection(s, out.hidden_states[s + 1])  # (B, T, H_teacher)
-            per_layer.append(hidden_mse(h, tg[s], tg["mask"]))
-        return torch.stack(per_layer).mean(0)
+    def autocast(self):
+        """A fresh autocast context of the step's dtype (a null context in fp32)."""
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype) if self.autocast_dtype else contextlib.nullcontext()
 
     def backward(self, losses: Losses, weights: list[float], active: list[bool], local: list[bool],
                  order: list[int] | None = None) -> None:
