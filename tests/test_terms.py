@@ -10,7 +10,8 @@ from drivekd import terms
 from drivekd.errors import ConfigError, DriveKDError
 from drivekd.losses.recipes import TermPlan
 from drivekd.roles import ROLES
-from drivekd.store.targets import InMemoryTargets, RoleInfo
+from drivekd.store.memory import InMemoryTargets
+from drivekd.store.targets import RoleInfo
 from drivekd.trainer.settings import RECIPES, TrainConfig
 
 

@@ -148,8 +148,9 @@ def load_samples_report(
         such records, logs how many, and lists them in `LoadReport.skipped`.
     check_images: open every image with PIL and verify it (each distinct path once).
     format: "auto" detects the format from the records.
-    allow_outside_images: accept image paths that resolve outside `images_root` (`../x.jpg`,
-        absolute paths); refused by default, since such a path usually means a wrong root.
+    allow_outside_images: accept image paths that escape the image root (a relative `../x.jpg`, or an
+        absolute path outside an explicitly given `images_root`); refused by default, since such a
+        path usually means a wrong root.
     """
     if unknown_capability not in ("error", "skip"):
         raise DataError(f"unknown_capability must be 'error' or 'skip', got {unknown_capability!r}")
@@ -173,7 +174,7 @@ def load_samples_report(
                                "every list entry must be one record {...}")
             sample = parse(record, root, unknown_capability)
             if not allow_outside_images:
-                _check_inside(sample, record, fmt, root)
+                _check_inside(sample, record, fmt, root, images_root is not None)
             if check_images:
                 _check_images(sample, record, fmt, image_cache)
         except _Skip as skip:
@@ -445,18 +446,22 @@ def _parse_drivebench(record: dict, root: Path, unknown: str) -> Sample:
 # --------------------------------------------------------------------------------------- images
 
 
-def _check_inside(sample: Sample, record: dict, fmt: str, root: Path) -> None:
-    """Refuse an image path that resolves outside the image root (`../x.jpg`, an absolute path)."""
+def _check_inside(sample: Sample, record: dict, fmt: str, root: Path, explicit_root: bool) -> None:
+    """Refuse an image path that escapes the image root: a relative one that climbs out (`../x.jpg`),
+    or, when the root was given (--images), an absolute one elsewhere. Absolute paths with no root
+    given name their files on purpose and are kept."""
     if fmt == "drivekd":
-        fields = [f"images[{i}]" for i in range(len(sample.images))]
+        raw = [(f"images[{i}]", p) for i, p in enumerate(record.get("images") or [])]
     else:
         paths = record["image_path"]
         cams = [c for c in CAMERA_ORDER if c in paths] + sorted(c for c in paths if c not in CAMERA_ORDER)
-        fields = [f"image_path.{c}" for c in cams]
-    for field, p in zip(fields, sample.images):
+        raw = [(f"image_path.{c}", paths[c]) for c in cams]
+    for (field, given), p in zip(raw, sample.images):
+        if os.path.isabs(given) and not explicit_root:
+            continue
         if os.path.commonpath([str(root), str(p)]) != str(root):
-            raise _Problem(field, f"resolves to {p}, outside the image root {root}; keep the images under the "
-                           "image root (--images), or pass --allow-outside-images if you mean it", sample.id)
+            raise _Problem(field, f"{given!r} resolves to {p}, outside the image root {root}; keep the images under "
+                           "the image root (--images), or pass --allow-outside-images if you mean it", sample.id)
 
 
 def _check_images(sample: Sample, record: dict, fmt: str, cache: dict[Path, str | None]) -> None:
