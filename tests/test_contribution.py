@@ -179,6 +179,8 @@ def test_no_warning_when_the_teacher_term_counts(tiny_models, demo_data, targets
 
 def test_warning_is_printed_on_the_console(tiny_models, demo_data, targets, tmp_path):
     """drivekd-train configures no logging: the warning must still reach the terminal (stderr)."""
+    records = [r for r in json.loads((demo_data / "train.json").read_text()) if r["question_type"] == "perception"][:2]
+    (tmp_path / "two.json").write_text(json.dumps(records))
     script = tmp_path / "run.py"
     script.write_text(
         "import sys, torch\n"
@@ -187,9 +189,9 @@ def test_warning_is_printed_on_the_console(tiny_models, demo_data, targets, tmp_
         "from drivekd.trainer.loop import train\n"
         "from drivekd.trainer.settings import TrainConfig\n"
         "torch.set_num_threads(1)\n"
-        f"tiny, data = {str(tiny_models)!r}, {str(demo_data)!r}\n"
-        "t = compute_targets(tiny + '/internvl-teacher', load_samples(data + '/train.json')[:2], TEACHER_LAYERS)\n"
-        "cfg = TrainConfig(student=tiny + '/internvl-student', data=data + '/train.json', out=sys.argv[1], num_workers=0,\n"
+        f"tiny, images, data = {str(tiny_models)!r}, {str(demo_data)!r}, {str(tmp_path / 'two.json')!r}\n"
+        "t = compute_targets(tiny + '/internvl-teacher', load_samples(data, images), TEACHER_LAYERS)\n"
+        "cfg = TrainConfig(student=tiny + '/internvl-student', data=data, images=images, out=sys.argv[1], num_workers=0,\n"
         "                  max_steps=1, save_every=0, report_to='none', recipe='perception', dynamic_weights=False)\n"
         "train(cfg, t)\n")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), *sys.path])}

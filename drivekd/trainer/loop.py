@@ -349,7 +349,8 @@ class Trainer:
             ckpt.clean_partial(self.out)
             _truncate_metrics(metrics_path, self.step)
             write_run_json(self.out / "run.json", {"config": cfg.to_json(), **plan_json(plan), "world": self.dist.world,
-                                                   "notes": plan.notes, "identity": plan.identity}, plan.resume_dir, self.step)
+                                                   "notes": plan.notes, "identity": plan.identity, "calibration": self.calibration},
+                           plan.resume_dir, self.step)
         self.dist.barrier()
         losses, records = [], []
         monitor = self._share_monitor(metrics_path)
