@@ -117,6 +117,10 @@ def test_fast_path_measures_the_shares_on_logged_steps(tiny_models, demo_data, t
     assert on.metrics[0]["share_ce"] is None  # step 1 is not logged: nothing measured
     assert not any(k.startswith(("share_", "along_")) for k in off.metrics[-1])
     assert on.losses == pytest.approx(off.losses, rel=1e-6)
+    # After the warning's window, every --contribution-every-th logged step only.
+    sparse = train(_cfg(tiny_models, demo_data, tmp_path / "sparse", **dict(kw, grad_accum=1, log_every=1, max_steps=4),
+                        contribution_warn_steps=1, contribution_every=2), targets)
+    assert [m["share_ce"] is not None for m in sparse.metrics] == [True, False, True, False]
     from safetensors.torch import load_file
 
     a, b = load_file(str(tmp_path / "on" / "final" / "model.safetensors")), load_file(str(tmp_path / "off" / "final" / "model.safetensors"))
@@ -300,3 +304,45 @@ def test_reweighting_starts_from_large_static_weights():
     torch.testing.assert_close(torch.nn.functional.softplus(inverse_softplus(w)), w, rtol=1e-6, atol=0)
     assert DynamicWeights(ROWS[:3], [1.0, 150.0, 3e4]).weight_dict() == pytest.approx({"ce": 1.0, "perception": 150.0,
                                                                                           "reasoning": 3e4}, rel=1e-6)
+
+
+_RUN = """
+import sys, torch
+from online_targets import TEACHER_LAYERS, compute_targets
+from drivekd.data.loaders import load_samples
+from drivekd.trainer.loop import train
+from drivekd.trainer.settings import TrainConfig
+torch.set_num_threads(1)
+tiny, images, data, out, mb = sys.argv[1:6]
+extra = dict(projection='none', dynamic_weights=False) if sys.argv[6] == 'fast' else dict(calibrate_kd=1e-4, calibrate_batches=2)
+cfg = TrainConfig(student=tiny + '/internvl-student', data=data, images=images, out=out, num_workers=0, progress=False,
+                  max_steps=2, grad_accum=2, micro_batch=int(mb), save_every=0, report_to='none', lr=1e-3, w_reasoning=1e5,
+                  device='cpu', **extra)
+train(cfg, compute_targets(tiny + '/internvl-teacher', load_samples(data, images), TEACHER_LAYERS))
+"""
+
+
+def test_two_ranks_log_the_shares_and_calibrate_as_one_process(tiny_models, demo_data, tmp_path):
+    """2 gloo ranks x micro-batch 1 == 1 process x micro-batch 2: the fast path's measured Gram
+    and the calibration's norms are of the rank-averaged gradients, as the projection's are."""
+    records = json.loads((demo_data / "train.json").read_text())[:6]
+    (tmp_path / "six.json").write_text(json.dumps(records))
+    (tmp_path / "run.py").write_text(_RUN)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), *sys.path])}
+    base = [str(tiny_models), str(demo_data), str(tmp_path / "six.json")]
+    for mode in ("fast", "calibrated"):
+        two, one = tmp_path / f"{mode}-two", tmp_path / f"{mode}-one"
+        p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                            str(tmp_path / "run.py"), *base, str(two), "1", mode], env=env, capture_output=True, text=True,
+                           timeout=600)
+        assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+        p = subprocess.run([sys.executable, str(tmp_path / "run.py"), *base, str(one), "2", mode], env=env,
+                           capture_output=True, text=True, timeout=600)
+        assert p.returncode == 0, p.stderr[-3000:]
+        m2, m1 = ([json.loads(l) for l in (d / "metrics.jsonl").read_text().splitlines()] for d in (two, one))
+        for a, b in zip(m2, m1):
+            for key in [f"{p}_{r}" for p in ("share", "along") for r in ROWS]:
+                assert a[key] is not None and a[key] == pytest.approx(b[key], rel=1e-3, abs=1e-9), (mode, key)
+        if mode == "calibrated":
+            c2, c1 = (json.loads((d / "run.json").read_text())["calibration"] for d in (two, one))
+            assert c2["weights"] == pytest.approx(c1["weights"], rel=1e-4)

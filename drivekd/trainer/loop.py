@@ -115,8 +115,12 @@ class Trainer:
         # --calibrate-kd: before the re-weighting starts from the static weights.
         self.calibration = self._calibration()
         # --projection none without re-weighting keeps no per-loss gradients: measure the shares on
-        # logged steps (step.py, TrainStep._measured_sum).
+        # some logged steps (step.py, TrainStep._measured_sum; --contribution-every).
         self.measure_fast = cfg.contribution and not self.train_step.per_loss and len(plan.row_names) > 1
+        if self.measure_fast:
+            every = f", then every {cfg.contribution_every} logged steps" if cfg.contribution_every else ""
+            log.info("one backward of the weighted sum (--projection none, no re-weighting): the rows' shares of the update "
+                     "are measured on the first %d logged steps%s (a per-loss Gram each)", cfg.contribution_warn_steps, every)
         self.reweighter = Reweighting(plan) if cfg.dynamic_weights and len(plan.row_names) > 1 else None
         from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmup
 
@@ -215,14 +219,15 @@ class Trainer:
 
     def _measure_norms(self, n: int) -> tuple[list[float | None], int]:
         """Mean gradient norm of each row at unit weight over the first `n` micro-batches of the
-        run's stream (each rank its own; averaged over ranks), by the Gram engine (no step taken,
-        no .grad touched). Rows never active: None."""
+        run's stream, by the Gram engine (no step taken, no .grad touched). Data parallel: of the
+        rank-averaged rows, as the projection sees them (so 2 ranks x micro-batch 1 measure what
+        1 process x micro-batch 2 does), the same on every rank. Rows never active: None."""
         from drivekd.families.capture import capture_attention
         from drivekd.projection import GramEngine
 
         ts, plan = self.train_step, self.plan
         K = len(plan.row_names)
-        engine = GramEngine(ts.params)
+        engine = GramEngine(ts.params, reduce=self.dist.mean_ if self.dist.world > 1 else None)
         sums = torch.zeros(2, K, dtype=torch.float64)  # norm sums, active counts
         it = iter(self._loader())
         for j in range(n):
@@ -230,19 +235,19 @@ class Trainer:
             if isinstance(batch, Failed):
                 raise batch.error
             batch = batch.to(self.device)
-            _, local = ts.row_activity([1.0] * K, plan.mix_weights(batch.capabilities))
+            active, _ = ts.row_activity([1.0] * K, plan.mix_weights(batch.capabilities))  # on some rank
             with capture_attention(ts.model, plan.student_layers, grad=True,
                                    attention_mask=batch.inputs.tensors["attention_mask"].bool()) as maps:
                 losses = ts.forward(batch, maps)
-                if not all(ts.checks.finite_samples(losses.per_sample)):
+                bad = [sid for sid, ok in zip(batch.sample_ids, ts.checks.finite_samples(losses.per_sample)) if not ok]
+                if self.dist.any(bool(bad)):
                     raise DriveKDError(f"non-finite loss during --calibrate-kd (micro-batch {j}, sample(s) "
-                                       f"{', '.join(batch.sample_ids)}); check those samples, or drop --calibrate-kd")
-                G = engine.gram(losses.rows, local)  # (K, K) of this rank's rows at weight 1
+                                       f"{', '.join(self.dist.gather_ids(bad))}); check those samples, or drop --calibrate-kd")
+                G = engine.gram(losses.rows, active)  # (K, K) of the rank-averaged rows at weight 1
             for r, v in enumerate(row_norms(G)):
-                if local[r]:
+                if active[r]:
                     sums[0, r] += v
                     sums[1, r] += 1
-        sums = self.dist.sum_(sums.to(self.device)).cpu()
         return [float(sums[0, r] / sums[1, r]) if sums[1, r] > 0 else None for r in range(K)], n
 
     # ----- data -----
@@ -316,7 +321,7 @@ class Trainer:
         first = self.step * self.cfg.grad_accum
         stats = StepStats(self.plan.row_names, shares=self.cfg.contribution)
         weights = self._weights()
-        measure = self.measure_fast and _logged(self.step + 1, self.plan.total_steps, self.cfg.log_every)
+        measure = self.measure_fast and self._measured(self.step + 1)
         self._micro_steps(it, first, min(first + self.cfg.grad_accum, total_micro), stats, weights, measure)
         g = stats.reduce(self.dist)
         lr = self.scheduler.get_last_lr()[0]
@@ -326,6 +331,17 @@ class Trainer:
         return stats.line(g, step=self.step, epoch=round(self.step * self.cfg.grad_accum / self.plan.micro_per_epoch, 4),
                           lr=lr, weights=weights, grad_norm=grad_norm, per_loss=self.train_step.per_loss,
                           seconds=time.perf_counter() - t0, device=self.device)
+
+    def _measured(self, step: int) -> bool:
+        """Fast path: whether step `step` (1-based) measures the shares: a logged step among the
+        first --contribution-warn-steps logged ones (the warning needs them), then every
+        --contribution-every-th logged step."""
+        cfg, total = self.cfg, self.plan.total_steps
+        if not _logged(step, total, cfg.log_every):
+            return False
+        n = step // cfg.log_every + (step == total and step % cfg.log_every != 0)  # its index among the logged steps
+        window = cfg.contribution_warn_steps
+        return n <= window or (cfg.contribution_every > 0 and (n - window) % cfg.contribution_every == 0)
 
     # ----- the run -----
     def _share_monitor(self, metrics_path: Path) -> ShareMonitor:

@@ -36,7 +36,7 @@ GROUPS = ("inputs", "distillation", "gradients", "optimisation", "runtime", "che
 # numbers): everything else must match, or the resumed run would not continue the same run.
 RESUME_FREE = {"grad_engine", "resume", "resume_from", "resume_allow_changed", "num_workers", "progress", "save_every", "keep_last", "log_every", "out", "cache",
                "data", "images", "student", "device", "report_to", "contribution", "contribution_warn",
-               "contribution_warn_steps"}
+               "contribution_warn_steps", "contribution_every"}
 
 
 def opt(default: Any, help: str, *, group: str, choices: tuple | None = None, minimum: str | None = None,
@@ -166,8 +166,14 @@ class TrainConfig:
     contribution: bool = opt(True, "Log each row's share of the applied update (share_<row>, along_<row> in "
                              "metrics.jsonl) and warn when a teacher term's stays small. Free with a projection or "
                              "re-weighting (the step has the per-loss Gram); with --projection none and no re-weighting "
-                             "the first micro-step of each logged step measures it (one K-batched backward).",
+                             "the first micro-step of a logged step measures it (see --contribution-every; one K-batched "
+                             "backward: K x the activation gradients of one point of the backward; turn it off if that "
+                             "does not fit).",
                              group="runtime")
+    contribution_every: int = opt(100, "With --projection none and no re-weighting (no per-loss gradients kept), "
+                                  "measure the shares on the first --contribution-warn-steps logged steps, then on every "
+                                  "Nth logged step (0: only those first ones). A measured micro-step costs ~2-7x a plain "
+                                  "one on CPU (README).", group="runtime", minimum=">=0")
     contribution_warn: float = opt(0.01, "Warn (console and run.json) when a teacher term's mean share of the update "
                                    "over the first --contribution-warn-steps logged steps is under this (0: never).",
                                    group="runtime", minimum=">=0")

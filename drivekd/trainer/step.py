@@ -116,7 +116,7 @@ class Micro:
 
     losses: Losses | None  # None when the micro-batch was skipped
     active: list[bool]  # rows active on some rank
-    info: dict | None  # combine()'s info ("gram", "fired") when per-loss rows were combined
+    info: dict | None  # combine()'s info ("gram", "coef" = lambda, "fired") when per-loss rows were combined or measured
     skipped: list[str]  # sample ids skipped (non-finite, --skip-nonfinite)
 
 
