@@ -20,9 +20,10 @@ backward needs anyway, so peak memory is about the same. Attention-loss backward
 layer (a layer-0 perception loss never reaches the upper decoder or the LM head).
 
 With --projection none and no re-weighting nothing needs per-loss gradients: one backward of the
-weighted sum (the fast path; per-loss gradient norms are not logged). On a logged step with
---contribution, its first micro-step instead gets the per-loss Gram from the Gram engine and one
-backward of the same sum (lambda = 1 per active row), so the rows' shares of the update are logged.
+weighted sum (the fast path; per-loss gradient norms are not logged). On the logged steps the loop
+picks for --contribution (--contribution-every), the first micro-step instead gets the per-loss
+Gram from the Gram engine and one backward of the same sum (lambda = 1 per active row), so the
+rows' shares of the update are logged.
 
 Everything here also runs on fake tensors (drivekd/planner): no `.item()`, `.tolist()`,
 `bool(tensor)` or `float(tensor)` on a value computed from the weights. The only data-dependent
