@@ -17,8 +17,9 @@ Several runs are overlaid, one colour each, the same in every figure. Files writ
 What is plotted comes from the loop's metrics records (drivekd/trainer/loop.py, `_finish_step`):
 `loss`, `loss_<row>`, `weights{row}`, `grad_cos{"ce|<role>"}` (the mean over the step's
 micro-steps), `projections_fired` (summed over the step's micro-steps), `lr`, `samples_per_s`,
-`tokens_per_s`, `peak_mem_bytes`, `share_<row>` and `along_<row>` (drivekd/trainer/contribution.py). Runs whose loop kept no per-loss gradients (--projection none
-without re-weighting) have no cosines: their panels say so instead of drawing nothing.
+`tokens_per_s`, `peak_mem_bytes`, `share_<row>` and `along_<row>` (drivekd/trainer/contribution.py).
+Runs whose loop kept no per-loss gradients (--projection none without re-weighting) have no
+cosines: their panels say so instead of drawing nothing.
 """
 
 from __future__ import annotations

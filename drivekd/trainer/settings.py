@@ -172,8 +172,8 @@ class TrainConfig:
                              group="runtime")
     contribution_every: int = opt(100, "With --projection none and no re-weighting (no per-loss gradients kept), "
                                   "measure the shares on the first --contribution-warn-steps logged steps, then on every "
-                                  "Nth logged step (0: only those first ones). A measured micro-step costs ~2-7x a plain "
-                                  "one on CPU (README).", group="runtime", minimum=">=0")
+                                  "Nth logged step (0: only those first ones). A measured step costs 1.5-7x a plain one "
+                                  "on CPU (README).", group="runtime", minimum=">=0")
     contribution_warn: float = opt(0.01, "Warn (console and run.json) when a teacher term's mean share of the update "
                                    "over the first --contribution-warn-steps logged steps is under this (0: never).",
                                    group="runtime", minimum=">=0")
