@@ -10,6 +10,9 @@
     targets already in memory (InMemoryTargets).
 (3) step time of AGP vs none, and where AGP's extra time goes: extra backward passes (one per
     loss instead of one for the sum) vs the combine (Gram + projection + one product).
+(5) the contribution diagnostics (--contribution, on by default) against --no-contribution: AGP
+    (shares from the Gram the step has anyway) and the --projection none fast path (a per-loss Gram
+    measured on the first micro-step of each logged step), at --grad-accum 1 and 4, --log-every 1.
 (4) a memory model for real sizes: per-parameter bytes measured on a tiny run (weights, grads,
     per-loss rows, AdamW state), per-token/per-layer activation bytes measured on InternVL3-1B-wide
     layers (real hidden sizes, 2 and 4 decoder layers, 1 and 2 vision layers, bf16 autocast) by
@@ -128,7 +131,7 @@ class Timers:
         torch.Tensor.backward, GradBuffers.backward, loop.combine = bw, rows, comb
 
 
-def case_drivekd(paths, args, source: str, workers: int, projection: str) -> dict:
+def case_drivekd(paths, args, source: str, workers: int, projection: str, **kw) -> dict:
     from drivekd.data.loaders import load_samples
     from drivekd.trainer.loop import train
 
@@ -137,7 +140,7 @@ def case_drivekd(paths, args, source: str, workers: int, projection: str) -> dic
     timers = Timers()
     timers.install()
     out = Path(tempfile.mkdtemp(dir=args.work, prefix="run-"))
-    res = train(base_cfg(paths, out, args.warmup + args.steps, num_workers=workers, projection=projection), targets)
+    res = train(base_cfg(paths, out, args.warmup + args.steps, num_workers=workers, projection=projection, **kw), targets)
     times = [m["step_time_s"] for m in res.metrics[args.warmup :]]
     per_step = {k: v / len(res.metrics) for k, v in timers.t.items()}  # seconds per step, all steps
     mean_step = sum(m["step_time_s"] for m in res.metrics) / len(res.metrics)
@@ -381,6 +384,9 @@ CASES = {
     "offline_store_w2": lambda p, a: case_drivekd(p, a, "store", 2, "agp"),
     "offline_memory": lambda p, a: case_drivekd(p, a, "memory", 0, "agp"),
     "offline_memory_none": lambda p, a: case_drivekd(p, a, "memory", 0, "none"),
+    **{f"contrib_{proj}_ga{ga}_{onoff}": (lambda p, a, proj=proj, ga=ga, on=onoff == "on":
+                                           case_drivekd(p, a, "memory", 0, proj, grad_accum=ga, contribution=on))
+       for proj in ("agp", "none") for ga in (1, 4) for onoff in ("on", "off")},
     "reference": case_reference,
     "memmodel": case_memmodel,
 }
@@ -418,6 +424,18 @@ def report(r: dict, args) -> str:
     lines.append(f"| 3 | share of the agp step: per-loss backwards (all K) / combine | {all_bw:.1%} / {comb:.2%} | "
                  f"extra backward vs none's single backward: {extra_bw:.1%} of the agp step |")
     lines += memory_lines(r["memmodel"])
+    return "\n".join(lines)
+
+
+def contribution_report(r: dict) -> str:
+    """(5): step time with the contribution diagnostics on / off."""
+    lines = ["| # | contribution diagnostics: step time on / off | on | off | ratio |", "|---|---|---|---|---|"]
+    for proj in ("agp", "none"):
+        for ga in (1, 4):
+            on, off = r[f"contrib_{proj}_ga{ga}_on"], r[f"contrib_{proj}_ga{ga}_off"]
+            what = "AGP (Gram already there)" if proj == "agp" else "none, fast path (per-loss Gram measured)"
+            lines.append(f"| 5 | {what}, --grad-accum {ga} | {on['step_s'] * 1e3:.0f} ms | {off['step_s'] * 1e3:.0f} ms | "
+                         f"{on['step_s'] / off['step_s']:.3f} |")
     return "\n".join(lines)
 
 
@@ -460,8 +478,12 @@ def main() -> None:
                 results[name] = r
             print(f"  {name} (run {rep + 1}): {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
     (args.work / "bench.json").write_text(json.dumps(results, indent=2))
+    contrib = {n for n in CASES if n.startswith("contrib_")}
     if set(CASES) <= set(results):
         print(report(results, args))
+        print(contribution_report(results))
+    elif contrib <= set(results):
+        print(contribution_report(results))
     else:
         print(json.dumps(results, indent=2))
 

@@ -30,8 +30,10 @@ STATE_VERSION = 1
 
 
 def inverse_softplus(w: torch.Tensor) -> torch.Tensor:
-    """a with softplus(a) = w, as the reference writes it: log(expm1(w)) with expm1 clamped at 1e-20."""
-    return torch.log(torch.expm1(w).clamp_min(1e-20))
+    """a with softplus(a) = w, as the reference writes it: log(expm1(w)) with expm1 clamped at 1e-20;
+    above 20, where torch's softplus is the identity, a = w (expm1 overflows fp32 beyond ~88, which
+    turned a static weight such as a --calibrate-kd one of 100 into inf, i.e. the 1e6 clamp)."""
+    return torch.where(w > 20, w, torch.log(torch.expm1(w).clamp_min(1e-20)))
 
 
 class DynamicWeights:

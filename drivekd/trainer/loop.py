@@ -8,7 +8,11 @@ the planner drivekd/planner runs on fake tensors; see there why one forward serv
         micro_step   forward with capture -> losses -> backward(s) into per-loss rows -> combine
         record       the micro-step's losses and gradient Gram into the step's metrics (host side)
     average -> clip -> optimizer step -> schedule step -> re-weighting update
-    log the metrics line, checkpoint when due
+    log the metrics line (with each row's share of the update), checkpoint when due
+
+Before step 1, --calibrate-kd sets the teacher terms' static weights from the gradient norms of the
+first micro-batches (drivekd/trainer/contribution.py); early on, a teacher term whose share of the
+update stays small is named on the console and in run.json.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from drivekd.fileio import append_line, atomic_write_text, write_error
 from drivekd.store.targets import TargetSource
 from drivekd.trainer import checkpoint as ckpt
 from drivekd.trainer import trainable
+from drivekd.trainer.contribution import ShareMonitor, calibrated_weights, row_norms
 from drivekd.trainer.identity import write_run_json
 from drivekd.trainer.plan import RunPlan, describe, validate
 from drivekd.trainer.report_to import report_metrics
@@ -106,6 +111,16 @@ class Trainer:
         if self.train_step.per_loss:
             log.info("gradient engine: %s (%s)", self.train_step.engine, self.train_step.engine_reason)
         self.model, self.optimizer = self.train_step.model, self.train_step.optimizer
+        self.step = 0
+        # --calibrate-kd: before the re-weighting starts from the static weights.
+        self.calibration = self._calibration()
+        # --projection none without re-weighting keeps no per-loss gradients: measure the shares on
+        # some logged steps (step.py, TrainStep._measured_sum; --contribution-every).
+        self.measure_fast = cfg.contribution and not self.train_step.per_loss and len(plan.row_names) > 1
+        if self.measure_fast:
+            every = f", then every {cfg.contribution_every} logged steps" if cfg.contribution_every else ""
+            log.info("one backward of the weighted sum (--projection none, no re-weighting): the rows' shares of the update "
+                     "are measured on the first %d logged steps%s (a per-loss Gram each)", cfg.contribution_warn_steps, every)
         self.reweighter = Reweighting(plan) if cfg.dynamic_weights and len(plan.row_names) > 1 else None
         from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmup
 
@@ -113,7 +128,6 @@ class Trainer:
         self.scheduler = get_cosine_with_min_lr_schedule_with_warmup(
             self.optimizer, num_warmup_steps=warmup, num_training_steps=plan.total_steps, min_lr_rate=cfg.min_lr_ratio
         )
-        self.step = 0
         if plan.resume_dir is not None:
             self._restore(plan.resume_dir)
 
@@ -148,6 +162,7 @@ class Trainer:
             "world": self.dist.world,
             "config": self.cfg.to_json(),
             "identity": self.plan.identity,
+            "calibration": self.calibration,
             **plan_json(self.plan),
         }
 
@@ -170,6 +185,70 @@ class Trainer:
             if name != "final":
                 ckpt.prune(self.out, self.cfg.keep_last)
         self.dist.barrier()
+
+    # ----- --calibrate-kd -----
+    def _calibration(self) -> dict[str, Any] | None:
+        """The teacher terms' static weights from their gradient norms (None without
+        --calibrate-kd): measured once, at step 0; a resume takes them from its checkpoint, so the
+        run keeps the weights it started with. Sets plan.static_weights."""
+        cfg, plan = self.cfg, self.plan
+        if cfg.calibrate_kd is None or len(plan.row_names) < 2:
+            return None
+        if plan.resume_dir is not None:
+            cal = ckpt.read_meta(plan.resume_dir).get("calibration")
+            if cal is None:
+                raise DriveKDError(f"cannot resume from {plan.resume_dir} with --calibrate-kd: the checkpoint records no "
+                                   "calibrated weights (written without it, or by an older drivekd); resume without "
+                                   "--calibrate-kd")
+        else:
+            norms, n = self._measure_norms(min(cfg.calibrate_batches, self._total_micro()))
+            weights = calibrated_weights(plan.row_names, plan.static_weights, norms, cfg.calibrate_kd)
+            cal = {"fraction": cfg.calibrate_kd, "micro_batches": n, "seed": cfg.seed,
+                   "norms": dict(zip(plan.row_names, norms)),  # mean ||grad row|| at unit weight (mixing included)
+                   "static_before": dict(zip(plan.row_names, plan.static_weights)),
+                   "weights": dict(zip(plan.row_names, weights)),
+                   # what the weights give: each term's weighted norm against the target (fraction x CE's);
+                   # short of it where the weight hit the re-weighting's clamp (a term with next to no gradient)
+                   "target_norm": cfg.calibrate_kd * weights[0] * norms[0],
+                   "weighted_norms": {n: (w * v if v is not None else None) for n, w, v in zip(plan.row_names, weights, norms)}}
+            for name, w in zip(plan.row_names[1:], weights[1:]):
+                log.info("--calibrate-kd %g: %s weight %.4g (its gradient norm %.3g at weight 1, CE's %.3g)", cfg.calibrate_kd,
+                         name, w, cal["norms"][name] or 0.0, norms[0])
+        plan.static_weights = [float(cal["weights"][n]) for n in plan.row_names]
+        return cal
+
+    def _measure_norms(self, n: int) -> tuple[list[float | None], int]:
+        """Mean gradient norm of each row at unit weight over the first `n` micro-batches of the
+        run's stream, by the Gram engine (no step taken, no .grad touched). Data parallel: of the
+        rank-averaged rows, as the projection sees them (so 2 ranks x micro-batch 1 measure what
+        1 process x micro-batch 2 does), the same on every rank. Rows never active: None."""
+        from drivekd.families.capture import capture_attention
+        from drivekd.projection import GramEngine
+
+        ts, plan = self.train_step, self.plan
+        K = len(plan.row_names)
+        engine = GramEngine(ts.params, reduce=self.dist.mean_ if self.dist.world > 1 else None)
+        sums = torch.zeros(2, K, dtype=torch.float64)  # norm sums, active counts
+        it = iter(self._loader())
+        for j in range(n):
+            batch = next(it)
+            if isinstance(batch, Failed):
+                raise batch.error
+            batch = batch.to(self.device)
+            active, _ = ts.row_activity([1.0] * K, plan.mix_weights(batch.capabilities))  # on some rank
+            with capture_attention(ts.model, plan.student_layers, grad=True,
+                                   attention_mask=batch.inputs.tensors["attention_mask"].bool()) as maps:
+                losses = ts.forward(batch, maps)
+                bad = [sid for sid, ok in zip(batch.sample_ids, ts.checks.finite_samples(losses.per_sample)) if not ok]
+                if self.dist.any(bool(bad)):
+                    raise DriveKDError(f"non-finite loss during --calibrate-kd (micro-batch {j}, sample(s) "
+                                       f"{', '.join(self.dist.gather_ids(bad))}); check those samples, or drop --calibrate-kd")
+                G = engine.gram(losses.rows, active)  # (K, K) of the rank-averaged rows at weight 1
+            for r, v in enumerate(row_norms(G)):
+                if active[r]:
+                    sums[0, r] += v
+                    sums[1, r] += 1
+        return [float(sums[0, r] / sums[1, r]) if sums[1, r] > 0 else None for r in range(K)], n
 
     # ----- data -----
     def _total_micro(self) -> int:
@@ -199,13 +278,15 @@ class Trainer:
         g = torch.Generator().manual_seed(self.cfg.seed * 7_919 + stream_index)
         return (torch.randperm(K - 1, generator=g) + 1).tolist()
 
-    def _micro_steps(self, it, first: int, stop: int, stats: StepStats, weights: list[float]) -> None:
+    def _micro_steps(self, it, first: int, stop: int, stats: StepStats, weights: list[float], measure: bool = False) -> None:
+        """`measure`: fast path, a logged step: the first micro-step measures the per-loss Gram."""
         for j in range(first, stop):
             batch = next(it)
             if isinstance(batch, Failed):
                 raise batch.error
             batch = batch.to(self.device)
-            micro = self.train_step.micro_step(batch, weights, self._order(j), where=f"step {self.step + 1} (micro-step {j})")
+            micro = self.train_step.micro_step(batch, weights, self._order(j), where=f"step {self.step + 1} (micro-step {j})",
+                                               measure=measure and j == first)
             stats.skipped.extend(micro.skipped)
             if micro.losses is not None:
                 stats.record(micro, weights, len(batch.sample_ids), batch.tokens)
@@ -238,9 +319,10 @@ class Trainer:
         """micro-steps -> average -> clip -> step -> re-weight -> metrics line."""
         t0 = time.perf_counter()
         first = self.step * self.cfg.grad_accum
-        stats = StepStats(self.plan.row_names)
+        stats = StepStats(self.plan.row_names, shares=self.cfg.contribution)
         weights = self._weights()
-        self._micro_steps(it, first, min(first + self.cfg.grad_accum, total_micro), stats, weights)
+        measure = self.measure_fast and self._measured(self.step + 1)
+        self._micro_steps(it, first, min(first + self.cfg.grad_accum, total_micro), stats, weights, measure)
         g = stats.reduce(self.dist)
         lr = self.scheduler.get_last_lr()[0]
         grad_norm = self._optimizer_step(stats)
@@ -250,7 +332,29 @@ class Trainer:
                           lr=lr, weights=weights, grad_norm=grad_norm, per_loss=self.train_step.per_loss,
                           seconds=time.perf_counter() - t0, device=self.device)
 
+    def _measured(self, step: int) -> bool:
+        """Fast path: whether step `step` (1-based) measures the shares: a logged step among the
+        first --contribution-warn-steps logged ones (the warning needs them), then every
+        --contribution-every-th logged step."""
+        cfg, total = self.cfg, self.plan.total_steps
+        if not _logged(step, total, cfg.log_every):
+            return False
+        n = step // cfg.log_every + (step == total and step % cfg.log_every != 0)  # its index among the logged steps
+        window = cfg.contribution_warn_steps
+        return n <= window or (cfg.contribution_every > 0 and (n - window) % cfg.contribution_every == 0)
+
     # ----- the run -----
+    def _share_monitor(self, metrics_path: Path) -> ShareMonitor:
+        """The low-share warning's state; a resumed run replays the records it kept, so the warning
+        is decided on the run's first logged steps whichever start logged them (and not printed again)."""
+        cfg, plan = self.cfg, self.plan
+        monitor = ShareMonitor(plan.row_names, cfg.contribution_warn if cfg.contribution else 0.0, cfg.contribution_warn_steps,
+                               sum(_logged(s, plan.total_steps, cfg.log_every) for s in range(1, plan.total_steps + 1)), cfg)
+        if self.dist.main and self.step > 0 and metrics_path.exists():
+            kept = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+            _record_warnings(self.out / "run.json", [w for rec in kept for w in monitor.add(rec)], replayed=True)
+        return monitor
+
     def run(self) -> TrainResult:
         from tqdm import tqdm
 
@@ -261,9 +365,11 @@ class Trainer:
             ckpt.clean_partial(self.out)
             _truncate_metrics(metrics_path, self.step)
             write_run_json(self.out / "run.json", {"config": cfg.to_json(), **plan_json(plan), "world": self.dist.world,
-                                                   "notes": plan.notes, "identity": plan.identity}, plan.resume_dir, self.step)
+                                                   "notes": plan.notes, "identity": plan.identity, "calibration": self.calibration},
+                           plan.resume_dir, self.step)
         self.dist.barrier()
         losses, records = [], []
+        monitor = self._share_monitor(metrics_path)
         total_micro = self._total_micro()
         it = iter(self._loader())
         bar = tqdm(total=plan.total_steps, initial=self.step, desc="drivekd-train", disable=not (cfg.progress and self.dist.main),
@@ -272,11 +378,16 @@ class Trainer:
             rec = self._one_step(it, total_micro)
             losses.append(rec["loss"])
             records.append(rec)
-            if self.dist.main and (self.step % cfg.log_every == 0 or self.step == plan.total_steps):
+            if self.dist.main and _logged(self.step, plan.total_steps, cfg.log_every):
                 append_line(metrics_path, json.dumps(rec, allow_nan=False), "the metrics log",
                             f"Step {self.step} was trained but not logged or saved; free space, then continue with --resume "
                             "(the run restarts from its latest checkpoint and rewrites the log from there)")
                 report_metrics(self, rec)  # the same record to TensorBoard / W&B (--report-to)
+                warnings = monitor.add(rec)
+                for w in warnings:
+                    bar.clear()
+                    log.warning("drivekd-train: warning: %s", w["message"])
+                _record_warnings(self.out / "run.json", warnings)
             bar.update(1)
             bar.set_postfix(loss=f"{rec['loss']:.4g}" if rec["loss"] is not None else "-", lr=f"{rec['lr']:.2e}")
             if cfg.save_every and self.step % cfg.save_every == 0:
@@ -284,6 +395,26 @@ class Trainer:
         bar.close()
         self._save("final")
         return TrainResult(self.out, self.out / "final", self.step, losses, records, plan)
+
+
+def _logged(step: int, total_steps: int, log_every: int) -> bool:
+    """Whether optimizer step `step` (1-based) writes a metrics line."""
+    return step % log_every == 0 or step == total_steps
+
+
+def _record_warnings(path: Path, warnings: list[dict[str, Any]], replayed: bool = False) -> None:
+    """Add the run's warnings to run.json: its top level and (unless `replayed` from an earlier
+    start's records, whose entry has them) the current start's history entry."""
+    if not warnings:
+        return
+    record = json.loads(path.read_text())
+    record["warnings"] = record.get("warnings", []) + warnings
+    if record.get("history") and not replayed:
+        record["history"][-1]["warnings"] = record["history"][-1].get("warnings", []) + warnings
+    try:
+        atomic_write_text(path, json.dumps(record, indent=2) + "\n")
+    except OSError as e:
+        raise write_error(e, path, "the run record", "Free space, then continue with --resume") from e
 
 
 def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:

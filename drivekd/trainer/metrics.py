@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from drivekd.distributed import Dist
+from drivekd.trainer.contribution import update_shares
 
 
 def peak_memory(device: torch.device) -> tuple[int, str]:
@@ -24,6 +25,7 @@ class StepStats:
     """Sums over the micro-steps of one optimizer step (reduced across ranks before logging)."""
 
     names: list[str]
+    shares: bool = True  # --contribution: the rows' shares of the update
     micro: int = 0
     loss_rows: list[float] = field(default_factory=list)  # M-mixed, unweighted row losses
     raw_terms: list[float] = field(default_factory=list)  # unmixed teacher-term losses
@@ -34,6 +36,12 @@ class StepStats:
     cos: dict[str, float] = field(default_factory=dict)
     cos_counts: dict[str, int] = field(default_factory=dict)
     fired: int = 0
+    # Each row's share of the applied update (drivekd/trainer/contribution.py), summed over the
+    # micro-steps that had a Gram; an inactive row counts 0 there (it added nothing).
+    share: list[float] = field(default_factory=list)
+    along: list[float] = field(default_factory=list)
+    share_micro: int = 0
+    along_micro: int = 0
     samples: int = 0
     tokens: int = 0
     skipped: list[str] = field(default_factory=list)
@@ -45,6 +53,8 @@ class StepStats:
         self.grad_norms = [0.0] * K
         self.raw_norms = [0.0] * K
         self.active_counts = [0] * K
+        self.share = [0.0] * K
+        self.along = [0.0] * K
 
     def record(self, micro, weights: list[float], samples: int, tokens: int) -> None:
         """Add one micro-step (a step.Micro whose losses are not None)."""
@@ -64,6 +74,13 @@ class StepStats:
         G = info["gram"].cpu()
         norms = G.diagonal().clamp_min(0).sqrt()
         self.fired += int(info["fired"])
+        if self.shares:
+            share, along = update_shares(G, info["coef"])
+            self.share = [a + b for a, b in zip(self.share, share)]
+            self.share_micro += 1
+            if along is not None:
+                self.along = [a + b for a, b in zip(self.along, along)]
+                self.along_micro += 1
         for r in range(K):
             if active[r]:
                 self.active_counts[r] += 1
@@ -112,6 +129,12 @@ class StepStats:
             "grad_cos": {k: v / self.cos_counts[k] for k, v in self.cos.items()} if per_loss else None,
             "active_share": {n: self.active_counts[r] / n_micro for r, n in enumerate(names)} if per_loss else None,
             "projections_fired": self.fired if per_loss else None,
+            # Rows' shares of the applied update (per-loss Gram and lambda; rank-consistent: the Gram
+            # is of the rank-averaged rows). None where no Gram was measured this step.
+            **({f"share_{n}": self.share[r] / self.share_micro if self.share_micro else None for r, n in enumerate(names)}
+               if self.shares and len(names) > 1 else {}),
+            **({f"along_{n}": self.along[r] / self.along_micro if self.along_micro else None for r, n in enumerate(names)}
+               if self.shares and len(names) > 1 else {}),
             "skipped": self.skipped,
             "samples_per_s": g.samples / seconds,
             "tokens_per_s": g.tokens / seconds,

@@ -3,7 +3,8 @@
 HF Trainer's convention: `--report-to tensorboard` (the default when the `tensorboard` package is
 installed), `--report-to wandb`, a comma list of both, or `none`. The loggers are fed exactly the
 record the loop appends to metrics.jsonl, flattened to scalar tags (`weights/ce`,
-`grad_cos/ce_vs_perception`, ...), with the record's `step` as the global step. Only rank 0 writes
+`grad_cos/ce_vs_perception`, `share/perception` for `share_perception`, ...), with the record's
+`step` as the global step. Only rank 0 writes
 (the loop calls `report_metrics` where it writes metrics.jsonl, which is rank 0 only).
 
 Where things go, under the run folder (--out):
@@ -70,13 +71,21 @@ def _tag(key: str) -> str:
     return re.sub(r"[^-/\w.]", "_", key.replace("|", "_vs_"))
 
 
+# Top-level record keys shown in one TensorBoard section: the rows' shares of the update
+# (`share_<row>` -> `share/<row>`, `along_<row>` -> `share/along_<row>`).
+_SECTIONS = (("share_", "share/"), ("along_", "share/along_"))
+
+
 def flatten(record: dict[str, Any], prefix: str = "") -> dict[str, float]:
     """Scalar tags of one metrics record: nested dicts join with '/', lists count their items
-    (`skipped`: samples skipped this step), None and strings are dropped, `step` is the x axis."""
+    (`skipped`: samples skipped this step), None and strings are dropped, `step` is the x axis;
+    the share keys go under `share/`."""
     out: dict[str, float] = {}
     for key, value in record.items():
         if not prefix and key == "step":
             continue
+        if not prefix:
+            key = next((new + key[len(old):] for old, new in _SECTIONS if key.startswith(old)), key)
         tag = _tag(f"{prefix}{key}")
         if isinstance(value, dict):
             out.update(flatten(value, f"{tag}/"))

@@ -9,14 +9,17 @@ Several runs are overlaid, one colour each, the same in every figure. Files writ
     conflict.png     cosine of each capability's gradient with CE's, per step (below 0: the two
                      pull the student in conflicting directions), and the projections that fired
                      per micro-step: the picture of what AGP does on this data
+    shares.png       each row's share of the applied update per step (log scale), with the
+                     --contribution-warn line: a teacher term far below it barely moves the student
     lr_throughput.png  learning rate, samples/s and tokens/s
     summary.md       one table row per run, and the figures
 
 What is plotted comes from the loop's metrics records (drivekd/trainer/loop.py, `_finish_step`):
 `loss`, `loss_<row>`, `weights{row}`, `grad_cos{"ce|<role>"}` (the mean over the step's
 micro-steps), `projections_fired` (summed over the step's micro-steps), `lr`, `samples_per_s`,
-`tokens_per_s`, `peak_mem_bytes`. Runs whose loop kept no per-loss gradients (--projection none
-without re-weighting) have no cosines: their panels say so instead of drawing nothing.
+`tokens_per_s`, `peak_mem_bytes`, `share_<row>` and `along_<row>` (drivekd/trainer/contribution.py).
+Runs whose loop kept no per-loss gradients (--projection none without re-weighting) have no
+cosines: their panels say so instead of drawing nothing.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from typing import Any, Sequence
 
 from drivekd.errors import DataError
 
-FILES = ("losses.png", "weights.png", "conflict.png", "lr_throughput.png", "summary.md")
+FILES = ("losses.png", "weights.png", "conflict.png", "shares.png", "lr_throughput.png", "summary.md")
 
 
 @dataclass
@@ -133,6 +136,16 @@ def projections_per_micro(run: Run) -> tuple[list[int], list[float]]:
     xs, ys = series(run.records, "projections_fired")
     per = run.grad_accum or 1
     return xs, [y / per for y in ys]
+
+
+def share_stats(run: Run, row: str) -> dict[str, float] | None:
+    """Mean over the logged steps of the row's norm share and along-share of the update (None
+    when the run logged no shares: an older drivekd, or --no-contribution)."""
+    _, share = series(run.records, f"share_{row}")
+    if not share:
+        return None
+    _, along = series(run.records, f"along_{row}")
+    return {"share": sum(share) / len(share), "along": sum(along) / len(along) if along else None, "steps": len(share)}
 
 
 def conflict_stats(run: Run, role: str) -> dict[str, float] | None:
@@ -258,6 +271,28 @@ def plot_conflict(runs: Sequence[Run], path: Path) -> Path:
     return _finish(fig, axes, runs, colors, path)
 
 
+def plot_shares(runs: Sequence[Run], path: Path) -> Path:
+    rows = _all_rows(runs)
+    fig, axes = _figure(len(rows), "Share of the applied update: |lambda_k| ||g_k|| / sum_j |lambda_j| ||g_j||")
+    colors = _colors(len(runs))
+    floor = 1e-9  # a log axis cannot show 0: shares below are drawn at the floor
+    for ax, row in zip(axes, rows):
+        drawn = False
+        for run, c in zip(runs, colors):
+            xs, ys = series(run.records, f"share_{row}")
+            _plot(ax, xs, [max(y, floor) for y in ys], c, run.name)
+            drawn |= bool(xs)
+        ax.set_yscale("log")
+        ax.set_ylim(floor / 2, 1.5)
+        if row != "ce":
+            warn = next((r.setting("contribution_warn") for r in runs if r.setting("contribution_warn")), 0.01)
+            ax.axhline(warn, color="tab:red", linewidth=0.8, linestyle="--")  # --contribution-warn
+        ax.set_title("CE" if row == "ce" else f"{row} teacher term", fontsize=10)
+        if not drawn:
+            _empty(ax, "no shares logged in these runs\n(--no-contribution, or an older drivekd)")
+    return _finish(fig, axes, runs, colors, path)
+
+
 def plot_lr_throughput(runs: Sequence[Run], path: Path) -> Path:
     fig, axes = _figure(3, "Learning rate and throughput", cols=3)
     colors = _colors(len(runs))
@@ -278,11 +313,16 @@ def _fmt(v: float | None, spec: str = ".4g") -> str:
     return "-" if v is None else format(v, spec)
 
 
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{100 * v:.2g}%"
+
+
 def summary_markdown(runs: Sequence[Run], figures: Sequence[str]) -> str:
     caps = [r for r in _all_rows(runs) if r != "ce"]
     lines = ["# Training runs", ""]
     head = ["run", "recipe", "projection", "steps", "loss first -> last", "CE first -> last"]
     head += [f"cos(CE, {c}) mean / share < 0" for c in caps]
+    head += [f"{c} share of update (norm / along)" for c in caps]
     head += ["steps with a projection", "projections / micro-step", "samples/s", "peak memory (GB)"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for run in runs:
@@ -299,6 +339,9 @@ def summary_markdown(runs: Sequence[Run], figures: Sequence[str]) -> str:
         for c in caps:
             st = conflict_stats(run, c)
             cells.append(f"{st['mean_cos']:+.3f} / {st['negative_share']:.0%}" if st else "-")
+        for c in caps:
+            sh = share_stats(run, c)
+            cells.append(f"{_pct(sh['share'])} / {_pct(sh['along'])}" if sh else "-")
         cells += [f"{sum(f > 0 for f in fired) / len(fired):.0%}" if fired else "-",
                   _fmt(sum(per_micro) / len(per_micro), ".3g") if per_micro else "-",
                   _fmt(sum(sps) / len(sps), ".3g") if sps else "-",
@@ -311,7 +354,10 @@ def summary_markdown(runs: Sequence[Run], figures: Sequence[str]) -> str:
         "where it was negative (the two losses pulled apart). Projections: AGP/G1/G2 projections that "
         "removed a conflicting component, counted per optimizer step by the loop; `steps with a "
         "projection` is the share of logged steps with at least one. Peak memory: CUDA max allocated, or "
-        "the process's peak RSS on CPU.",
+        "the process's peak RSS on CPU. Share of update: the teacher term's part of the applied update, "
+        "mean over the logged steps; norm = |lambda_k| ||g_k|| over the sum of all rows', along = its "
+        "component along the update (the rows' along-shares sum to 1). A term under 1% barely moves the "
+        "student: README, 'How much the teacher terms count'.",
         "",
     ]
     for name in figures:
@@ -332,6 +378,7 @@ def write_report(paths: Sequence[str | Path], out: str | Path) -> list[Path]:
         plot_losses(runs, out / "losses.png"),
         plot_weights(runs, out / "weights.png"),
         plot_conflict(runs, out / "conflict.png"),
+        plot_shares(runs, out / "shares.png"),
         plot_lr_throughput(runs, out / "lr_throughput.png"),
     ]
     summary = out / "summary.md"
@@ -339,4 +386,4 @@ def write_report(paths: Sequence[str | Path], out: str | Path) -> list[Path]:
     return [*written, summary]
 
 
-__all__ = ["FILES", "Run", "conflict_stats", "load_run", "running_mean", "series", "summary_markdown", "write_report"]
+__all__ = ["FILES", "Run", "conflict_stats", "share_stats", "load_run", "running_mean", "series", "summary_markdown", "write_report"]

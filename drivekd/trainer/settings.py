@@ -36,7 +36,8 @@ GROUPS = ("inputs", "distillation", "gradients", "optimisation", "runtime", "che
 # Keys that may differ between a checkpoint's run and the run resuming it (they do not change the
 # numbers): everything else must match, or the resumed run would not continue the same run.
 RESUME_FREE = {"grad_engine", "resume", "resume_from", "resume_allow_changed", "num_workers", "progress", "save_every", "keep_last", "log_every", "out", "cache",
-               "data", "images", "student", "device", "report_to"}
+               "data", "images", "student", "device", "report_to", "contribution", "contribution_warn",
+               "contribution_warn_steps", "contribution_every"}
 
 
 def opt(default: Any, help: str, *, group: str, choices: tuple | None = None, minimum: str | None = None,
@@ -95,6 +96,13 @@ class TrainConfig:
                              group="distillation", minimum=">=0")
     w_planning: float = opt(1.0, "Static weight of the planning teacher term (0 switches it off).",
                             group="distillation", minimum=">=0")
+    calibrate_kd: float | None = opt(None, "Set each teacher term's static weight so that its weighted gradient norm is "
+                                     "this fraction of CE's (e.g. 0.1), measured on --calibrate-batches micro-batches "
+                                     "before step 1 (the first ones the run trains on); the norms and weights go to "
+                                     "run.json and a resume reuses them. Default: off, the paper's weights (--w-*).",
+                                     group="distillation", minimum=">0")
+    calibrate_batches: int = opt(4, "Micro-batches --calibrate-kd measures the gradient norms on.", group="distillation",
+                                 minimum=">0")
 
     # ----- gradients: conflict handling and online re-weighting
     projection: str = opt("agp", "Gradient-conflict handling.", group="gradients", choices=PROJECTIONS)
@@ -156,6 +164,22 @@ class TrainConfig:
     skip_nonfinite: bool = opt(False, "Skip a micro-batch whose loss is NaN/inf instead of stopping.", group="runtime")
     log_every: int = opt(1, "Write a metrics line every N optimizer steps.", group="runtime", minimum=">0")
     progress: bool = opt(True, "Show a tqdm progress bar.", group="runtime")
+    contribution: bool = opt(True, "Log each row's share of the applied update (share_<row>, along_<row> in "
+                             "metrics.jsonl) and warn when a teacher term's stays small. Free with a projection or "
+                             "re-weighting (the step has the per-loss Gram); with --projection none and no re-weighting "
+                             "the first micro-step of a logged step measures it (see --contribution-every; one K-batched "
+                             "backward: K x the activation gradients of one point of the backward; turn it off if that "
+                             "does not fit).",
+                             group="runtime")
+    contribution_every: int = opt(100, "With --projection none and no re-weighting (no per-loss gradients kept), "
+                                  "measure the shares on the first --contribution-warn-steps logged steps, then on every "
+                                  "Nth logged step (0: only those first ones). A measured step costs 1.5-7x a plain one "
+                                  "on CPU (README).", group="runtime", minimum=">=0")
+    contribution_warn: float = opt(0.01, "Warn (console and run.json) when a teacher term's mean share of the update "
+                                   "over the first --contribution-warn-steps logged steps is under this (0: never).",
+                                   group="runtime", minimum=">=0")
+    contribution_warn_steps: int = opt(20, "Logged steps the --contribution-warn check averages over (fewer when the "
+                                       "run logs fewer).", group="runtime", minimum=">0")
     report_to: str = opt(default_report_to(), "Also log every metrics line to: tensorboard (RUN/tensorboard/; the default "
                          "when installed), wandb (offline unless WANDB_MODE is set), a comma list, or none.", group="runtime")
 
@@ -222,6 +246,8 @@ class TrainConfig:
             raise ConfigError(f"--precision {self.precision} with --lora is not supported: LoRA's few trainable parameters "
                               "need little optimizer memory; use --precision fp32 with --lora")
         check_trainable(self)  # --freeze groups, --lora-* only with --lora
+        if self.contribution_warn >= 1:
+            raise ConfigError(f"--contribution-warn is a share of the update in [0, 1), got {self.contribution_warn}")
         if self.resume and self.resume_from is not None:
             raise ConfigError("give either --resume (latest checkpoint in --out) or --resume-from DIR, not both")
 

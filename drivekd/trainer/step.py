@@ -20,7 +20,10 @@ backward needs anyway, so peak memory is about the same. Attention-loss backward
 layer (a layer-0 perception loss never reaches the upper decoder or the LM head).
 
 With --projection none and no re-weighting nothing needs per-loss gradients: one backward of the
-weighted sum (the fast path; per-loss gradient norms are not logged).
+weighted sum (the fast path; per-loss gradient norms are not logged). On the logged steps the loop
+picks for --contribution (--contribution-every), the first micro-step instead gets the per-loss
+Gram from the Gram engine and one backward of the same sum (lambda = 1 per active row), so the
+rows' shares of the update are logged.
 
 Everything here also runs on fake tensors (drivekd/planner): no `.item()`, `.tolist()`,
 `bool(tensor)` or `float(tensor)` on a value computed from the weights. The only data-dependent
@@ -113,7 +116,7 @@ class Micro:
 
     losses: Losses | None  # None when the micro-batch was skipped
     active: list[bool]  # rows active on some rank
-    info: dict | None  # combine()'s info ("gram", "fired") when per-loss rows were combined
+    info: dict | None  # combine()'s info ("gram", "coef" = lambda, "fired") when per-loss rows were combined or measured
     skipped: list[str]  # sample ids skipped (non-finite, --skip-nonfinite)
 
 
@@ -196,6 +199,7 @@ class TrainStep:
         elif self.engine == "gram":
             self.gram_engine = GramEngine(self.params, reduce=self.dist.mean_ if self.dist.world > 1 else None)
         self._gram_info: dict | None = None
+        self.share_engine: GramEngine | None = None  # fast path: per-loss Gram on logged steps (built on first use)
         self.optimizer = make_optimizer(self.params, cfg.lr, cfg.weight_decay, getattr(cfg, "precision", "fp32"), cfg.seed)
 
     # ----- one micro-step -----
@@ -232,14 +236,18 @@ class TrainStep:
         return torch.autocast(self.device.type, dtype=self.autocast_dtype) if self.autocast_dtype else contextlib.nullcontext()
 
     def backward(self, losses: Losses, weights: list[float], active: list[bool], local: list[bool],
-                 order: list[int] | None = None) -> None:
+                 order: list[int] | None = None, measure: bool = False) -> None:
         """Gradients of the weighted rows: into the K per-loss rows, of their sum into the flat
         gradient (fast path), or - Gram engine - the Gram, lambda, and one backward of the
-        lambda-weighted sum into the flat gradient. Rows this rank gives no weight stay zero."""
+        lambda-weighted sum into the flat gradient. Rows this rank gives no weight stay zero.
+        `measure` (fast path only): also get the per-loss Gram, for the rows' shares."""
         w = torch.tensor(weights, dtype=torch.float32, device=self.device)
         weighted = [w[r] * losses.rows[r] for r in range(self.K)]
         if not self.per_loss:
-            sum(weighted[r] for r in range(self.K) if active[r]).backward()
+            if measure and self.K > 1:
+                self._measured_sum(weighted, active)
+            else:
+                sum(weighted[r] for r in range(self.K) if active[r]).backward()
             self.grads.check()
             return
         if self.engine == "gram":
@@ -258,11 +266,25 @@ class TrainStep:
         for i, r in enumerate(mine):
             self.bufs.backward(r, weighted[r], retain_graph=i < len(mine) - 1)
 
+    def _measured_sum(self, weighted: list[torch.Tensor], active: list[bool]) -> None:
+        """The fast path's update (the plain sum of the active weighted rows) with the per-loss Gram
+        measured on the way: the Gram engine's K-batched backward, then its backward of the sum.
+        Data parallel: the Gram is of the rank-averaged rows (same on every rank); the flat
+        gradient stays this rank's, averaged once per step as on the fast path."""
+        if self.share_engine is None:
+            self.share_engine = GramEngine(self.params, reduce=self.dist.mean_ if self.dist.world > 1 else None)
+        G = self.share_engine.gram(weighted, active)  # (K, K) fp64
+        lam = torch.tensor([float(a) for a in active], dtype=G.dtype, device=G.device)  # "none": each active row once
+        self._gram_info = {"gram": G, "coef": lam, "fired": torch.zeros((), dtype=torch.int64, device=G.device),
+                           "merged": None, "order": None}
+        self.share_engine.backward(weighted, lam)
+
     def combine(self, order: list[int], active: list[bool], ids: list[str], where: str) -> tuple[dict | None, list[str]]:
         """Combine the per-loss rows into the flat gradient. Returns (combine info, skipped ids).
         (The Gram engine combined inside `backward`; here only its finiteness is judged.)"""
         if not self.per_loss:
-            return None, []
+            info, self._gram_info = self._gram_info, None  # the fast path's measured Gram, if any
+            return info, []
         if self.engine == "gram":
             info, self._gram_info = self._gram_info, None
         elif self.cfg.skip_nonfinite or self.grads.flat.dtype != torch.float32:
@@ -282,8 +304,9 @@ class TrainStep:
                                "lower --lr or pass --skip-nonfinite")
         return info, []
 
-    def micro_step(self, batch: Batch, weights: list[float], order: list[int], where: str) -> Micro:
-        """forward -> (finite?) -> backward -> combine. `where` names the step for errors."""
+    def micro_step(self, batch: Batch, weights: list[float], order: list[int], where: str, measure: bool = False) -> Micro:
+        """forward -> (finite?) -> backward -> combine. `where` names the step for errors; `measure`:
+        on the fast path, also measure the per-loss Gram (see `backward`)."""
         mixw = self.plan.mix_weights(batch.capabilities)
         active, local = self.row_activity(weights, mixw)
         # The backward runs inside the capture block: with gradient checkpointing the recomputed
@@ -301,7 +324,7 @@ class TrainStep:
                         "check those samples and their targets, lower --lr, or pass --skip-nonfinite to skip such samples"
                     )
                 return Micro(None, active, None, bad)
-            self.backward(losses, weights, active, local, order)
+            self.backward(losses, weights, active, local, order, measure)
         info, skipped = self.combine(order, active, batch.sample_ids, where)
         return Micro(None if skipped else losses, active, info, skipped)
 
