@@ -32,7 +32,9 @@ def data(demo_data, tmp_path_factory) -> Path:
     one = [r for r in recs if len(r["images"]) == 1][:3]
     d = tmp_path_factory.mktemp("integrity-data")
     for i, r in enumerate(six + one):
-        r["images"] = [str(demo_data / p) for p in r["images"]]
+        for p in r["images"]:  # copied beside the data file: its folder is the default image root
+            (d / p).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(demo_data / p, d / p)
         r["id"] = f"s{i}"
     (d / "train.json").write_text(json.dumps(six + one))
     return d / "train.json"
