@@ -120,7 +120,7 @@ def test_skip_nonfinite_skips_only_the_poisoned_sample_and_info_lists_it(tiny_mo
 def test_verify_finds_nonfinite_targets_a_store_holds_as_complete(nan_teacher, data, tmp_path, monkeypatch):
     """What a store built before the writer refused NaN holds: complete samples of NaN (their
     checksums match). verify names them, --repair removes them."""
-    monkeypatch.setattr(writer_module, "nonfinite", lambda *a, **k: "")  # the old writer: no check
+    monkeypatch.setattr(writer_module, "nonfinite", lambda *a, **k: "", raising=False)  # the old writer: no check
     out = tmp_path / "cache"
     assert _build(nan_teacher, data, out, "--signals", "attention,hidden").exit_code == 0
     monkeypatch.undo()
@@ -130,7 +130,7 @@ def test_verify_finds_nonfinite_targets_a_store_holds_as_complete(nan_teacher, d
     assert _cli("verify", "--quick", out).exit_code == 0  # --quick reads no content
     # Attention alone is checked too.
     attn_only = tmp_path / "attn"
-    monkeypatch.setattr(writer_module, "nonfinite", lambda *a, **k: "")
+    monkeypatch.setattr(writer_module, "nonfinite", lambda *a, **k: "", raising=False)
     assert _build(nan_teacher, data, attn_only, "--teacher", "planning").exit_code == 0
     monkeypatch.undo()
     r = _cli("verify", attn_only)
@@ -143,25 +143,21 @@ def test_verify_finds_nonfinite_targets_a_store_holds_as_complete(nan_teacher, d
 def test_verify_checks_orphans_of_a_larger_build_and_can_drop_them(tiny_models, data, tmp_path):
     teacher = tiny_models / "internvl-teacher"
     out = tmp_path / "cache"
-    r = _build(teacher, data, out, "--teacher", "planning", "--layers", "L-3")
-    assert r.exit_code == 0, r.output
-    assert "drivekd-cache: planning: teacher layers [3] (--layers L-3, of 6 in internvl-teacher)" in r.output, r.output
-    fewer = tmp_path / "fewer.json"
+    assert _build(teacher, data, out, "--teacher", "planning").exit_code == 0
+    fewer = data.parent / "fewer.json"
     fewer.write_text(json.dumps(json.loads(data.read_text())[:3]))  # s0, s1, s2
-    r = _build(teacher, fewer, out, "--teacher", "planning", "--layers", "L-3")
+    r = _build(teacher, fewer, out, "--teacher", "planning")
     assert r.exit_code == 0 and "3 already complete" in r.output, r.output
-    st = TeacherStore(out)
-    assert st.orphans("planning") == ["s3", "s4"]
-    r = _cli("verify", out)
-    assert r.exit_code == 0 and "2 orphan sample(s) on disk, not in the last build's data: s3, s4 (checked too" in r.output, r.output
-    assert "2 orphan sample(s)" in _cli("info", out).output
-    chunk = out / "planning" / "samples" / "s4" / "attn" / "c" / "0" / "0"
+    chunk = out / "planning" / "samples" / "s4" / "attn" / "c" / "0" / "0"  # a leftover of the larger build
     b = bytearray(chunk.read_bytes())
     b[len(b) // 2] ^= 0xFF
     chunk.write_bytes(bytes(b))
     r = _cli("verify", out)
     assert r.exit_code == 1 and "planning/s4 (orphan: not in the last build data): unreadable" in r.output, r.output
-    assert "1 problem(s)" in r.output
+    assert "1 problem(s)" in r.output and "2 orphan sample(s) on disk, not in the last build's data: s3, s4 (checked too" in r.output
+    st = TeacherStore(out)
+    assert st.orphans("planning") == ["s3", "s4"]
+    assert "2 orphan sample(s)" in _cli("info", out).output
     r = _cli("verify", "--repair", out)
     assert r.exit_code == 1 and "removed 1 sample" in r.output, r.output
     assert st.orphans("planning") == ["s3"]
@@ -173,6 +169,9 @@ def test_verify_checks_orphans_of_a_larger_build_and_can_drop_them(tiny_models, 
 
 
 def test_build_prints_the_layers_each_role_resolved(tiny_models, data, tmp_path):
+    r = _build(tiny_models / "internvl-teacher", data, tmp_path / "one", "--teacher", "planning", "--layers", "L-3")
+    assert r.exit_code == 0, r.output
+    assert "drivekd-cache: planning: teacher layers [3] (--layers L-3, of 6 in internvl-teacher)" in r.output, r.output
     r = _build(tiny_models / "internvl-teacher", data, tmp_path / "cache")
     assert r.exit_code == 0, r.output
     lines = [x for x in r.output.splitlines() if "teacher layers" in x]

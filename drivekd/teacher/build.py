@@ -16,6 +16,7 @@ import json
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Callable
 
 import torch
 from tqdm import tqdm
@@ -250,7 +251,7 @@ def resolve_build_layers(cfg: BuildConfig) -> tuple[dict[str, list[int]], dict[s
     return layers, depth
 
 
-def build(cfg: BuildConfig, say=None) -> dict:
+def build(cfg: BuildConfig, say: Callable[[str], None] | None = None) -> dict:
     """Build (or resume) the store. Returns a summary dict (rank 0's view after all ranks finish).
 
     Holds the store lock of its roles throughout (drivekd.store.lock): a second build of the same
