@@ -65,8 +65,8 @@ class StoreLock:
                 self._take(role)
         except OSError as e:
             self.release()
-            raise StoreError(str(write_error(e, Path(e.filename or self.dir), "the store lock",
-                                             "Free space there (or use another store folder), then run the same command again"))) from None
+            raise StoreError(str(write_error(e, Path(e.filename or self.dir), "the store lock (or its folder)", "Free space there or make it "
+                                             "writable (or use another store folder), then run the same command again"))) from None
         except BaseException:
             self.release()
             raise

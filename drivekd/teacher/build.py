@@ -338,8 +338,8 @@ def _init_roles(cfg: BuildConfig, dist: Dist, store: TeacherStore, ckpt: Path, r
 
 
 def _startup_error(e: OSError, out: Path) -> DriveKDError:
-    return file_write_error(e, Path(e.filename or out), "the teacher store", "Free space there (or pass another --out), then run the "
-                            "same `drivekd-cache build` again")
+    return file_write_error(e, Path(e.filename or out), "the teacher store", "Free space there or make it writable (or pass another "
+                            "--out), then run the same `drivekd-cache build` again")
 
 
 def _nonfinite_error(e: NonFiniteTargets, ckpt: Path) -> StoreError:
