@@ -48,7 +48,7 @@ def find_config(path: str | Path | None) -> Path | None:
 TABLE_KEYS = {
     "data": ("train", "images", "eval"),
     "teachers": ROLES,
-    "cache": ("out", "device", "dtype", "encoding", "keepbits", "layers", "batch_size", "skip_bad", "share_prefix",
+    "cache": ("out", "device", "dtype", "encoding", "keepbits", "layers", "batch_size", "skip_bad", "skip_nonfinite", "share_prefix",
               "writers", "text_tokens", "signals", "logits_top_k"),
 }
 # Keys holding paths: resolved against the config file's folder.

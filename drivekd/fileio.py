@@ -24,8 +24,11 @@ _FULL = (errno.ENOSPC, errno.EDQUOT)
 
 def write_error(e: OSError, path: Path, what: str, fix: str) -> DriveKDError:
     """One clear error for a failed write of `path` (`what` it holds; `fix`: how to go on)."""
+    where = path.parent
+    while not where.is_dir() and where != where.parent:  # a folder not yet made (or a file in the way): ask its nearest existing one
+        where = where.parent
     try:
-        free = f"{shutil.disk_usage(path.parent).free / 2**20:.1f} MiB free there"
+        free = f"{shutil.disk_usage(where).free / 2**20:.1f} MiB free there"
     except OSError:
         free = "free space unknown"
     why = "disk full" if getattr(e, "errno", None) in _FULL else (e.strerror or str(e))

@@ -32,7 +32,9 @@ def data(demo_data, tmp_path_factory) -> Path:
     one = [r for r in recs if len(r["images"]) == 1][:3]
     d = tmp_path_factory.mktemp("integrity-data")
     for i, r in enumerate(six + one):
-        r["images"] = [str(demo_data / p) for p in r["images"]]
+        for p in r["images"]:  # copied beside the data file: its folder is the default image root
+            (d / p).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(demo_data / p, d / p)
         r["id"] = f"s{i}"
     (d / "train.json").write_text(json.dumps(six + one))
     return d / "train.json"
@@ -236,13 +238,13 @@ def test_resume_refuses_other_data_or_targets_unless_allowed(tiny_models, data, 
     assert _train(tiny_models, data, built, run, *steps).exit_code == 0
     ck = ("--resume-from", str(run / "step-000001"))
     # The same data at another path and a copy of the store: the same content, accepted.
-    moved = tmp_path / "moved.json"
+    moved = data.parent / "moved.json"  # beside it: its relative image paths still resolve
     shutil.copy(data, moved)
     copy = _copy(built, tmp_path)
     r = _train(tiny_models, moved, copy, run, *steps, *ck)
     assert r.exit_code == 0, r.output
     # Other data (one sample fewer).
-    fewer = tmp_path / "fewer.json"
+    fewer = data.parent / "fewer.json"
     fewer.write_text(json.dumps(_records(data)[:4]))
     r = _train(tiny_models, fewer, built, run, *steps, *ck)
     assert r.exit_code == 2 and "--data content differs" in r.output and "--resume-allow-changed data" in r.output, r.output
@@ -267,7 +269,7 @@ def test_edited_samples_stop_the_run_before_step_one_naming_all(tiny_models, dat
     recs = _records(data)
     for i in (1, 3):  # same explicit ids, other text
         recs[i]["messages"][0]["content"] += " Please answer briefly."
-    edited = tmp_path / "edited.json"
+    edited = data.parent / "edited.json"
     edited.write_text(json.dumps(recs))
     run = tmp_path / "run"
     r = _train(tiny_models, edited, built, run, "--max-steps", "1")
@@ -313,3 +315,19 @@ def test_disk_full_during_checkpoint_save_is_one_clear_error(tiny_models, data, 
     out = p.stdout + p.stderr
     assert "rc=2" in out and "could not save checkpoint step-000001" in out and "disk full" in out and "MiB free" in out, out
     assert "Traceback" not in out and ".tmp-" not in out  # nothing half-written left
+
+
+def test_full_or_read_only_disk_at_start_up_is_one_clear_error(tiny_models, data, built, tmp_path):
+    """Issue 24: the disk is already full when `cache build` or `verify --repair` starts (the lock is
+    their first write), or the store's folder is read-only: one line naming the path and the free space."""
+    mnt = tmp_path / "mnt"
+    cli = f"{sys.executable} -m drivekd.cli.cache"
+    build_cmd = f"{cli} build --teacher planning --model {tiny_models / 'internvl-teacher'} --data {data} --no-progress --out"
+    p = _in_small_fs(mnt, "32m", f"cp -a {built} {mnt}/store && (dd if=/dev/zero of={mnt}/fill bs=64k 2>/dev/null; true) && "
+                     f"{build_cmd} {mnt}/new; echo rc=$?; {cli} verify --repair {mnt}/store; echo rc=$?; "
+                     f"mount -o remount,ro {mnt} && {build_cmd} {mnt}/ro; echo rc=$?")
+    out = p.stdout + p.stderr
+    assert out.count("rc=2") == 3 and "Traceback" not in out and "Errno" not in out, out
+    assert f"could not write the store lock (or its folder) {mnt}/new/.locks/planning.lock (disk full; 0.0 MiB free there)" in out, out
+    assert f"could not write the store lock (or its folder) {mnt}/store/.locks/perception.lock (disk full; 0.0 MiB free there)" in out, out
+    assert f"could not write the store lock (or its folder) {mnt}/ro (Read-only file system;" in out and "MiB free there" in out, out

@@ -36,6 +36,8 @@ def main() -> None:
 @click.option("--encoding", type=click.Choice(["lossless", "lossy"]), default=None, help="lossless fp16 (default) or mantissa-rounded.")
 @click.option("--keepbits", type=int, default=None, help="Mantissa bits kept by --encoding lossy (default 7: <1% loss change in tools/bench_cache.py).")
 @click.option("--skip-bad", is_flag=True, help="Record samples with missing/corrupt images as skipped instead of stopping.")
+@click.option("--skip-nonfinite", is_flag=True, help="Record samples whose teacher targets hold NaN/inf as skipped (with the "
+              "reason, listed by `drivekd-cache info`) instead of stopping. Either way they are never stored as complete.")
 @click.option("--overwrite", is_flag=True, help="Delete a role built with other settings and rebuild it.")
 @click.option("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available).")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None, help="Teacher dtype (default bfloat16 on GPU, float32 on CPU).")
@@ -55,7 +57,7 @@ def main() -> None:
 @click.option("--dry-run", is_flag=True, help="Plan only: peak memory and FLOPs of one teacher forward with capture, from config.json alone.")
 @click.option("--json", "as_json", is_flag=True, help="With --dry-run: print one JSON object.")
 @click.option("--seq-len", type=int, default=None, help="With --dry-run: tokens per sample (default: six cameras' image tokens + 264).")
-def build(role, model_dir, data, images, out, layers, batch_size, encoding, keepbits, skip_bad, overwrite, device, dtype, text_tokens, signals, logits_top_k,
+def build(role, model_dir, data, images, out, layers, batch_size, encoding, keepbits, skip_bad, skip_nonfinite, overwrite, device, dtype, text_tokens, signals, logits_top_k,
           share_prefix, writers, config_path, no_progress,
           dry_run=False, as_json=False, seq_len=None, **image_flags):
     """Run the teacher(s) once over every sample and write their targets."""
@@ -102,6 +104,7 @@ def build(role, model_dir, data, images, out, layers, batch_size, encoding, keep
             batch_size=batch_size or c.get("batch_size", 1),
             encoding=enc,
             skip_bad=skip_bad or bool(c.get("skip_bad", False)),
+            skip_nonfinite=skip_nonfinite or bool(c.get("skip_nonfinite", False)),
             overwrite=overwrite,
             device=dev,
             dtype=dtype or c.get("dtype") or ("bfloat16" if dev.startswith("cuda") else "float32"),
@@ -114,7 +117,7 @@ def build(role, model_dir, data, images, out, layers, batch_size, encoding, keep
         )
         if writers or c.get("writers"):
             bc.writers = writers or int(c["writers"])
-        res = run_build(bc)
+        res = run_build(bc, say=lambda line: click.echo(f"drivekd-cache: {line}"))
     except DriveKDError as e:
         _fail(e)
     if res["rank"] == 0:
@@ -126,6 +129,13 @@ def build(role, model_dir, data, images, out, layers, batch_size, encoding, keep
                        f"{s['bytes_on_disk'] / 2**20:.2f} MiB on disk, {ratio} smaller than fp16 square maps")
             if s["skipped_ids"]:
                 click.echo(f"  {r} skipped ids: {', '.join(s['skipped_ids'])}")
+            if s["skipped"] and not s["complete"]:
+                click.echo(f"warning: every {r} sample was skipped ({_first_reason(s)}): this role holds no targets", err=True)
+
+
+def _first_reason(s: dict) -> str:
+    sid, why = next(iter(s["skipped_reasons"].items()))
+    return f"e.g. {sid}: {why}"
 
 
 @main.command()
@@ -152,6 +162,11 @@ def info(store, as_json):
         click.echo(f"{r}: teacher {s['teacher']} ({s['family']}, {s['teacher_fingerprint']}), layers {s['layers']}, encoding {s['encoding']['mode']}, "
                    f"schema {s['schema_version']} ({'crc32c checksums' if s['checksums'] else 'no checksums'})")
         click.echo(f"  samples: {s['complete']} complete, {s['incomplete'] + s['missing']} missing/incomplete, {s['skipped']} skipped")
+        for sid, why in s["skipped_reasons"].items():
+            click.echo(f"    skipped {sid}: {why}")
+        if s["orphans"]:
+            click.echo(f"  {len(s['orphans'])} orphan sample(s) on disk, not in the last build's data: {_ids(s['orphans'])} "
+                       "(`drivekd-cache verify --drop-orphans` removes them)")
         click.echo(f"  {s['bytes_on_disk'] / 2**20:.2f} MiB on disk; attention {s['attn_bytes'] / 2**20:.2f} MiB vs "
                    f"{s['fp16_square_bytes'] / 2**20:.2f} MiB as fp16 square maps ({ratio})")
         for name, st in s.get("signals", {}).items():
@@ -163,6 +178,10 @@ def info(store, as_json):
                        f"lower triangles not stored ({100 * s['bytes_saved_by_sharing'] / max(1, s['tril_fp16_bytes']):.0f}%)")
 
 
+def _ids(ids: list[str], n: int = 10) -> str:
+    return ", ".join(ids[:n]) + (f" ... and {len(ids) - n} more" if len(ids) > n else "")
+
+
 NO_CHECKSUMS = ("{store} is a schema-{v} store: its samples carry no checksums, so damaged content cannot be detected "
                 "(a missing attention chunk still is). To get them, rebuild it with this drivekd into a new --out")
 
@@ -171,9 +190,11 @@ NO_CHECKSUMS = ("{store} is a schema-{v} store: its samples carry no checksums, 
 @click.argument("store", type=click.Path(path_type=Path))
 @click.option("--quick", is_flag=True, help="Check completeness and that every file exists, without reading the arrays.")
 @click.option("--repair", is_flag=True, help="Delete the damaged samples found (and damaged shared prefixes) so that the next build redoes them.")
-def verify(store, quick, repair):
-    """Check every sample is complete and its content matches the checksums written with it;
-    non-zero exit naming what is wrong."""
+@click.option("--drop-orphans", is_flag=True, help="Delete the orphans: samples on disk that the last build's data no longer lists "
+              "(damaged orphans are problems, removed by --repair too).")
+def verify(store, quick, repair, drop_orphans):
+    """Check every sample on disk (orphans too) is complete, finite and matches the checksums
+    written with it; non-zero exit naming what is wrong."""
     from drivekd.store.lock import StoreLock
     from drivekd.store.zarr_store import TeacherStore
 
@@ -185,29 +206,34 @@ def verify(store, quick, repair):
         if not st.checksummed:
             click.echo("note: " + NO_CHECKSUMS.format(store=store, v=st.schema_version), err=True)
         # --repair deletes samples: it must not race a build writing them.
-        lock = StoreLock(store, roles).acquire() if repair else None
+        lock = StoreLock(store, roles).acquire() if repair or drop_orphans else None
         try:
             problems = [p for r in roles for p in st.verify(r, quick=quick)]
-            removed = st.repair(problems) if repair else []
+            orphans = {r: st.orphans(r) for r in roles}
+            removed = st.repair(problems if repair else [], roles if drop_orphans else []) if repair or drop_orphans else []
         finally:
             if lock is not None:
                 lock.release()
     except DriveKDError as e:
         _fail(e)
+    for r, ids in orphans.items():
+        if ids:
+            what = "removed" if drop_orphans else "checked too; `--drop-orphans` removes them"
+            click.echo(f"note: {r}: {len(ids)} orphan sample(s) on disk, not in the last build's data: {_ids(ids)} ({what})", err=True)
     if problems:
         for p in problems[:50]:
             click.echo(f"problem: {p}", err=True)
         if len(problems) > 50:
             click.echo(f"... and {len(problems) - 50} more", err=True)
         click.echo(f"verify: {len(problems)} problem(s) in {store}", err=True)
-        if repair:
-            click.echo(f"repair: removed {len(removed)} damaged sample/prefix group(s); run the same `drivekd-cache build` "
+        if repair or drop_orphans:
+            click.echo(f"repair: removed {len(removed)} sample/prefix group(s); run the same `drivekd-cache build` "
                        "again to rebuild them", err=True)
         else:
             click.echo("fix: `drivekd-cache verify --repair` removes the damaged samples, then `drivekd-cache build` "
                        "(same flags) rebuilds them; incomplete ones need only the build", err=True)
         sys.exit(1)
-    how = "files present (--quick: content not read)" if quick else ("content matches its checksums" if st.checksummed else "readable")
+    how = "files present (--quick: content not read)" if quick else ("content matches its checksums and is finite" if st.checksummed else "readable, finite")
     click.echo(f"verify: {store} OK ({', '.join(roles)}; {how})")
 
 

@@ -19,6 +19,8 @@ from pathlib import Path
 import google_crc32c
 import numpy as np
 
+from drivekd.errors import StoreError
+
 ALGORITHM = "crc32c"
 # 1-D arrays of a sample group; their only chunk is <name>/c/0. attn's layer k is attn/c/<k>/0.
 SAMPLE_VECTORS = ("input_ids", "vision", "text")
@@ -44,3 +46,36 @@ def expected_files(group_dir: Path, vectors: tuple[str, ...], n_layers: int) -> 
     files.append(group_dir / "attn" / "zarr.json")
     files += [chunk_file(group_dir, "attn", k) for k in range(n_layers)]
     return files
+
+
+def nonfinite(a, allow_neg_inf: bool = False) -> str:
+    """'' when every value of `a` (a numpy array or CPU tensor) is finite, else how many are not:
+    "1275 of 1275 values NaN". allow_neg_inf: -inf is a value (a log-probability of 0), NaN and
+    +inf are not."""
+    v = np.asarray(a)
+    if v.dtype.kind != "f" or v.size == 0:
+        return ""
+    if v.dtype == np.float16 and not allow_neg_inf:
+        # Fast path for every stored attention row: fp16 is inf or NaN exactly when its 5 exponent
+        # bits are all ones. An integer max is ~4x cheaper than np.isfinite on fp16 (which numpy
+        # emulates) and cheaper than the row's CRC32C.
+        if int((v.view(np.uint16) & 0x7C00).max()) != 0x7C00:
+            return ""
+    elif np.isfinite(v).all():
+        return ""
+    bad = np.isnan(v) | (np.isposinf(v) if allow_neg_inf else np.isinf(v))
+    if not bad.any():
+        return ""
+    n_nan, n_bad = int(np.isnan(v).sum()), int(bad.sum())
+    kinds = "NaN" if n_nan == n_bad else ("inf" if n_nan == 0 else "NaN or inf")
+    return f"{n_bad} of {v.size} values {kinds}"
+
+
+class NonFiniteTargets(StoreError):
+    """Teacher targets with NaN or inf values, found as they are written: the sample (or shared
+    prefix, sample_id None) is never marked complete. `what` says which array and how many values."""
+
+    def __init__(self, role: str, sample_id: str | None, what: str):
+        self.role, self.sample_id, self.what = role, sample_id, what
+        who = f"sample {sample_id!r}" if sample_id is not None else "a shared prefix"
+        super().__init__(f"non-finite {role} teacher targets for {who} ({what})")

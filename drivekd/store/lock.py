@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 from drivekd.errors import StoreError
+from drivekd.fileio import write_error
 
 log = logging.getLogger(__name__)
 LOCK_DIR = ".locks"
@@ -56,10 +57,16 @@ class StoreLock:
         return self.dir / f"{role}.lock"
 
     def acquire(self) -> "StoreLock":
-        self.dir.mkdir(parents=True, exist_ok=True)
+        """Take every role's lock, or none. A full or read-only disk (or a file where the store's
+        folder should be) is one StoreError naming the path and the free space there."""
         try:
+            self.dir.mkdir(parents=True, exist_ok=True)
             for role in sorted(self.roles):
                 self._take(role)
+        except OSError as e:
+            self.release()
+            raise StoreError(str(write_error(e, Path(e.filename or self.dir), "the store lock (or its folder)", "Free space there or make it "
+                                             "writable (or use another store folder), then run the same command again"))) from None
         except BaseException:
             self.release()
             raise
@@ -88,9 +95,12 @@ class StoreLock:
             old = self._holder(path)
             if old:
                 log.warning("store lock %s: took over a stale lock of %s (that process has ended)", path, describe(old))
-            os.ftruncate(fd, 0)
-            os.write(fd, (json.dumps(self.me) + "\n").encode())
-            self.held.append((path, fd))
+            self.held.append((path, fd))  # released (and removed) by acquire if naming ourselves fails
+            try:
+                os.ftruncate(fd, 0)
+                os.write(fd, (json.dumps(self.me) + "\n").encode())
+            except OSError as e:  # os.write names no file: name the lock
+                raise OSError(e.errno, e.strerror, str(path)) from None
             return
         raise StoreError(f"could not take the lock {path}: it keeps changing; is another build starting at this moment?")
 

@@ -8,9 +8,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from drivekd.errors import StoreError
+from drivekd.ids import is_safe_key
+from drivekd.store.integrity import nonfinite
 from drivekd.store.reader import StoreReader
 from drivekd.store.signals import ARRAYS as SIGNAL_ARRAYS
 
@@ -23,12 +24,12 @@ class StoreMaintenance(StoreReader):
         prefix sharing saved (`drivekd-cache info` prints it)."""
         meta = self.role_meta(role)
         counts = {"complete": 0, "skipped": 0, "incomplete": 0, "missing": 0}
-        skipped_ids = []
+        skipped = {}  # sample id -> the reason recorded with it
         for sid in meta.get("sample_ids", []):
             st = self.sample_status(role, sid)
-            counts[st] += 1
+            counts[st if st in counts else "incomplete"] += 1  # "writing": started, not finished
             if st == "skipped":
-                skipped_ids.append(sid)
+                skipped[sid] = self._mark(self._sample_dir(role, sid)).get("reason", "")
         b = self._bytes(role, len(meta["layers"]))
         groups, shared = len(b["prefix_use"]), sum(b["prefix_use"].values())
         return {
@@ -41,7 +42,9 @@ class StoreMaintenance(StoreReader):
             "layers": meta.get("layers"),
             "encoding": meta.get("encoding"),
             **counts,
-            "skipped_ids": skipped_ids,
+            "skipped_ids": list(skipped),
+            "skipped_reasons": skipped,
+            "orphans": self.orphans(role),
             "bytes_on_disk": self.backend.size(self.path / role),
             "attn_bytes": b["attn"],
             "fp16_square_bytes": b["raw"],
@@ -104,57 +107,73 @@ class StoreMaintenance(StoreReader):
                     break
         return int(sum(sizes) / len(sizes)) if sizes else None
 
-    def verify(self, role: str, quick: bool = False) -> list["Problem"]:
-        """Every expected sample complete, every file present and, unless `quick`, every array equal
-        to the checksum written with it (shared prefixes included) and its token fingerprint
-        consistent. Returns the problems found (empty: the role is sound)."""
-        from drivekd.families.base import token_fingerprint
+    def orphans(self, role: str) -> list[str]:
+        """Samples on disk that the role's last build did not list (its data had them before it was
+        made smaller): a run on the fuller data would still read them. Sorted by id."""
+        expected = set(self.role_meta(role).get("sample_ids", []))
+        # samples/zarr.json (the group's own metadata) and names no build could write are not samples.
+        return sorted(d.name for d in self.backend.children(self.path / role / "samples")
+                      if d.name not in expected and is_safe_key(d.name) and not self.backend.is_file(d))
 
-        problems: list[Problem] = []
+    def verify(self, role: str, quick: bool = False) -> list["Problem"]:
+        """Every sample on disk checked: those the last build listed must be complete (or skipped),
+        orphans (`orphans`) must be sound if complete. Every file present and, unless `quick`,
+        every array equal to the checksum written with it (shared prefixes included), finite, and
+        its token fingerprint consistent. Returns the problems found (empty: the role is sound)."""
         bad_prefix: dict[str, str] = {}  # key -> problem, checked once however many members use it
         extra = list(self.role_meta(role).get("signals", {}))  # logits / hidden, every sample must carry them
-        for sid in self.role_meta(role).get("sample_ids", []):
-            st = self.sample_status(role, sid)
-            if st == "skipped":
-                continue
-            if st != "complete":
-                problems.append(Problem(role, sid, st))
-                continue
-            gone = self.missing_files(role, sid)
-            if gone:
-                problems.append(Problem(role, sid, f"marked complete but {len(gone)} file(s) are missing, e.g. {gone[0]}"))
-                continue
-            sig_problem = self._verify_signals(role, sid, extra, quick)
-            if sig_problem:
-                problems.append(Problem(role, sid, sig_problem))
-                continue
-            if quick:
-                continue
-            try:
-                ids = self.read_input_ids(role, sid)
-                mark = self._mark(self._sample_dir(role, sid))
-                key = mark.get("prefix")
-                if key and key not in bad_prefix:
-                    bad_prefix[key] = self._verify_prefix(role, key)
-                if key and bad_prefix[key]:
-                    problems.append(Problem(role, sid, bad_prefix[key], prefix=key))
-                    continue
-                t = self.get(role, sid)  # checks every array's checksum
-                if key:
-                    pd = self._prefix_dir(role, key)
-                    pids = self._read(self._open(pd, "input_ids", key), pd, "input_ids", None, None, key)
-                    if not np.array_equal(pids, ids[: pids.size].numpy()):
-                        problems.append(Problem(role, sid, f"token ids do not start with its shared prefix {key}"))
-                if token_fingerprint(ids) != t.fingerprint:
-                    problems.append(Problem(role, sid, "fingerprint does not match the stored token ids"))
-                if not (t.vision.numel() == t.text.numel() == ids.numel()):
-                    problems.append(Problem(role, sid, "masks and token ids differ in length"))
-                if not self.checksummed:  # no checksums to compare: at least no NaN/inf
-                    for l, m in t.maps.items():
-                        if not torch.isfinite(m).all():
-                            problems.append(Problem(role, sid, f"layer {l} has non-finite values"))
-            except Exception as e:  # noqa: BLE001 - verify reports every unreadable sample
-                problems.append(Problem(role, sid, f"unreadable ({e})" if isinstance(e, StoreError) else f"unreadable ({type(e).__name__}: {e})"))
+        problems = [p for sid in self.role_meta(role).get("sample_ids", []) for p in self._verify_sample(role, sid, extra, quick, bad_prefix)]
+        for sid in self.orphans(role):
+            problems += [Problem(p.role, p.sample_id, p.message, p.prefix, orphan=True)
+                         for p in self._verify_sample(role, sid, extra, quick, bad_prefix)]
+        return problems
+
+    def _verify_sample(self, role: str, sid: str, extra: list[str], quick: bool, bad_prefix: dict[str, str]) -> list["Problem"]:
+        """verify's findings for one sample (bad_prefix: shared prefixes already checked)."""
+        from drivekd.families.base import token_fingerprint
+
+        st = self.sample_status(role, sid)
+        if st == "skipped":
+            return []
+        if st != "complete":
+            return [Problem(role, sid, st)]
+        gone = self.missing_files(role, sid)
+        if gone:
+            return [Problem(role, sid, f"marked complete but {len(gone)} file(s) are missing, e.g. {gone[0]}")]
+        sig_problem = self._verify_signals(role, sid, extra, quick)
+        if sig_problem:
+            return [Problem(role, sid, sig_problem)]
+        if quick:
+            return []
+        problems = []
+        try:
+            ids = self.read_input_ids(role, sid)
+            mark = self._mark(self._sample_dir(role, sid))
+            key = mark.get("prefix")
+            if key and key not in bad_prefix:
+                bad_prefix[key] = self._verify_prefix(role, key)
+            if key and bad_prefix[key]:
+                return [Problem(role, sid, bad_prefix[key], prefix=key)]
+            t = self.get(role, sid)  # checks every array's checksum
+            if key:
+                pd = self._prefix_dir(role, key)
+                pids = self._read(self._open(pd, "input_ids", key), pd, "input_ids", None, None, key)
+                if not np.array_equal(pids, ids[: pids.size].numpy()):
+                    problems.append(Problem(role, sid, f"token ids do not start with its shared prefix {key}"))
+            if token_fingerprint(ids) != t.fingerprint:
+                problems.append(Problem(role, sid, "fingerprint does not match the stored token ids"))
+            if not (t.vision.numel() == t.text.numel() == ids.numel()):
+                problems.append(Problem(role, sid, "masks and token ids differ in length"))
+            # A checksum proves the values are those written, not that they are numbers: a store
+            # built before the writer refused NaN (or from a NaN teacher by another tool) has them.
+            for l, m in t.maps.items():
+                bad = nonfinite(m.numpy())
+                if bad:
+                    problems.append(Problem(role, sid, f"layer {l} attention is not finite ({bad}); --repair removes it, "
+                                                       "and the next build stores it or names the teacher's fault"))
+                    break
+        except Exception as e:  # noqa: BLE001 - verify reports every unreadable sample
+            problems.append(Problem(role, sid, f"unreadable ({e})" if isinstance(e, StoreError) else f"unreadable ({type(e).__name__}: {e})"))
         return problems
 
     def _verify_signals(self, role: str, sid: str, names: list[str], quick: bool) -> str:
@@ -168,9 +187,16 @@ class StoreMaintenance(StoreReader):
             if not quick:
                 d = self._sample_dir(role, sid)
                 try:
-                    self._read_signal(role, sid, d, self._group(d), self._mark(d), name, None)
+                    sig = self._read_signal(role, sid, d, self._group(d), self._mark(d), name, None)
                 except StoreError as e:
                     return f"{name} unreadable ({e})"
+                # (name, array, -inf allowed): a log-probability may be log 0, a hidden state may not
+                arrays = ([("log-probabilities", sig.logprobs, True), ("tail", sig.log_tail, True)] if name == "logits"
+                          else [(f"layer {l}", h, False) for l, h in sig.layers.items()])
+                for what, a, neg_inf in arrays:
+                    bad = nonfinite(a.numpy(), allow_neg_inf=neg_inf)
+                    if bad:
+                        return f"{name} {what} not finite ({bad})"
         return ""
 
     def _verify_prefix(self, role: str, key: str) -> str:
@@ -188,15 +214,17 @@ class StoreMaintenance(StoreReader):
             return f"its shared prefix is damaged ({e})"
         return ""
 
-    def repair(self, problems: list["Problem"]) -> list[Path]:
+    def repair(self, problems: list["Problem"], drop_orphans: list[str] = ()) -> list[Path]:
         """Delete the damaged sample and prefix groups that `verify` found, so that the next build
-        rebuilds them (a sample whose prefix is gone is not done). The caller holds the role locks."""
+        rebuilds them (a sample whose prefix is gone is not done), and the roles' orphans named in
+        `drop_orphans` (sound or not). The caller holds the role locks."""
         removed = []
-        for p in problems:
-            for d in ([self._prefix_dir(p.role, p.prefix)] if p.prefix else []) + [self._sample_dir(p.role, p.sample_id)]:
-                if self.backend.exists(d):
-                    self.backend.delete(d)
-                    removed.append(d)
+        dirs = [d for p in problems for d in ([self._prefix_dir(p.role, p.prefix)] if p.prefix else []) + [self._sample_dir(p.role, p.sample_id)]]
+        dirs += [self._sample_dir(r, sid) for r in drop_orphans for sid in self.orphans(r)]
+        for d in dirs:
+            if self.backend.exists(d):
+                self.backend.delete(d)
+                removed.append(d)
         return removed
 
 
@@ -208,9 +236,10 @@ class Problem:
     sample_id: str
     message: str
     prefix: str | None = None
+    orphan: bool = False  # on disk, not in the last build's data
 
     def __str__(self) -> str:
-        return f"{self.role}/{self.sample_id}: {self.message}"
+        return f"{self.role}/{self.sample_id}{' (orphan: not in the last build data)' if self.orphan else ''}: {self.message}"
 
     def __contains__(self, text: str) -> bool:  # reads like the message strings verify used to return
         return text in str(self)

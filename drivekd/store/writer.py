@@ -14,7 +14,7 @@ from zarr.codecs import BloscCodec
 
 from drivekd.errors import StoreError
 from drivekd.store.format import DENSE, MUST_MATCH, SCHEMA_VERSION, Encoding, encode_map
-from drivekd.store.integrity import ALGORITHM, checksum
+from drivekd.store.integrity import ALGORITHM, NonFiniteTargets, checksum, nonfinite
 from drivekd.store.reader import StoreReader
 from drivekd.store.signals import ARRAYS as SIGNAL_ARRAYS
 from drivekd.store.signals import write_arrays
@@ -23,6 +23,21 @@ from drivekd.store.signals import write_arrays
 def _payload_bytes(payload: dict) -> int:
     """Raw bytes of a signal payload's arrays (before compression)."""
     return sum(v.nbytes for v in payload.values() if isinstance(v, np.ndarray))
+
+
+# Signal arrays whose -inf is a value: a top-k log-probability, or the tail's log-mass when top-k
+# covers the whole vocabulary, can be log 0. NaN and +inf never are.
+_NEG_INF_OK = ("logits_lp", "logits_tail")
+
+
+def _check_signals(role: str, sample_id: str, signals: dict) -> None:
+    """Refuse a sample whose signal arrays hold NaN/inf, before any of them is written."""
+    for name, payload in signals.items():
+        for key, v in payload.items():
+            if isinstance(v, np.ndarray):
+                bad = nonfinite(v, allow_neg_inf=key in _NEG_INF_OK)
+                if bad:
+                    raise NonFiniteTargets(role, sample_id, f"{name} array {key}: {bad}")
 
 
 class StoreWriter(StoreReader):
@@ -96,6 +111,7 @@ class StoreWriter(StoreReader):
         from drivekd.families.base import token_fingerprint  # lazy: the store loads no model family code to read
 
         d = self._sample_dir(role, sample_id)
+        _check_signals(role, sample_id, signals or {})
         self.backend.delete(d)  # an incomplete earlier attempt
         T = int(input_ids.numel())
         row0 = prefix[1] if prefix else 0
@@ -107,10 +123,13 @@ class StoreWriter(StoreReader):
             g.create_array(name, data=v, chunks=(T,), compressors=comp, config=DENSE)
             sums[name] = checksum(v)
         n = T * (T + 1) // 2 - row0 * (row0 + 1) // 2
-        sums["attn"] = self._write_rows(g, maps, len(layers), n, encoding, row0, fault)
+        sums["attn"] = self._write_rows(g, maps, layers, n, encoding, row0, fault, role, sample_id)
         marks = {name: self._signal_mark(g, name, payload, fault) for name, payload in (signals or {}).items()}
         if after is not None:
-            after.result()  # the shared prefix is complete before any member is
+            try:
+                after.result()  # the shared prefix is complete before any member is
+            except NonFiniteTargets as e:  # never complete: its first P rows would be NaN
+                raise NonFiniteTargets(role, sample_id, f"its shared prefix {prefix[0]}: {e.what}") from None
         mark = {"length": T, "fingerprint": token_fingerprint(input_ids), "layers": list(layers), "checksums": sums}
         if marks:
             mark["signals"] = marks
@@ -131,7 +150,7 @@ class StoreWriter(StoreReader):
         ids = input_ids.to(torch.int32).numpy()
         g.create_array("input_ids", data=ids, chunks=(P,), compressors=BloscCodec(cname="zstd", clevel=3), config=DENSE)
         n = P * (P + 1) // 2
-        sums = {"algorithm": ALGORITHM, "input_ids": checksum(ids), "attn": self._write_rows(g, maps, len(layers), n, encoding, 0, fault)}
+        sums = {"algorithm": ALGORITHM, "input_ids": checksum(ids), "attn": self._write_rows(g, maps, layers, n, encoding, 0, fault, role, None)}
         # One write, see write_sample.
         g.update_attributes({"length": P, "members": members, "layers": list(layers), "checksums": sums, "status": "complete"})
         return len(layers) * n * 2
@@ -140,6 +159,7 @@ class StoreWriter(StoreReader):
         """Add signals to a complete sample: their arrays, then ONE zarr.json write that adds their
         marks. The attention arrays and every other file of the sample are not touched."""
         d = self._sample_dir(role, sample_id)
+        _check_signals(role, sample_id, signals)
         g = self._group(d, "a")
         marks = {name: self._signal_mark(g, name, payload, fault) for name, payload in signals.items()}
         have = dict(self._mark(d).get("signals", {}))
@@ -148,6 +168,7 @@ class StoreWriter(StoreReader):
         return sum(_payload_bytes(p) for p in signals.values())
 
     def mark_skipped(self, role: str, sample_id: str, reason: str) -> None:
+        """Record the sample as skipped (bad input, non-finite targets) with the reason `info` lists."""
         d = self._sample_dir(role, sample_id)
         self.backend.delete(d)
         zarr.open_group(self.backend.zarr_location(d), mode="w", attributes={"status": "skipped", "reason": reason})
@@ -171,16 +192,21 @@ class StoreWriter(StoreReader):
                     self.backend.delete(d / key)
 
     @staticmethod
-    def _write_rows(g, maps: list, n_layers: int, n: int, encoding: Encoding, row0: int, fault) -> list[str]:
+    def _write_rows(g, maps: list, layers: list, n: int, encoding: Encoding, row0: int, fault, role: str, sample_id: str | None) -> list[str]:
         """The attn array, one chunk per layer row; returns each row's checksum as stored.
 
         fill_value NaN: any zarr client reading a missing chunk sees NaN, not plausible zeros.
+        Each row is checked finite as stored (fp16: an fp32 value above 65504 becomes inf) before
+        it is written: a NaN teacher never leaves a complete sample (NonFiniteTargets).
         """
-        attn = g.create_array("attn", shape=(n_layers, n), chunks=(1, n), dtype="float16", compressors=encoding.compressor(),
+        attn = g.create_array("attn", shape=(len(layers), n), chunks=(1, n), dtype="float16", compressors=encoding.compressor(),
                               fill_value=np.nan, config=DENSE)
         sums = []
         for k, m in enumerate(maps):
             row = np.ascontiguousarray(encoding.quantise(m) if isinstance(m, np.ndarray) else encode_map(m, encoding, row0), dtype=np.float16)
+            bad = nonfinite(row)
+            if bad:
+                raise NonFiniteTargets(role, sample_id, f"layer {layers[k]} attention: {bad}")
             attn[k] = row
             sums.append(checksum(row))
             if fault is not None:

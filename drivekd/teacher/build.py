@@ -16,6 +16,7 @@ import json
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Callable
 
 import torch
 from tqdm import tqdm
@@ -23,12 +24,14 @@ from tqdm import tqdm
 from drivekd.data.loaders import load_samples
 from drivekd.data.sample import Sample
 from drivekd.distributed import Dist, fault_hook
-from drivekd.errors import ConfigError, DataError, StoreError
+from drivekd.errors import ConfigError, DataError, DriveKDError, ModelError, StoreError
 from drivekd.families.base import Family, load_model
 from drivekd.families.capture import capture_attention
+from drivekd.fileio import write_error as file_write_error
 from drivekd.layers import LayerSpecError, recipe_layers, resolve_layers, spec_of
 from drivekd.roles import ROLES
 from drivekd.store.format import pack_rows, teacher_fingerprint
+from drivekd.store.integrity import NonFiniteTargets
 from drivekd.store.lock import StoreLock
 from drivekd.store.signals import EXTRA, answer_rows, hidden_dtype, hidden_width, topk_logits, vocab_identity, vocab_rows
 from drivekd.store.zarr_store import TeacherStore
@@ -63,6 +66,7 @@ class _Pass:
         self.n_tok = n_tok  # tokenizer size: top-k ids stay below it
         self.writer = None
         self.pending = []
+        self.nonfinite: dict[str, str] = {}  # sample id -> why it was skipped (--skip-nonfinite)
 
     def readable(self, unit: list[Sample]) -> list[Sample]:
         good = []
@@ -107,13 +111,31 @@ class _Pass:
         return out
 
     def _submit(self, fn, *args, **kw):
-        fut = self.writer.submit(fn, *args, **kw)
+        fut = self.writer.submit(self._guarded, fn, *args, **kw)
         self.pending.append(fut)
         return fut
 
+    def _guarded(self, fn, *args, **kw) -> int:
+        """Run one write in a writer thread. A sample whose targets are not finite was refused by
+        the writer before its completion mark; with --skip-nonfinite it is recorded as skipped
+        with the reason, else the error stops the build (in `collect`)."""
+        try:
+            return fn(*args, **kw)
+        except NonFiniteTargets as e:
+            if e.sample_id is None or not self.cfg.skip_nonfinite:
+                raise  # a shared prefix: each member waits on it and reports itself
+            reason = f"non-finite teacher targets ({e.what})"
+            self.store.mark_skipped(e.role, e.sample_id, reason)
+            self.nonfinite[e.sample_id] = f"{e.role}: {reason}"
+            return 0
+
     def collect(self, wait: bool) -> None:
         done = [f for f in self.pending if wait or f.done()]
-        self.totals["bytes"] += sum(f.result() for f in done)
+        for f in done:
+            e = f.exception()
+            if isinstance(e, NonFiniteTargets) and e.sample_id is None:
+                continue  # a non-finite shared prefix: its member samples report (or skip) themselves
+            self.totals["bytes"] += f.result()
         self.pending = [f for f in self.pending if f not in done]
         self.bar.set_postfix_str(f"{self.totals['bytes'] / 2**20:.1f} MiB fp16 written")
 
@@ -202,16 +224,50 @@ def write_error(e: OSError, store: TeacherStore, roles: list[str], left: int) ->
                       "complete sample and redoes the rest")
 
 
-def build(cfg: BuildConfig) -> dict:
+def teacher_depth(ckpt: Path) -> int:
+    """Decoder layers of the teacher's language model, from its config.json (no weights read)."""
+    ncfg = json.loads((ckpt / "config.json").read_text())
+    return int((ncfg.get("text_config") or ncfg)["num_hidden_layers"])
+
+
+def resolve_build_layers(cfg: BuildConfig) -> tuple[dict[str, list[int]], dict[str, int]]:
+    """(role -> the teacher layers it stores, role -> its teacher's depth L): each role's --layers
+    spec, or its recipe's, resolved against its own teacher's depth before anything is written."""
+    layers, depth = {}, {}
+    for role in ROLES:
+        if role not in cfg.teachers:
+            continue
+        ckpt = Path(cfg.teachers[role]).resolve()
+        try:
+            depth[role] = L = teacher_depth(ckpt)
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ModelError(f"--model for role {role}: cannot read the teacher's depth from {ckpt / 'config.json'} "
+                             f"({type(e).__name__}: {e}); pass a Hugging Face checkpoint folder") from None
+        spec = (cfg.layers or {}).get(role)
+        try:
+            layers[role] = recipe_layers(role, L) if spec is None else resolve_layers(spec_of(spec), L)
+        except LayerSpecError as e:
+            raise ConfigError(f"--layers for role {role} (teacher {ckpt}): {e}") from None
+    return layers, depth
+
+
+def build(cfg: BuildConfig, say: Callable[[str], None] | None = None) -> dict:
     """Build (or resume) the store. Returns a summary dict (rank 0's view after all ranks finish).
 
     Holds the store lock of its roles throughout (drivekd.store.lock): a second build of the same
     roles is refused naming this one, so no build ever deletes another's in-progress samples.
+    say: called (rank 0) with one line per role naming the layers it stores, once they are resolved.
     """
     cfg.validate()
+    layers, depth = resolve_build_layers(cfg)
     # The process group follows the teacher's device (nccl on CUDA, gloo on CPU).
     dist = Dist(cfg.device)
     rank, world = dist.rank, dist.world
+    if say is not None and rank == 0:
+        for role, ls in layers.items():
+            spec = (cfg.layers or {}).get(role)
+            how = "recipe" if spec is None else f"--layers {spec if isinstance(spec, str) else ','.join(map(str, spec))}"
+            say(f"{role}: teacher layers {ls} ({how}, of {depth[role]} in {Path(cfg.teachers[role]).name})")
     lock, refusal = None, None
     if rank == 0:
         try:
@@ -227,7 +283,7 @@ def build(cfg: BuildConfig) -> dict:
     if refusal:
         raise StoreError(refusal)
     try:
-        return _build_locked(cfg, dist)
+        return _build_locked(cfg, dist, layers, depth)
     finally:
         if lock is not None:
             lock.release()
@@ -268,6 +324,8 @@ def _init_roles(cfg: BuildConfig, dist: Dist, store: TeacherStore, ckpt: Path, r
                     store.add_signals(role, role_settings, overwrite=cfg.overwrite)
         except StoreError as e:
             refusal = str(e)
+        except OSError as e:  # a full or read-only disk before any sample is written
+            refusal = str(_startup_error(e, cfg.out))
     if dist.world > 1:
         from torch.distributed import broadcast_object_list
 
@@ -279,10 +337,24 @@ def _init_roles(cfg: BuildConfig, dist: Dist, store: TeacherStore, ckpt: Path, r
     dist.barrier()
 
 
-def _build_locked(cfg: BuildConfig, dist: Dist) -> dict:
+def _startup_error(e: OSError, out: Path) -> DriveKDError:
+    return file_write_error(e, Path(e.filename or out), "the teacher store", "Free space there or make it writable (or pass another "
+                            "--out), then run the same `drivekd-cache build` again")
+
+
+def _nonfinite_error(e: NonFiniteTargets, ckpt: Path) -> StoreError:
+    return StoreError(f"{e} from teacher {ckpt}: the sample is not stored. Check the checkpoint (a NaN weight, or an "
+                      "overflow in --dtype float16: try bfloat16 or float32), or pass --skip-nonfinite to record such samples "
+                      "as skipped (`drivekd-cache info` lists them) and go on")
+
+
+def _build_locked(cfg: BuildConfig, dist: Dist, layers: dict[str, list[int]], depth: dict[str, int]) -> dict:
     rank, world = dist.rank, dist.world
     samples = load_samples(cfg.data, cfg.images, check_images=False)
-    store = TeacherStore(cfg.out, mode="a") if rank == 0 else None
+    try:
+        store = TeacherStore(cfg.out, mode="a") if rank == 0 else None
+    except OSError as e:
+        raise _startup_error(e, cfg.out) from None
     dist.barrier()
     store = store or TeacherStore(cfg.out, mode="a")
 
@@ -294,22 +366,16 @@ def _build_locked(cfg: BuildConfig, dist: Dist) -> dict:
 
     fault = fault_hook()
     totals = {"written": 0, "skipped": 0, "already": 0, "bytes": 0, "seconds": 0.0, "loop_seconds": 0.0}
+    nonfinite: dict[str, str] = {}  # sample id -> reason, skipped by --skip-nonfinite
     t0 = time.perf_counter()
     for ckpt, roles in by_ckpt.items():
         family = Family.from_pretrained(ckpt, image_processing=cfg.image_processing, text_tokens=cfg.text_tokens)
         ncfg = json.loads((ckpt / "config.json").read_text())
-        L = int((ncfg.get("text_config") or ncfg)["num_hidden_layers"])
-        layers = {}
-        for role in roles:
-            spec = (cfg.layers or {}).get(role)
-            try:
-                layers[role] = recipe_layers(role, L) if spec is None else resolve_layers(spec_of(spec), L)
-            except LayerSpecError as e:
-                raise ConfigError(f"--layers for role {role} (teacher {ckpt}): {e}") from None
-        _init_roles(cfg, dist, store, ckpt, roles, layers, family, ncfg, L, samples)
+        L = depth[roles[0]]
+        _init_roles(cfg, dist, store, ckpt, roles, {r: layers[r] for r in roles}, family, ncfg, L, samples)
         wanted = {r: tuple(n for n in EXTRA if n in store.role_meta(r).get("signals", {})) for r in roles}
 
-        union = sorted(set().union(*layers.values()))
+        union = sorted(set().union(*(layers[r] for r in roles)))
         # Units of work, fixed by the dataset order whatever is already stored: image groups when
         # sharing prefixes (a group's prefix runs once), else fixed batches.
         units = image_groups(samples) if cfg.share_prefix else [samples[i : i + cfg.batch_size] for i in range(0, len(samples), cfg.batch_size)]
@@ -337,6 +403,8 @@ def _build_locked(cfg: BuildConfig, dist: Dist) -> dict:
                         pass_.run_batch(good)
                     pass_.collect(wait=False)
                 pass_.collect(wait=True)
+        except NonFiniteTargets as e:  # without --skip-nonfinite: stop, naming the sample and role
+            raise _nonfinite_error(e, ckpt) from None
         except OSError as e:
             # A failed write never reaches its sample's completion mark: it stays "writing" and
             # the next build redoes it. Say what failed and how much room the rest needs.
@@ -344,8 +412,13 @@ def _build_locked(cfg: BuildConfig, dist: Dist) -> dict:
             raise write_error(e, store, roles, left) from None
         totals["loop_seconds"] += time.perf_counter() - t_loop  # teacher pass after the model loaded
         bar.close()
+        nonfinite.update(pass_.nonfinite)
     dist.barrier()
     totals["seconds"] = time.perf_counter() - t0
+    # Counted per sample (a sample skipped for one role is not written whole).
+    totals["written"] -= len(nonfinite)
+    totals["skipped"] += len(nonfinite)
+    totals["nonfinite"] = len(nonfinite)
     if world > 1:
         t = dist.sum_(torch.tensor([totals["written"], totals["skipped"], totals["already"]], dtype=torch.float64, device=dist.device))
         totals["written"], totals["skipped"], totals["already"] = (int(x) for x in t.tolist())

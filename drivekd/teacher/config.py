@@ -26,6 +26,9 @@ class BuildConfig:
     batch_size: int = 1
     encoding: Encoding = field(default_factory=Encoding)
     skip_bad: bool = False
+    # Samples whose targets hold NaN/inf: stop the build naming them (default), or record them as
+    # skipped with the reason (`drivekd-cache info` lists them). Never stored as complete.
+    skip_nonfinite: bool = False
     overwrite: bool = False
     device: str = "cpu"
     dtype: str = "float32"
@@ -49,6 +52,8 @@ class BuildConfig:
                 raise ConfigError(f"--teacher: unknown role {role!r} (choose from {', '.join(ROLES)} or all)")
             if not Path(path).is_dir():
                 raise ConfigError(f"--model for role {role}: {path} is not a folder (set --model or [teachers].{role} in drivekd.toml)")
+        if Path(self.out).exists() and not Path(self.out).is_dir():
+            raise ConfigError(f"--out {self.out} is an existing file; a teacher store is a folder: pass a folder path (new or a store)")
         if not Path(self.data).is_file():
             raise ConfigError(f"--data {self.data}: no such file (or set [data].train in drivekd.toml)")
         for role, spec in (self.layers or {}).items():
