@@ -105,7 +105,7 @@ def analyze(cfg: AnalyzeConfig) -> dict:
         detect_family(cfg.model)
     except ModelError as e:
         raise ModelError(f"--model: {e}") from None
-    samples = load_samples(cfg.data, cfg.images, check_images=False)
+    samples = load_samples(cfg.data, cfg.images, check_images=False, allow_outside_images=cfg.allow_outside_images)
     sel = select(samples, cfg.samples, cfg.per_image, cfg.seed, data_name=str(cfg.data))
     if not sel.groups:
         raise ConfigError(f"--data {cfg.data}: no questions to analyse")

@@ -28,6 +28,7 @@ class AnalyzeConfig:
     data: Path  # Drive-KD or DriveBench JSON; rewordings marked with `rewording_of` (drivekd.analyze.sampling)
     out: Path  # analysis.json, the PNGs, samples/ (per-sample partial results), run.json
     images: Path | None = None  # image root (default: the data file's folder)
+    allow_outside_images: bool = False  # accept image paths escaping the image root
     samples: int | None = 200  # questions analysed (None = all); rewordings of them come on top
     per_image: int = 8  # at most this many questions per image group
     temperatures: tuple[float, ...] = DEFAULT_TEMPERATURES

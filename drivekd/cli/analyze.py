@@ -27,6 +27,7 @@ def _fail(e: Exception) -> None:
 @click.option("--data", type=click.Path(path_type=Path), required=True,
               help="Drive-KD or DriveBench JSON. Mark a rewording of a question with \"rewording_of\": \"<its sample id>\".")
 @click.option("--images", type=click.Path(path_type=Path), help="Image root for relative paths (default: the data file's folder).")
+@click.option("--allow-outside-images", is_flag=True, help="Accept image paths that escape the image root; refused by default.")
 @click.option("--out", type=click.Path(path_type=Path), required=True,
               help="Output folder: analysis.json, one PNG per analysis, samples/ (per-sample results; a rerun resumes).")
 @click.option("--samples", type=int, default=200, show_default=True,
@@ -40,7 +41,7 @@ def _fail(e: Exception) -> None:
               help="Model dtype (default bfloat16 on GPU, float32 on CPU).")
 @click.option("--overwrite", is_flag=True, help="Discard partial results in --out left by another model, data or settings.")
 @click.option("--no-progress", is_flag=True)
-def main(model_dir, data, images, out, samples, per_image, temperatures, seed, device, dtype, overwrite, no_progress):
+def main(model_dir, data, images, allow_outside_images, out, samples, per_image, temperatures, seed, device, dtype, overwrite, no_progress):
     """Adjacent-layer and vision-text similarity, capability intra-consistency, dispersion across
     questions of one image, and output confidence, per layer; then a suggested [train] layer
     configuration with the rule that produced it."""
@@ -54,7 +55,7 @@ def main(model_dir, data, images, out, samples, per_image, temperatures, seed, d
             raise DriveKDError(f"--samples must be >= 0 (0 = every question), not {samples}")
         dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
         cfg = AnalyzeConfig(
-            model=model_dir, data=data, images=images, out=out, samples=samples or None, per_image=per_image,
+            model=model_dir, data=data, images=images, allow_outside_images=allow_outside_images, out=out, samples=samples or None, per_image=per_image,
             temperatures=parse_temperatures(temperatures), seed=seed, device=dev,
             dtype=dtype or ("bfloat16" if dev.startswith("cuda") else "float32"), overwrite=overwrite,
             progress=not no_progress,

@@ -29,6 +29,8 @@ def main() -> None:
 @click.option("--model", "model_dir", type=click.Path(path_type=Path), help="Teacher checkpoint folder (default: [teachers].<role> in drivekd.toml).")
 @click.option("--data", type=click.Path(path_type=Path), help="Training data JSON (Drive-KD or DriveBench format).")
 @click.option("--images", type=click.Path(path_type=Path), help="Image root for relative paths (default: the data file's folder).")
+@click.option("--allow-outside-images", is_flag=True, help="Accept image paths that escape the image root (a relative "
+              "../x.jpg, or an absolute path outside --images); refused by default.")
 @click.option("--out", type=click.Path(path_type=Path), help="Store folder (default: cache/).")
 @click.option("--layers", help="Override the recipe layers (applies to every selected role): N, L-N, ranges A..B, "
               "comma-separated, e.g. '0', 'L-2', '0..L-2', '1,3,5'.")
@@ -57,7 +59,7 @@ def main() -> None:
 @click.option("--dry-run", is_flag=True, help="Plan only: peak memory and FLOPs of one teacher forward with capture, from config.json alone.")
 @click.option("--json", "as_json", is_flag=True, help="With --dry-run: print one JSON object.")
 @click.option("--seq-len", type=int, default=None, help="With --dry-run: tokens per sample (default: six cameras' image tokens + 264).")
-def build(role, model_dir, data, images, out, layers, batch_size, encoding, keepbits, skip_bad, skip_nonfinite, overwrite, device, dtype, text_tokens, signals, logits_top_k,
+def build(role, model_dir, data, images, allow_outside_images, out, layers, batch_size, encoding, keepbits, skip_bad, skip_nonfinite, overwrite, device, dtype, text_tokens, signals, logits_top_k,
           share_prefix, writers, config_path, no_progress,
           dry_run=False, as_json=False, seq_len=None, **image_flags):
     """Run the teacher(s) once over every sample and write their targets."""
@@ -105,6 +107,7 @@ def build(role, model_dir, data, images, out, layers, batch_size, encoding, keep
             encoding=enc,
             skip_bad=skip_bad or bool(c.get("skip_bad", False)),
             skip_nonfinite=skip_nonfinite or bool(c.get("skip_nonfinite", False)),
+            allow_outside_images=allow_outside_images,
             overwrite=overwrite,
             device=dev,
             dtype=dtype or c.get("dtype") or ("bfloat16" if dev.startswith("cuda") else "float32"),

@@ -350,7 +350,7 @@ def _nonfinite_error(e: NonFiniteTargets, ckpt: Path) -> StoreError:
 
 def _build_locked(cfg: BuildConfig, dist: Dist, layers: dict[str, list[int]], depth: dict[str, int]) -> dict:
     rank, world = dist.rank, dist.world
-    samples = load_samples(cfg.data, cfg.images, check_images=False)
+    samples = load_samples(cfg.data, cfg.images, check_images=False, allow_outside_images=cfg.allow_outside_images)
     try:
         store = TeacherStore(cfg.out, mode="a") if rank == 0 else None
     except OSError as e:

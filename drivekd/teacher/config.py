@@ -29,6 +29,7 @@ class BuildConfig:
     # Samples whose targets hold NaN/inf: stop the build naming them (default), or record them as
     # skipped with the reason (`drivekd-cache info` lists them). Never stored as complete.
     skip_nonfinite: bool = False
+    allow_outside_images: bool = False  # accept image paths escaping the image root (drivekd.data.load_samples)
     overwrite: bool = False
     device: str = "cpu"
     dtype: str = "float32"

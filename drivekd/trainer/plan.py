@@ -198,7 +198,7 @@ def _load_split(cfg: TrainConfig, rec: Recipe) -> list[Sample]:
         raise ConfigError(f"--data {cfg.data}: no such file")
     if cfg.images is not None and not Path(cfg.images).is_dir():
         raise ConfigError(f"--images {cfg.images}: no such folder")
-    samples = load_samples(cfg.data, cfg.images)
+    samples = load_samples(cfg.data, cfg.images, allow_outside_images=cfg.allow_outside_images)
     split = rec.split_of(cfg)
     if split is not None:
         samples = [s for s in samples if s.capability == split]

@@ -36,7 +36,7 @@ GROUPS = ("inputs", "distillation", "gradients", "optimisation", "runtime", "che
 # Keys that may differ between a checkpoint's run and the run resuming it (they do not change the
 # numbers): everything else must match, or the resumed run would not continue the same run.
 RESUME_FREE = {"grad_engine", "resume", "resume_from", "resume_allow_changed", "num_workers", "progress", "save_every", "keep_last", "log_every", "out", "cache",
-               "data", "images", "student", "device", "report_to", "contribution", "contribution_warn",
+               "data", "images", "allow_outside_images", "student", "device", "report_to", "contribution", "contribution_warn",
                "contribution_warn_steps", "contribution_every"}
 
 
@@ -60,6 +60,8 @@ class TrainConfig:
     out: Path | None = opt(None, "Run folder: metrics.jsonl, step-NNNNNN/ checkpoints, final/.", group="inputs", required=True)
     cache: Path | None = opt(None, "Teacher store built by drivekd-cache.", group="inputs")
     images: Path | None = opt(None, "Image root for relative paths (default: the data file's folder).", group="inputs")
+    allow_outside_images: bool = opt(False, "Accept image paths that escape the image root (a relative ../x.jpg, or an "
+                                     "absolute path outside --images); refused by default.", group="inputs")
 
     # ----- distillation: which teacher terms, which signal, which layers, how mixed
     recipe: str = opt("multi", "perception | reasoning | planning (one teacher, its capability split) | multi (all samples, "
