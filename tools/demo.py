@@ -11,6 +11,7 @@ runs, held-out scenes for the evaluation
   -> drivekd-train --recipe perception                  the KD student: the same CE plus the
                                                         perception teacher's t2v attention MSE
                                                         (layer 0) at the paper's weights
+     (both: the perception questions, the same budget)
   -> drivekd-report                            (runs/report/*.png: losses, weights, gradient conflict)
   -> drivekd-eval of the teacher, the untrained student, the CE student, then of the KD student
      beside them (predictions, scores, report.md + chart, compare/comparison.md)
@@ -35,12 +36,15 @@ from pathlib import Path
 
 import click
 
-# Demo size, chosen on the val split (README "The demo"): benchmark scenes (6 questions each, 2 of
-# them perception), and one budget for both students. The students see only the perception questions
-# (1200 from 600 scenes): at this budget CE and KD lift perception clearly above the untrained student
-# (and the constant answer); on all six questions the same steps leave every capability at the prior.
+# Demo size, chosen on the val split (README "The demo"; never on held-out): benchmark scenes (6
+# questions each, 2 of them perception), and one budget for both students. They see only the 1200
+# perception questions of the 600 train scenes and train every weight, as the paper does. On val (200
+# perception questions, prior 48.0, untrained 30.5) this budget gave CE 65.5 (seed 42, the default)
+# and 69.5 (seed 0), KD 68.5 (seed 0). The students first learn the constant answer, then, at a
+# seed-dependent step, to read the lamp: shorter budgets (160-360 steps, lr 2e-3 to 4e-3, with or
+# without a frozen vision tower) left at least one seed at the constant answer (48).
 TRAIN_SCENES, HELDOUT_SCENES = 600, 100
-STEPS, LR, MICRO_BATCH = 400, 2e-3, 8
+STEPS, LR, MICRO_BATCH = 480, 2e-3, 8
 # The first scenes of each split for the tools that only show the pipeline (make ablate-demo trains
 # every Table-4 row for a few steps and evaluates each; make analyze-demo): the former demo size.
 SLICE_SCENES = 8
@@ -108,7 +112,8 @@ def summary(out: Path, rows: list[tuple[str, str, str, str | None]], bench: dict
     lines += ["", f"Binomial std of a held-out accuracy (p = 0.5): "
               + ", ".join(f"{c} {std[c]}" for c in caps) + " points. The share is the teacher term's mean "
               "|lambda_k| ||g_k|| over all rows' (along: its part of the update's squared length), over the logged "
-              "steps (n/a: this drivekd does not log it)."]
+              "steps (n/a: this drivekd does not log it). The students saw only perception questions: on the "
+              "others they answer with perception options, which count as wrong (the report's unanswerable)."]
     return "\n".join(lines) + "\n"
 
 
@@ -152,9 +157,11 @@ def main(out: Path, steps: int, train_scenes: int, heldout_scenes: int) -> None:
     run(["drivekd.cli.train", "--config", cfg, "--recipe", KD_ROW, "--out", "runs/kd", *students], out)
     run(["drivekd.cli.report", "runs/ce", "runs/kd", "--out", "runs/report"], out)  # losses, weights, gradient conflict
     held = ["--data", "data/heldout_drivebench.json", "--images", "data", "--max-new-tokens", "10", "--batch-size", "32"]
+    budget = f"{steps} steps x {MICRO_BATCH}, lr {LR:g}"
     rows = [("untrained student", "none (format only, teacher's vision tower)", "eval/untrained", str(STUDENT_DIR), None),
-            ("CE student", f"--recipe sft --split perception, {steps} steps", "eval/ce", "runs/ce/final", None),
-            ("KD student", f"--recipe perception (CE + t2v MSE, layer 0), {steps} steps", "eval/kd", "runs/kd/final", "runs/kd"),
+            ("CE student", f"--recipe sft --split perception; {budget}", "eval/ce", "runs/ce/final", None),
+            ("KD student", f"--recipe perception (CE + t2v MSE at layer 0, paper weights); {budget}", "eval/kd", "runs/kd/final",
+             "runs/kd"),
             ("teacher", "CE, all questions (tools/train_teacher.py)", "eval/teacher", str(teacher), None)]
     for name, _, eval_dir, model, _ in rows:
         if eval_dir == "eval/kd":
