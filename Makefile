@@ -48,13 +48,17 @@ upgrade:
 test: install
 	$(PY) -m pytest tests
 
+# The untrained student, a CE student, a KD student and the teacher on the held-out split, side by
+# side ($(DEMO)/summary.md). One OpenMP thread, as below.
 demo: install
-	$(PY) tools/demo.py --out $(DEMO)
+	OMP_NUM_THREADS=1 $(PY) tools/demo.py --out $(DEMO)
 
 # Every row of the paper's Table 4 and Appendix E on the demo data, two steps and two seeds each
-# (configs/ablations/demo.toml): $(DEMO)/ablation/report.{md,json,png}. `make demo` (resumable) first
-# makes the store, the students and the data it trains on; the logits and hidden signals of the CE + KL
-# and CE + Hidden rows are added to that store (only what is missing). Rerunning skips finished runs.
+# (configs/ablations/demo.toml): $(DEMO)/ablation/report.{md,json,png}, trained on the first scenes of
+# the demo's train split and evaluated on the first of its held-out split ([data] of $(DEMO)/drivekd.toml).
+# `make demo` (resumable) first makes the data and the store (its perception role); the other roles and
+# the logits and hidden signals of the CE + KL and CE + Hidden rows are added to that store (only what
+# is missing). Rerunning skips finished runs.
 # One OpenMP thread: the tiny models gain nothing from two, and on a shared machine two threads
 # spin-wait whenever another process holds a core (measured here at load ~7: 2 min with one, 17 with two).
 ablate-demo: demo

@@ -154,6 +154,10 @@ def test_changed_settings_of_a_finished_run_are_refused(setup, tmp_path):
     older = {k: v for k, v in settings_identity(job.cfg).items() if k != "weight_decay"}
     write_state(abl.state_path(job), {"status": "done", "settings": older})
     check_finished_settings(abl, [job])
+    # Recorded before issue 22 changed two defaults that a CE run does not use: not a change.
+    write_state(abl.state_path(job), {"status": "done", "settings": {**settings_identity(job.cfg), "kl_temperature": 2.0,
+                                                                       "full_reduction": "paper"}})
+    check_finished_settings(abl, [job])
     write_state(abl.state_path(job), {"status": "done", "settings": {**settings_identity(job.cfg), "lr": 1.0}})
     with pytest.raises(ConfigError, match="run 'ce' \\(seed 1\\) was started with other settings \\(lr changed\\)"):
         run_ablation(abl)

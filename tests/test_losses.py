@@ -75,15 +75,15 @@ def test_t2v_mse_is_the_textbook_formula():
     assert got.item() > 0
 
 
-def test_full_mse_paper_is_mean_over_keys_then_queries():
+def test_full_mse_per_query_is_mean_over_keys_then_queries():
     S, Tm, _, _ = _sample(6, 2)
     T = 6
     per_query = [sum((S[i, j] - Tm[i, j]) ** 2 for j in range(i + 1)) / (i + 1) for i in range(T)]
     ref = sum(per_query) / T
-    got = full_attention_mse(S[None], Tm[None], torch.ones(1, T, dtype=torch.bool))
+    got = full_attention_mse(S[None], Tm[None], torch.ones(1, T, dtype=torch.bool), reduction="per-query")
     torch.testing.assert_close(got, ref.reshape(1))
-    # The reference trainer's reduction: plain mean over all T x T entries.
-    got_ref = full_attention_mse(S[None], Tm[None], torch.ones(1, T, dtype=torch.bool), reduction="reference")
+    # The authors' reduction (the default): plain mean over all T x T entries.
+    got_ref = full_attention_mse(S[None], Tm[None], torch.ones(1, T, dtype=torch.bool))
     torch.testing.assert_close(got_ref, F.mse_loss(S, Tm).reshape(1))
     assert not torch.allclose(got, got_ref)
 
@@ -101,7 +101,7 @@ def test_cosine_is_one_minus_cosine_similarity_and_scale_invariant():
 
 @pytest.mark.parametrize("signal", ["t2v", "full"])
 @pytest.mark.parametrize("kind", ["mse", "cosine"])
-@pytest.mark.parametrize("reduction", ["paper", "reference"])
+@pytest.mark.parametrize("reduction", ["entries", "per-query"])
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_padded_batch_equals_samples_alone(signal, kind, reduction, side):
     """Targets placed at each sample's offset: the batch loss of a sample is its unpadded loss."""

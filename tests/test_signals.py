@@ -287,7 +287,7 @@ def test_kl_run_trains_the_student_from_the_kl_alone(tiny_models, small_data, fu
     moved = [k for k in end if not torch.equal(start[k], end[k])]
     assert any("language_model" in k for k in moved)  # only the KL term had weight: its gradient moved the student
     # The temperature enters the loss: another tau, another value on the same first batch.
-    other = train(_train_cfg(tiny_models, small_data, full_store, tmp_path / "kl-t1", recipe="kl", w_ce=0.0, max_steps=1, kl_temperature=1.0,
+    other = train(_train_cfg(tiny_models, small_data, full_store, tmp_path / "kl-t2", recipe="kl", w_ce=0.0, max_steps=1, kl_temperature=2.0,
                              projection="none", dynamic_weights=False, micro_batch=2))
     assert other.metrics[0]["loss_kl"] != pytest.approx(kl[0], rel=1e-3)
 

@@ -26,7 +26,7 @@ from typing import Any, Iterable
 from drivekd.ablate.config import Ablation, Job
 from drivekd.ablate.state import read_state, write_state
 from drivekd.errors import ConfigError, DriveKDError
-from drivekd.trainer.settings import RESUME_FREE, TrainConfig
+from drivekd.trainer.settings import RESUME_FREE, TrainConfig, recorded_settings
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +79,7 @@ def check_finished_settings(abl: Ablation, jobs: Iterable[Job]) -> None:
         old, new = state.get("settings"), settings_identity(job.cfg)
         if old is None:
             continue
+        old = recorded_settings(old)  # older names and changed defaults, in today's terms
         # A key the state predates (recorded by an older drivekd) had its default then, as the
         # trainer's own resume check assumes.
         diffs = sorted(k for k in new if old.get(k, defaults.get(k)) != new[k])

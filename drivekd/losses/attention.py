@@ -20,7 +20,23 @@ from drivekd.roles import IGNORE_INDEX
 
 SIGNALS = ("t2v", "full")
 KINDS = ("mse", "cosine")
-FULL_REDUCTIONS = ("paper", "reference")
+# Reductions of the full-map MSE, by what they average (METHOD.md 3). "entries" is the authors'
+# released form, whose numbers the paper reports; "per-query" weights every query row equally, so
+# the short rows of the system prompt dominate it (49-75% of the value on the demo models).
+FULL_REDUCTIONS = ("entries", "per-query")
+DEFAULT_FULL_REDUCTION = "entries"
+# Names used before issue 22 (old run.json, checkpoints and ablation files still say them):
+# "reference" was the authors' T x T mean, "paper" the per-query mean (then the default).
+FULL_REDUCTION_ALIASES = {"reference": "entries", "paper": "per-query"}
+
+
+def full_reduction_name(name: str) -> str:
+    """The current name of a full-map reduction, given it or an older alias (ValueError otherwise)."""
+    name = FULL_REDUCTION_ALIASES.get(name, name)
+    if name not in FULL_REDUCTIONS:
+        raise ValueError(f"reduction must be one of {', '.join(FULL_REDUCTIONS)} (or the older "
+                         f"{', '.join(FULL_REDUCTION_ALIASES)}), got {name!r}")
+    return name
 
 
 # ----------------------------------------------------------------------------- hard label
@@ -72,27 +88,32 @@ def causal_valid(valid: torch.Tensor) -> torch.Tensor:
     return valid[:, :, None] & valid[:, None, :] & tril
 
 
-def full_attention_mse(student: torch.Tensor, teacher: torch.Tensor, valid: torch.Tensor, reduction: str = "paper") -> torch.Tensor:
+def full_attention_mse(student: torch.Tensor, teacher: torch.Tensor, valid: torch.Tensor,
+                       reduction: str = DEFAULT_FULL_REDUCTION) -> torch.Tensor:
     """Full-attention MSE (eq. 11), (B,).
 
-    paper: squared error over the valid query-key entries (real tokens, key <= query), averaged
-        over the keys of each query, then over the real queries.
-    reference: the released trainer's mean over all T_b x T_b entries of the sample's own
-        (unpadded) map, upper triangle included (equal to `F.mse_loss` on an unpadded map).
+    entries (the default; older name "reference"): the authors' released trainer, the mean over
+        all T_b x T_b entries of the sample's own (unpadded) map. Entries above the diagonal are 0
+        in both causal maps: they add nothing to the sum (they are masked) but count in the T_b^2
+        divisor; equal to `F.mse_loss` on an unpadded causal map.
+    per-query (older name "paper"): squared error over the valid query-key entries (real tokens,
+        key <= query), averaged over the keys of each query, then over the real queries. Query i
+        has i + 1 keys, so early rows (the system prompt) weigh far more than in `entries`.
     """
+    reduction = full_reduction_name(reduction)
     # Memory: autograd keeps one fp32 (B, T, T) difference and a bool mask per call (the maps are
     # the big tensors of a step; multiplying by a float mask kept two more fp32 maps).
-    if reduction == "paper":
+    if reduction == "per-query":
         m = causal_valid(valid)
         d2 = _masked_diff(student, teacher, m).pow(2)
         per_query = d2.sum(-1) / m.sum(-1).clamp_min(1)  # (B, T)
         q = valid.to(d2.dtype)
         return (per_query * q).sum(-1) / q.sum(-1).clamp_min(1)
-    if reduction == "reference":
-        m = valid[:, :, None] & valid[:, None, :]
-        n = valid.sum(-1).to(torch.float32).pow(2)
-        return _masked_diff(student, teacher, m).pow(2).sum((-1, -2)) / n.clamp_min(1)
-    raise ValueError(f"reduction must be one of {FULL_REDUCTIONS}, got {reduction!r}")
+    # Sum over the valid causal entries only: the entries above the diagonal are 0 in both real
+    # maps, so this is the authors' value, and it stays so whatever a map holds there.
+    d2 = _masked_diff(student, teacher, causal_valid(valid)).pow(2)  # (B, T, T)
+    n = valid.sum(-1).to(torch.float32).pow(2)  # (B,): T_b^2, every entry of the unpadded map
+    return d2.sum((-1, -2)) / n.clamp_min(1)
 
 
 def t2v_mse(student: torch.Tensor, teacher: torch.Tensor, text: torch.Tensor, vision: torch.Tensor) -> torch.Tensor:
@@ -139,7 +160,7 @@ def attention_loss(
     text: torch.Tensor,
     vision: torch.Tensor,
     valid: torch.Tensor,
-    reduction: str = "paper",
+    reduction: str = DEFAULT_FULL_REDUCTION,
 ) -> torch.Tensor:
     """Dispatch on (signal, kind): t2v|full x mse|cosine. Returns (B,)."""
     if signal == "t2v":

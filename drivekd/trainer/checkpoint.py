@@ -204,7 +204,12 @@ def read_meta(ckpt: str | Path) -> dict[str, Any]:
     ckpt = Path(ckpt)
     if not is_complete(ckpt):
         raise DriveKDError(f"{ckpt} is not a complete checkpoint (no {MARKER} marker)")
-    return json.loads((ckpt / STATE_JSON).read_text())
+    meta = json.loads((ckpt / STATE_JSON).read_text())
+    if isinstance(meta.get("config"), dict):  # an older drivekd's names and changed defaults, in today's terms
+        from drivekd.trainer.settings import recorded_settings
+
+        meta["config"] = recorded_settings(meta["config"])
+    return meta
 
 
 def load_state(ckpt: str | Path) -> dict[str, Any]:

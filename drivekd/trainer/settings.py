@@ -18,6 +18,7 @@ from typing import Any
 
 from drivekd.errors import ConfigError
 from drivekd.images import ImageSettings, pop_flags
+from drivekd.losses.attention import DEFAULT_FULL_REDUCTION, FULL_REDUCTION_ALIASES, FULL_REDUCTIONS, full_reduction_name
 from drivekd.losses.kl import DEFAULT_TEMPERATURE
 from drivekd.projection.precision import PRECISIONS
 from drivekd.roles import ROLES
@@ -72,8 +73,9 @@ class TrainConfig:
     split: str | None = opt(None, "With --recipe sft, kl or hidden: train on one capability split, as the single-teacher "
                             "recipes do (default: all samples).", group="distillation", choices=ROLES)
     kl_temperature: float = opt(DEFAULT_TEMPERATURE, "--recipe kl: temperature tau of CE + tau^2 KL(teacher || student) over the "
-                                "stored top-k + tail buckets (default 2.0, DistillKit's distil_logits.py; the paper's value is lost; "
-                                "1.0 is the exact bucketed KL, docs/STORE.md).", group="distillation", minimum=">0")
+                                "stored top-k + tail buckets. Default 1.0: the paper gives no tau for its CE + KL row and its "
+                                "KL pre-study works at ~1, and only at tau = 1 is the bucketed KL exact (at 2.0 it was "
+                                "0.64-0.88 of the full KL; docs/STORE.md, METHOD.md 3).", group="distillation", minimum=">0")
     w_kd: float = opt(1.0, "Static weight of the KL or hidden term of --recipe kl / hidden.", group="distillation", minimum=">=0")
     teacher_role: str | None = opt(None, "--recipe kl / hidden: the store role whose logits / hidden states to read "
                                    "(default: the first role holding them).", group="distillation", choices=ROLES)
@@ -84,8 +86,11 @@ class TrainConfig:
                              group="distillation")
     mid_range: str | None = opt(None, "Reasoning layer range variant, e.g. mid2 (indices 1..L-3); default 0..L-2.",
                                 group="distillation")
-    full_reduction: str = opt("paper", "Full-map MSE reduction: paper (eq. 11, per-query mean over valid keys) | reference "
-                              "(mean over T x T).", group="distillation", choices=("paper", "reference"))
+    full_reduction: str = opt(DEFAULT_FULL_REDUCTION, "Full-map MSE reduction (eq. 11): entries (the authors' code, whose "
+                              "numbers the paper reports: mean over all T x T entries, masked ones 0 in both maps) | "
+                              "per-query (each query's mean over its keys, then the mean over queries; the system-prompt "
+                              "rows dominate it). Older names, still read: reference = entries, paper = per-query.",
+                              group="distillation", choices=(*FULL_REDUCTIONS, *FULL_REDUCTION_ALIASES))
     text_tokens: str = opt("paper", "Text query set X: paper (no special tokens) | not_vision (reference code). Must match "
                            "the store.", group="distillation", choices=("paper", "not_vision"))
     mix: str = opt(DEFAULT_MIX, "3x3 mixing matrix M, rows ';' columns ',': rows = sample capability, columns = teacher "
@@ -225,6 +230,8 @@ class TrainConfig:
                 raise ConfigError(f"{flag(f.name)} must be > 0, got {v!r}")
             if minimum == ">=0" and not v >= 0:
                 raise ConfigError(f"{flag(f.name)} must be >= 0, got {v!r}")
+        # One name per objective in run.json and checkpoints: an older alias is stored as its current name.
+        self.full_reduction = full_reduction_name(self.full_reduction)
         if self.warmup_ratio >= 1:
             raise ConfigError(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.min_lr_ratio > 1:
@@ -281,6 +288,42 @@ def _names(names: list[str]) -> str:
 PATH_KEYS = ("student", "data", "images", "cache", "out", "resume_from")
 
 
+def _full_mse_used(d: dict[str, Any]) -> bool:
+    """Whether a run with settings `d` may have a full-map MSE term (conservative: True when unsure)."""
+    if d.get("loss", "mse") != "mse" or d.get("recipe") in ("sft", *KD_RECIPES):
+        return False
+    signal = d.get("signal")
+    if signal is not None:
+        return signal == "full"
+    return d.get("recipe") in ("reasoning", "multi")  # the reasoning teacher's own signal is the full map
+
+
+# Settings whose default changed (issue 22: kl_temperature 2.0 -> 1.0, full_reduction per-query ->
+# entries), each with the test of whether it enters a run's numbers at all.
+_CHANGED_DEFAULTS = {"kl_temperature": lambda d: d.get("recipe") == "kl", "full_reduction": _full_mse_used}
+
+
+def recorded_settings(d: dict[str, Any]) -> dict[str, Any]:
+    """Settings recorded by a run (a checkpoint's config, an ablation job's state), in today's terms,
+    for comparison with the settings of a run that would continue it.
+
+    An older alias becomes its current name (full_reduction paper -> per-query, reference -> entries),
+    so a run recorded under either name resumes under either. A setting whose default has changed
+    since, but which cannot change that run's numbers (kl_temperature outside --recipe kl,
+    full_reduction without a full-map MSE term), reads as today's default, so such runs resume
+    without naming it; where it does enter the run, the recorded value stays and a run resumed
+    without it is refused, naming the flag, instead of silently changing objective.
+    """
+    d = dict(d)
+    if isinstance(d.get("full_reduction"), str):
+        d["full_reduction"] = FULL_REDUCTION_ALIASES.get(d["full_reduction"], d["full_reduction"])
+    defaults = {f.name: f.default for f in fields(TrainConfig) if f.name in _CHANGED_DEFAULTS}
+    for key, used in _CHANGED_DEFAULTS.items():
+        if key in d and not used(d):
+            d[key] = defaults[key]
+    return d
+
+
 def flag(key: str) -> str:
     return "--" + key.replace("_", "-")
 
@@ -332,4 +375,5 @@ def config_from_sources(cli: dict[str, Any], config_path: str | Path | None = No
     return TrainConfig.from_dict(merged, where=str(raw.get("_path", "flags")))
 
 
-__all__ = ["DEFAULT_MIX", "GROUPS", "PROJECTIONS", "RECIPES", "RESUME_FREE", "TrainConfig", "config_from_sources", "flag"]
+__all__ = ["DEFAULT_MIX", "GROUPS", "PROJECTIONS", "RECIPES", "RESUME_FREE", "TrainConfig", "config_from_sources", "flag",
+           "recorded_settings"]
