@@ -87,7 +87,9 @@ def test_both_engines_return_the_same_lambda(method):
 
 
 def test_rows_and_gram_engines_log_the_same_shares(tiny_models, demo_data, targets, tmp_path):
-    kw = dict(max_steps=2, grad_accum=2, lr=1e-3, projection="agp", dynamic_weights=False, w_reasoning=1e5)
+    # per-query full-map MSE (larger than the default T x T mean) so the reasoning term is visible
+    kw = dict(max_steps=2, grad_accum=2, lr=1e-3, projection="agp", dynamic_weights=False, w_reasoning=1e5,
+              full_reduction="per-query")
     rows = train(_cfg(tiny_models, demo_data, tmp_path / "rows", grad_engine="rows", **kw), targets)
     gram = train(_cfg(tiny_models, demo_data, tmp_path / "gram", grad_engine="gram", **kw), targets)
     for a, b in zip(rows.metrics, gram.metrics):
@@ -165,13 +167,15 @@ def test_warning_window_is_the_run_when_shorter_and_survives_resume(tiny_models,
 
 
 def test_no_warning_when_the_teacher_term_counts(tiny_models, demo_data, targets, tmp_path, caplog):
-    """A teacher term with a weight that makes it count (here 1e6: the tiny models' attention
+    """A teacher term with a weight that makes it count (here 1e8: the tiny models' T x T-mean attention
     gradients are ~1e-6 of CE's), or set by --calibrate-kd, is not warned about."""
     with caplog.at_level(logging.WARNING, logger="drivekd.trainer.loop"):
-        heavy = train(_cfg(tiny_models, demo_data, tmp_path / "heavy", recipe="reasoning", w_reasoning=1e6,
+        heavy = train(_cfg(tiny_models, demo_data, tmp_path / "heavy", recipe="reasoning", w_reasoning=1e8,
                            dynamic_weights=False), targets)
-        cal = train(_cfg(tiny_models, demo_data, tmp_path / "cal", recipe="reasoning", calibrate_kd=0.3, dynamic_weights=False),
-                    targets)
+        # per-query full-map MSE: under the default T x T mean the tiny models' term needs a weight past
+        # calibration's 1e6 clamp
+        cal = train(_cfg(tiny_models, demo_data, tmp_path / "cal", recipe="reasoning", calibrate_kd=0.3, dynamic_weights=False,
+                         full_reduction="per-query"), targets)
         assert _warnings(caplog) == []
         low = train(_cfg(tiny_models, demo_data, tmp_path / "low", recipe="reasoning", dynamic_weights=False), targets)
     assert all(m["share_reasoning"] > 0.01 for m in heavy.metrics + cal.metrics)

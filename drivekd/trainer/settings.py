@@ -23,7 +23,7 @@ from drivekd.losses.kl import DEFAULT_TEMPERATURE
 from drivekd.projection.precision import PRECISIONS
 from drivekd.roles import ROLES
 from drivekd.terms import RECIPES as RECIPE_TABLE
-from drivekd.terms import flag_recipes
+from drivekd.terms import ATTENTION, flag_recipes
 from drivekd.trainer.report_to import default_report_to, parse_report_to
 from drivekd.trainer.trainable import PARAM_GROUPS
 from drivekd.trainer.trainable import check_settings as check_trainable
@@ -290,8 +290,9 @@ PATH_KEYS = ("student", "data", "images", "cache", "out", "resume_from")
 
 def _full_mse_used(d: dict[str, Any]) -> bool:
     """Whether a run with settings `d` may have a full-map MSE term (conservative: True when unsure)."""
-    if d.get("loss", "mse") != "mse" or d.get("recipe") in ("sft", *KD_RECIPES):
-        return False
+    r = RECIPE_TABLE.get(d.get("recipe"))
+    if d.get("loss", "mse") != "mse" or (r is not None and ATTENTION.name not in r.terms):
+        return False  # no attention term (sft, kl, hidden): no full-map MSE
     signal = d.get("signal")
     if signal is not None:
         return signal == "full"
