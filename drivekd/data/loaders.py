@@ -303,7 +303,7 @@ def _capability(label: str, field: str, unknown: str, how: str) -> str:
         if unknown == "skip":
             raise _Skip(label)
         raise _Problem(field, f"unknown capability label {label!r}; {how} "
-                       "(or load with unknown_capability='skip' to drop such records)")
+                       "(or drop such records from the file)")
     return cap
 
 
@@ -456,7 +456,7 @@ def _check_inside(sample: Sample, record: dict, fmt: str, root: Path) -> None:
     for field, p in zip(fields, sample.images):
         if os.path.commonpath([str(root), str(p)]) != str(root):
             raise _Problem(field, f"resolves to {p}, outside the image root {root}; keep the images under the "
-                           "image root (--images), or pass --allow-outside-images if you mean it", sample.id)
+                           "image root, or pass --images with a folder that holds them all", sample.id)
 
 
 def _check_images(sample: Sample, record: dict, fmt: str, cache: dict[Path, str | None]) -> None:
@@ -478,7 +478,7 @@ def _check_images(sample: Sample, record: dict, fmt: str, cache: dict[Path, str 
 
 def _image_problem(p: Path) -> str | None:
     if not p.is_file():
-        return ("does not exist; pass images_root (--images-root) pointing to the folder the image paths "
+        return ("does not exist; pass --images with the folder the image paths "
                 "are relative to (default: the JSON file's folder)")
     try:
         with Image.open(p) as im:
