@@ -3,7 +3,8 @@
 Proofs, as issue 18 asks: on the tiny models the dry run's peak equals the same step on real
 tensors counted by the same tracker (within 5%; it is exact), and is within 15% of the measured
 RSS increase; weights, gradients, per-loss rows and optimizer state are parameter count x bytes
-exactly; a real-size config (InternVL3-1B, T = 1800) runs through the CLI; the planned T is the one the family's processor path gives under the run's image settings.
+exactly; a real-size config (InternVL3-1B, T = 1800) runs through the CLI; the planned T is the one
+the family's processor path gives under the run's image settings.
 """
 
 from __future__ import annotations
