@@ -16,7 +16,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install upgrade test demo ablate-demo analyze-demo clean bench
+.PHONY: install upgrade test test-fast demo ablate-demo analyze-demo clean bench
 
 install: $(STAMP)
 
@@ -45,8 +45,13 @@ upgrade:
 	rm -rf $(UPGRADE_VENV)
 	@echo "requirements.lock refreshed; make install (or rm $(STAMP)) to use it, and commit it"
 
+# The whole suite, slow tests included (the CI's check); the 15 slowest are listed at the end.
 test: install
-	$(PY) -m pytest tests
+	$(PY) -m pytest tests --durations=15
+
+# The edit loop: everything but the tests marked `slow` (end-to-end runs, real-size plans, subprocesses).
+test-fast: install
+	$(PY) -m pytest tests -m "not slow" --durations=15
 
 # The untrained student, a CE student, a KD student and the teacher on the held-out split, side by
 # side ($(DEMO)/summary.md). One OpenMP thread, as below.

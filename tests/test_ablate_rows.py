@@ -9,7 +9,7 @@ import pytest
 
 from drivekd.ablate import load_ablation, run_ablation
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 ROOT = Path(__file__).resolve().parents[1]
 # The rows the paper's Table 4 and Appendix E name: each must be one of the shipped demo file's rows.
 PAPER_ROWS = {"CE", "CE + KL", "CE + Hidden (1)", "CE + Hidden (mid)", "CE + Hidden (L-2)", "Ours (single-teacher)",

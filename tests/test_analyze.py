@@ -234,6 +234,7 @@ def test_cli_errors_are_one_line(tiny_models, rw_data, demo_data, tmp_path):
         assert r.exit_code == 2 and msg in r.output and isinstance(r.exception, SystemExit), r.output
 
 
+@pytest.mark.slow
 def test_cli_killed_run_resumes_to_the_same_analysis(analysed, tiny_models, rw_data, demo_data, tmp_path):
     _, want, _ = analysed
     out = tmp_path / "a"

@@ -116,6 +116,7 @@ def test_info_and_verify_cli(built, tmp_path):
     assert r.exit_code == 1 and sid in r.output
 
 
+@pytest.mark.slow
 def test_kill_and_resume_is_bit_identical(tiny_models, small_data, built, tmp_path):
     out = tmp_path / "cache"
     cmd = [sys.executable, "-m", "drivekd.cli.cache", "build", "--teacher", "all", "--model", str(tiny_models / "internvl-teacher"),
@@ -132,6 +133,7 @@ def test_kill_and_resume_is_bit_identical(tiny_models, small_data, built, tmp_pa
     assert _files(out) == _files(built)
 
 
+@pytest.mark.slow
 def test_two_rank_build_equals_single(tiny_models, small_data, built, tmp_path):
     out = tmp_path / "cache"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}", "-m", "drivekd.cli.cache", "build",

@@ -423,5 +423,5 @@ def test_skip_mode_drops_and_reports_unknown_labels(imgdir, caplog):
     assert report.n_skipped == 2 and [(k.index, k.label) for k in report.skipped] == [(1, "weather"), (3, "counting")]
     assert "skipped 2 record(s)" in caplog.text
     assert [s.question for s in load_samples(path, unknown_capability="skip")] == ["a", "c"]
-    with pytest.raises(DataError, match="unknown_capability='skip'"):
+    with pytest.raises(DataError, match="drop such records from the file"):
         load_samples(path)

@@ -31,12 +31,11 @@ def _tree(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-def test_generation_is_deterministic_and_fast(tmp_path):
+def test_generation_is_deterministic(tmp_path):
     a = make_demo_data(tmp_path / "a")  # the defaults
     make_demo_data(tmp_path / "b")
     ta, tb = _tree(tmp_path / "a"), _tree(tmp_path / "b")
     assert ta == tb and len(ta) == a["images"] + 3
-    assert a["seconds"] < 2.0
     assert (a["groups"], a["six_view_groups"], a["images"], a["samples"]) == (12, 6, 6 * 6 + 6, 48)
     make_demo_data(tmp_path / "c", seed=43)
     assert _tree(tmp_path / "c") != ta

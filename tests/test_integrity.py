@@ -175,6 +175,7 @@ def test_schema2_store_reads_and_says_it_has_no_checksums(built, tmp_path):
 # ----------------------------------------------------------------------------- one writer
 
 
+@pytest.mark.slow
 def test_two_builds_at_once_one_is_refused_naming_the_holder(tiny_models, data, built, tmp_path):
     out = tmp_path / "cache"
     cmd = [sys.executable, "-m", "drivekd.cli.cache", "build", "--teacher", "all", "--model", str(tiny_models / "internvl-teacher"),

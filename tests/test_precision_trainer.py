@@ -31,6 +31,7 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(path / "model.safetensors"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision,engine", [("bf16-offload", "gram"), ("bf16-kahan", "rows"),
                                               ("bf16-stochastic", "gram")])
 def test_trains_and_resumes_bit_exactly(tiny_models, demo_data, targets, tmp_path, precision, engine):
@@ -71,12 +72,14 @@ def test_precision_is_a_numbers_changing_resume_key(tiny_models, demo_data, targ
         TrainConfig(precision="bf16-offload", dtype="float32")
 
 
-STEPS, LR = 40, 5e-5
+# 20 steps: the bf16 modes land at 0.107 of the fp32 run's movement (tolerance 0.15), pure bf16 at 0.71
+# (measured; at 12 steps the modes sit at 0.143, too near the tolerance).
+STEPS, LR = 20, 5e-5
 
 
 @pytest.fixture(scope="module")
 def short_runs(tiny_models, demo_data, tmp_path_factory):
-    """40 optimizer steps of plain fine-tuning at lr 5e-5 per precision, through train()."""
+    """STEPS optimizer steps of plain fine-tuning at lr 5e-5 per precision, through train()."""
     out = {}
     for precision in ("fp32", "bf16-offload", "bf16-kahan", "bf16-pure"):
         d = tmp_path_factory.mktemp(precision)
@@ -87,6 +90,7 @@ def short_runs(tiny_models, demo_data, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_bf16_modes_track_the_fp32_master_run_and_pure_bf16_does_not(tiny_models, short_runs):
     """Trainer-level version of tests/test_precision.py's 200-step check (which runs the optimizer
     alone on a tiny LM): distance of the final weights to the fp32-master run's, relative to how

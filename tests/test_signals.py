@@ -106,6 +106,7 @@ def test_stored_signals_equal_a_direct_forward(tiny_models, small_data, full_sto
     assert st.verify("planning") == [] and st.verify("perception") == []
 
 
+@pytest.mark.slow
 def test_add_hidden_to_attention_store_computes_only_what_is_missing(tiny_models, small_data, full_store, tmp_path):
     out = tmp_path / "cache"
     build(_cfg(tiny_models, small_data, out))

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from drivekd.demo import benchmark as bm
@@ -56,6 +57,7 @@ def test_committed_teacher_beats_the_prior_on_a_heldout_slice(tmp_path, one_thre
         assert acc >= chance + 15, (cap, acc, chance)
 
 
+@pytest.mark.slow
 def test_train_teacher_quick_runs_end_to_end(tmp_path):
     out = tmp_path / "teacher"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}

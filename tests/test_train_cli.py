@@ -123,15 +123,15 @@ def test_validation_errors_of_store_and_files(tiny_models, data6, demo_data, sto
     assert r.exit_code == 2 and "internvl" in r.output and "qwen2_5_vl" in r.output, r.output
 
 
+@pytest.mark.slow
 def test_kill9_then_resume_equals_uninterrupted(tiny_models, data6, demo_data, store, tmp_path):
-    common = ["--max-steps", "10", "--save-every", "2", "--grad-accum", "1", "--lr", "1e-3", "--keep-last", "2"]
+    # 8 steps of one sample: the resumed run crosses into the second epoch of the six samples (step 7).
+    common = ["--max-steps", "8", "--save-every", "2", "--grad-accum", "1", "--lr", "1e-3", "--keep-last", "2"]
     killed = tmp_path / "killed"
     cmd = [sys.executable, "-m", "drivekd.cli.train", *_args(tiny_models, data6, demo_data, store, killed, *common)]
     proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    deadline = time.time() + 120
-    while not (killed / "step-000002" / "COMPLETE").exists():
+    while not (killed / "step-000002" / "COMPLETE").exists():  # no deadline: a loaded machine may be slow
         assert proc.poll() is None, proc.stdout.read().decode()
-        assert time.time() < deadline
         time.sleep(0.01)
     os.kill(proc.pid, signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL
@@ -141,15 +141,16 @@ def test_kill9_then_resume_equals_uninterrupted(tiny_models, data6, demo_data, s
     clean = tmp_path / "clean"
     r = _run(_args(tiny_models, data6, demo_data, store, clean, *common))
     assert r.exit_code == 0, r.output
-    assert [json.loads(l)["step"] for l in (killed / "metrics.jsonl").read_text().splitlines()] == list(range(1, 11))
+    assert [json.loads(l)["step"] for l in (killed / "metrics.jsonl").read_text().splitlines()] == list(range(1, 9))
     assert _losses(killed) == pytest.approx(_losses(clean), rel=1e-6)
     a, b = load_file(str(killed / "final" / "model.safetensors")), load_file(str(clean / "final" / "model.safetensors"))
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
     assert not list(killed.glob(".tmp-*"))
-    assert [s for s, _ in list_checkpoints(killed)] == [8, 10]  # --keep-last 2
+    assert [s for s, _ in list_checkpoints(killed)] == [6, 8]  # --keep-last 2
 
 
+@pytest.mark.slow
 def test_two_ranks_equal_one_process(tiny_models, data6, demo_data, store, tmp_path):
     """2 gloo ranks x micro-batch 1 == 1 process x micro-batch 2 (same global batch): the per-loss
     rows are averaged across ranks before AGP, so the projection sees the same gradients."""

@@ -47,7 +47,7 @@ def main() -> None:
               help="Text query set X stored for the losses: paper (no special tokens, default) or not_vision (the "
                    "reference trainer's); drivekd-train --text-tokens must match.")
 @click.option("--signals", default=None, help="What to store, comma separated, any order: attention (always), logits (the teacher's "
-              "top-k next-token log-probabilities on answer positions, for --recipe kl), hidden (hidden states at the role's layers "
+              "top-k next-token log-probabilities on answer positions, for drivekd-train --recipe kl), hidden (hidden states at the role's layers "
               "on text positions, for --recipe hidden). Adding a signal to an existing store computes only what is missing.")
 @click.option("--logits-top-k", type=int, default=None, help="k of the stored top-k log-probabilities (default 256: "
               "tools/bench_signals.py measures bytes vs KL error); the rest of the mass is kept as one tail value.")

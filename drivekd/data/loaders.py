@@ -304,7 +304,7 @@ def _capability(label: str, field: str, unknown: str, how: str) -> str:
         if unknown == "skip":
             raise _Skip(label)
         raise _Problem(field, f"unknown capability label {label!r}; {how} "
-                       "(or load with unknown_capability='skip' to drop such records)")
+                       "(or drop such records from the file)")
     return cap
 
 
@@ -483,7 +483,7 @@ def _check_images(sample: Sample, record: dict, fmt: str, cache: dict[Path, str 
 
 def _image_problem(p: Path) -> str | None:
     if not p.is_file():
-        return ("does not exist; pass images_root (--images-root) pointing to the folder the image paths "
+        return ("does not exist; pass --images with the folder the image paths "
                 "are relative to (default: the JSON file's folder)")
     try:
         with Image.open(p) as im:

@@ -397,7 +397,7 @@ class Family(abc.ABC):
                 with Image.open(p) as im:
                     imgs.append(im.convert("RGB"))
             except (OSError, ValueError) as e:
-                raise DataError(f"sample {sample.id}: cannot read image {p}: {e}. Fix or remove the file, or pass --skip-bad") from e
+                raise DataError(f"sample {sample.id}: cannot read image {p}: {e}. Fix or remove the file, or drop the sample from the data") from e
         return imgs
 
     # ----- one sample -----

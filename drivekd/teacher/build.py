@@ -75,8 +75,8 @@ class _Pass:
                 self.family.images(s)  # decoded once per image group, reused by encode
                 good.append(s)
             except DataError as e:
-                if not self.cfg.skip_bad:
-                    raise
+                if not self.cfg.skip_bad:  # only the build can skip, so only it names --skip-bad
+                    raise DataError(f"{e}, or pass --skip-bad to record it as skipped") from e
                 for r in self.roles:
                     self.store.mark_skipped(r, s.id, str(e))
                 self.totals["skipped"] += 1

@@ -68,7 +68,7 @@ class TrainConfig:
     recipe: str = opt("multi", "perception | reasoning | planning (one teacher, its capability split) | multi (all samples, "
                       "three teachers, mixing matrix) | sft (CE only, the fine-tuning baseline; no store needed) | kl (CE + "
                       "tau^2 KL to the stored teacher distribution) | hidden (CE + MSE to the stored teacher hidden states "
-                      "at --layers). kl and hidden need a store built with --signals logits / hidden.",
+                      "at --layers). kl and hidden need a store built with drivekd-cache build --signals logits / hidden.",
                       group="distillation", choices=RECIPES)
     split: str | None = opt(None, "With --recipe sft, kl or hidden: train on one capability split, as the single-teacher "
                             "recipes do (default: all samples).", group="distillation", choices=ROLES)
