@@ -53,3 +53,10 @@ def test_train_refuses_then_accepts(tiny_models, escaping, tmp_path):
 def test_analyze_refuses(tiny_models, escaping, tmp_path):
     _refused(CliRunner().invoke(analyze_cli, ["--model", str(tiny_models / "internvl-teacher"), "--data", str(escaping),
                                               "--out", str(tmp_path / "an"), "--no-progress"]))
+
+
+def test_eval_refuses(tiny_models, escaping, tmp_path):
+    from drivekd.cli.eval import main as eval_cli
+
+    _refused(CliRunner().invoke(eval_cli, ["--model", str(tiny_models / "internvl-student"), "--data", str(escaping),
+                                           "--out", str(tmp_path / "ev")]))

@@ -81,6 +81,7 @@ def _print_summary(report: dict, out_dir: Path) -> None:
 @click.option("--model", "model_dir", type=_PATH, default=None, help="Checkpoint folder of the model to evaluate.")
 @click.option("--data", type=_PATH, default=None, help="DriveBench JSON file (list of records).")
 @click.option("--images", type=_PATH, default=None, help="Root folder the records' image paths are relative to.")
+@click.option("--allow-outside-images", is_flag=True, help="Accept image paths that escape the image root; refused by default.")
 @click.option("--out", "out_dir", type=_PATH, default=None, help="Run folder: predictions.json, report.{json,md,png}, judge.jsonl.")
 @click.option("--batch-size", type=int, default=8, show_default=True)
 @click.option("--max-new-tokens", type=int, default=512, show_default=True)
@@ -93,7 +94,7 @@ def _print_summary(report: dict, out_dir: Path) -> None:
 @_judge_options
 @image_options
 @click.pass_context
-def main(ctx: click.Context, model_dir, data, images, out_dir, batch_size, max_new_tokens, temperature, top_p, deploy, limit, compare, name, **judge_kw):
+def main(ctx: click.Context, model_dir, data, images, allow_outside_images, out_dir, batch_size, max_new_tokens, temperature, top_p, deploy, limit, compare, name, **judge_kw):
     """Evaluate a driving VLM on DriveBench, or score / compare existing runs (see the commands)."""
     image_flags = pop_flags(judge_kw)  # --tiling, --max-patches, --min-pixels, --max-pixels
     if ctx.invoked_subcommand is not None:
@@ -116,6 +117,7 @@ def main(ctx: click.Context, model_dir, data, images, out_dir, batch_size, max_n
         model_dir, data, out_dir, images=images, batch_size=batch_size, max_new_tokens=max_new_tokens,
         temperature=temperature, top_p=top_p, deploy=deploy, judge=_judge_settings(**judge_kw), limit=limit,
         compare=compare, model_name=name, image_settings=ImageSettings.from_sources(image_flags, load_config(None)),
+        allow_outside_images=allow_outside_images,
     )
     _print_summary(report, out_dir)
 

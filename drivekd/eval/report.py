@@ -229,6 +229,7 @@ def evaluate_model(
     compare: Sequence[str | Path] = (),
     model_name: str | None = None,
     image_settings: Any = None,
+    allow_outside_images: bool = False,
 ) -> dict[str, Any]:
     """Generation-based evaluation: load samples, generate (resumable), measure, score, report.
 
@@ -261,7 +262,7 @@ def evaluate_model(
         from drivekd.data.loaders import load_samples
     except ImportError as e:
         raise ConfigError(f"the data loader (drivekd.data.loaders) is not available in this install: {e}") from None
-    samples = load_samples(data, images_root=images)
+    samples = load_samples(data, images_root=images, allow_outside_images=allow_outside_images)
     if limit is not None:
         samples = samples[:limit]
     if not samples:
