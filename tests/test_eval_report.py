@@ -199,7 +199,7 @@ def test_generation_mode_with_a_stub_generator(tmp_path, monkeypatch):
     images.mkdir()
     calls = {}
 
-    def load_samples(path, images_root=None):
+    def load_samples(path, images_root=None, allow_outside_images=False):
         calls["load"] = (path, images_root)
         return [types.SimpleNamespace(id=f"s{i}", record=r) for i, r in enumerate(json.loads(path.read_text()))]
 
