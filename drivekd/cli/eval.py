@@ -74,6 +74,10 @@ def _print_summary(report: dict, out_dir: Path) -> None:
 
     click.echo("| Model | Perception | Reasoning | Planning | Average | Memory (GB) | tok/s | TTFT (s) |")
     click.echo(table1_row(report))
+    deploy = report.get("deploy") or {}
+    if "max_new_tokens" in deploy:
+        click.echo(f"deployment: {deploy['max_new_tokens']} new tokens per generation (fixed), batch {deploy['batch_size']}, "
+                   f"median of {deploy['runs']} runs, {deploy['dtype']} on {deploy['device_name']}")
     click.echo(f"unanswerable: {report['unanswerable']['count']}; report: {out_dir / 'report.md'}")
 
 
@@ -87,10 +91,13 @@ def _print_summary(report: dict, out_dir: Path) -> None:
 @click.option("--max-new-tokens", type=int, default=512, show_default=True)
 @click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy decoding.")
 @click.option("--top-p", type=float, default=1.0, show_default=True)
-@click.option("--deploy/--no-deploy", default=False, show_default=True, help="Also measure peak memory, tok/s and TTFT.")
+@click.option("--deploy/--no-deploy", default=False, show_default=True,
+              help="Also measure peak memory, tok/s and TTFT, by a fixed protocol: 32 new tokens per generation whatever "
+                   "--max-new-tokens, batch 1, the first sample's prompt, median of 5 runs after a warm-up.")
 @click.option("--limit", type=int, default=None, help="Evaluate only the first N samples.")
 @click.option("--compare", multiple=True, type=_PATH, help="Another run folder to compare with (repeatable).")
-@click.option("--name", default=None, help="Model name in the report (default: the --model folder name).")
+@click.option("--name", default=None, help="Model name in the report (default: the training run's name when --model is a "
+              "checkpoint of a drivekd run, i.e. the folder above it holds run.json; else the --model folder name).")
 @_judge_options
 @image_options
 @click.pass_context
@@ -138,7 +145,10 @@ def score_command(predictions: Path, out_dir: Path | None, name: str | None, **j
     records = read_predictions(predictions)
     check_records(records, str(predictions))  # every malformed record named, before any judge call
     out_dir = out_dir or predictions.parent
-    report = score_and_report(records, out_dir, judge=judge, model_name=name, progress=judge is not None)
+    from drivekd.eval.provenance import scoring_provenance
+
+    report = score_and_report(records, out_dir, judge=judge, model_name=name, progress=judge is not None,
+                              provenance=scoring_provenance(predictions, judge))
     _print_summary(report, out_dir)
 
 

@@ -95,7 +95,40 @@ def report_markdown(report: Mapping[str, Any]) -> str:
     lines += ["## Reasoning-planning consistency", ""]
     lines.append(f"Pearson r = {_fmt(cons['pearson'], 3)}, Spearman rho = {_fmt(cons['spearman'], 3)}, n = {cons['n_groups']} image groups")
     lines.append(f"(per image: mean reasoning score vs mean planning score; score = {cons['score']}; n/a below 3 groups or with zero variance).")
+    lines += _deploy_lines(report.get("deploy"))
+    lines += _provenance_lines(report.get("provenance"))
     return "\n".join(lines) + "\n"
+
+
+def _deploy_lines(deploy: Mapping[str, Any] | None) -> list[str]:
+    if not deploy or "max_new_tokens" not in deploy:
+        return []
+    return ["", "## Deployment", "",
+            f"Protocol: {deploy['max_new_tokens']} new tokens per generation (fixed, whatever --max-new-tokens), batch "
+            f"{deploy.get('batch_size')}, prompt of {deploy.get('prompt_tokens')} tokens, median over {deploy.get('runs')} runs "
+            f"after one warm-up; {deploy.get('dtype')} on {deploy.get('device_name')}; memory: {deploy.get('memory_kind')}."]
+
+
+def _provenance_lines(p: Mapping[str, Any] | None) -> list[str]:
+    if not p:
+        return []
+    lines = ["", "## Provenance", ""]
+    if p.get("model"):
+        m = p["model"]
+        lines.append(f"- model: `{m['path']}` (sha256 of its files {m['fingerprint'][:16]}…)" + (f", run {m['run']}" if m.get("run") else ""))
+    if p.get("data"):
+        d = p["data"]
+        lines.append(f"- data: `{d['path']}` (sha256 {d['sha256'][:16]}…), {d['samples']} samples" + (f" (--limit {d['limit']})" if d.get("limit") else ""))
+    if p.get("predictions"):
+        lines.append(f"- predictions: `{p['predictions']['path']}` (sha256 {p['predictions']['sha256'][:16]}…)")
+    if p.get("images"):
+        lines.append(f"- images: root `{p['images']['root']}`, settings {p['images']['settings'] or 'the checkpoint’s own'}")
+    if p.get("generation"):
+        lines.append("- generation: " + ", ".join(f"{k} {v}" for k, v in p["generation"].items()))
+    j = p.get("judge")
+    lines.append("- judge: " + (f"{j['model']} at {j['url']}, {j['runs']} runs, temperature {j['temperature']}" if j else "none"))
+    lines.append("- versions: " + ", ".join(f"{k} {v}" for k, v in p["versions"].items()))
+    return lines
 
 
 def _values(report: Mapping[str, Any]) -> list[float | None]:
@@ -114,10 +147,12 @@ def write_report(
     report_dict: Mapping[str, Any],
     deploy: Mapping[str, Any] | None = None,
     model_name: str | None = None,
+    provenance: Mapping[str, Any] | None = None,
 ) -> dict[str, Path]:
     """Write report.json, report.md and report.png into `out_dir`; returns their paths.
 
-    `deploy` (peak_memory_gb, tokens_per_s, ttft_s) fills the Table 1 deployment columns.
+    `deploy` (peak_memory_gb, tokens_per_s, ttft_s) fills the Table 1 deployment columns;
+    `provenance` (drivekd.eval.provenance) says what was evaluated, how, and with which versions.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -126,6 +161,8 @@ def write_report(
     if deploy is not None:
         report["deploy"] = dict(deploy)
     report.setdefault("deploy", None)
+    if provenance is not None:
+        report["provenance"] = dict(provenance)
     paths = {
         "json": atomic_write_text(out_dir / REPORT_JSON, json.dumps(report, indent=2, ensure_ascii=False) + "\n"),
         "md": atomic_write_text(out_dir / REPORT_MD, report_markdown(report)),
@@ -194,6 +231,7 @@ def score_and_report(
     deploy: Mapping[str, Any] | None = None,
     model_name: str | None = None,
     progress: bool = False,
+    provenance: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Grade (when `judge`, a `drivekd.eval.judge.JudgeSettings`, is given), score and write the report.
 
@@ -210,7 +248,7 @@ def score_and_report(
             records, judge.client(), runs=judge.runs, log_path=out_dir / JUDGE_LOG, workers=judge.workers, progress=progress
         )
     report = score_predictions(records, grades)
-    paths = write_report(out_dir, report, deploy=deploy, model_name=model_name)
+    paths = write_report(out_dir, report, deploy=deploy, model_name=model_name, provenance=provenance)
     return json.loads(paths["json"].read_text(encoding="utf-8"))
 
 
@@ -283,8 +321,19 @@ def evaluate_model(
         from drivekd.eval.predictions import write_predictions
 
         write_predictions(pred_path, records)
-    deploy_metrics = measure_deploy(model_dir, samples, image_settings=image_settings) if deploy else None
-    report = score_and_report(records, out_dir, judge=judge, deploy=deploy_metrics, model_name=model_name or model_dir.name, progress=True)
+    from drivekd.eval import provenance as prov
+
+    deploy_metrics = None
+    if deploy:
+        deploy_metrics = measure_deploy(model_dir, samples, image_settings=image_settings, max_new_tokens=prov.DEPLOY_NEW_TOKENS,
+                                        runs=prov.DEPLOY_RUNS, batch_size=prov.DEPLOY_BATCH)
+    generation = {"max_new_tokens": max_new_tokens, "decoding": "sampling" if temperature > 0 else "greedy",
+                  "temperature": temperature, "top_p": top_p, "batch_size": batch_size}
+    provenance = prov.evaluation_provenance(model_dir, data, Path(images) if images is not None else None, limit=limit,
+                                            n_samples=len(samples), generation=generation, image_settings=image_settings,
+                                            judge=judge, deploy=deploy)
+    report = score_and_report(records, out_dir, judge=judge, deploy=deploy_metrics,
+                              model_name=model_name or prov.default_model_name(model_dir), progress=True, provenance=provenance)
     if compare:
         compare_reports([out_dir, *compare], out_dir / "compare")
     return report

@@ -11,6 +11,7 @@ import abc
 import copy
 import hashlib
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -24,6 +25,8 @@ from drivekd.families.capture import CAPTURE_IMPL
 from drivekd.families.processors import load_processor
 from drivekd.images import NUSCENES_CAMERA, ImageSettings, flag
 from drivekd.roles import IGNORE_INDEX
+
+log = logging.getLogger(__name__)
 
 FAMILIES = ("internvl", "qwen2_5_vl")
 
@@ -65,7 +68,32 @@ def model_config(path: str | Path):
     from transformers import AutoConfig
 
     detect_family(path)  # a clear error for a folder without config.json or of another family
-    return AutoConfig.from_pretrained(Path(path), local_files_only=True)
+    try:
+        config = AutoConfig.from_pretrained(Path(path), local_files_only=True)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ModelError(f"{path}: transformers cannot read its config.json ({_reason(e)}); fix or re-download the file") from None
+    if silently_untied_head(path):
+        config.tie_word_embeddings = False
+    return config
+
+
+def silently_untied_head(path: str | Path) -> bool:
+    """True for a checkpoint whose text config says `tie_word_embeddings: false` while its top level
+    says nothing, as the InternVL `-hf` conversions were written. transformers 5.x decides tying from
+    the top level, which `InternVLConfig` defaults to true: such a model would be built with its
+    output head tied to the embeddings (fewer parameters, and the trained `lm_head` at risk of being
+    replaced). drivekd builds it untied, as its text config says (configs/models/README.md)."""
+    raw = json.loads((Path(path) / "config.json").read_text())
+    text = raw.get("text_config") if isinstance(raw.get("text_config"), dict) else {}
+    return "tie_word_embeddings" not in raw and text.get("tie_word_embeddings") is False
+
+
+def _reason(e: Exception) -> str:
+    msg = str(e)
+    if "ignore_mismatched_sizes" in msg:  # the per-tensor report went to the log just above
+        return "its weights' shapes do not match its config.json; transformers' load report above lists them"
+    first = next((line.strip() for line in msg.splitlines() if line.strip()), "")
+    return f"{type(e).__name__}: {first[:300]}"
 
 
 def checkpoint_depth(path: str | Path) -> tuple[str, Depth]:
@@ -86,17 +114,25 @@ def load_model(path, *, dtype=torch.float32, device="cpu", capture=True, attn="s
     if not (path / "model.safetensors").is_file() and not (path / "model.safetensors.index.json").is_file():
         raise ModelError(f"{path}: no model.safetensors(.index.json); drivekd loads safetensors only (no pickle)")
     text_impl = CAPTURE_IMPL if capture and attn == "sdpa" else attn
+    config = model_config(path)
+    if silently_untied_head(path):
+        log.warning("%s: config.json's text_config says tie_word_embeddings false and its top level says nothing "
+                    "(transformers 5.x would tie the output head): loading it untied, its own lm_head kept", path)
     try:
         model = family_class(family).model_class().from_pretrained(
             path,
+            config=config,
             dtype=dtype,
             attn_implementation={"text_config": text_impl, "vision_config": attn, "": attn},
             use_safetensors=True,
             local_files_only=True,
             trust_remote_code=trust_remote_code,
         )
-    except OSError as e:
-        raise ModelError(f"{path}: cannot load the checkpoint: {e}") from e
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as e:
+        # Whatever transformers refuses (shapes that do not match config.json, a config value its
+        # classes reject, a truncated file): one line naming the folder and the reason.
+        raise ModelError(f"{path}: transformers cannot build this checkpoint ({_reason(e)}); check that config.json and "
+                         "the weights belong together (re-download or re-save the checkpoint)") from None
     return model.to(device)
 
 

@@ -17,6 +17,8 @@ from pathlib import Path
 
 from transformers import InternVLProcessor, Qwen2_5_VLProcessor
 
+from drivekd.errors import ModelError
+
 
 class _GroupImageMemo:
     """Reuse the image processing of the previous call when the same images come again.
@@ -66,6 +68,44 @@ class InternVLProcessorNoVideo(_GroupImageMemo, InternVLProcessor):
         )
 
 
+# drivekd's video-free class -> the transformers class it stands in for. A saved checkpoint names
+# the transformers class (processor_config.json, tokenizer_config.json), so that AutoProcessor
+# rebuilds the full processor wherever torchvision is installed; drivekd itself always loads the
+# video-free class of the folder's family, whatever name the folder carries.
+HF_PROCESSOR_CLASSES = {InternVLProcessorNoVideo: InternVLProcessor, Qwen2_5_VLProcessorNoVideo: Qwen2_5_VLProcessor}
+# Files in which save_pretrained records the processor's class name.
+_CLASS_NAME_FILES = ("processor_config.json", "tokenizer_config.json", "preprocessor_config.json")
+
+
+def video_free_class(hf_name: str) -> type:
+    """drivekd's video-free stand-in for the transformers processor class named `hf_name` (as a
+    checkpoint's processor_config.json names it), for loading a folder without torchvision."""
+    for ours, theirs in HF_PROCESSOR_CLASSES.items():
+        if theirs.__name__ == hf_name or ours.__name__ == hf_name:
+            return ours
+    known = ", ".join(c.__name__ for c in HF_PROCESSOR_CLASSES.values())
+    raise ValueError(f"no video-free processor for {hf_name!r} (drivekd has {known})")
+
+
+def save_processor(processor, folder: str | Path) -> None:
+    """`processor.save_pretrained(folder)`, naming the transformers class instead of drivekd's
+    video-free subclass: the folder is then a drop-in checkpoint for `AutoProcessor` (which does not
+    know drivekd's class and would fall back to a bare tokenizer, silently dropping images)."""
+    folder = Path(folder)
+    processor.save_pretrained(folder)
+    hf = HF_PROCESSOR_CLASSES.get(type(processor))
+    if hf is None:
+        return
+    for name in _CLASS_NAME_FILES:
+        p = folder / name
+        if not p.is_file():
+            continue
+        cfg = json.loads(p.read_text())
+        if cfg.get("processor_class") == type(processor).__name__:
+            cfg["processor_class"] = hf.__name__
+            p.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
 def _read_chat_template(path: Path, tokenizer) -> str | None:
     for name in ("chat_template.jinja",):
         if (path / name).is_file():
@@ -89,4 +129,9 @@ def load_processor(processor_class, path: str | Path, image_processor, **kwargs)
     path = Path(path)
     tokenizer = AutoTokenizer.from_pretrained(path)
     template = _read_chat_template(path, tokenizer)
+    if not template:
+        # Without one, apply_chat_template fails deep inside transformers on the first sample; a
+        # base (non-chat) checkpoint or a folder assembled by hand lacks it.
+        raise ModelError(f"{path}: no chat template (chat_template.jinja, chat_template.json, or a chat_template entry "
+                         "in processor_config.json or tokenizer_config.json); copy it from the instruct checkpoint")
     return processor_class(image_processor=image_processor, tokenizer=tokenizer, chat_template=template, **kwargs)

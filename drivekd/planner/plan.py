@@ -89,11 +89,11 @@ def parse_bytes(text: str | int | None, flag: str = "--gpu-memory") -> int | Non
 
 
 def student_config(student: Path):
-    from transformers import AutoConfig
+    from drivekd.families.base import model_config
 
     if not (Path(student) / "config.json").is_file():
         raise ConfigError(f"--student {student}: no config.json (the dry run needs the model's config.json, no weights)")
-    return AutoConfig.from_pretrained(student, local_files_only=True)
+    return model_config(student)  # as load_model builds it (an InternVL head the top level leaves silent: untied)
 
 
 def model_depth(model_dir: Path, flag: str = "--student") -> tuple[str, int]:

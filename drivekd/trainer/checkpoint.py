@@ -6,15 +6,22 @@ A checkpoint folder holds
                                            step checkpoints: adapter_model.safetensors and
                                            adapter_config.json only, its final/: the merged
                                            model plus adapter/ (drivekd/trainer/trainable.py)
-    processor / tokenizer files            the family's processor (save_pretrained)
-    trainer_state.pt                       optimizer, scheduler, re-weighting, RNG states: tensors
-                                           and plain containers only, read with weights_only=True
+    processor / tokenizer files            the family's processor (save_pretrained), naming the
+                                           transformers class (InternVLProcessor, ...), not drivekd's
+                                           video-free stand-in, so AutoProcessor rebuilds it
+    trainer_state.pt                       step checkpoints only: optimizer, scheduler, re-weighting,
+                                           RNG states: tensors and plain containers only, read with
+                                           weights_only=True
     trainer_state.json                     step, data position, world size, the resolved config
     COMPLETE                               written last
 
 It is written into RUN/.tmp-<name>-<pid>/ and renamed into place after COMPLETE exists, so a
 kill at any moment leaves either the previous checkpoints or a complete new one (plus a .tmp
 folder that the next run removes). Only COMPLETE folders are ever read.
+
+final/ is a drop-in checkpoint: `AutoProcessor` and `AutoModelForImageTextToText.from_pretrained`
+load it as they load the student it came from. It holds no optimizer state (twice the weights'
+size under AdamW); a run continues from its step checkpoints, never from final/.
 """
 
 from __future__ import annotations
@@ -31,8 +38,10 @@ import numpy as np
 import torch
 
 from drivekd.errors import DriveKDError
+from drivekd.families.processors import save_processor
 
 MARKER = "COMPLETE"
+FINAL = "final"
 STATE_PT = "trainer_state.pt"
 STATE_JSON = "trainer_state.json"
 FORMAT_VERSION = 1
@@ -112,7 +121,7 @@ def save_checkpoint(
     write_model=None,
 ) -> Path:
     """Write a complete checkpoint RUN/<name>/ atomically. `state` goes to trainer_state.pt (tensors
-    and plain containers), `meta` to trainer_state.json. Refuses to write non-finite weights.
+    and plain containers; not for final/, which resumes nothing), `meta` to trainer_state.json. Refuses to write non-finite weights.
     `write_model(folder)` writes the student instead of `model.save_pretrained` (a LoRA student:
     drivekd.trainer.trainable.model_writer)."""
     bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
@@ -129,8 +138,9 @@ def save_checkpoint(
             write_model(tmp)
         else:
             model.save_pretrained(tmp, safe_serialization=True)
-        processor.save_pretrained(tmp)
-        torch.save(state, tmp / STATE_PT)
+        save_processor(processor, tmp)
+        if name != FINAL:
+            torch.save(state, tmp / STATE_PT)
         (tmp / STATE_JSON).write_text(json.dumps({"format_version": FORMAT_VERSION, **meta}, indent=2, sort_keys=True) + "\n")
         _fsync_dir_files(tmp)
         (tmp / MARKER).write_text("ok\n")
@@ -141,7 +151,7 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         if not _is_io_error(e):
             raise
-        raise save_error(e, run, name, model, state) from None
+        raise save_error(e, run, name, model, state if name != FINAL else {}) from None
     final = run / name
     if final.exists():
         # Replacing a checkpoint of the same name (a run resumed before it): move the old one
@@ -214,4 +224,8 @@ def read_meta(ckpt: str | Path) -> dict[str, Any]:
 
 def load_state(ckpt: str | Path) -> dict[str, Any]:
     """trainer_state.pt, read with weights_only=True (tensors and plain containers only)."""
-    return torch.load(Path(ckpt) / STATE_PT, map_location="cpu", weights_only=True)
+    path = Path(ckpt) / STATE_PT
+    if not path.is_file():
+        raise DriveKDError(f"{ckpt} holds no optimizer/trainer state ({STATE_PT}): a run's final/ keeps the model only. "
+                           "Continue from one of its step-NNNNNN checkpoints (--resume, or --resume-from RUN/step-NNNNNN)")
+    return torch.load(path, map_location="cpu", weights_only=True)

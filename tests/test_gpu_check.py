@@ -1,0 +1,38 @@
+"""tools/gpu_check.py on the CPU (tiny students): every variant runs real optimizer steps and gets
+its plan beside it, and the documented output format holds."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+VARIANTS = ("sft-T6", "agp-rows-T3", "agp-gram-T6", "kahan-T6", "offload-T6", "lora-T6")
+
+
+def test_gpu_check_runs_on_tiny_students(tmp_path):
+    out = tmp_path / "gc"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "gpu_check.py"), "--tiny", "--out", str(out), "--steps", "2",
+                           "--jobs", "1", "--variants", *VARIANTS], capture_output=True, text=True, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((out / "gpu_check.json").read_text())
+    rows = result["rows"]
+    assert [(r["model"], r["variant"]) for r in rows] == [(m, v) for m in ("tiny-internvl", "tiny-qwen2_5_vl") for v in VARIANTS]
+    for r in rows:
+        assert r["status"] == "ok", r
+        assert r["step_s"] > 0 and r["planned_tracked_gib"] > 0 and r["planned_peak_gib"] > r["planned_tracked_gib"], r
+        assert r["measured_gib"] is None and "ratio" not in r  # no CUDA: memory columns n/a
+        assert "plan_error" not in r, r
+    by = {(r["model"], r["variant"]): r for r in rows}
+    for m in ("tiny-internvl", "tiny-qwen2_5_vl"):
+        assert by[(m, "sft-T6")]["engine"] == "none"
+        assert by[(m, "agp-rows-T3")]["engine"] == "rows" and by[(m, "agp-gram-T6")]["engine"] == "gram"
+        assert by[(m, "agp-rows-T3")]["seq_len"] < by[(m, "agp-gram-T6")]["seq_len"]  # several T
+        assert by[(m, "offload-T6")]["precision"] == "bf16-offload" and by[(m, "lora-T6")]["lora"] is True
+    assert set(result["autoprocessor"]) == {"internvl", "qwen2_5_vl"}
+    assert {"torch", "transformers", "drivekd", "device_name"} <= set(result["environment"])
+    md = (out / "gpu_check.md").read_text()
+    assert "| model | variant | status | seq_len | engine | planned_tracked_gib | planned_peak_gib | measured_gib |" in md
+    assert md.count("| tiny-") == len(rows)
