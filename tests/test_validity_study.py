@@ -104,8 +104,8 @@ def test_quick_part_chooses_on_val_tests_on_heldout_and_resumes(tiny_models, ben
 
     out = tmp_path / "study"
     args = ["--teacher", str(tiny_models / "internvl-teacher"), "--benchmark", str(benchmark), "--out", str(out),
-            "--quick", "--max-new-tokens", "4", "--part", "perception-4"]
-    res = CliRunner().invoke(vs.main, args)
+            "--quick", "--max-new-tokens", "4"]
+    res = CliRunner().invoke(vs.main, [*args, "--part", "perception-4@0.001"])  # the part's one lr: the whole grid
     assert res.exit_code == 0, res.output
     part = out / "parts" / "perception-4"
     study = json.loads((out / "study.json").read_text())
@@ -141,7 +141,7 @@ def test_quick_part_chooses_on_val_tests_on_heldout_and_resumes(tiny_models, ben
     from drivekd.trainer import loop
 
     monkeypatch.setattr(loop, "train", lambda cfg: pytest.fail("a finished job was trained again"))
-    res = CliRunner().invoke(vs.main, args)
+    res = CliRunner().invoke(vs.main, [*args, "--part", "perception-4"])
     assert res.exit_code == 0, res.output
     state = json.loads((part / "state" / "ce-lr0.001.seed-1.json").read_text())
     assert state["train_calls"] == 1 and state["status"] == "done"
@@ -161,6 +161,13 @@ def test_a_changed_choice_after_heldout_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="held-out is looked at once"):
         vs.choose_and_test(plan, part, "ce", paths, None, heldout_data=tmp_path, benchmark=tmp_path, max_new_tokens=4,
                            eval_batch_size=2)
+
+
+def test_unknown_part_or_lr_is_refused(tmp_path):
+    plan = vs.Plan(sizes=(4,), multi_samples=6, lrs=(1e-3,), seeds=(1,), steps=1, save_every=1, micro_batch=1)
+    for part, msg in (("perception-5", "no such part"), ("perception-4@0.5", "not in --lrs")):
+        with pytest.raises(ConfigError, match=msg):
+            vs.run_study(tmp_path, None, tmp_path, tmp_path / "s", plan, [part])
 
 
 def test_overlapping_splits_are_refused(tiny_models, benchmark, tmp_path):

@@ -290,9 +290,10 @@ def _evaluate(model: Path, data: Path, out_dir: Path, images: Path, max_new_toke
 
 def run_part(plan: Plan, part: Part, paths: Paths, *, benchmark: Path, teacher: Path, student: Path,
              val_data: Path, heldout_data: Path, train_data: Path, cache: Path, device: str,
-             max_new_tokens: int, eval_batch_size: int, log=print) -> dict[str, Any]:
+             max_new_tokens: int, eval_batch_size: int, lr: float | None = None, log=print) -> dict[str, Any]:
     """Train + val-evaluate every job of the part (seed by seed, so paired seeds complete together),
-    then choose per arm on val and evaluate the choice on held-out once."""
+    then choose per arm on val and evaluate the choice on held-out once (an arm whose lr grid is not
+    complete yet waits). lr: only the runs at this learning rate (--part NAME@LR splits a long part)."""
     from drivekd.ablate import load_ablation, run_ablation, write_ablation_report
     from drivekd.store.build import BuildConfig, build
 
@@ -315,11 +316,12 @@ def run_part(plan: Plan, part: Part, paths: Paths, *, benchmark: Path, teacher: 
                               max_new_tokens=max_new_tokens, eval_batch_size=eval_batch_size), encoding="utf-8")
     abl = load_ablation(toml, out=paths.part(part.name))
     failed: list[str] = []
+    runs = [r for r in abl.runs if lr is None or any(r.name == run_name(arm, lr) for arm in part.arms)]
     for seed in plan.seeds:
-        one = dataclasses.replace(abl, runs=[dataclasses.replace(r, jobs=[j for j in r.jobs if j.seed == seed]) for r in abl.runs])
+        one = dataclasses.replace(abl, runs=[dataclasses.replace(r, jobs=[j for j in r.jobs if j.seed == seed]) for r in runs])
         result = run_ablation(one)
         failed += [f"{o.key}: {o.error}" for o in result.failed]
-        for r in abl.runs:
+        for r in runs:
             job = next(j for j in r.jobs if j.seed == seed)
             for step, ckpt in _checkpoints(abl.run_dir(job), plan.steps):
                 if step == plan.steps:
@@ -582,9 +584,12 @@ def run_study(teacher: Path, student: Path | None, benchmark: Path, out: Path, p
 
     from drivekd.errors import ConfigError
 
-    unknown = [p for p in parts if p not in plan.parts and p != "report"]
+    unknown = [p for p in parts if p.split("@")[0] not in plan.parts and p != "report"]
     if unknown:
-        raise ConfigError(f"--part {unknown[0]}: no such part (parts: {', '.join(plan.parts)}, report)")
+        raise ConfigError(f"--part {unknown[0]}: no such part (parts: {', '.join(plan.parts)}, report; NAME@LR for one lr)")
+    for p in parts:
+        if "@" in p and float(p.split("@")[1]) not in plan.lrs:
+            raise ConfigError(f"--part {p}: {p.split('@')[1]} is not in --lrs {','.join(f'{x:g}' for x in plan.lrs)}")
     t0 = time.perf_counter()
     files = prepare(Path(teacher), student, Path(benchmark), Path(out), plan)
     paths = Paths(Path(out).resolve())
@@ -593,11 +598,12 @@ def run_study(teacher: Path, student: Path | None, benchmark: Path, out: Path, p
     for name in parts:
         if name == "report":
             continue
-        part = plan.parts[name]
+        part = plan.parts[name.split("@")[0]]
         ran.append(run_part(plan, part, paths, benchmark=Path(benchmark).resolve(), teacher=Path(teacher).resolve(),
                             student=files["student"], val_data=files["val"][part.kind], heldout_data=files["heldout"][part.kind],
                             train_data=files["train"][part.kind], cache=paths.out / "stores" / part.kind, device=dev,
-                            max_new_tokens=max_new_tokens, eval_batch_size=eval_batch_size, log=log))
+                            max_new_tokens=max_new_tokens, eval_batch_size=eval_batch_size,
+                            lr=float(name.split("@")[1]) if "@" in name else None, log=log))
     meta = {"teacher": str(teacher), "student": str(files["student"]), "benchmark": str(benchmark),
             "heldout_binomial_std": files["heldout_binomial_std"], "command_stem": command_stem,
             "max_new_tokens": max_new_tokens, "this_call": {"parts": parts, "ran": ran,
@@ -619,15 +625,17 @@ def _ints(text: str) -> tuple[int, ...]:
               "(the study: drivekd/demo/student, the seeing student). Default: a fresh tiny demo student config (OUT/student-init).")
 @click.option("--benchmark", type=click.Path(path_type=Path), required=True, help="drivekd.demo.benchmark folder (train / val / heldout).")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("validity-study"), show_default=True)
-@click.option("--part", "parts", multiple=True, help="Part(s) to run (repeatable; see --list-parts), or 'report' to only rewrite "
-              "the report. Default: every part (many hours on 2 cores).")
+@click.option("--part", "parts", multiple=True, help="Part(s) to run (repeatable; see --list-parts); NAME@LR runs one lr of a "
+              "part (the arm is chosen once its whole lr grid is in); 'report' only rewrites the report. Default: every part "
+              "(many hours on 2 cores).")
 @click.option("--list-parts", is_flag=True, help="Print the parts, their arms and job counts, and exit.")
 @click.option("--seeds", type=int, default=None, help="Seeds 1..N (default 5; --quick: 2).")
 @click.option("--sizes", default=None, help="Perception training sizes (questions), comma list (default 100,400,1200; --quick: 4).")
 @click.option("--multi-samples", type=int, default=None, help="Capability-balanced training subset of the multi parts (default 600; --quick: 6).")
-@click.option("--lrs", default=None, help="Learning-rate grid, comma list (default 1e-3,3e-3; --quick: 1e-3).")
-@click.option("--steps", type=int, default=None, help="Optimizer steps per run (default 300; --quick: 2).")
-@click.option("--save-every", type=int, default=None, help="Checkpoint (and val evaluation) every N steps (default 50; --quick: 1).")
+@click.option("--lrs", default=None, help="Learning-rate grid, comma list (default 1e-3,2e-3; --quick: 1e-3).")
+@click.option("--steps", type=int, default=None, help="Optimizer steps per run (default 400: at 200 no arm left the prior; "
+              "--quick: 2).")
+@click.option("--save-every", type=int, default=None, help="Checkpoint (and val evaluation) every N steps (default 100; --quick: 1).")
 @click.option("--micro-batch", type=int, default=8, show_default=True, help="Samples per step (grad_accum 1).")
 @click.option("--calibrated-arm", default=None, help="SLOT for KD with calibrated MSE: 'KEY=VALUE,...' TrainConfig keys of the "
               "calibration flag; adds arm kd-mse-calibrated to every variants-N part. Default: not run.")
@@ -642,9 +650,9 @@ def main(teacher, student, benchmark, out, parts, list_parts, seeds, sizes, mult
     try:
         plan = Plan(sizes=_ints(sizes) if sizes else ((4,) if quick else (100, 400, 1200)),
                     multi_samples=multi_samples or (6 if quick else 600),
-                    lrs=_floats(lrs) if lrs else ((1e-3,) if quick else (1e-3, 3e-3)),
+                    lrs=_floats(lrs) if lrs else ((1e-3,) if quick else (1e-3, 2e-3)),
                     seeds=tuple(range(1, (seeds or (2 if quick else 5)) + 1)),
-                    steps=steps or (2 if quick else 300), save_every=save_every or (1 if quick else 50),
+                    steps=steps or (2 if quick else 400), save_every=save_every or (1 if quick else 100),
                     micro_batch=micro_batch if not quick else 2, calibrated=parse_keys(calibrated_arm),
                     eval_limit=6 if quick else None)
         if list_parts:
