@@ -3,6 +3,7 @@
     python -m drivekd.demo.benchmark --out bench/ --seed 0 --train 600 --val 100 --heldout 300
     python tools/validity_study.py --teacher drivekd/demo/teacher --student drivekd/demo/student \\
         --benchmark bench/ --out study/ --part perception-100        # one resumable part (<= ~90 min, 1 thread)
+    python tools/validity_study.py ... --part perception-400@0.001   # one lr of a part (halves a long part)
     python tools/validity_study.py ... --list-parts                  # the parts, their runs and job counts
     python tools/validity_study.py ... --part report                 # only rewrite study/report.md + study.json
     python tools/validity_study.py ... --quick                       # tiny sizes, 2 steps, 2 seeds (CI)
