@@ -72,7 +72,7 @@ def test_parts_hold_the_issue_arms():
     assert v.arms["kd-cos-l34"]["layers"] == "L-3..L-2" and v.ce_part == "perception-400"
     assert v.arms["kd-mse-calibrated"] == {"recipe": "perception", "calibrate_ratio": 0.5}
     assert "kd-mse-calibrated" not in _plan().parts["variants-100"].arms  # the slot is off unless configured
-    assert all(plan.parts[f"multi-{a}"].arms[a]["full_reduction"] == "reference" for a in ("none", "g1", "g2", "agp"))
+    assert all(plan.parts[f"multi-{a}"].arms[a]["full_reduction"] == "entries" for a in ("none", "g1", "g2", "agp"))
     assert plan.jobs(plan.parts["perception-100"]) == 3 * 2 * 3
     assert vs.parse_keys("a=0.5,b=true,c=x") == {"a": 0.5, "b": True, "c": "x"}
     with pytest.raises(ConfigError, match="--calibrated-arm"):

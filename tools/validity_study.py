@@ -18,7 +18,7 @@ file OUT/parts/PART/ablation.toml run by drivekd-ablate's runner (resumable per 
                   layers 1, 2 <- teacher layers 3, 4), and the calibrated-MSE slot (--calibrated-arm)
   multi-ce, multi-none, multi-g1, multi-g2, multi-agp
                   a capability-balanced subset (--multi-samples): CE on all samples | the multi-teacher
-                  recipe with each gradient-conflict rule (reasoning full maps: full_reduction "entries" (the authors' T x T mean),
+                  recipe with each gradient-conflict rule (reasoning full maps: full_reduction "entries",
                   the authors' T x T mean)
 
 Every arm is trained at each learning rate of --lrs and each seed, checkpointed every --save-every
