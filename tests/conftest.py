@@ -91,3 +91,21 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def five_with_ids(demo_data: Path, d: Path) -> Path:
+    """Five demo samples with explicit ids s0..s4 (a six-view group of two, a shared prefix, and three
+    single views), their images copied beside the data file (its folder is the default image root)."""
+    import json
+    import shutil
+
+    recs = json.loads((demo_data / "train.json").read_text())
+    six = [r for r in recs if len(r["images"]) == 6][:2]
+    one = [r for r in recs if len(r["images"]) == 1][:3]
+    for i, r in enumerate(six + one):
+        for p in r["images"]:
+            (d / p).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(demo_data / p, d / p)
+        r["id"] = f"s{i}"
+    (d / "train.json").write_text(json.dumps(six + one))
+    return d / "train.json"

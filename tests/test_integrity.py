@@ -18,6 +18,7 @@ from drivekd.cli.train import main as train_cli
 from drivekd.errors import StoreError
 from drivekd.teacher.build import BuildConfig, build
 from drivekd.store.lock import StoreLock
+from conftest import five_with_ids
 from drivekd.store import Encoding, TeacherStore
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -27,17 +28,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def data(demo_data, tmp_path_factory) -> Path:
     """Five samples with explicit ids: a six-view group of two (a shared prefix) and three single views."""
-    recs = json.loads((demo_data / "train.json").read_text())
-    six = [r for r in recs if len(r["images"]) == 6][:2]
-    one = [r for r in recs if len(r["images"]) == 1][:3]
-    d = tmp_path_factory.mktemp("integrity-data")
-    for i, r in enumerate(six + one):
-        for p in r["images"]:  # copied beside the data file: its folder is the default image root
-            (d / p).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy(demo_data / p, d / p)
-        r["id"] = f"s{i}"
-    (d / "train.json").write_text(json.dumps(six + one))
-    return d / "train.json"
+    return five_with_ids(demo_data, tmp_path_factory.mktemp("integrity-data"))
 
 
 def _cfg(tiny_models, data, out, **kw):

@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 
 import drivekd.store.writer as writer_module
 from drivekd.cli.cache import main as cache_cli
+from conftest import five_with_ids
 from drivekd.store import TeacherStore
 from drivekd.store.integrity import nonfinite
 
@@ -23,17 +24,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def data(demo_data, tmp_path_factory) -> Path:
     """Five samples with explicit ids: a six-view group of two (a shared prefix) and three single views."""
-    recs = json.loads((demo_data / "train.json").read_text())
-    six = [r for r in recs if len(r["images"]) == 6][:2]
-    one = [r for r in recs if len(r["images"]) == 1][:3]
-    d = tmp_path_factory.mktemp("nonfinite-data")
-    for i, r in enumerate(six + one):
-        for p in r["images"]:  # copied beside the data file: its folder is the default image root
-            (d / p).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy(demo_data / p, d / p)
-        r["id"] = f"s{i}"
-    (d / "train.json").write_text(json.dumps(six + one))
-    return d / "train.json"
+    return five_with_ids(demo_data, tmp_path_factory.mktemp("nonfinite-data"))
 
 
 def _poisoned(tiny_models: Path, out: Path, key: str, index: tuple) -> Path:
