@@ -302,7 +302,7 @@ def test_report_draws_and_tabulates_the_shares(tmp_path):
 def test_reweighting_starts_from_large_static_weights():
     """Calibrated weights are often > 88, where fp32 expm1 overflows: the re-weighting must start
     from them, not from its 1e6 clamp (it did, through inverse_softplus)."""
-    from drivekd.projection.reweight import DynamicWeights, inverse_softplus
+    from drivekd.optim.reweight import DynamicWeights, inverse_softplus
 
     w = torch.tensor([0.5, 19.0, 25.0, 100.0, 1e5])
     torch.testing.assert_close(torch.nn.functional.softplus(inverse_softplus(w)), w, rtol=1e-6, atol=0)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from drivekd.projection.precision import BF16AdamW, stochastic_round_
+from drivekd.optim.precision import BF16AdamW, stochastic_round_
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 STEPS, LR = 200, 5e-5

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from drivekd.projection import DynamicWeights
+from drivekd.optim import DynamicWeights
 
 NAMES = ["ce", "perception", "reasoning", "planning"]
 

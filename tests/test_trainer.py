@@ -303,7 +303,7 @@ def test_reweighting_sees_raw_unmixed_losses_and_norms(tiny_models, demo_data, t
     """METHOD.md section 7 (and the reference trainer): the online re-weighting is fed each loss's
     raw, unmixed L_i and ||grad L_i||, and its target's sum_j G_j is not detached. Rebuilt here from
     the formulas: with mixing rows all equal, M[c, k] does not depend on the sample."""
-    from drivekd.projection.reweight import DynamicWeights
+    from drivekd.optim.reweight import DynamicWeights
 
     m = [0.6, 0.3, 0.1]
     mix = ";".join([",".join(map(str, m))] * 3)

@@ -120,7 +120,7 @@ def measure_one(cfg, cameras: int, device: torch.device, steps: int, gpu_memory:
     from drivekd.planner import plan as P
     from drivekd.trainer.loop import Dist, autocast_dtype, prepare_student
     from drivekd.trainer.step import AssumeFinite, TrainStep
-    from drivekd.projection.precision import param_dtype
+    from drivekd.optim.precision import param_dtype
 
     t0 = time.perf_counter()
     family, L = P.model_depth(Path(cfg.student))

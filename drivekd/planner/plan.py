@@ -261,7 +261,7 @@ def count_step(cfg, plan, shapes: Shapes, config, *, fake: bool = True, model=No
         else:
             to_run = lambda t: t  # noqa: E731
             targets_like = lambda shape: torch.zeros(shape)  # noqa: E731
-        from drivekd.projection.precision import param_dtype
+        from drivekd.optim.precision import param_dtype
 
         wdtype = param_dtype(cfg.precision)  # built in the run's weight dtype, as the loop loads it
         if model is None:
@@ -383,7 +383,7 @@ def count_at_depth(cfg, L: int, family: str, teacher_L: int | None, shapes: Shap
     # --freeze / --lora change which parameters train (and so --grad-engine auto's choice): direct.
     if os.environ.get("DRIVEKD_PLAN_DIRECT") == "1" or not scale.worth_scaling(d) or cfg.freeze or cfg.lora:
         return direct()
-    from drivekd.projection.precision import param_dtype
+    from drivekd.optim.precision import param_dtype
     from drivekd.trainer.step import choose_engine
 
     # The full model's parameters (meta tensors: no memory), for --grad-engine auto's decision

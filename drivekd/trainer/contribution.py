@@ -119,13 +119,13 @@ def calibrated_weights(names: list[str], static: list[float], norms: list[float 
     `norms[k]`: the mean gradient norm of row k at unit weight (mixing included); CE's weighted
     norm is static[0] * norms[0]. A term switched off (static weight 0) stays off; a term with no
     measured gradient keeps its weight. Weights are clamped to the online re-weighting's range
-    (drivekd/projection/reweight.py), which would clamp them anyway: a term that needs more has
+    (drivekd/optim/reweight.py), which would clamp them anyway: a term that needs more has
     next to no gradient at all.
     """
     import inspect
 
     from drivekd.errors import ConfigError
-    from drivekd.projection.reweight import DynamicWeights
+    from drivekd.optim.reweight import DynamicWeights
 
     limits = inspect.signature(DynamicWeights).parameters
     w_min, w_max = limits["w_min"].default, limits["w_max"].default

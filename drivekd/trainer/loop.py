@@ -56,7 +56,7 @@ class Reweighting:
     """Online loss re-weighting (METHOD.md section 7) over the rows with a static weight > 0."""
 
     def __init__(self, plan: RunPlan):
-        from drivekd.projection.reweight import DynamicWeights
+        from drivekd.optim.reweight import DynamicWeights
 
         cfg = plan.cfg
         self.names = plan.row_names
@@ -102,7 +102,7 @@ class Trainer:
         self.family = Family.from_pretrained(cfg.student, text_tokens=cfg.text_tokens, image_processing=cfg.image_settings)
         # Weights and optimizer state per --precision (fp32 by default); compute under autocast.
         # A LoRA checkpoint holds the adapter only: its base weights are --student's.
-        from drivekd.projection.precision import param_dtype
+        from drivekd.optim.precision import param_dtype
 
         model = load_model(trainable.weights_dir(cfg, plan.resume_dir), dtype=param_dtype(cfg.precision), device=dev)
         self.train_step = TrainStep(prepare_student(model, cfg, plan.resume_dir), plan, dist, autocast_dtype(cfg, dev))

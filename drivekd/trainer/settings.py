@@ -20,7 +20,7 @@ from drivekd.errors import ConfigError
 from drivekd.images import ImageSettings, pop_flags
 from drivekd.losses.attention import DEFAULT_FULL_REDUCTION, FULL_REDUCTION_ALIASES, FULL_REDUCTIONS, full_reduction_name
 from drivekd.losses.kl import DEFAULT_TEMPERATURE
-from drivekd.projection.precision import PRECISIONS
+from drivekd.optim.precision import PRECISIONS
 from drivekd.roles import ROLES
 from drivekd.terms import RECIPES as RECIPE_TABLE
 from drivekd.terms import ATTENTION, flag_recipes
@@ -141,7 +141,7 @@ class TrainConfig:
                     minimum=">=0")
     max_steps: int | None = opt(None, "Stop after this many optimizer steps (overrides --epochs).", group="optimisation",
                                 minimum=">0")
-    precision: str = opt("fp32", "Weights, gradients and AdamW state (drivekd/projection/precision.py): fp32 (fp32 weights, "
+    precision: str = opt("fp32", "Weights, gradients and AdamW state (drivekd/optim/precision.py): fp32 (fp32 weights, "
                          "gradients and AdamW, 16 bytes/parameter) | bf16-offload (bf16 weights and gradients on the GPU, fp32 "
                          "master weights and AdamW on the host: exact fp32 AdamW; 4 bytes/parameter on the GPU, 16 on the "
                          "host) | bf16-kahan (bf16 weights + bf16 Kahan compensation, bf16 moments; 10 bytes/parameter) | "

@@ -42,8 +42,8 @@ from drivekd.errors import DriveKDError
 from drivekd.families.capture import capture_attention
 from drivekd.losses.attention import answer_positions, token_ce
 from drivekd.projection import GradBuffers, GramEngine, coefficients, combine
-from drivekd.projection.precision import make_optimizer as _make_optimizer
-from drivekd.projection.precision import param_dtype
+from drivekd.optim.precision import make_optimizer as _make_optimizer
+from drivekd.optim.precision import param_dtype
 from drivekd.terms import TermForward, term_of
 from drivekd.trainer.data import Batch
 
@@ -151,7 +151,7 @@ def hidden_projection(plan, model, device) -> torch.nn.Module | None:
 
 def make_optimizer(params: list[torch.nn.Parameter], lr: float, weight_decay: float, precision: str = "fp32",
                    seed: int = 0) -> torch.optim.Optimizer:
-    """AdamW for --precision (drivekd/projection/precision.py): torch's on fp32 weights, else BF16AdamW."""
+    """AdamW for --precision (drivekd/optim/precision.py): torch's on fp32 weights, else BF16AdamW."""
     return _make_optimizer(params, lr, weight_decay, precision, seed)
 
 
