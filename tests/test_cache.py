@@ -153,7 +153,7 @@ def test_refuses_other_settings_and_overwrites(tiny_models, small_data, built, t
         build(cfg)
     with pytest.raises(StoreError, match="encoding"):
         build(_cfg(tiny_models, small_data, out, encoding=Encoding("lossy", keepbits=3)))
-    with pytest.raises(StoreError, match="teacher_fingerprint"):
+    with pytest.raises(StoreError, match="checkpoint_fingerprint"):
         other = tiny_models / "qwen2_5_vl-teacher"
         build(BuildConfig(teachers={"perception": other}, data=small_data, images=None, out=out, progress=False))
     cfg = _cfg(tiny_models, small_data, out, layers={"perception": [1]}, overwrite=True)

@@ -36,7 +36,7 @@ def causal_map(T: int, g: torch.Generator) -> torch.Tensor:
 def write_store(path: Path, T: int, n_layers: int, groups: int, members: int = 2) -> list[str]:
     st = TeacherStore(path, mode="a")
     layers = list(range(n_layers))
-    st.init_role("reasoning", {"family": "internvl", "teacher_path": "synthetic", "teacher_fingerprint": "x", "processor_fingerprint": "y",
+    st.init_role("reasoning", {"family": "internvl", "teacher_path": "synthetic", "checkpoint_fingerprint": "x", "processor_fingerprint": "y",
                                "text_tokens": "paper", "num_teacher_layers": n_layers + 1, "encoding": Encoding().to_dict(),
                                "layers": layers, "role": "reasoning", "sample_ids": []})
     g = torch.Generator().manual_seed(0)

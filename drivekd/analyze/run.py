@@ -33,7 +33,7 @@ from drivekd.families.base import Family, detect_family, load_model
 from drivekd.distributed import barrier as _barrier
 from drivekd.distributed import fault_hook as _fault_hook
 from drivekd.distributed import rank_world as _dist
-from drivekd.store.format import teacher_fingerprint
+from drivekd.store.format import checkpoint_fingerprint
 from drivekd.teacher.build import dataset_fingerprint
 
 FORMAT_VERSION = 1
@@ -113,7 +113,7 @@ def analyze(cfg: AnalyzeConfig) -> dict:
     L = _num_layers(cfg.model)
     manifest = {
         "format_version": FORMAT_VERSION,
-        "model_fingerprint": teacher_fingerprint(cfg.model),
+        "model_fingerprint": checkpoint_fingerprint(cfg.model),
         "processor_fingerprint": family.fingerprint(),
         "data_fingerprint": dataset_fingerprint(sel.samples),
         "rewording_of": sel.rewording_of,

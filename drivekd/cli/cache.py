@@ -162,7 +162,7 @@ def info(store, as_json):
         click.echo("note: " + NO_CHECKSUMS.format(store=store, v=st.schema_version))
     for r, s in summaries.items():
         ratio = f"{s['compression_ratio']:.2f}x" if s["compression_ratio"] else "n/a"
-        click.echo(f"{r}: teacher {s['teacher']} ({s['family']}, {s['teacher_fingerprint']}), layers {s['layers']}, encoding {s['encoding']['mode']}, "
+        click.echo(f"{r}: teacher {s['teacher']} ({s['family']}, {s['checkpoint_fingerprint']}), layers {s['layers']}, encoding {s['encoding']['mode']}, "
                    f"schema {s['schema_version']} ({'crc32c checksums' if s['checksums'] else 'no checksums'})")
         click.echo(f"  samples: {s['complete']} complete, {s['incomplete'] + s['missing']} missing/incomplete, {s['skipped']} skipped")
         for sid, why in s["skipped_reasons"].items():

@@ -2,7 +2,7 @@
 
     targets      TargetSource (the whole contract), SampleTargets, RoleInfo
     memory       InMemoryTargets: a TargetSource held in memory
-    format       layout, schema versions, Encoding, map packing, teacher_fingerprint
+    format       layout, schema versions, Encoding, map packing, checkpoint_fingerprint
     backend      Backend (what the store needs from where its files live), LocalBackend
     reader / writer / maintenance    the Zarr store's reading, writing, verify/repair/summary
     zarr_store   TeacherStore: all three in one object
@@ -21,7 +21,7 @@ _HOMES = {
     "InMemoryTargets": "memory",
     "Encoding": "format", "SCHEMA_VERSION": "format", "READABLE_VERSIONS": "format", "MUST_MATCH": "format", "check_key": "format",
     "pack_tril": "format", "unpack_tril": "format", "pack_rows": "format", "encode_map": "format", "decode_map": "format",
-    "teacher_fingerprint": "format",
+    "checkpoint_fingerprint": "format",
     "Backend": "backend", "LocalBackend": "backend",
     "StoreReader": "reader", "StoreWriter": "writer", "StoreMaintenance": "maintenance", "Problem": "maintenance",
     "TeacherStore": "zarr_store",

@@ -51,7 +51,7 @@ READABLE_VERSIONS = (1, 2, 3)
 DENSE = {"write_empty_chunks": True}
 
 # Build metadata that must match for a build to add samples to an existing role.
-MUST_MATCH = ("teacher_fingerprint", "processor_fingerprint", "layers", "encoding", "family", "text_tokens")
+MUST_MATCH = ("checkpoint_fingerprint", "processor_fingerprint", "layers", "encoding", "family", "text_tokens")
 
 
 @dataclass(frozen=True)
@@ -177,7 +177,8 @@ def decode_map(v: np.ndarray, T: int) -> torch.Tensor:
     return unpack_tril(v.astype(np.float32) * _inv_scale(T), T)
 
 
-def teacher_fingerprint(path: str | Path) -> str:
+def checkpoint_fingerprint(path: str | Path) -> str:
+    # Fingerprints any checkpoint folder: teachers in the store, students in run identities.
     """Config plus a cheap weights fingerprint: each safetensors header, size and sampled bytes.
 
     Hashing every byte of a 16 GB checkpoint would add minutes to each build; the header lists

@@ -37,7 +37,7 @@ class StoreMaintenance(StoreReader):
             "schema_version": self.schema_version,
             "checksums": self.checksummed,
             "teacher": meta.get("teacher_path"),
-            "teacher_fingerprint": meta.get("teacher_fingerprint", "")[:16],
+            "checkpoint_fingerprint": meta.get("checkpoint_fingerprint", "")[:16],
             "family": meta.get("family"),
             "layers": meta.get("layers"),
             "encoding": meta.get("encoding"),

@@ -88,7 +88,7 @@ class StoreReader:
 
     def role_info(self, role: str) -> RoleInfo:
         m = self.role_meta(role)
-        return RoleInfo(role, tuple(m["layers"]), int(m["num_teacher_layers"]), m["teacher_fingerprint"], m["family"], m["processor_fingerprint"],
+        return RoleInfo(role, tuple(m["layers"]), int(m["num_teacher_layers"]), m["checkpoint_fingerprint"], m["family"], m["processor_fingerprint"],
                         dict(m.get("signals", {})))
 
     def _sample_dir(self, role: str, sample_id: str) -> Path:

@@ -18,7 +18,7 @@ from drivekd.store.format import (  # noqa: F401 - the store's public names, imp
     encode_map,
     pack_rows,
     pack_tril,
-    teacher_fingerprint,
+    checkpoint_fingerprint,
     unpack_tril,
 )
 from drivekd.store.maintenance import Problem, StoreMaintenance
@@ -33,4 +33,4 @@ class TeacherStore(StoreWriter, StoreMaintenance):
 
 
 __all__ = ["MUST_MATCH", "READABLE_VERSIONS", "SCHEMA_VERSION", "Encoding", "Problem", "TeacherStore", "check_key", "decode_map",
-           "encode_map", "pack_rows", "pack_tril", "teacher_fingerprint", "unpack_tril"]
+           "encode_map", "pack_rows", "pack_tril", "checkpoint_fingerprint", "unpack_tril"]

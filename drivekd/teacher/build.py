@@ -30,7 +30,7 @@ from drivekd.families.capture import capture_attention
 from drivekd.fileio import write_error as file_write_error
 from drivekd.layers import LayerSpecError, recipe_layers, resolve_layers, spec_of
 from drivekd.roles import ROLES
-from drivekd.store.format import pack_rows, teacher_fingerprint
+from drivekd.store.format import pack_rows, checkpoint_fingerprint
 from drivekd.store.integrity import NonFiniteTargets
 from drivekd.store.lock import StoreLock
 from drivekd.store.signals import EXTRA, answer_rows, hidden_dtype, hidden_width, topk_logits, vocab_identity, vocab_rows
@@ -297,7 +297,7 @@ def _init_roles(cfg: BuildConfig, dist: Dist, store: TeacherStore, ckpt: Path, r
     meta_common = {
         "family": family.name,
         "teacher_path": str(ckpt),
-        "teacher_fingerprint": teacher_fingerprint(ckpt),
+        "checkpoint_fingerprint": checkpoint_fingerprint(ckpt),
         "processor_fingerprint": family.fingerprint(),
         "image_settings": family.image_settings(),  # trainer names a mismatch (drivekd.images.check_store)
         "text_tokens": family.text_tokens,

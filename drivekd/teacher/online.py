@@ -18,7 +18,7 @@ from drivekd.errors import ConfigError
 from drivekd.families.base import Family, load_model
 from drivekd.families.capture import capture_attention, num_decoder_layers
 from drivekd.roles import ROLES
-from drivekd.store.format import teacher_fingerprint
+from drivekd.store.format import checkpoint_fingerprint
 from drivekd.store.memory import InMemoryTargets
 from drivekd.store.targets import RoleInfo, SampleTargets
 
@@ -55,11 +55,11 @@ def compute_targets(
                 {int(l): maps[int(l)][0].float().cpu() for l in layers},  # layer -> (T, T)
                 input_ids=lay.input_ids.long().cpu().clone(),  # (T,): an alignment error can name the first differing token
             )
-    fp, proc = teacher_fingerprint(teacher_dir), fam.fingerprint()  # the store's own fingerprints
+    fp, proc = checkpoint_fingerprint(teacher_dir), fam.fingerprint()  # the store's own fingerprints
     infos = {r: RoleInfo(r, tuple(sorted(int(l) for l in ls)), L, fp, fam.name, proc) for r, ls in roles_layers.items()}
     # What a store build would record for the role, as far as it applies to targets in memory
     # (no encoding: nothing is stored). text_tokens enters a run's identity, as a store's does.
-    meta = {r: {"role": r, "family": fam.name, "teacher_path": str(teacher_dir), "teacher_fingerprint": fp, "processor_fingerprint": proc,
+    meta = {r: {"role": r, "family": fam.name, "teacher_path": str(teacher_dir), "checkpoint_fingerprint": fp, "processor_fingerprint": proc,
                 "num_teacher_layers": L, "layers": list(infos[r].layers), "text_tokens": fam.text_tokens, "sample_ids": [s.id for s in samples]}
             for r in roles_layers}
     return InMemoryTargets(infos, targets, meta)

@@ -49,7 +49,7 @@ def file_sha256(path: str | Path) -> str:
 
 def role_identity(source: TargetSource, role: str, sample_ids: list[str]) -> dict[str, Any]:
     info = source.role_info(role)
-    ident: dict[str, Any] = {"teacher_fingerprint": info.teacher, "processor_fingerprint": info.processor, "family": info.family,
+    ident: dict[str, Any] = {"checkpoint_fingerprint": info.teacher, "processor_fingerprint": info.processor, "family": info.family,
                              "layers": list(info.layers)}
     m = source.role_meta(role)
     ident.update(encoding=m.get("encoding"), text_tokens=m.get("text_tokens"))
@@ -58,12 +58,12 @@ def role_identity(source: TargetSource, role: str, sample_ids: list[str]) -> dic
 
 
 def run_identity(cfg, source: TargetSource, roles: list[str], sample_ids: list[str]) -> dict[str, Any]:
-    from drivekd.store.zarr_store import teacher_fingerprint
+    from drivekd.store.zarr_store import checkpoint_fingerprint
 
     return {
         "data": {"sha256": file_sha256(cfg.data), "path": str(cfg.data)},
         "cache": {r: role_identity(source, r, sample_ids) for r in roles},
-        "student": {"fingerprint": teacher_fingerprint(cfg.student), "path": str(cfg.student)},
+        "student": {"fingerprint": checkpoint_fingerprint(cfg.student), "path": str(cfg.student)},
     }
 
 
