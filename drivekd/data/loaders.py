@@ -660,6 +660,8 @@ def _check_images(sample: Sample, record: dict, fmt: str, cache: dict[Path, str 
             cache[resolved] = _image_problem(resolved)
         problem = cache[resolved]
         if problem is not None:
+            if as_written.startswith(NUSCENES_PREFIX) and not resolved.exists():
+                problem += f" (a DriveLM path: {NUSCENES_PREFIX} is read as the image root, so --images is the folder holding samples/)"
             raise _Problem(field, f"image {as_written!r} (resolved to {resolved}) {problem}", sample.id)
 
 
