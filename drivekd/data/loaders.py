@@ -106,7 +106,7 @@ def strip_image_tags(text: str) -> str:
 class SkippedRecord:
     """A record dropped by unknown_capability="skip"."""
 
-    index: int
+    index: int  # the record's position in the file (DriveLM: the QA entry's, counted in file order)
     label: str  # the label as written
 
 
