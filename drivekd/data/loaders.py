@@ -8,7 +8,7 @@ The format is detected per file (or named with `format=`):
 * DriveBench: `scene_token`, `frame_token`, `question_type` (perception|prediction|planning|behavior),
   `question`, `answer`, `tag`, `image_path` {camera: path}. Images are ordered by `CAMERA_ORDER`.
 * DriveLM (nuScenes): one JSON object `{scene_token: {key_frames: {frame_token: {QA: {category:
-  [{Q, A, tag}]}, image_paths: {camera: path}}}}}`; one Sample per QA entry.
+  [{Q, A, tag}]}, image_paths: {camera: path}}}}`; one Sample per QA entry.
 * RoboSense 2025 Track 1: a list of `{scene_token, frame_token, question, answer, category,
   img_paths: {camera: path}}`; one Sample per record.
 
@@ -23,8 +23,8 @@ Sample ids come from `drivekd.ids` (explicit `id` field, else a content hash, or
 question for DriveLM/RoboSense; never list position).
 
 Every problem raises `DataError` naming the file, the record (index and id when known; scene, frame
-and QA entry for DriveLM), the field, and what to do. All records are checked before raising, so one run lists every problem (the first
-`MAX_LISTED_PROBLEMS` are shown).
+and QA entry for DriveLM), the field, and what to do. All records are checked before raising, so one
+run lists every problem (the first `MAX_LISTED_PROBLEMS` are shown).
 """
 
 from __future__ import annotations
@@ -302,8 +302,8 @@ def _drivelm_entries(data: dict) -> tuple[list[tuple[str, Any]], list[str]]:
         if not isinstance(frames, dict) or not frames:
             what = ("missing" if "key_frames" not in sv else "an empty object" if frames == {}
                     else f"a {_json_type(frames)}")
-            bad(where_s, "key_frames", f"{'is ' if what != 'missing' else ''}{what}; expected an object {{frame_token: {{\"QA\": ..., "
-                "\"image_paths\": ...}}}}")
+            bad(where_s, "key_frames", f"{'is ' if what != 'missing' else ''}{what}; "
+                "expected an object {frame_token: {\"QA\": ..., \"image_paths\": ...}}")
             continue
         for frame, fv in frames.items():
             where_f = f"{where_s}, frame {frame!r}"
@@ -661,7 +661,8 @@ def _check_images(sample: Sample, record: dict, fmt: str, cache: dict[Path, str 
         problem = cache[resolved]
         if problem is not None:
             if as_written.startswith(NUSCENES_PREFIX) and not resolved.exists():
-                problem += f" (a DriveLM path: {NUSCENES_PREFIX} is read as the image root, so --images is the folder holding samples/)"
+                problem += (f" (a DriveLM path: {NUSCENES_PREFIX} is read as the image root, so --images is "
+                            "the folder holding samples/)")
             raise _Problem(field, f"image {as_written!r} (resolved to {resolved}) {problem}", sample.id)
 
 
