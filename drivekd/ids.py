@@ -7,7 +7,9 @@ the same record gets the same id in the teacher store, the training run and `pre
 * Drive-KD records: `dk-` + 16 hex chars of sha256 over (image paths as written, question,
   answer, capability), so the messages form and the flat form of one sample share an id;
 * DriveBench records: `<frame_token>-` + 10 hex chars of sha256 over the question (image tags
-  removed).
+  removed);
+* DriveLM and RoboSense records: `<frame_token>-` + 10 hex chars of sha256 over (scene token,
+  frame token, question), so one question about one frame has one id in both formats.
 
 A safe key matches `[A-Za-z0-9._-]+`, does not start with '.', contains no '..', and has at most
 `MAX_KEY_LEN` characters: it can name a folder in the Zarr store on any file system.
@@ -67,3 +69,9 @@ def drivebench_id(frame_token: str, question: str) -> str:
     """Id of a DriveBench record without an `id` field (`question` with image tags removed)."""
     token = safe_key(frame_token)[: MAX_KEY_LEN - 11]
     return f"{token}-{content_hash(question)[:10]}"
+
+
+def scene_frame_id(scene_token: str, frame_token: str, question: str) -> str:
+    """Id of a DriveLM or RoboSense question (no `id` field): from scene, frame and question text."""
+    token = safe_key(frame_token)[: MAX_KEY_LEN - 11]
+    return f"{token}-{content_hash([scene_token, frame_token, question])[:10]}"

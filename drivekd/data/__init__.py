@@ -1,10 +1,12 @@
-"""Data: the Sample type and loaders for the Drive-KD and DriveBench formats.
+"""Data: the Sample type and loaders for the Drive-KD, DriveBench, DriveLM and RoboSense formats.
 
 Synthetic demo scenes live in `drivekd.demo` (a fixture, not part of the library).
 """
 
 from drivekd.data.loaders import (
     CAPABILITY_ALIASES,
+    DRIVELM_CATEGORIES,
+    FORMATS,
     LoadReport,
     SkippedRecord,
     load_samples,
@@ -19,6 +21,8 @@ __all__ = [
     "CAMERA_ORDER",
     "CAPABILITIES",
     "CAPABILITY_ALIASES",
+    "DRIVELM_CATEGORIES",
+    "FORMATS",
     "LoadReport",
     "Sample",
     "SkippedRecord",

@@ -28,7 +28,7 @@ class Sample:
     answer: str
     question_type: str = ""  # the label as written in the source (e.g. DriveBench "behavior")
     record: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)  # original record
-    source: str = ""  # "drivekd" or "drivebench"
+    source: str = ""  # the file format: "drivekd", "drivebench", "drivelm" or "robosense"
 
     @property
     def group_key(self) -> tuple[str, ...]:
