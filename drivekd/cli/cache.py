@@ -27,7 +27,7 @@ def main() -> None:
 @main.command()
 @click.option("--teacher", "role", type=click.Choice([*ROLES, "all"]), required=True, help="Which teacher role(s) to build.")
 @click.option("--model", "model_dir", type=click.Path(path_type=Path), help="Teacher checkpoint folder (default: [teachers].<role> in drivekd.toml).")
-@click.option("--data", type=click.Path(path_type=Path), help="Training data JSON (Drive-KD or DriveBench format).")
+@click.option("--data", type=click.Path(path_type=Path), help="Training data JSON (Drive-KD, DriveBench, DriveLM or RoboSense format).")
 @click.option("--images", type=click.Path(path_type=Path), help="Image root for relative paths (default: the data file's folder).")
 @click.option("--allow-outside-images", is_flag=True, help="Accept image paths that escape the image root (a relative "
               "../x.jpg, or an absolute path outside --images); refused by default.")

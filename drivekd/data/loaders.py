@@ -270,7 +270,7 @@ def _entries(path: Path, data: Any, fmt: str) -> tuple[list[tuple[str, Any]], li
     if fmt == "drivelm":
         if not isinstance(data, dict):
             raise DataError(f"{path}: top level is a JSON {_json_type(data)}, but a DriveLM file is one object "
-                            "{scene_token: {\"key_frames\": ...}}; pass the right --format or file")
+                            "{scene_token: {\"key_frames\": ...}}; check the file (or the format passed to load_samples)")
         if not data:
             raise DataError(f"{path}: the DriveLM object has no scenes; nothing to load")
         return _drivelm_entries(data)

@@ -57,7 +57,7 @@ class TrainConfig:
 
     # ----- inputs
     student: Path | None = opt(None, "Student checkpoint folder (HF, safetensors).", group="inputs", required=True)
-    data: Path | None = opt(None, "Training data JSON (Drive-KD or DriveBench format).", group="inputs", required=True)
+    data: Path | None = opt(None, "Training data JSON (Drive-KD, DriveBench, DriveLM or RoboSense format).", group="inputs", required=True)
     out: Path | None = opt(None, "Run folder: metrics.jsonl, step-NNNNNN/ checkpoints, final/.", group="inputs", required=True)
     cache: Path | None = opt(None, "Teacher store built by drivekd-cache.", group="inputs")
     images: Path | None = opt(None, "Image root for relative paths (default: the data file's folder).", group="inputs")
