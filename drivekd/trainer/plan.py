@@ -260,7 +260,8 @@ def _resolve_terms(cfg: TrainConfig, on: list[Term], roles: dict[str, list[str]]
 
 
 def _check_resume(cfg: TrainConfig, world: int, notes: list[str]) -> Path | None:
-    """The checkpoint a run continues (--resume / --resume-from), with the same settings and
+    """The checkpoint a run continues (--resume / --resume-from), with the same settings (but a
+    larger --max-steps / --epochs, checked by _check_extension once the steps are counted) and
     process count; without either, --out must not already hold a run."""
     from drivekd.trainer.checkpoint import is_complete, latest_checkpoint, read_meta
 
