@@ -89,8 +89,9 @@ def test_resume_with_more_steps_extends_the_run(tiny_models, data2, demo_data, s
     first = _lrs(out)
     # the fresh schedule: cosine from LR (no warmup) to the floor at step 6; step k runs at the factor of k - 1
     assert [first[k] for k in range(1, 7)] == pytest.approx([_cosine(k - 1, 0, 6, 1.0) for k in range(1, 7)], rel=1e-9)
-    mid = tmp_path / "mid"
+    mid, by_epochs = tmp_path / "mid", tmp_path / "epochs"
     shutil.copytree(out, mid)
+    shutil.copytree(out, by_epochs)
 
     # A shorter run and any other changed setting stay refused.
     r = _run([*base, "--max-steps", "4", "--resume"])
@@ -123,3 +124,9 @@ def test_resume_with_more_steps_extends_the_run(tiny_models, data2, demo_data, s
     r = _run([*args(mid), "--max-steps", "8", "--resume-from", str(mid / "step-000006")])
     assert r.exit_code == 0, r.output
     assert [_lrs(mid)[k] for k in (7, 8)] == [lrs[7], lrs[8]]
+
+    # --epochs extends too: 5 passes over the 2 samples (micro-batch 1) are 10 steps, 7-10 at the floor.
+    r = _run([*args(by_epochs), "--epochs", "5", "--resume"])
+    assert r.exit_code == 0, r.output
+    lrs = _lrs(by_epochs)
+    assert sorted(lrs) == list(range(1, 11)) and [lrs[k] for k in range(7, 11)] == pytest.approx([FLOOR * LR] * 4, rel=1e-9)

@@ -157,7 +157,7 @@ class Trainer:
                 "micro_batch": cfg.micro_batch, "grad_accum": cfg.grad_accum, "world": self.dist.world,
                 "params": n["params"], "trainable_params": n["trainable"], "grad_engine": engine, "grad_engine_reason": reason,
                 "precision": cfg.precision, "autocast": str(ts.autocast_dtype or torch.float32).replace("torch.", ""),
-                "tokens": _token_range(plan), "schedule": self.schedule.to_json(), "resumed_at_step": self.step,
+                "tokens": _token_range(plan) if self.dist.main else None, "schedule": self.schedule.to_json(), "resumed_at_step": self.step,
                 "terms": [{"role": t.role, "signal": t.signal, "loss": t.kind, "pairs": [[s, list(tl)] for s, tl in t.pairs]}
                           for t in plan.terms]}
 

@@ -71,6 +71,9 @@ def recorded(meta: dict[str, Any], cfg) -> Schedule:
 
 
 def scheduler(optimizer: torch.optim.Optimizer, schedule: Schedule) -> torch.optim.lr_scheduler.LambdaLR:
+    # A bound method, not the Schedule itself: LambdaLR saves a callable object's __dict__ and
+    # restores it on load, which would put back the checkpoint's schedule over an extended one.
+    # (The step count and base lrs still come from the checkpoint's scheduler state.)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule.factor)
 
 
