@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import click
 import torch
 
 from drivekd.distributed import Dist
@@ -34,6 +35,7 @@ from drivekd.families.base import Family, load_model
 from drivekd.fileio import append_line, atomic_write_text, write_error
 from drivekd.store.targets import TargetSource
 from drivekd.trainer import checkpoint as ckpt
+from drivekd.trainer import schedule as schedules
 from drivekd.trainer import trainable
 from drivekd.trainer.contribution import ShareMonitor, calibrated_weights, row_norms
 from drivekd.trainer.identity import write_run_json
@@ -44,7 +46,7 @@ from drivekd.trainer.data import Collate, Failed, StreamSampler, TargetDataset, 
 from drivekd.trainer.metrics import StepStats
 from drivekd.trainer.step import FlatGrads, TrainStep
 
-__all__ = ["Dist", "FlatGrads", "TrainResult", "Trainer", "autocast_dtype", "prepare_student", "train"]
+__all__ = ["Dist", "FlatGrads", "TrainResult", "Trainer", "autocast_dtype", "banner", "prepare_student", "train"]
 
 log = logging.getLogger(__name__)
 
@@ -122,14 +124,42 @@ class Trainer:
             log.info("one backward of the weighted sum (--projection none, no re-weighting): the rows' shares of the update "
                      "are measured on the first %d logged steps%s (a per-loss Gram each)", cfg.contribution_warn_steps, every)
         self.reweighter = Reweighting(plan) if cfg.dynamic_weights and len(plan.row_names) > 1 else None
-        from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmup
-
-        warmup = math.ceil(cfg.warmup_ratio * plan.total_steps)
-        self.scheduler = get_cosine_with_min_lr_schedule_with_warmup(
-            self.optimizer, num_warmup_steps=warmup, num_training_steps=plan.total_steps, min_lr_rate=cfg.min_lr_ratio
-        )
+        # warmup + cosine to the floor; a resume that extends the run re-stretches it (schedule.py)
+        self.schedule, self.extension = self._schedule()
+        self.scheduler = schedules.scheduler(self.optimizer, self.schedule)
         if plan.resume_dir is not None:
             self._restore(plan.resume_dir)
+        self.facts = self._facts(n)
+
+    def _schedule(self) -> tuple[schedules.Schedule, dict[str, Any] | None]:
+        """The run's lr schedule, and (when this start extends the run) what the extension changed."""
+        cfg, plan = self.cfg, self.plan
+        if plan.resume_dir is None:
+            return schedules.fresh(cfg.warmup_ratio, plan.total_steps, cfg.min_lr_ratio), None
+        meta = ckpt.read_meta(plan.resume_dir)
+        old, step = schedules.recorded(meta, cfg), int(meta["step"])
+        if plan.total_steps <= old.end:  # the planner refused a smaller total
+            return old, None
+        new = schedules.extended(old, step, plan.total_steps)
+        log.info("extending the run from %d to %d optimizer steps: the cosine re-stretched from step %d (lr %.3g) to step %d",
+                 old.end, new.end, new.start, new.start_factor * cfg.lr, new.end)
+        return new, {"from_steps": old.end, "to_steps": new.end, "at_step": step,
+                     "rule": f"cosine re-stretched from step {new.start} (lr {new.start_factor * cfg.lr:.6g}) to the floor "
+                             f"(lr {new.floor * cfg.lr:.6g}) at step {new.end}"}
+
+    def _facts(self, n: dict[str, int]) -> dict[str, Any]:
+        """What the run decided, for the banner and run.json's "run": counts, the gradient engine
+        actually used and why, precision, token lengths, and each teacher term's layer pairs."""
+        cfg, plan, ts = self.cfg, self.plan, self.train_step
+        engine, reason = (ts.engine, ts.engine_reason) if ts.per_loss else (
+            "sum", "one backward of the weighted sum (one loss row, or --projection none without re-weighting)")
+        return {"samples": len(plan.samples), "optimizer_steps": plan.total_steps, "micro_steps": self._total_micro(),
+                "micro_batch": cfg.micro_batch, "grad_accum": cfg.grad_accum, "world": self.dist.world,
+                "params": n["params"], "trainable_params": n["trainable"], "grad_engine": engine, "grad_engine_reason": reason,
+                "precision": cfg.precision, "autocast": str(ts.autocast_dtype or torch.float32).replace("torch.", ""),
+                "tokens": _token_range(plan) if self.dist.main else None, "schedule": self.schedule.to_json(), "resumed_at_step": self.step,
+                "terms": [{"role": t.role, "signal": t.signal, "loss": t.kind, "pairs": [[s, list(tl)] for s, tl in t.pairs]}
+                          for t in plan.terms]}
 
     # ----- the step's state, by its old names (tests and tools that drive parts of a step) -----
     params = property(lambda self: self.train_step.params)
@@ -163,6 +193,7 @@ class Trainer:
             "config": self.cfg.to_json(),
             "identity": self.plan.identity,
             "calibration": self.calibration,
+            "schedule": self.schedule.to_json(),
             **plan_json(self.plan),
         }
 
@@ -365,8 +396,10 @@ class Trainer:
             ckpt.clean_partial(self.out)
             _truncate_metrics(metrics_path, self.step)
             write_run_json(self.out / "run.json", {"config": cfg.to_json(), **plan_json(plan), "world": self.dist.world,
-                                                   "notes": plan.notes, "identity": plan.identity, "calibration": self.calibration},
+                                                   "notes": plan.notes, "identity": plan.identity, "calibration": self.calibration,
+                                                   "run": self.facts, "extended": self.extension},
                            plan.resume_dir, self.step)
+            click.echo(banner(self.facts, self.extension), err=True)
         self.dist.barrier()
         losses, records = [], []
         monitor = self._share_monitor(metrics_path)
@@ -449,6 +482,44 @@ def plan_json(plan: RunPlan) -> dict[str, Any]:
         "samples": len(plan.samples),
         "total_steps": plan.total_steps,
     }
+
+
+def _token_range(plan: RunPlan, limit: int = 256) -> dict[str, Any] | None:
+    """Tokens per sample (T) from the store's token ids of the first teacher term, over at most
+    `limit` samples (one small array read each); None without a teacher term or stored ids."""
+    if not plan.terms or plan.source is None:
+        return None
+    role, lengths = plan.terms[0].role, []
+    for s in plan.samples[:limit]:
+        ids = plan.source.read_input_ids(role, s.id)
+        if ids is None:
+            return None
+        lengths.append(int(ids.numel()))
+    return {"min": min(lengths), "max": max(lengths), "samples_read": len(lengths), "of": len(plan.samples)}
+
+
+def banner(facts: dict[str, Any], extension: dict[str, Any] | None = None) -> str:
+    """The run's start on the terminal: what `drivekd-train` decided (the same facts as run.json's "run")."""
+    f = facts
+    pct = 100 * f["trainable_params"] / max(1, f["params"])
+    lines = ["***** drivekd-train *****",
+             f"  samples: {f['samples']}",
+             f"  optimizer steps: {f['optimizer_steps']} (from step {f['resumed_at_step']})" if f["resumed_at_step"]
+             else f"  optimizer steps: {f['optimizer_steps']}",
+             f"  micro-steps: {f['micro_steps']} (micro-batch {f['micro_batch']} x grad-accum {f['grad_accum']} x {f['world']} process(es))",
+             f"  trainable parameters: {f['trainable_params']:,} of {f['params']:,} ({pct:.2f}%)",
+             f"  gradient engine: {f['grad_engine']} ({f['grad_engine_reason']})",
+             f"  precision: weights {f['precision']}, compute {f['autocast']}"]
+    t = f["tokens"]
+    if t is not None:
+        some = "" if t["samples_read"] == t["of"] else f", first {t['samples_read']} of {t['of']} samples"
+        lines.append(f"  tokens per sample (T): {t['min']}-{t['max']}{some}")
+    for term in f["terms"]:
+        pairs = ", ".join(f"S{s}<-T{ts}" for s, ts in term["pairs"])
+        lines.append(f"  {term['role']}: {term['signal']} {term['loss']}, layers {pairs or '-'}")
+    if extension is not None:
+        lines.append(f"  extended: {extension['from_steps']} -> {extension['to_steps']} steps, {extension['rule']}")
+    return "\n".join(lines)
 
 
 def _truncate_metrics(path: Path, step: int) -> None:

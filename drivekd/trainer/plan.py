@@ -29,7 +29,7 @@ from drivekd.roles import ROLES, capability_index, role_index
 from drivekd.store.targets import RoleInfo, TargetSource
 from drivekd.terms import ATTENTION, Recipe, Term, kinds, term_of
 from drivekd.terms import recipe as recipe_named
-from drivekd.trainer.settings import DEFAULT_MIX, RESUME_FREE, TrainConfig, flag
+from drivekd.trainer.settings import DEFAULT_MIX, RESUME_EXTENDABLE, RESUME_FREE, TrainConfig, flag
 
 log = logging.getLogger(__name__)
 
@@ -260,7 +260,8 @@ def _resolve_terms(cfg: TrainConfig, on: list[Term], roles: dict[str, list[str]]
 
 
 def _check_resume(cfg: TrainConfig, world: int, notes: list[str]) -> Path | None:
-    """The checkpoint a run continues (--resume / --resume-from), with the same settings and
+    """The checkpoint a run continues (--resume / --resume-from), with the same settings (but a
+    larger --max-steps / --epochs, checked by _check_extension once the steps are counted) and
     process count; without either, --out must not already hold a run."""
     from drivekd.trainer.checkpoint import is_complete, latest_checkpoint, read_meta
 
@@ -283,7 +284,7 @@ def _check_resume(cfg: TrainConfig, world: int, notes: list[str]) -> Path | None
     new = cfg.to_json()
     # A key a checkpoint predates (written by an older drivekd) had its default then.
     defaults = TrainConfig().to_json()
-    diffs = [k for k in new if k not in RESUME_FREE and old.get(k, defaults[k]) != new[k]]
+    diffs = [k for k in new if k not in RESUME_FREE | RESUME_EXTENDABLE and old.get(k, defaults[k]) != new[k]]
     if diffs:
         lines = "; ".join(f"{flag(k)}: checkpoint {old.get(k)!r}, now {new[k]!r}" for k in diffs)
         raise ConfigError(f"cannot resume from {resume_dir}: settings differ ({lines}); resume with the same settings")
@@ -323,7 +324,23 @@ def validate(cfg: TrainConfig, targets: TargetSource | None = None, world: int =
     plan = RunPlan(cfg, samples, family, student_L, terms, row_names, static, mix, infos, resume_dir, 0, micro_per_epoch,
                    world, notes, source, student_family, identity=run_id)
     plan.total_steps = math.ceil(plan.total_micro / cfg.grad_accum)
+    if resume_dir is not None:
+        _check_extension(cfg, resume_dir, plan.total_steps)
     return plan
+
+
+def _check_extension(cfg: TrainConfig, resume_dir: Path, total_steps: int) -> None:
+    """A resume may extend the run (a larger --max-steps / --epochs), never shorten it."""
+    from drivekd.trainer.checkpoint import read_meta
+    from drivekd.trainer.schedule import recorded
+
+    meta = read_meta(resume_dir)
+    end = recorded(meta, cfg).end
+    if total_steps < end:
+        old = meta["config"]
+        was = f"--max-steps {old.get('max_steps')}" if old.get("max_steps") else f"--epochs {old.get('epochs')}"
+        raise ConfigError(f"cannot resume from {resume_dir}: the run has {end} optimizer steps ({was}), these settings give "
+                          f"{total_steps}; a resume can extend a run (a larger --max-steps or --epochs) but not shorten it")
 
 
 def describe(plan: RunPlan) -> str:

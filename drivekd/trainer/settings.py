@@ -39,6 +39,9 @@ GROUPS = ("inputs", "distillation", "gradients", "optimisation", "runtime", "che
 RESUME_FREE = {"grad_engine", "resume", "resume_from", "resume_allow_changed", "num_workers", "progress", "save_every", "keep_last", "log_every", "out", "cache",
                "data", "images", "allow_outside_images", "student", "device", "report_to", "contribution", "contribution_warn",
                "contribution_warn_steps", "contribution_every"}
+# Keys a resume may raise: the run is extended, its schedule re-stretched (drivekd/trainer/schedule.py);
+# a smaller total is refused by the planner.
+RESUME_EXTENDABLE = {"max_steps", "epochs"}
 
 
 def opt(default: Any, help: str, *, group: str, choices: tuple | None = None, minimum: str | None = None,
@@ -376,5 +379,5 @@ def config_from_sources(cli: dict[str, Any], config_path: str | Path | None = No
     return TrainConfig.from_dict(merged, where=str(raw.get("_path", "flags")))
 
 
-__all__ = ["DEFAULT_MIX", "GROUPS", "PROJECTIONS", "RECIPES", "RESUME_FREE", "TrainConfig", "config_from_sources", "flag",
+__all__ = ["DEFAULT_MIX", "GROUPS", "PROJECTIONS", "RECIPES", "RESUME_EXTENDABLE", "RESUME_FREE", "TrainConfig", "config_from_sources", "flag",
            "recorded_settings"]

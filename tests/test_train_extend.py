@@ -1,0 +1,132 @@
+"""drivekd-train's run banner (and the same facts in run.json), and a resume that extends a run:
+a larger --max-steps continues with the cosine re-stretched (drivekd/trainer/schedule.py), other
+changed settings and a shorter run stay refused."""
+
+import json
+import math
+import shutil
+
+import pytest
+from click.testing import CliRunner
+
+from drivekd.cli.train import main as train_cli
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+LR, FLOOR = 1e-3, 0.1
+
+
+@pytest.fixture(scope="module")
+def data2(demo_data, tmp_path_factory):
+    """The one-view perception samples (the ones --recipe perception trains on, the cheapest)."""
+    records = [r for r in json.loads((demo_data / "train.json").read_text())
+               if r["question_type"] == "perception" and len(r["images"]) == 1]
+    assert len(records) == 2
+    p = tmp_path_factory.mktemp("data2") / "train.json"
+    p.write_text(json.dumps(records))
+    return p
+
+
+@pytest.fixture(scope="module")
+def store1(tiny_models, data2, demo_data, tmp_path_factory):
+    """A perception-only store: the cheapest one a teacher term trains from."""
+    from drivekd.teacher.build import BuildConfig, build
+
+    out = tmp_path_factory.mktemp("store1") / "cache"
+    build(BuildConfig(teachers={"perception": tiny_models / "internvl-teacher"}, data=data2, images=demo_data, out=out, progress=False))
+    return out
+
+
+def _args(tiny_models, data2, demo_data, store1, out, *extra):
+    return ["--cache", str(store1), "--student", str(tiny_models / "internvl-student"), "--data", str(data2), "--images",
+            str(demo_data), "--out", str(out), "--num-workers", "0", "--no-progress", "--recipe", "perception", "--micro-batch", "1",
+            "--grad-accum", "1", "--lr", str(LR), "--min-lr-ratio", str(FLOOR), "--warmup-ratio", "0", *extra]
+
+
+def _run(args):
+    return CliRunner().invoke(train_cli, args)
+
+
+def _lrs(run) -> dict[int, float]:
+    return {r["step"]: r["lr"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
+
+
+def test_banner_on_the_terminal_and_its_facts_in_run_json(tiny_models, data2, demo_data, store1, tmp_path):
+    out = tmp_path / "run"
+    r = _run(_args(tiny_models, data2, demo_data, store1, out, "--max-steps", "2", "--save-every", "0"))
+    assert r.exit_code == 0, r.output
+    facts = json.loads((out / "run.json").read_text())["run"]
+    assert facts["samples"] == 2 and facts["optimizer_steps"] == 2 and facts["micro_steps"] == 2
+    assert 0 < facts["trainable_params"] <= facts["params"]
+    # the engine --grad-engine auto chose, not "auto": on a CPU the rows, and why
+    assert facts["grad_engine"] == "rows" and facts["grad_engine_reason"].startswith("auto: rows")
+    assert facts["precision"] == "fp32" and facts["autocast"] == "float32"
+    assert facts["tokens"]["samples_read"] == 2 and 0 < facts["tokens"]["min"] <= facts["tokens"]["max"]
+    [term] = facts["terms"]
+    assert term["role"] == "perception" and term["pairs"]
+    # the banner: the same facts, on the terminal (stderr), before the closing line
+    assert "***** drivekd-train *****" in r.output
+    for text in ("samples: 2", "optimizer steps: 2", "micro-steps: 2", f"trainable parameters: {facts['trainable_params']:,}",
+                 "gradient engine: rows (auto: rows", f"tokens per sample (T): {facts['tokens']['min']}-{facts['tokens']['max']}",
+                 "perception: "):
+        assert text in r.output, r.output
+    assert r.output.index("*****") < r.output.index("drivekd-train: 2 steps")
+
+
+def _cosine(step: int, start: int, end: int, f0: float) -> float:
+    """The lr of the step after `step` steps: a half cosine from f0 x LR at `start` to FLOOR x LR at `end`."""
+    return LR * (FLOOR + (f0 - FLOOR) * 0.5 * (1 + math.cos(math.pi * (step - start) / (end - start))))
+
+
+def test_resume_with_more_steps_extends_the_run(tiny_models, data2, demo_data, store1, tmp_path):
+    def args(run, *extra):
+        return _args(tiny_models, data2, demo_data, store1, run, "--save-every", "2", "--keep-last", "3", *extra)
+
+    out = tmp_path / "run"
+    base = args(out)
+    r = _run([*base, "--max-steps", "6"])
+    assert r.exit_code == 0, r.output
+    first = _lrs(out)
+    # the fresh schedule: cosine from LR (no warmup) to the floor at step 6; step k runs at the factor of k - 1
+    assert [first[k] for k in range(1, 7)] == pytest.approx([_cosine(k - 1, 0, 6, 1.0) for k in range(1, 7)], rel=1e-9)
+    mid, by_epochs = tmp_path / "mid", tmp_path / "epochs"
+    shutil.copytree(out, mid)
+    shutil.copytree(out, by_epochs)
+
+    # A shorter run and any other changed setting stay refused.
+    r = _run([*base, "--max-steps", "4", "--resume"])
+    assert r.exit_code == 2 and "not shorten" in r.output and "--max-steps 6" in r.output, r.output
+    r = _run([*base, "--max-steps", "8", "--resume", "--lr", "2e-3"])
+    assert r.exit_code == 2 and "settings differ" in r.output and "--lr" in r.output, r.output
+
+    # From its end (step 6, lr at the floor): steps 7-8 continue at the floor.
+    r = _run([*base, "--max-steps", "8", "--resume"])
+    assert r.exit_code == 0, r.output
+    lrs = _lrs(out)
+    assert sorted(lrs) == list(range(1, 9))
+    assert [lrs[k] for k in range(1, 7)] == [first[k] for k in range(1, 7)]
+    assert [lrs[7], lrs[8]] == pytest.approx([FLOOR * LR, FLOOR * LR], rel=1e-9)
+    record = json.loads((out / "run.json").read_text())
+    last = record["history"][-1]
+    assert last["from_step"] == 6 and last["extended"]["from_steps"] == 6 and last["extended"]["to_steps"] == 8
+    assert "re-stretched" in last["extended"]["rule"] and record["history"][0]["extended"] is None
+    assert last["run"]["schedule"] == {"warmup": 0, "end": 8, "floor": FLOOR, "start": 6, "start_factor": pytest.approx(FLOOR)}
+    assert "extended: 6 -> 8 steps" in r.output
+
+    # From mid-run (step 4): the cosine re-stretched from step 4's lr to the floor at step 8.
+    r = _run([*args(mid), "--max-steps", "8", "--resume-from", str(mid / "step-000004")])
+    assert r.exit_code == 0, r.output
+    lrs = _lrs(mid)
+    assert [lrs[k] for k in range(1, 5)] == [first[k] for k in range(1, 5)]
+    f4 = _cosine(4, 0, 6, 1.0) / LR
+    assert [lrs[k] for k in range(5, 9)] == pytest.approx([_cosine(k - 1, 4, 8, f4) for k in range(5, 9)], rel=1e-9)
+    # and a second resume of the extended run keeps its stretched schedule (recorded in the checkpoint)
+    r = _run([*args(mid), "--max-steps", "8", "--resume-from", str(mid / "step-000006")])
+    assert r.exit_code == 0, r.output
+    assert [_lrs(mid)[k] for k in (7, 8)] == [lrs[7], lrs[8]]
+
+    # --epochs extends too: 5 passes over the 2 samples (micro-batch 1) are 10 steps, 7-10 at the floor.
+    r = _run([*args(by_epochs), "--epochs", "5", "--resume"])
+    assert r.exit_code == 0, r.output
+    lrs = _lrs(by_epochs)
+    assert sorted(lrs) == list(range(1, 11)) and [lrs[k] for k in range(7, 11)] == pytest.approx([FLOOR * LR] * 4, rel=1e-9)
