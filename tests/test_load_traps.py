@@ -71,6 +71,17 @@ def test_a_checkpoint_transformers_refuses_names_folder_and_reason(tiny_models, 
         load_model(folder)
 
 
+def test_a_pad_id_outside_the_embedding_is_one_error(tiny_models, tmp_path):
+    # Once transformers' `AssertionError: Padding_idx must be within num_embeddings` came through raw.
+    folder = tmp_path / "padded"
+    shutil.copytree(tiny_models / "internvl-student", folder)
+    raw = json.loads((folder / "config.json").read_text())
+    raw["text_config"]["pad_token_id"] = raw["text_config"]["vocab_size"] + 7
+    (folder / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(ModelError, match=r"padded: transformers cannot build this checkpoint"):
+        load_model(folder)
+
+
 def test_missing_chat_template_and_image_settings_are_named(tiny_models, tmp_path):
     no_template = tmp_path / "no-template"
     shutil.copytree(tiny_models / "internvl-student", no_template)

@@ -128,8 +128,8 @@ def load_model(path, *, dtype=torch.float32, device="cpu", capture=True, attn="s
             local_files_only=True,
             trust_remote_code=trust_remote_code,
         )
-    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as e:
-        # Whatever transformers refuses (shapes that do not match config.json, a config value its
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError, AssertionError) as e:
+        # Whatever transformers refuses (a pad id outside the embedding asserts; shapes that do not match config.json, a config value its
         # classes reject, a truncated file): one line naming the folder and the reason.
         raise ModelError(f"{path}: transformers cannot build this checkpoint ({_reason(e)}); check that config.json and "
                          "the weights belong together (re-download or re-save the checkpoint)") from None
