@@ -184,11 +184,26 @@ def test_nonfinite_loss_stops_or_skips(tiny_models, demo_data, samples, targets,
     with pytest.raises(DriveKDError, match=rf"non-finite loss at step 1 .*{sid}"):
         train(cfg, bad)
     assert not list_checkpoints(tmp_path / "stop")
-    res = train(replace(cfg, out=tmp_path / "skip", skip_nonfinite=True), bad)
+    res = train(replace(cfg, out=tmp_path / "skip", skip_nonfinite=True, max_skip_share=0.5), bad)
     assert [r["skipped"] for r in res.metrics] == [[sid], [sid]]
     assert all(math.isfinite(l) for l in res.losses)
     for w in _weights(tmp_path / "skip" / "final").values():
         assert torch.isfinite(w).all()
+    # At the default budget (1% of the run's 4 micro-batches: none) the first skip stops the run, naming it.
+    with pytest.raises(DriveKDError, match=rf"skipped 1 micro-batch\(es\) by step 1, more than --max-skip-share 0.01 .*{sid}"):
+        train(replace(cfg, out=tmp_path / "budget", skip_nonfinite=True), bad)
+    assert not (tmp_path / "budget" / "final").exists()
+
+
+def test_a_run_that_trains_on_nothing_writes_no_final(tiny_models, demo_data, samples, targets, tmp_path):
+    # Once: every sample skipped, loss null, exit 0 and final/ written (the untouched initial student).
+    sid = samples[0].id
+    bad = _poisoned(targets, samples, sid)
+    cfg = _cfg(tiny_models, demo_data, tmp_path / "none", data=_subset(demo_data, tmp_path, [0]), images=demo_data,
+               max_steps=2, save_every=0, skip_nonfinite=True, max_skip_share=1.0)
+    with pytest.raises(DriveKDError, match=r"no micro-batch of steps 1..2 was trained .*final/ is not written"):
+        train(cfg, bad)
+    assert not (tmp_path / "none" / "final").exists()
 
 
 @contextlib.contextmanager

@@ -22,6 +22,7 @@ import logging
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -116,6 +117,8 @@ class Trainer:
         self.step = 0
         # --calibrate-kd: before the re-weighting starts from the static weights.
         self.calibration = self._calibration()
+        # --skip-nonfinite's budget (--max-skip-share): micro-batches skipped / trained in this process.
+        self._skipped_micro, self._trained_micro, self._skipped_ids = 0, 0, []
         # --projection none without re-weighting keeps no per-loss gradients: measure the shares on
         # some logged steps (step.py, TrainStep._measured_sum; --contribution-every).
         self.measure_fast = cfg.contribution and not self.train_step.per_loss and len(plan.row_names) > 1
@@ -319,7 +322,11 @@ class Trainer:
             micro = self.train_step.micro_step(batch, weights, self._order(j), where=f"step {self.step + 1} (micro-step {j})",
                                                measure=measure and j == first)
             stats.skipped.extend(micro.skipped)
+            if micro.skipped:
+                self._skipped_micro += 1
+                self._skipped_ids.extend(micro.skipped)
             if micro.losses is not None:
+                self._trained_micro += 1
                 stats.record(micro, weights, len(batch.sample_ids), batch.tokens)
 
     def _optimizer_step(self, stats: StepStats) -> float:
@@ -331,9 +338,16 @@ class Trainer:
             if not self.cfg.skip_nonfinite:
                 raise DriveKDError(f"non-finite gradient norm at step {self.step + 1}; lower --lr or pass --skip-nonfinite")
             stats.skipped.append(f"step {self.step + 1} (all samples)")
+            self._skipped_micro += stats.micro
+            self._trained_micro -= stats.micro
+            self._skipped_ids.append(f"step {self.step + 1} (all samples)")
         elif stats.micro:
             ts.optimizer_step()
-        self.scheduler.step()
+        with warnings.catch_warnings():
+            # A step whose micro-batches were all skipped steps the schedule without the optimizer
+            # (the schedule stays aligned with the step count); torch warns about that order.
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before `optimizer.step\(\)`")
+            self.scheduler.step()
         ts.zero_grad()
         return grad_norm
 
@@ -359,9 +373,22 @@ class Trainer:
         grad_norm = self._optimizer_step(stats)
         self._reweight(stats, [g.loss_rows[0], *g.raw_terms])
         self.step += 1
+        self._check_skips(total_micro)
         return stats.line(g, step=self.step, epoch=round(self.step * self.cfg.grad_accum / self.plan.micro_per_epoch, 4),
                           lr=lr, weights=weights, grad_norm=grad_norm, per_loss=self.train_step.per_loss,
                           seconds=time.perf_counter() - t0, device=self.device)
+
+    def _check_skips(self, total_micro: int) -> None:
+        """Stop once --skip-nonfinite skipped more than --max-skip-share of the run's micro-batches:
+        a run that silently skips most of its data is not the run the user asked for."""
+        budget = int(self.cfg.max_skip_share * total_micro)
+        if self._skipped_micro > budget:
+            ids = list(dict.fromkeys(self._skipped_ids))
+            shown = ", ".join(ids[:10]) + (f" and {len(ids) - 10} more" if len(ids) > 10 else "")
+            raise DriveKDError(f"--skip-nonfinite skipped {self._skipped_micro} micro-batch(es) by step {self.step}, more than "
+                               f"--max-skip-share {self.cfg.max_skip_share:g} of the run's {total_micro} ({budget} allowed): "
+                               f"{shown}; check those samples and their targets (drivekd-cache verify), lower --lr, or "
+                               "raise --max-skip-share")
 
     def _measured(self, step: int) -> bool:
         """Fast path: whether step `step` (1-based) measures the shares: a logged step among the
@@ -426,6 +453,10 @@ class Trainer:
             if cfg.save_every and self.step % cfg.save_every == 0:
                 self._save(ckpt.step_name(self.step))
         bar.close()
+        if records and self._trained_micro <= 0:
+            raise DriveKDError(f"no micro-batch of steps {self.step - len(records) + 1}..{self.step} was trained (every one skipped "
+                               "by --skip-nonfinite), so final/ is not written: check the samples and targets named in "
+                               "metrics.jsonl's `skipped`")
         self._save("final")
         return TrainResult(self.out, self.out / "final", self.step, losses, records, plan)
 

@@ -38,7 +38,7 @@ GROUPS = ("inputs", "distillation", "gradients", "optimisation", "runtime", "che
 # numbers): everything else must match, or the resumed run would not continue the same run.
 RESUME_FREE = {"grad_engine", "resume", "resume_from", "resume_allow_changed", "num_workers", "progress", "save_every", "keep_last", "log_every", "out", "cache",
                "data", "images", "allow_outside_images", "student", "device", "report_to", "contribution", "contribution_warn",
-               "contribution_warn_steps", "contribution_every"}
+               "contribution_warn_steps", "contribution_every", "max_skip_share"}
 # Keys a resume may raise: the run is extended, its schedule re-stretched (drivekd/trainer/schedule.py);
 # a smaller total is refused by the planner.
 RESUME_EXTENDABLE = {"max_steps", "epochs"}
@@ -172,6 +172,9 @@ class TrainConfig:
     num_workers: int = opt(2, "DataLoader workers reading targets and decoding images while the model computes.",
                            group="runtime", minimum=">=0")
     skip_nonfinite: bool = opt(False, "Skip a micro-batch whose loss is NaN/inf instead of stopping.", group="runtime")
+    max_skip_share: float = opt(0.01, "With --skip-nonfinite: stop, naming the samples, once more than this share of the "
+                                "run's micro-batches was skipped (counted since this process started); a run that "
+                                "trained on nothing never writes final/.", group="runtime")
     log_every: int = opt(1, "Write a metrics line every N optimizer steps.", group="runtime", minimum=">0")
     progress: bool = opt(True, "Show a tqdm progress bar.", group="runtime")
     contribution: bool = opt(True, "Log each row's share of the applied update (share_<row>, along_<row> in "
@@ -258,6 +261,8 @@ class TrainConfig:
             raise ConfigError(f"--precision {self.precision} with --lora is not supported: LoRA's few trainable parameters "
                               "need little optimizer memory; use --precision fp32 with --lora")
         check_trainable(self)  # --freeze groups, --lora-* only with --lora
+        if not 0 <= self.max_skip_share <= 1:
+            raise ConfigError(f"--max-skip-share is a share of the run's micro-batches in [0, 1], got {self.max_skip_share}")
         if self.contribution_warn >= 1:
             raise ConfigError(f"--contribution-warn is a share of the update in [0, 1), got {self.contribution_warn}")
         if self.resume and self.resume_from is not None:
