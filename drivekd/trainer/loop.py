@@ -387,7 +387,7 @@ class Trainer:
             shown = ", ".join(ids[:10]) + (f" and {len(ids) - 10} more" if len(ids) > 10 else "")
             raise DriveKDError(f"--skip-nonfinite skipped {self._skipped_micro} micro-batch(es) by step {self.step}, more than "
                                f"--max-skip-share {self.cfg.max_skip_share:g} of the run's {total_micro} ({budget} allowed): "
-                               f"{shown}; check those samples and their targets (drivekd-cache verify), lower --lr, or "
+                               f"{shown}; check those samples and their targets (`drivekd-cache verify`), lower --lr, or "
                                "raise --max-skip-share")
 
     def _measured(self, step: int) -> bool:
