@@ -283,6 +283,8 @@ def evaluate_model(
         raise ConfigError(f"--data {data} does not exist: give a DriveBench (or Drive-KD) JSON file")
     if images is not None and not Path(images).is_dir():
         raise ConfigError(f"--images {images} is not a folder: give the root the image paths are relative to")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"--out {out_dir} is an existing file; the evaluation writes a folder: give another path")
     checks = [
         (batch_size >= 1, f"--batch-size must be >= 1, got {batch_size}"),
         (max_new_tokens >= 1, f"--max-new-tokens must be >= 1, got {max_new_tokens}"),

@@ -138,6 +138,9 @@ def _check_required(cfg: TrainConfig) -> None:
     for key in ("student", "data", "out"):
         if getattr(cfg, key) is None:
             raise ConfigError(f"{flag(key)} is required (or set {key} in the [train] table of drivekd.toml)")
+    if cfg.out.exists() and not cfg.out.is_dir():
+        raise ConfigError(f"--out {cfg.out} is an existing file; a run is a folder (metrics.jsonl, checkpoints, final/): "
+                          "give another path")
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"--device {cfg.device}: CUDA is not available on this machine; use --device cpu")
 

@@ -1,4 +1,4 @@
-"""Image paths that escape the image root are refused by every command that reads data, naming
+"""Bad inputs every command refuses in one line: image paths that escape the image root (naming
 the record and --allow-outside-images; with the flag the same data is read."""
 
 import json
@@ -60,3 +60,16 @@ def test_eval_refuses(tiny_models, escaping, tmp_path):
 
     _refused(CliRunner().invoke(eval_cli, ["--model", str(tiny_models / "internvl-student"), "--data", str(escaping),
                                            "--out", str(tmp_path / "ev")]))
+
+
+def test_out_naming_an_existing_file_is_one_error(tiny_models, escaping, tmp_path):
+    # Once a NotADirectoryError / FileExistsError traceback from drivekd-train and drivekd-eval.
+    from drivekd.cli.eval import main as eval_cli
+
+    f = tmp_path / "notes.txt"
+    f.write_text("x")
+    r = CliRunner().invoke(train_cli, ["--recipe", "sft", "--student", str(tiny_models / "internvl-student"), "--data", str(escaping),
+                                       "--allow-outside-images", "--out", str(f), "--max-steps", "1", "--no-progress"])
+    assert r.exit_code != 0 and "--out" in r.output and "existing file" in r.output and "Traceback" not in r.output
+    r = CliRunner().invoke(eval_cli, ["--model", str(tiny_models / "internvl-student"), "--data", str(escaping), "--out", str(f)])
+    assert r.exit_code != 0 and "--out" in r.output and "existing file" in r.output and "Traceback" not in r.output
