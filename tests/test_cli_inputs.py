@@ -1,5 +1,5 @@
-"""Bad inputs every command refuses in one line: image paths that escape the image root (naming
-the record and --allow-outside-images; with the flag the same data is read."""
+"""Bad inputs every command refuses in one line: image paths that escape the image root (naming the
+record and --allow-outside-images; with the flag the same data is read), and --out naming a file."""
 
 import json
 import shutil
