@@ -26,6 +26,7 @@ size under AdamW); a run continues from its step checkpoints, never from final/.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -111,6 +112,21 @@ def _py_state(s) -> tuple:
     return (version, tuple(internal), gauss)
 
 
+@contextlib.contextmanager
+def quiet_hf_progress():
+    """transformers' own bars ("Writing model shards") off while a checkpoint is written: drawn in
+    the middle of drivekd-train's bar they break it into fragments (`[A` in logs)."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
+
+
 def save_checkpoint(
     run: Path,
     name: str,
@@ -134,11 +150,12 @@ def save_checkpoint(
         shutil.rmtree(tmp)
     try:
         tmp.mkdir()
-        if write_model is not None:
-            write_model(tmp)
-        else:
-            model.save_pretrained(tmp, safe_serialization=True)
-        save_processor(processor, tmp)
+        with quiet_hf_progress():
+            if write_model is not None:
+                write_model(tmp)
+            else:
+                model.save_pretrained(tmp, safe_serialization=True)
+            save_processor(processor, tmp)
         if name != FINAL:
             torch.save(state, tmp / STATE_PT)
         (tmp / STATE_JSON).write_text(json.dumps({"format_version": FORMAT_VERSION, **meta}, indent=2, sort_keys=True) + "\n")
