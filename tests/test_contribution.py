@@ -274,7 +274,7 @@ def test_settings_are_checked():
 def test_share_keys_go_under_one_tensorboard_section():
     rec = {"step": 2, "loss_ce": 1.0, "share_ce": 0.9, "share_perception": 0.1, "along_perception": -0.02, "along_ce": None,
            "weights": {"share_x": 1.0}}
-    assert flatten(rec) == {"loss_ce": 1.0, "share/ce": 0.9, "share/perception": 0.1, "share/along_perception": -0.02,
+    assert flatten(rec) == {"train/loss_ce": 1.0, "share/ce": 0.9, "share/perception": 0.1, "share/along_perception": -0.02,
                             "weights/share_x": 1.0}
 
 

@@ -36,8 +36,13 @@ def _scalars(logdir: Path) -> dict[str, list[tuple[int, float]]]:
 def test_flatten_turns_a_metrics_record_into_scalar_tags():
     rec = {"step": 3, "loss": 1.5, "weights": {"ce": 1.0, "perception": 0.5}, "grad_cos": {"ce|perception": -0.25},
            "grad_norms": None, "skipped": ["a", "b"], "peak_mem_kind": "cpu_peak_rss", "projections_fired": 2}
-    assert flatten(rec) == {"loss": 1.5, "weights/ce": 1.0, "weights/perception": 0.5,
-                            "grad_cos/ce_vs_perception": -0.25, "skipped": 2.0, "projections_fired": 2.0}
+    # grouped by concern (train/, weights/, grad/, share/, system/), not one top-level group per key
+    assert flatten(rec) == {"train/loss": 1.5, "weights/ce": 1.0, "weights/perception": 0.5,
+                            "grad/cos/ce_vs_perception": -0.25, "train/skipped": 2.0, "grad/projections_fired": 2.0}
+    more = {"grad_norm": 2.0, "grad_norms": {"ce": 1.0}, "lr": 1e-3, "loss_ce": 1.0, "raw_perception": 0.1,
+            "samples_per_s": 3.0, "peak_mem_bytes": 5, "active_share": {"ce": 1.0}}
+    assert set(flatten(more)) == {"grad/norm", "grad/norms/ce", "train/lr", "train/loss_ce", "train/raw_perception",
+                                  "system/samples_per_s", "system/peak_mem_bytes", "grad/active_share/ce"}
 
 
 def test_report_to_parsing_and_config_check():
@@ -78,7 +83,7 @@ def test_resumed_tensorboard_log_drops_the_killed_steps(tmp_path):
     for step in (3, 4):
         resumed.log({"step": step, "loss": 10.0 * step})
     resumed.close()
-    assert _scalars(tmp_path / "tensorboard")["loss"] == [(1, 1.0), (2, 2.0), (3, 30.0), (4, 40.0)]
+    assert _scalars(tmp_path / "tensorboard")["train/loss"] == [(1, 1.0), (2, 2.0), (3, 30.0), (4, 40.0)]
 
 
 @pytest.mark.skipif(not installed("wandb"), reason="wandb is optional (pip install 'drivekd[wandb]'); "
@@ -116,8 +121,8 @@ def tiny_run(tiny_models, demo_data, tmp_path_factory):
 def test_training_run_writes_its_metrics_to_tensorboard(tiny_run):
     lines = [json.loads(l) for l in (tiny_run / "metrics.jsonl").read_text().splitlines()]
     scalars = _scalars(tiny_run / "tensorboard")
-    for tag in ("loss", "loss_ce", "loss_planning", "lr", "weights/perception", "grad_cos/ce_vs_reasoning",
-                "projections_fired", "samples_per_s", "peak_mem_bytes"):
+    for tag in ("train/loss", "train/loss_ce", "train/loss_planning", "train/lr", "weights/perception",
+                "grad/cos/ce_vs_reasoning", "grad/projections_fired", "system/samples_per_s", "system/peak_mem_bytes"):
         assert tag in scalars, tag
     for tag, expected in flatten(lines[-1]).items():
         steps = [s for s, _ in scalars[tag]]

@@ -2,9 +2,9 @@
 
 HF Trainer's convention: `--report-to tensorboard` (the default when the `tensorboard` package is
 installed), `--report-to wandb`, a comma list of both, or `none`. The loggers are fed exactly the
-record the loop appends to metrics.jsonl, flattened to scalar tags (`weights/ce`,
-`grad_cos/ce_vs_perception`, `share/perception` for `share_perception`, ...), with the record's
-`step` as the global step. Only rank 0 writes
+record the loop appends to metrics.jsonl, flattened to scalar tags grouped by concern
+(`train/loss`, `weights/ce`, `grad/cos/ce_vs_perception`, `share/perception` for `share_perception`,
+`system/peak_mem_bytes`, ...: `group_of`), with the record's `step` as the global step. Only rank 0 writes
 (the loop calls `report_metrics` where it writes metrics.jsonl, which is rank 0 only).
 
 Where things go, under the run folder (--out):
@@ -71,21 +71,40 @@ def _tag(key: str) -> str:
     return re.sub(r"[^-/\w.]", "_", key.replace("|", "_vs_"))
 
 
-# Top-level record keys shown in one TensorBoard section: the rows' shares of the update
-# (`share_<row>` -> `share/<row>`, `along_<row>` -> `share/along_<row>`).
-_SECTIONS = (("share_", "share/"), ("along_", "share/along_"))
+# TensorBoard sections, by the top-level key of a metrics record (README, "Watching a run", explains
+# each name): train/ the objective and schedule, weights/ the loss weights, grad/ the gradients and
+# their projections, share/ each row's share of the update, system/ throughput and memory, eval/
+# validation. (prefix of the key, section, what to strip from the key)
+_GROUPS = (
+    ("share_", "share/", "share_"), ("along_", "share/along_", "along_"),
+    ("grad_norms", "grad/norms", "grad_norms"), ("grad_norm", "grad/norm", "grad_norm"),
+    ("grad_cos", "grad/cos", "grad_cos"), ("active_share", "grad/active_share", "active_share"),
+    ("projections_fired", "grad/projections_fired", "projections_fired"),
+    ("weights", "weights", "weights"),
+    ("samples_per_s", "system/", ""), ("tokens_per_s", "system/", ""), ("step_time_s", "system/", ""),
+    ("peak_mem", "system/", ""), ("eval_", "eval/", "eval_"),
+)
+
+
+def group_of(key: str) -> str:
+    """The tag of a top-level metrics key: `loss_ce` -> `train/loss_ce`, `grad_cos` -> `grad/cos`,
+    `share_perception` -> `share/perception`, `peak_mem_bytes` -> `system/peak_mem_bytes`."""
+    for prefix, section, strip in _GROUPS:
+        if key.startswith(prefix):
+            return section + key[len(strip):]
+    return "train/" + key
 
 
 def flatten(record: dict[str, Any], prefix: str = "") -> dict[str, float]:
     """Scalar tags of one metrics record: nested dicts join with '/', lists count their items
     (`skipped`: samples skipped this step), None and strings are dropped, `step` is the x axis;
-    the share keys go under `share/`."""
+    top-level keys go to their section (`group_of`)."""
     out: dict[str, float] = {}
     for key, value in record.items():
         if not prefix and key == "step":
             continue
         if not prefix:
-            key = next((new + key[len(old):] for old, new in _SECTIONS if key.startswith(old)), key)
+            key = group_of(key)
         tag = _tag(f"{prefix}{key}")
         if isinstance(value, dict):
             out.update(flatten(value, f"{tag}/"))
