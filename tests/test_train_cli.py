@@ -66,6 +66,9 @@ def test_cli_trains_from_store_and_config_is_overridden(tiny_models, data6, demo
     cfg = json.loads((out / "final" / "trainer_state.json").read_text())["config"]
     assert cfg["lr"] == 2e-3 and cfg["max_steps"] == 2 and cfg["projection"] == "g2" and cfg["grad_accum"] == 1
     assert len(_losses(out)) == 2
+    # --no-progress: one plain line per logged step (a log file reads these, not a bar)
+    assert [l.split(" loss ")[0] for l in r.output.splitlines() if l.startswith("drivekd-train: step ")] == \
+        ["drivekd-train: step 1/2", "drivekd-train: step 2/2"]
 
 
 BAD = [

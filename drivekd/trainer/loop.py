@@ -443,6 +443,8 @@ class Trainer:
                             f"Step {self.step} was trained but not logged or saved; free space, then continue with --resume "
                             "(the run restarts from its latest checkpoint and rewrites the log from there)")
                 report_metrics(self, rec)  # the same record to TensorBoard / W&B (--report-to)
+                if not cfg.progress:  # a log file gets one plain line per logged step instead of the bar
+                    click.echo(plain_line(rec, plan.total_steps), err=True)
                 warnings = monitor.add(rec)
                 for w in warnings:
                     bar.clear()
@@ -569,6 +571,14 @@ def _truncate_metrics(path: Path, step: int) -> None:
         atomic_write_text(path, "".join(line + "\n" for line in keep))
     except OSError as e:
         raise write_error(e, path, "the metrics log", "Free space, then run the same command again") from e
+
+
+def plain_line(rec: dict[str, Any], total_steps: int) -> str:
+    """One logged step as a line for --no-progress: step, loss, lr, grad norm, throughput."""
+    loss = f"{rec['loss']:.4g}" if rec.get("loss") is not None else "-"
+    norm = f"{rec['grad_norm']:.3g}" if rec.get("grad_norm") is not None else "-"
+    return (f"drivekd-train: step {rec['step']}/{total_steps} loss {loss} lr {rec['lr']:.2e} grad_norm {norm} "
+            f"{rec['samples_per_s']:.1f} samples/s")
 
 
 def train(cfg: TrainConfig, targets: TargetSource | None = None) -> TrainResult:

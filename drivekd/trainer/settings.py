@@ -176,7 +176,8 @@ class TrainConfig:
                                 "run's micro-batches was skipped (counted since this process started); a run that "
                                 "trained on nothing never writes final/.", group="runtime")
     log_every: int = opt(1, "Write a metrics line every N optimizer steps.", group="runtime", minimum=">0")
-    progress: bool = opt(True, "Show a tqdm progress bar.", group="runtime")
+    progress: bool = opt(True, "Show a tqdm progress bar (--no-progress: one plain line per logged step instead, for "
+                         "log files).", group="runtime")
     contribution: bool = opt(True, "Log each row's share of the applied update (share_<row>, along_<row> in "
                              "metrics.jsonl) and warn when a teacher term's stays small. Free with a projection or "
                              "re-weighting (the step has the per-loss Gram); with --projection none and no re-weighting "
