@@ -17,6 +17,7 @@ The loss math itself lives in drivekd.losses; a term only wires its targets to i
 
 from __future__ import annotations
 
+import abc
 import contextlib
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -68,7 +69,7 @@ def batch_offset(inputs, lay) -> int:
     return inputs.tensors["input_ids"].shape[1] - lay.length if inputs.padding_side == "left" else 0
 
 
-class Term:
+class Term(abc.ABC):
     """One kind of teacher term. Subclasses set the class attributes and override what differs."""
 
     name: str = ""  # registry key (and, for a store-signal term, its row name and recipe name)
@@ -108,18 +109,20 @@ class Term:
     def check_student(self, cfg, infos: dict[str, RoleInfo], family, student) -> None:
         """Refuse a student the term cannot be computed for (before the generic processor check)."""
 
+    @abc.abstractmethod
     def resolve(self, cfg, roles: list[str], infos: dict[str, RoleInfo], student_L: int) -> list[TermPlan]:
         """The run's terms of this kind, resolved against the store's roles."""
-        raise NotImplementedError
+        ...
 
     # ----- reading and collating targets (DataLoader workers)
     def reads(self, plan: TermPlan) -> tuple[list[int], dict | None]:
         """(attention-map layers, {signal: its layers or None}) to ask the TargetSource for."""
         return [], {self.store_signal: None}
 
+    @abc.abstractmethod
     def collate(self, inputs, targets: list[SampleTargets], plan: TermPlan) -> dict:
         """One term's per-sample targets -> the batch's padded tensors (see each kind)."""
-        raise NotImplementedError
+        ...
 
     # ----- the step
     def capture_layers(self, plan: TermPlan) -> list[int]:
@@ -134,6 +137,7 @@ class Term:
         """Trainable parameters the term owns beyond the student (trained, checkpointed with it)."""
         return None
 
+    @abc.abstractmethod
     def loss(self, plan: TermPlan, fw: TermForward, targets: dict) -> torch.Tensor:
         """The per-sample loss (B,) against the batch's targets of this term."""
-        raise NotImplementedError
+        ...
