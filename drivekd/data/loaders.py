@@ -391,6 +391,17 @@ def _explicit_safe_id(record: dict) -> str | None:
     return explicit_id(v)
 
 
+def _question_answer(raw_q: str, answer: str, q_field: str, a_field: str,
+                     empty_question: str = "is empty; give the question text") -> str:
+    """The question without its image tags; an empty question or answer is a problem of its field."""
+    question = strip_image_tags(raw_q)
+    if not question:
+        raise _Problem(q_field, empty_question)
+    if not answer.strip():
+        raise _Problem(a_field, "is empty; give the reference answer (or drop the record)")
+    return question
+
+
 def _capability(label: str, field: str, unknown: str, how: str) -> str:
     cap = normalize_capability(label)
     if cap is None:
@@ -453,11 +464,7 @@ def _scene_sample(*, sid: str | None, scene: Any, frame: Any, raw_q: str, answer
         if sid is None and not (isinstance(v, str) and v.strip()):
             what = "missing" if v is None else f"is {v!r}"
             raise _Problem(key, f"{what}; expected a string token (the sample id is derived from it)")
-    question = strip_image_tags(raw_q)
-    if not question:
-        raise _Problem(q_field, "is empty; give the question text")
-    if not answer.strip():
-        raise _Problem(a_field, "is empty; give the reference answer (or drop the record)")
+    question = _question_answer(raw_q, answer, q_field, a_field)
     if sid is None:
         sid = scene_frame_id(scene, frame, question)
     return Sample(
@@ -547,11 +554,8 @@ def _parse_drivekd(record: dict, root: Path, unknown: str) -> Sample:
         raise _Problem(label_key, f"is a {_json_type(label)}, expected a string such as 'perception'")
     capability = _capability(label, label_key, unknown, "use perception, reasoning or planning")
 
-    question = strip_image_tags(raw_q)
-    if not question:
-        raise _Problem(q_field, "has no text besides the `<image>` tags; write the question after them")
-    if not answer.strip():
-        raise _Problem(a_field, "is empty; give the reference answer (or drop the record)")
+    question = _question_answer(raw_q, answer, q_field, a_field,
+                                empty_question="has no text besides the `<image>` tags; write the question after them")
 
     sid = _explicit_safe_id(record)
     if sid is None:
@@ -604,11 +608,7 @@ def _parse_drivebench(record: dict, root: Path, unknown: str) -> Sample:
     _check_tag(record)
 
     capability = _capability(label, "question_type", unknown, "use perception, prediction, planning or behavior")
-    question = strip_image_tags(raw_q)
-    if not question:
-        raise _Problem("question", "is empty; give the question text")
-    if not answer.strip():
-        raise _Problem("answer", "is empty; give the reference answer (or drop the record)")
+    question = _question_answer(raw_q, answer, "question", "answer")
 
     sid = _explicit_safe_id(record)
     if sid is None:
