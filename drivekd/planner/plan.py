@@ -241,7 +241,7 @@ def count_step(cfg, plan, shapes: Shapes, config, *, fake: bool = True, model=No
     import drivekd.trainer.step as step_mod
     from drivekd.distributed import Dist
     from drivekd.planner.memory import MemoryTracker
-    from drivekd.trainer.loop import autocast_dtype, prepare_student
+    from drivekd.trainer.student import autocast_dtype, prepare_student
     from drivekd.trainer.step import AssumeFinite, TrainStep
 
     tracker = MemoryTracker()

@@ -34,6 +34,7 @@ from drivekd.distributed import Dist
 from drivekd.errors import DriveKDError
 from drivekd.families.base import Family, load_model
 from drivekd.fileio import append_line, atomic_write_text, write_error
+from drivekd.planner import run_peak
 from drivekd.store.targets import TargetSource
 from drivekd.trainer import checkpoint as ckpt
 from drivekd.trainer import schedule as schedules
@@ -46,6 +47,7 @@ from drivekd.trainer.settings import TrainConfig
 from drivekd.trainer.data import Collate, Failed, StreamSampler, TargetDataset, make_loader
 from drivekd.trainer.metrics import StepStats
 from drivekd.trainer.step import FlatGrads, TrainStep
+from drivekd.trainer.student import autocast_dtype, prepare_student  # noqa: F401 - loop's API too
 
 __all__ = ["Dist", "FlatGrads", "TrainResult", "Trainer", "autocast_dtype", "banner", "prepare_student", "train"]
 
@@ -133,6 +135,8 @@ class Trainer:
         if plan.resume_dir is not None:
             self._restore(plan.resume_dir)
         self.facts = self._facts(n)
+        # the planner's count of this step (a CUDA run; else why not): drivekd/planner/run_peak.py
+        self.facts["planned_memory"] = run_peak.planned_memory(plan, self.facts["tokens"], dev, dist.world)
 
     def _schedule(self) -> tuple[schedules.Schedule, dict[str, Any] | None]:
         """The run's lr schedule, and (when this start extends the run) what the extension changed."""
@@ -483,28 +487,6 @@ def _record_warnings(path: Path, warnings: list[dict[str, Any]], replayed: bool 
         raise write_error(e, path, "the run record", "Free space, then continue with --resume") from e
 
 
-def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
-    """--dtype resolved on `device` (auto: bf16 on GPU, fp32 on CPU); None = no autocast."""
-    dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
-    return None if dtype == "float32" else getattr(torch, dtype)
-
-
-def prepare_student(model, cfg: TrainConfig, resume_dir: Path | None = None):
-    """Training mode, no KV cache, (--gradient-checkpointing) non-reentrant checkpointing: the
-    capture then records the maps again during the recomputation, inside its block; then
-    --freeze / --lora (a LoRA student comes back as a PeftModel, its adapter from `resume_dir`).
-    Returns the model to train."""
-    model.train()
-    model.config.use_cache = False
-    if cfg.gradient_checkpointing:
-        kw = {"use_reentrant": False}
-        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
-    return trainable.setup(model, cfg, resume_dir)
-
-
 def plan_json(plan: RunPlan) -> dict[str, Any]:
     """The resolved run: rows, static weights, each term's signal and layer pairs, the mixing matrix."""
     return {
@@ -542,7 +524,8 @@ def banner(facts: dict[str, Any], extension: dict[str, Any] | None = None) -> st
              f"  micro-steps: {f['micro_steps']} (micro-batch {f['micro_batch']} x grad-accum {f['grad_accum']} x {f['world']} process(es))",
              f"  trainable parameters: {f['trainable_params']:,} of {f['params']:,} ({pct:.2f}%)",
              f"  gradient engine: {f['grad_engine']} ({f['grad_engine_reason']})",
-             f"  precision: weights {f['precision']}, compute {f['autocast']}"]
+             f"  precision: weights {f['precision']}, compute {f['autocast']}",
+             f"  planned peak memory: {run_peak.describe(f.get('planned_memory'))}"]
     t = f["tokens"]
     if t is not None:
         some = "" if t["samples_read"] == t["of"] else f", first {t['samples_read']} of {t['of']} samples"
