@@ -70,7 +70,54 @@ def test_banner_on_the_terminal_and_its_facts_in_run_json(tiny_models, data2, de
                  "gradient engine: rows (auto: rows", f"tokens per sample (T): {facts['tokens']['min']}-{facts['tokens']['max']}",
                  "perception: "):
         assert text in r.output, r.output
+    # a CPU run: no count at start (it would cost seconds; the planner counts GPU memory), and why
+    assert facts["planned_memory"]["planned"] is False and facts["planned_memory"]["why"].startswith("--device cpu")
+    assert "planned peak memory: not planned (--device cpu: the planner counts GPU memory" in r.output
     assert r.output.index("*****") < r.output.index("drivekd-train: 2 steps")
+
+
+@pytest.mark.slow  # two fake-tensor counts of the tiny student (~7 CPU s)
+def test_planned_peak_is_the_dry_runs_count_at_the_runs_shapes(tiny_models, data2, demo_data, store1, tmp_path, monkeypatch):
+    """On a CUDA run the banner's planned peak is `drivekd-train --dry-run`'s count for this run: the
+    store's longest T (at least what the synthetic sample needs), the data's cameras, the device's
+    memory. (The CUDA device is faked here: the count itself runs on fake tensors on the CPU.)"""
+    import torch
+
+    from drivekd.planner import dry_run, run_peak
+    from drivekd.trainer.loop import _token_range
+    from drivekd.trainer.plan import validate
+    from drivekd.trainer.settings import TrainConfig
+
+    cfg = TrainConfig(cache=store1, student=tiny_models / "internvl-student", data=data2, images=demo_data, out=tmp_path / "run",
+                      recipe="perception", num_workers=0, progress=False)
+    plan = validate(cfg)
+    tokens = _token_range(plan)
+    gpu = 24 << 30
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: type("Props", (), {"total_memory": gpu})())
+    got = run_peak.planned_memory(plan, tokens, torch.device("cuda", 0), world=1)
+    assert got["planned"] is True and got["cameras"] == 1 and got["gpu_memory_bytes"] == gpu and got["fits"] is True
+    assert got["seq_len"] >= tokens["max"]  # the longest sample, or the synthetic sample's minimum when longer
+    want = dry_run(cfg, seq_len=got["seq_len"], cameras=1, gpu_memory=gpu, suggest=False)
+    assert (got["peak_bytes"], got["tracked_peak_bytes"], got["grad_engine"]) == (want["peak_bytes"], want["tracked_peak_bytes"],
+                                                                                 want["grad_engine"])
+    line = run_peak.describe(got)
+    assert line.startswith(f"{want['peak_bytes'] / (1 << 30):.2f} GiB of 24.00 GiB (fits; T {got['seq_len']}, 1 camera(s)"), line
+
+
+def test_planned_peak_says_why_not(tiny_models):
+    """Where the planner's count would not be this run's (or costs a CPU run's start), the record says why."""
+    import torch
+
+    from drivekd.planner.run_peak import why_not
+    from drivekd.trainer.settings import TrainConfig
+
+    cuda = torch.device("cuda", 0)
+    cfg = TrainConfig(student=tiny_models / "internvl-student")
+    assert why_not(cfg, cuda, 1) is None
+    assert why_not(cfg, torch.device("cpu"), 1).startswith("--device cpu: the planner counts GPU memory")
+    assert why_not(cfg, cuda, 2).startswith("2 processes: the planner counts one process")
+    assert why_not(TrainConfig(student=cfg.student, micro_batch=2), cuda, 1).startswith("--micro-batch 2: the planner counts one sample")
+    assert why_not(TrainConfig(student=cfg.student, recipe="kl"), cuda, 1).startswith("--recipe kl: the planner counts the attention terms only")
 
 
 def _cosine(step: int, start: int, end: int, f0: float) -> float:
