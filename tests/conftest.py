@@ -8,10 +8,15 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One OpenMP thread, here and in every process a test starts (torchrun ranks, CLI subprocesses inherit
+# it): the tiny models' ops are below torch's parallel grain, and on 2 cores a second thread only
+# spin-waits while another process (a second rank, a worker) holds the other core. Measured on the
+# suite: see the Makefile's `test` target. OMP_NUM_THREADS=N in the environment overrides it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch  # noqa: E402
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 @pytest.fixture(scope="session")

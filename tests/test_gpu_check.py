@@ -8,7 +8,10 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-VARIANTS = ("sft-T6", "agp-rows-T3", "agp-gram-T6", "kahan-T6", "offload-T6", "lora-T6")
+# Run end to end: one of each engine, T, precision path and LoRA. kahan-T6 differs from offload-T6 only
+# in its TrainConfig (the precision modes' steps are tested in test_precision*.py): it is built and
+# checked below, not run (its plan was the costliest row).
+VARIANTS = ("sft-T6", "agp-rows-T3", "agp-gram-T6", "offload-T6", "lora-T6")
 
 
 def test_gpu_check_runs_on_tiny_students(tmp_path):
@@ -36,3 +39,18 @@ def test_gpu_check_runs_on_tiny_students(tmp_path):
     md = (out / "gpu_check.md").read_text()
     assert "| model | variant | status | seq_len | engine | planned_tracked_gib | planned_peak_gib | measured_gib |" in md
     assert md.count("| tiny-") == len(rows)
+
+
+def test_every_variant_is_a_valid_run_config(tiny_models):
+    """Every variant of tools/gpu_check.py (those the test above does not run too) is a TrainConfig the
+    trainer accepts, with the precision, engine and LoRA it names."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "tools" / "gpu_check.py")
+    gc = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gc)
+    for fam in ("internvl", "qwen2_5_vl"):
+        for name, (changes, cams) in gc.VARIANTS.items():
+            cfg = gc.run_config(tiny_models / f"{fam}-student", fam, changes, tiny=True)
+            assert cams in (3, 6) and all(getattr(cfg, k) == v for k, v in changes.items()), (fam, name)
+    assert gc.VARIANTS["kahan-T6"][0]["precision"] == "bf16-kahan"
