@@ -169,6 +169,10 @@ def test_report_cli(tiny_run, tmp_path):
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
     assert (tmp_path / "r" / "conflict.png").exists() and (tmp_path / "r" / "summary.md").exists()
-    bad = subprocess.run([sys.executable, "-m", "drivekd.cli.report", str(tmp_path / "nowhere")], capture_output=True,
-                         text=True, timeout=120)
-    assert bad.returncode == 2 and "no metrics.jsonl" in bad.stderr and "Traceback" not in bad.stderr
+    # the error path in process (a second interpreter would only add its imports)
+    from click.testing import CliRunner
+
+    from drivekd.cli.report import main as report_cli
+
+    bad = CliRunner().invoke(report_cli, [str(tmp_path / "nowhere")])
+    assert bad.exit_code == 2 and "no metrics.jsonl" in bad.output and "Traceback" not in bad.output, bad.output
