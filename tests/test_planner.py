@@ -32,11 +32,11 @@ CONFIGS = ROOT / "configs" / "models"
 QWEN_256 = ImageSettings(max_pixels=200704)
 
 
-def _count(student: Path, fake: bool, T: int, **kw) -> P.Counted:
+def _count(student: Path, fake: bool, T: int, cameras: int = 6, **kw) -> P.Counted:
     cfg = TrainConfig(student=student, **{"dtype": "float32", **kw})
     family, L = student_depth(student)
     config = P.student_config(student)
-    shapes = P.shapes_for(family, config, student, 6, T, cfg.image_settings)
+    shapes = P.shapes_for(family, config, student, cameras, T, cfg.image_settings)
     return P.count_step(cfg, P.dry_plan(cfg, L, family), shapes, config, fake=fake)
 
 
@@ -46,23 +46,31 @@ def counted():
     several tests ask the same one (the tests only read the Counted)."""
     seen: dict[str, P.Counted] = {}
 
-    def count(student: Path, T: int, **kw) -> P.Counted:
-        key = repr((str(student), T, sorted(kw.items())))
+    def count(student: Path, T: int, cameras: int = 6, **kw) -> P.Counted:
+        key = repr((str(student), T, cameras, sorted(kw.items())))
         if key not in seen:
-            seen[key] = _count(student, True, T, **kw)
+            seen[key] = _count(student, True, T, cameras, **kw)
         return seen[key]
 
     return count
+
+
+@pytest.fixture(scope="module")
+def shallow(tiny_models, tmp_path_factory) -> Path:
+    """A two-text-layer, one-vision-layer copy of the tiny InternVL student's config (no weights): for
+    the counts whose point is per parameter or per category, not per layer (a count's cost is its ops)."""
+    return _deeper(tiny_models / "internvl-student", tmp_path_factory.mktemp("shallow") / "internvl", text=2, vision=1)
 
 
 @pytest.mark.parametrize("family", ["internvl", pytest.param("qwen2_5_vl", marks=pytest.mark.slow)])
 def test_fake_peak_equals_real_step(tiny_models, one_thread, counted, family):
     """Same step, same tracker: fake tensors predict the real tensors' peak and categories."""
     student = tiny_models / f"{family}-student"
-    T = 1024 if family == "internvl" else 2048  # the tiny Qwen's cameras take 231 tokens each
+    # the tiny Qwen's cameras take 231 tokens each: three of them (its vision windows are per camera)
+    T, cameras = (1024, 6) if family == "internvl" else (1024, 3)
     images = QWEN_256 if family == "qwen2_5_vl" else ImageSettings()
-    fake = counted(student, T, recipe="multi", projection="agp", image_settings=images)
-    real = _count(student, False, T, recipe="multi", projection="agp", image_settings=images)
+    fake = counted(student, T, cameras=cameras, recipe="multi", projection="agp", image_settings=images)
+    real = _count(student, False, T, cameras=cameras, recipe="multi", projection="agp", image_settings=images)
     assert abs(fake.peak - real.peak) <= 0.05 * real.peak, (fake.peak, real.peak)
     assert fake.categories == real.categories  # exact in practice: same ops, same sizes
     assert fake.flops == real.flops
@@ -100,8 +108,8 @@ def test_fake_peak_near_measured_rss(tiny_models):
 
 
 @pytest.mark.parametrize("rows_dtype", ["float32", "bfloat16"])
-def test_persistent_categories_are_param_count_times_bytes(tiny_models, one_thread, rows_dtype):
-    student = tiny_models / "internvl-student"
+def test_persistent_categories_are_param_count_times_bytes(shallow, one_thread, rows_dtype):
+    student = shallow
     c = _count(student, True, 512, recipe="multi", projection="agp", grad_buffer_dtype=rows_dtype)
     model_params = list(P.build_student(student, "internvl", P.student_config(student)).parameters())
     N, n_tensors = sum(p.numel() for p in model_params), len(model_params)
@@ -115,12 +123,12 @@ def test_persistent_categories_are_param_count_times_bytes(tiny_models, one_thre
 
 
 @pytest.mark.parametrize("precision,state_bytes", [("bf16-kahan", 6), ("bf16-stochastic", 4), ("bf16-offload", 0)])
-def test_precision_bytes_per_parameter(tiny_models, one_thread, counted, precision, state_bytes):
+def test_precision_bytes_per_parameter(shallow, one_thread, counted, precision, state_bytes):
     """--precision bf16-*: bf16 weights and flat gradient (2 + 2 bytes/parameter), BF16AdamW's state
     on the device (kahan: two bf16 moments + bf16 compensation; stochastic: the moments; offload:
     none), and offload's fp32 masters + their gradients + fp32 AdamW state (16 bytes/parameter, plus
     the host step's temporaries) counted as host memory, apart from the device peak."""
-    student = tiny_models / "internvl-student"
+    student = shallow
     c = _count(student, True, 512, recipe="multi", projection="agp", grad_engine="gram", precision=precision,
                dtype="bfloat16")
     N = c.params
@@ -149,8 +157,8 @@ def test_sft_has_no_rows_and_fewer_flops(tiny_models, one_thread, counted):
     assert sft.flops < multi.flops and sft.peak < multi.peak
 
 
-def test_gradient_checkpointing_lowers_planned_activations(tiny_models, one_thread):
-    student = tiny_models / "internvl-student"
+def test_gradient_checkpointing_lowers_planned_activations(shallow, one_thread):
+    student = shallow
     off = _count(student, True, 1024, recipe="perception")
     on = _count(student, True, 1024, recipe="perception", gradient_checkpointing=True)
     assert on.categories["activations"] < off.categories["activations"]
