@@ -114,3 +114,29 @@ def five_with_ids(demo_data: Path, d: Path) -> Path:
         r["id"] = f"s{i}"
     (d / "train.json").write_text(json.dumps(six + one))
     return d / "train.json"
+
+
+def config_copy(src: Path, dst: Path, text: int, vision: int) -> Path:
+    """A copy of a tiny student's config.json (no weights) with `text` text and `vision` vision layers (Qwen2.5-VL:
+    periods of window layers closed by a full-attention one): for planner counts, which need no weights,
+    deeper to check depth scaling or shallower where a count's point is per parameter (its cost is its ops)."""
+    import json
+    import shutil
+
+    c = json.loads((src / "config.json").read_text())
+    c["text_config"]["num_hidden_layers"] = text
+    if c["text_config"].get("layer_types"):
+        c["text_config"]["layer_types"] = c["text_config"]["layer_types"][:1] * text
+    vc = c["vision_config"]
+    if "depth" in vc:  # Qwen2.5-VL: periods of window-attention layers closed by a full-attention one
+        period = vc["fullatt_block_indexes"][0] + 1
+        vc["depth"] = vision * period
+        vc["fullatt_block_indexes"] = [period * (i + 1) - 1 for i in range(vision)]
+    else:
+        vc["num_hidden_layers"] = vision
+    dst.mkdir(parents=True)
+    for f in src.iterdir():
+        if f.suffix == ".json" and f.name != "config.json":
+            shutil.copy(f, dst / f.name)
+    (dst / "config.json").write_text(json.dumps(c))
+    return dst

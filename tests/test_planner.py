@@ -22,6 +22,7 @@ from drivekd.images import ImageSettings
 from drivekd.planner import plan as P
 from drivekd.trainer.plan import student_depth
 from drivekd.trainer.settings import TrainConfig
+from conftest import config_copy
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -59,7 +60,7 @@ def counted():
 def shallow(tiny_models, tmp_path_factory) -> Path:
     """A two-text-layer, one-vision-layer copy of the tiny InternVL student's config (no weights): for
     the counts whose point is per parameter or per category, not per layer (a count's cost is its ops)."""
-    return _deeper(tiny_models / "internvl-student", tmp_path_factory.mktemp("shallow") / "internvl", text=2, vision=1)
+    return config_copy(tiny_models / "internvl-student", tmp_path_factory.mktemp("shallow") / "internvl", text=2, vision=1)
 
 
 @pytest.mark.parametrize("family", ["internvl", pytest.param("qwen2_5_vl", marks=pytest.mark.slow)])
@@ -223,7 +224,7 @@ def test_parse_bytes():
 @pytest.mark.slow
 def test_suggestions_when_it_does_not_fit(tiny_models, one_thread, tmp_path):
     # nine counts (the run, seven suggestions, auto): on a two-layer copy of the tiny student (measured: 30 -> 18 CPU s)
-    student = _deeper(tiny_models / "internvl-student", tmp_path / "shallow", text=2, vision=1)
+    student = config_copy(tiny_models / "internvl-student", tmp_path / "shallow", text=2, vision=1)
     cfg = TrainConfig(student=student, recipe="perception", dtype="float32", grad_engine="rows")
     r = P.dry_run(cfg, seq_len=1024, gpu_memory=1 << 20)
     assert r["fits"] is False and r["grad_engine"] == "rows"
@@ -256,29 +257,6 @@ def test_cache_build_dry_run(tiny_models):
     assert t["peak_bytes"] > t["plain_peak_bytes"] and t["flops"] > t["plain_flops"]
 
 
-def _deeper(src: Path, dst: Path, text: int, vision: int) -> Path:
-    """A copy of a tiny student's config.json (no weights) with more text and vision layers."""
-    import shutil
-
-    c = json.loads((src / "config.json").read_text())
-    c["text_config"]["num_hidden_layers"] = text
-    if c["text_config"].get("layer_types"):
-        c["text_config"]["layer_types"] = c["text_config"]["layer_types"][:1] * text
-    vc = c["vision_config"]
-    if "depth" in vc:  # Qwen2.5-VL: periods of window-attention layers closed by a full-attention one
-        period = vc["fullatt_block_indexes"][0] + 1
-        vc["depth"] = vision * period
-        vc["fullatt_block_indexes"] = [period * (i + 1) - 1 for i in range(vision)]
-    else:
-        vc["num_hidden_layers"] = vision
-    dst.mkdir(parents=True)
-    for f in src.iterdir():
-        if f.suffix == ".json" and f.name != "config.json":
-            shutil.copy(f, dst / f.name)
-    (dst / "config.json").write_text(json.dumps(c))
-    return dst
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("family,kw", [
     # Each engine once: the rows engine's K backwards on the cheaper family (Qwen's vision windows make
@@ -294,7 +272,7 @@ def test_depth_scaled_count_equals_the_full_count(tiny_models, one_thread, tmp_p
 
     monkeypatch.setattr(scale, "DIRECT_MAX_LAYERS", 6)  # the tiny students are shallow: scale them too
     # 6 text layers: beyond the reduced copies' 4 and 5, so the text count is extrapolated, not read off.
-    student = _deeper(tiny_models / f"{family}-student", tmp_path / family, text=6, vision=2)
+    student = config_copy(tiny_models / f"{family}-student", tmp_path / family, text=6, vision=2)
     cfg = TrainConfig(student=student, **{"dtype": "float32", **kw})
     family_, L = student_depth(student)
     config = P.student_config(student)
