@@ -104,6 +104,21 @@ def test_planned_peak_is_the_dry_runs_count_at_the_runs_shapes(tiny_models, data
     assert line.startswith(f"{want['peak_bytes'] / (1 << 30):.2f} GiB of 24.00 GiB (fits; T {got['seq_len']}, 1 camera(s)"), line
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs CUDA")
+def test_cuda_run_plans_its_peak_and_stays_under_it(tiny_models, data2, demo_data, store1, tmp_path):
+    """A real CUDA run: the banner and run.json carry the planner's peak, and the step's measured peak
+    (metrics' peak_mem_bytes, CUDA's max_memory_allocated) stays under it."""
+    out = tmp_path / "run"
+    r = _run(_args(tiny_models, data2, demo_data, store1, out, "--max-steps", "2", "--save-every", "0", "--device", "cuda"))
+    assert r.exit_code == 0, r.output
+    planned = json.loads((out / "run.json").read_text())["run"]["planned_memory"]
+    assert planned["planned"] is True and planned["fits"] is True, planned
+    assert "planned peak memory: " in r.output and " GiB of " in r.output
+    measured = max(m["peak_mem_bytes"] for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()))
+    assert 0 < measured <= planned["peak_bytes"], (measured, planned)
+
+
 def test_planned_peak_says_why_not(tiny_models):
     """Where the planner's count would not be this run's (or costs a CPU run's start), the record says why."""
     import torch
