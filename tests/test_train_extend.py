@@ -129,6 +129,7 @@ def test_planned_peak_says_why_not(tiny_models):
     cuda = torch.device("cuda", 0)
     cfg = TrainConfig(student=tiny_models / "internvl-student")
     assert why_not(cfg, cuda, 1) is None
+    assert why_not(TrainConfig(student=cfg.student, plan_memory=False), cuda, 1) == "--no-plan-memory"
     assert why_not(cfg, torch.device("cpu"), 1).startswith("--device cpu: the planner counts GPU memory")
     assert why_not(cfg, cuda, 2).startswith("2 processes: the planner counts one process")
     assert why_not(TrainConfig(student=cfg.student, micro_batch=2), cuda, 1).startswith("--micro-batch 2: the planner counts one sample")

@@ -9,8 +9,8 @@ auto. The answer is `dry_run(cfg, seq_len=T, cameras=C, gpu_memory=device)["peak
 
 A count costs seconds of CPU (about as long as --dry-run: ~2 s on the tiny students, ~10 s at 1B),
 so it runs only where its answer applies: a single-process CUDA run at micro-batch 1 of a recipe the
-planner counts in full. Everything else says why not (a CPU run: the planner counts a GPU step, and
-CPU runs are the tiny ones whose start must stay quick).
+planner counts in full, unless --no-plan-memory. Everything else says why not (a CPU run: the planner
+counts a GPU step, and CPU runs are the tiny ones whose start must stay quick).
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ from drivekd.planner import plan as P
 
 def why_not(cfg, device: torch.device, world: int) -> str | None:
     """Why the run's peak is not planned at start, or None when it is."""
+    if not cfg.plan_memory:
+        return "--no-plan-memory"
     if device.type != "cuda":
         return (f"--device {device.type}: the planner counts GPU memory (`drivekd-train --dry-run --gpu-memory SIZE` "
                 "plans this run for a GPU)")

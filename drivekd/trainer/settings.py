@@ -36,7 +36,7 @@ GROUPS = ("inputs", "distillation", "gradients", "optimisation", "runtime", "che
 
 # Keys that may differ between a checkpoint's run and the run resuming it (they do not change the
 # numbers): everything else must match, or the resumed run would not continue the same run.
-RESUME_FREE = {"grad_engine", "resume", "resume_from", "resume_allow_changed", "num_workers", "progress", "save_every", "keep_last", "log_every", "out", "cache",
+RESUME_FREE = {"grad_engine", "resume", "resume_from", "resume_allow_changed", "num_workers", "progress", "plan_memory", "save_every", "keep_last", "log_every", "out", "cache",
                "data", "images", "allow_outside_images", "student", "device", "report_to", "contribution", "contribution_warn",
                "contribution_warn_steps", "contribution_every", "max_skip_share"}
 # Keys a resume may raise: the run is extended, its schedule re-stretched (drivekd/trainer/schedule.py);
@@ -178,6 +178,8 @@ class TrainConfig:
     log_every: int = opt(1, "Write a metrics line every N optimizer steps.", group="runtime", minimum=">0")
     progress: bool = opt(True, "Show a tqdm progress bar (--no-progress: one plain line per logged step instead, for "
                          "log files).", group="runtime")
+    plan_memory: bool = opt(True, "On a CUDA run, count the step's peak GPU memory with the planner at start (as --dry-run "
+                            "does: seconds of CPU) for the banner and run.json; --no-plan-memory skips it.", group="runtime")
     contribution: bool = opt(True, "Log each row's share of the applied update (share_<row>, along_<row> in "
                              "metrics.jsonl) and warn when a teacher term's stays small. Free with a projection or "
                              "re-weighting (the step has the per-loss Gram); with --projection none and no re-weighting "
