@@ -109,6 +109,7 @@ def _direct(tiny_models, demo_data, rw_data, ids):
     return out
 
 
+@pytest.mark.slow
 def test_each_analysis_equals_a_direct_computation(analysed, tiny_models, demo_data, rw_data):
     out, a, _ = analysed
     rw = {"q0-rw": "q0", "q4-rw": "q4"}

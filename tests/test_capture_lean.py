@@ -322,6 +322,7 @@ def test_teacher_pass_equals_reference(tiny_models, demo_data):
             assert_rel(a.maps[l], b.maps[l], what=f"{s.id} layer {l}")
 
 
+@pytest.mark.slow
 def test_multi_agp_loss_sequence_unchanged(tiny_models, demo_data, tmp_path):
     """A short multi + AGP run (micro-batch 2, re-weighting on) gives the same losses with either capture."""
     padded_pair = load_samples(demo_data / "train.json")

@@ -86,6 +86,7 @@ def test_both_engines_return_the_same_lambda(method):
 # ----------------------------------------------------------------------------- in the trainer
 
 
+@pytest.mark.slow
 def test_rows_and_gram_engines_log_the_same_shares(tiny_models, demo_data, targets, tmp_path):
     # per-query full-map MSE (larger than the default T x T mean) so the reasoning term is visible
     kw = dict(max_steps=2, grad_accum=2, lr=1e-3, projection="agp", dynamic_weights=False, w_reasoning=1e5,
@@ -99,6 +100,7 @@ def test_rows_and_gram_engines_log_the_same_shares(tiny_models, demo_data, targe
     assert rows.metrics[0]["share_reasoning"] > 1e-3 and sum(rows.metrics[0][f"along_{r}"] for r in ROWS) == pytest.approx(1.0)
 
 
+@pytest.mark.slow
 def test_fast_path_measures_the_shares_on_logged_steps(tiny_models, demo_data, targets, tmp_path):
     """--projection none without re-weighting (one backward of the sum): a logged step's first
     micro-step measures the per-loss Gram. Its shares equal the per-loss path's (same rows, lambda
@@ -185,6 +187,7 @@ def test_no_warning_when_the_teacher_term_counts(tiny_models, demo_data, targets
     assert ShareMonitor(ROWS, 0.0, 20, 5).add({"step": 1, **{f"share_{r}": 0.0 for r in ROWS}}) == []
 
 
+@pytest.mark.slow
 def test_warning_is_printed_on_the_console(tiny_models, demo_data, targets, tmp_path):
     """drivekd-train configures no logging: the warning must still reach the terminal (stderr)."""
     records = [r for r in json.loads((demo_data / "train.json").read_text()) if r["question_type"] == "perception"][:2]
@@ -333,6 +336,7 @@ def run_config(tiny, images, data, out, micro_batch: int, mode: str) -> TrainCon
                        w_reasoning=1e5, device="cpu", **extra)
 
 
+@pytest.mark.slow
 def test_two_ranks_log_the_shares_and_calibrate_as_one_process(tiny_models, demo_data, tmp_path):
     """2 gloo ranks x micro-batch 1 (real torchrun) == 1 process x micro-batch 2 (in this process): the
     fast path's measured Gram and the calibration's norms are of the rank-averaged gradients, as the

@@ -1,4 +1,4 @@
-"""tools/gpu_check.py on the CPU (tiny students): every variant runs real optimizer steps and gets
+"""tools/gpu_check.py on the CPU (tiny students): its variants run real optimizer steps and get
 its plan beside it, and the documented output format holds."""
 
 import json
@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 # Run end to end: one of each engine, T, precision path and LoRA. kahan-T6 differs from offload-T6 only
 # in its TrainConfig (the precision modes' steps are tested in test_precision*.py): it is built and
@@ -14,6 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = ("sft-T6", "agp-rows-T3", "agp-gram-T6", "offload-T6", "lora-T6")
 
 
+@pytest.mark.slow
 def test_gpu_check_runs_on_tiny_students(tmp_path):
     out = tmp_path / "gc"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}

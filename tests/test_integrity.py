@@ -226,6 +226,7 @@ def _records(data: Path) -> list[dict]:
     return json.loads(data.read_text())
 
 
+@pytest.mark.slow
 def test_resume_refuses_other_data_or_targets_unless_allowed(tiny_models, data, built, tmp_path):
     run = tmp_path / "run"
     steps = ("--max-steps", "3", "--save-every", "1", "--keep-last", "3")
@@ -285,6 +286,7 @@ def _in_small_fs(mount: Path, size: str, script: str) -> subprocess.CompletedPro
                           capture_output=True, text=True, env=ENV, timeout=600)
 
 
+@pytest.mark.slow
 def test_disk_full_during_build_is_one_clear_error_and_resumes(tiny_models, data, built, tmp_path):
     mnt, failed, keep = tmp_path / "mnt", tmp_path / "failed", tmp_path / "kept"
     build_cmd = (f"{sys.executable} -m drivekd.cli.cache build --teacher planning --model {tiny_models / 'internvl-teacher'} "
@@ -301,6 +303,7 @@ def test_disk_full_during_build_is_one_clear_error_and_resumes(tiny_models, data
     assert _files(keep) == {k: v for k, v in _files(built).items() if k == "zarr.json" or k.startswith("planning/")}
 
 
+@pytest.mark.slow
 def test_disk_full_during_checkpoint_save_is_one_clear_error(tiny_models, data, built, tmp_path):
     mnt = tmp_path / "mnt"
     cmd = (f"{sys.executable} -m drivekd.cli.train --cache {built} --student {tiny_models / 'internvl-student'} --data {data} "
@@ -311,6 +314,7 @@ def test_disk_full_during_checkpoint_save_is_one_clear_error(tiny_models, data, 
     assert "Traceback" not in out and ".tmp-" not in out  # nothing half-written left
 
 
+@pytest.mark.slow
 def test_full_or_read_only_disk_at_start_up_is_one_clear_error(tiny_models, data, built, tmp_path):
     """Issue 24: the disk is already full when `cache build` or `verify --repair` starts (the lock is
     their first write), or the store's folder is read-only: one line naming the path and the free space."""

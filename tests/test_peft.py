@@ -144,6 +144,7 @@ def _peft_logits(tiny_models, adapter: Path, inputs):
         return model(**inputs.tensors).logits
 
 
+@pytest.mark.slow
 def test_lora_multi_agp_trains_resumes_and_merges(tiny_models, demo_data, targets, samples, tmp_path):
     """A LoRA student, multi + AGP with re-weighting: the adapters learn (through CE and the
     captured attention of LoRA-wrapped layers), a resume from step 2 gives steps 3-4 exactly,
@@ -204,6 +205,7 @@ def test_resume_refuses_other_lora_settings(tiny_models, demo_data, targets, tmp
 # ----------------------------------------------------------------------------- planner and CLI
 
 
+@pytest.mark.slow
 def test_planner_counts_trainable_params_only(tiny_models, tmp_path):
     """--dry-run: gradients, rows and AdamW state scale with the trainable parameters; the
     weights category still holds every weight (frozen base + adapters). On a two-layer copy of the

@@ -109,6 +109,7 @@ def test_fake_peak_near_measured_rss(tiny_models):
 
 
 @pytest.mark.parametrize("rows_dtype", ["float32", "bfloat16"])
+@pytest.mark.slow
 def test_persistent_categories_are_param_count_times_bytes(shallow, one_thread, rows_dtype):
     student = shallow
     c = _count(student, True, 512, recipe="multi", projection="agp", grad_buffer_dtype=rows_dtype)
@@ -124,6 +125,7 @@ def test_persistent_categories_are_param_count_times_bytes(shallow, one_thread, 
 
 
 @pytest.mark.parametrize("precision,state_bytes", [("bf16-kahan", 6), ("bf16-stochastic", 4), ("bf16-offload", 0)])
+@pytest.mark.slow
 def test_precision_bytes_per_parameter(shallow, one_thread, counted, precision, state_bytes):
     """--precision bf16-*: bf16 weights and flat gradient (2 + 2 bytes/parameter), BF16AdamW's state
     on the device (kahan: two bf16 moments + bf16 compensation; stochastic: the moments; offload:
@@ -147,6 +149,7 @@ def test_precision_bytes_per_parameter(shallow, one_thread, counted, precision, 
     assert fp32.host_peak == 0 and fp32.peak - c.peak >= (20 - 4 - state_bytes) * N
 
 
+@pytest.mark.slow
 def test_sft_has_no_rows_and_fewer_flops(tiny_models, one_thread, counted):
     student = tiny_models / "internvl-student"
     multi = counted(student, 1024, recipe="multi", projection="agp", image_settings=ImageSettings())  # as test_fake_peak_...
@@ -158,6 +161,7 @@ def test_sft_has_no_rows_and_fewer_flops(tiny_models, one_thread, counted):
     assert sft.flops < multi.flops and sft.peak < multi.peak
 
 
+@pytest.mark.slow
 def test_gradient_checkpointing_lowers_planned_activations(shallow, one_thread):
     student = shallow
     off = _count(student, True, 1024, recipe="perception")

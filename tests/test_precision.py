@@ -46,6 +46,7 @@ def results():
     return {m: run(m) for m in (None, *CHECKED)}
 
 
+@pytest.mark.slow
 def test_modes_track_fp32_master_while_pure_bf16_does_not(results):
     w_ref, loss_ref = results[None]
     w0 = torch.cat([p.detach().float().reshape(-1) for p in tiny_lm(torch.float32).parameters()])

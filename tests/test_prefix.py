@@ -59,6 +59,7 @@ def test_shared_forward_equals_unshared(tiny_models, group_data, family):
             torch.testing.assert_close(rows[l], full[P:], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_shared_store_reads_like_unshared(tiny_models, group_data, tmp_path):
     t = tiny_models / "qwen2_5_vl-teacher"
     stores = {}

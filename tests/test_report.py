@@ -147,6 +147,7 @@ def _synthetic_run(folder: Path, steps: int = 40) -> Path:
     return folder
 
 
+@pytest.mark.slow
 def test_report_overlays_two_runs(tiny_run, tmp_path):
     other = _synthetic_run(tmp_path / "multi-g1")
     files = write_report([tiny_run, other], tmp_path / "report")
@@ -164,6 +165,7 @@ def test_report_overlays_two_runs(tiny_run, tmp_path):
     assert "![conflict](conflict.png)" in md
 
 
+@pytest.mark.slow
 def test_report_cli(tiny_run, tmp_path):
     cmd = [sys.executable, "-m", "drivekd.cli.report", str(tiny_run), str(_synthetic_run(tmp_path / "b")), "--out", str(tmp_path / "r")]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=120)

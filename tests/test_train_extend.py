@@ -141,6 +141,7 @@ def _cosine(step: int, start: int, end: int, f0: float) -> float:
     return LR * (FLOOR + (f0 - FLOOR) * 0.5 * (1 + math.cos(math.pi * (step - start) / (end - start))))
 
 
+@pytest.mark.slow
 def test_resume_with_more_steps_extends_the_run(tiny_models, data2, demo_data, store1, tmp_path):
     def args(run, *extra):
         return _args(tiny_models, data2, demo_data, store1, run, "--save-every", "2", "--keep-last", "3", *extra)

@@ -38,6 +38,7 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(path / "model.safetensors"))
 
 
+@pytest.mark.slow
 def test_resume_continues_exactly(tiny_models, demo_data, targets, tmp_path):
     """Run 4 steps with a checkpoint every 2; resuming from step 2 gives steps 3-4 exactly."""
     kw = dict(max_steps=4, save_every=2, grad_accum=2, micro_batch=1, lr=1e-3, dynamic_weights=True)
@@ -103,6 +104,7 @@ def test_every_recipe_and_projection(tiny_models, demo_data, targets, tmp_path, 
     assert is_complete(tmp_path / "run" / "final")
 
 
+@pytest.mark.slow
 def test_losses_fall(tiny_models, demo_data, targets, tmp_path):
     """CE and every attention term decrease over a short run (4 samples, 4 epochs, higher lr)."""
     sub = tmp_path / "data.json"
@@ -299,6 +301,7 @@ def test_reference_text_set_end_to_end(tiny_models, demo_data, tmp_path):
 
 
 @pytest.mark.parametrize("projection", ["agp", "g1"])
+@pytest.mark.slow
 def test_gram_engine_trains_like_the_rows_engine(tiny_models, demo_data, targets, tmp_path, projection):
     """--grad-engine gram (no K gradient rows) gives the rows engine's run: same losses, weights
     and logged gradient statistics."""
