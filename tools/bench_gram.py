@@ -131,14 +131,149 @@ def tiny(reps: int):
                         lambda: tr._losses(batch, maps)[0], reps)
 
 
+# ----------------------------------------------------------------------------- the real-width VLM proxy (issue 29)
+
+PROXY_CASES = {  # name -> TrainConfig changes (as tools/gpu_check.py's variants)
+    "sft": {"recipe": "sft", "dynamic_weights": False},
+    "rows": {"projection": "agp", "grad_engine": "rows"},
+    "gram": {"projection": "agp", "grad_engine": "gram"},
+}
+
+
+def _images():
+    # The README's six-camera image settings (as tools/gpu_check.py): InternVL one 448-px tile per
+    # camera (256 tokens), Qwen2.5-VL max_pixels 200704.
+    from drivekd.images import ImageSettings
+
+    return {"internvl": ImageSettings(tiling=False), "qwen2_5_vl": ImageSettings(max_pixels=200704)}
+
+
+PROXY_IMAGES = _images()
+
+
+def proxy_student(out: Path, model: str, text_layers: int, vision_layers: int) -> Path:
+    """configs/models/<model> (config and processor files, no weights) at a reduced depth."""
+    import shutil
+
+    from drivekd.families.base import Depth, detect_family, family_class
+    from drivekd.planner import plan as P
+
+    src = Path(__file__).resolve().parents[1] / "configs" / "models" / model
+    fam = family_class(detect_family(src))
+    config = P.student_config(src)
+    kinds = len(fam.vision_depth(config.vision_config))
+    fam.with_depth(config, Depth(text_layers, (vision_layers,) * kinds)).save_pretrained(out)
+    for f in src.iterdir():
+        if f.name != "config.json":
+            shutil.copy(f, out / f.name)
+    return out
+
+
+def proxy_case(case: str, student: Path, cameras: int, warmup: int, steps: int) -> dict:
+    """`warmup` + `steps` optimizer steps of drivekd's step code (TrainStep: capture, losses,
+    per-loss gradients, projection, AdamW) on the planner's synthetic sample, random weights, fp32.
+    Runs in its own process (peak RSS is the process's)."""
+    import resource
+    import warnings
+
+    from drivekd.distributed import Dist
+    from drivekd.families.base import detect_family
+    from drivekd.optim.precision import param_dtype
+    from drivekd.planner import plan as P
+    from drivekd.trainer.loop import prepare_student
+    from drivekd.trainer.settings import TrainConfig
+    from drivekd.trainer.step import AssumeFinite, TrainStep
+
+    family = detect_family(student)
+    cfg = TrainConfig(**{"student": student, "recipe": "multi", "lr": 1e-5, "max_grad_norm": 1.0,
+                         "image_settings": PROXY_IMAGES[family], **PROXY_CASES[case]})
+    config = P.student_config(student)
+    _, L = P.model_depth(student)
+    shapes = P.shapes_for(family, config, student, cameras, None, cfg.image_settings)
+    plan = P.dry_plan(cfg, L, family)
+    model = prepare_student(P.build_student(student, family, config, param_dtype(cfg.precision)), cfg)
+    ts = TrainStep(model, plan, Dist("cpu"), None, AssumeFinite())
+    batch = P.synthetic_batch(shapes, config, plan)
+    T = shapes.seq_len
+    causal = torch.tril(torch.ones(T, T))
+    causal = (causal / causal.sum(-1, keepdim=True))[None]  # a row-normalised map per loss layer, as a store delivers
+    batch.targets = {r: {s: causal for s in d} for r, d in batch.targets.items()}
+    times = []
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        for i in range(warmup + steps):
+            t = time.perf_counter()
+            ts.micro_step(batch, list(plan.static_weights), list(range(1, len(plan.row_names))), where=f"step {i + 1}")
+            ts.average(1)
+            ts.clip()
+            ts.optimizer_step()
+            ts.zero_grad()
+            if i >= warmup:
+                times.append(time.perf_counter() - t)
+            print(f"  {case} step {i + 1}: {time.perf_counter() - t:.1f} s", file=sys.stderr, flush=True)
+    fallbacks = sorted(getattr(ts.gram_engine, "fallbacks", set()) if ts.gram_engine else set())
+    return {"case": case, "engine": ts.engine, "seq_len": T, "K": ts.K, "params": sum(p.numel() for p in ts.params),
+            "step_s": statistics.median(times), "times": times,
+            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "fallbacks": fallbacks, "warnings": len(seen)}
+
+
+def proxy(model: str, text_layers: int, vision_layers: int, cameras: int, warmup: int, steps: int, cases: list[str]):
+    """Each case in its own process, one after the other, in this one run; then the table."""
+    import json
+    import subprocess
+    import tempfile
+
+    rows = []
+    with tempfile.TemporaryDirectory() as d:
+        student = proxy_student(Path(d) / "student", model, text_layers, vision_layers)
+        for case in cases:
+            cmd = [sys.executable, __file__, "--proxy-case", case, "--student", str(student), "--cameras", str(cameras),
+                   "--warmup", str(warmup), "--steps", str(steps)]
+            env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+            r = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, text=True, check=True)
+            rows.append(json.loads(r.stdout.strip().splitlines()[-1]))
+    base = next((r for r in rows if r["case"] == "sft"), rows[0])
+    rw = next((r for r in rows if r["case"] == "rows"), None)
+    print(f"\n{model} proxy: {text_layers} text + {vision_layers} vision layers, {cameras} cameras, T = {base['seq_len']}, "
+          f"{base['params'] / 1e6:.0f}M params, CPU, 1 thread, fp32, {warmup} warm-up + {steps} timed steps (median)")
+    print("| run | s/step | x plain FT | x rows | peak RSS | x plain FT |\n|---|---:|---:|---:|---:|---:|")
+    for r in rows:
+        xr = f"{r['step_s'] / rw['step_s']:.2f}" if rw else "n/a"
+        print(f"| {r['case']} ({r['engine']}) | {r['step_s']:.1f} | {r['step_s'] / base['step_s']:.2f} | {xr} | "
+              f"{r['peak_rss_mib']:.0f} MiB | {r['peak_rss_mib'] / base['peak_rss_mib']:.2f} |")
+    for r in rows:
+        if r["case"] == "gram":
+            print("ops without a vmap batching rule (looped over K) in the gram step:", ", ".join(r["fallbacks"]) or "none")
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tiny", action="store_true", help="also the tiny students")
     ap.add_argument("--T", type=int, default=1800)
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--proxy", action="store_true", help="the real-width VLM proxy: plain fine-tuning vs rows vs gram steps")
+    ap.add_argument("--model", default="InternVL3-1B-hf", help="--proxy: a config folder under configs/models")
+    ap.add_argument("--text-layers", type=int, default=3)
+    ap.add_argument("--vision-layers", type=int, default=2)
+    ap.add_argument("--cameras", type=int, default=6)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--cases", nargs="*", default=list(PROXY_CASES), choices=list(PROXY_CASES))
+    ap.add_argument("--proxy-case", choices=list(PROXY_CASES), help=argparse.SUPPRESS)
+    ap.add_argument("--student", type=Path, help=argparse.SUPPRESS)
     a = ap.parse_args()
     torch.set_num_threads(1)
+    if a.proxy_case:
+        import json
+
+        print(json.dumps(proxy_case(a.proxy_case, a.student, a.cameras, a.warmup, a.steps)))
+        return
+    if a.proxy:
+        proxy(a.model, a.text_layers, a.vision_layers, a.cameras, a.warmup, a.steps, a.cases)
+        return
     if a.tiny:
         tiny(max(a.reps, 5))
     real_width(a.T, a.layers, a.reps)

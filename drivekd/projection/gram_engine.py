@@ -51,14 +51,19 @@ Call sequence in one micro-step (inside the ``capture_attention`` block, where t
 
 from __future__ import annotations
 
+import re
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
+from drivekd.projection import vmap_rules  # noqa: F401 - registers batching rules for the backward's ops
 from drivekd.projection.combine import gram as _row_gram
 
 __all__ = ["GramEngine"]
+
+# functorch's warning for an op without a batching rule ("... the batching rule for aten::addcmul_. Please ...").
+_FALLBACK = re.compile(r"not yet implemented the batching rule for (\S+?)\.? ")
 
 
 class _Acc:
@@ -124,6 +129,7 @@ class GramEngine:
         self.device = params[0].device
         self.reduce = reduce
         self.last_blocks = 0  # parameters folded by the last gram() (diagnostics, tests)
+        self.fallbacks: set[str] = set()  # ops that ran as a loop over K under vmap (no batching rule), e.g. "aten::addcmul_"
 
     def gram(self, losses: Sequence[torch.Tensor | None], active: Sequence[bool] | torch.Tensor | None = None) -> torch.Tensor:
         """(K, K) fp64 Gram of the gradients of ``losses`` (scalars of one forward), graph retained.
@@ -147,16 +153,23 @@ class GramEngine:
         sub = _Acc(len(rows), self.device, self.reduce)
         handles = [p.register_hook(lambda g, _a=sub: _FoldGram.apply(g, _a)) for p in self.params]
         try:
-            with warnings.catch_warnings():
-                # Ops without a vmap batching rule (CPU flash-sdpa backward, masked_scatter
-                # backward) fall back to a loop over the K losses: correct, and the same work the
-                # rows engine does for them.
-                warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet implemented")
+            with warnings.catch_warnings(record=True) as seen:
+                # An op without a vmap batching rule falls back to a loop over the K losses
+                # (correct, but per-op overhead and no batched kernel): recorded by name in
+                # self.fallbacks (tools/bench_gram.py lists them; tests/test_gram_engine.py
+                # fails on any on the tiny students' path) instead of warning at every step.
+                warnings.simplefilter("always")
                 eye = torch.eye(len(rows), dtype=L.dtype, device=L.device)
                 torch.vmap(lambda go: torch.autograd.grad(L, self.params, go, retain_graph=True, allow_unused=True))(eye)
         finally:
             for h in handles:
                 h.remove()
+        for w in seen:
+            m = _FALLBACK.search(str(w.message))
+            if m:
+                self.fallbacks.add(m.group(1))
+            else:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         self.last_blocks = sub.blocks
         idx = torch.tensor(rows, device=self.device)
         acc.G[idx[:, None], idx[None, :]] = sub.G
