@@ -166,7 +166,6 @@ class GramEngine:
         if not rows:
             return acc.G
         sub = _Acc(len(rows), self.device, self.reduce)
-        keys = {id(p): i for i, p in enumerate(self.params)}
         reads = _reads_head(losses, rows, head)  # positions in `rows` of the losses that read the head
         rest = [i for i in range(len(rows)) if i not in reads]
         dH = None
@@ -219,8 +218,15 @@ class GramEngine:
         # in parameter order (the same on every rank).
         for p in self.params:
             if id(p) in sub.extra:
-                sub.fold(torch.zeros(len(rows), p.numel(), dtype=torch.float32, device=self.device), id(p))
-        del keys
+                part = sub.extra.pop(id(p))  # {position: (n,)}: the other rows are zero
+                pos = sorted(part)
+                block = torch.stack([part[i] for i in pos])  # (|S|, n), not a (K, n) block of mostly zeros
+                if sub.reduce is not None:
+                    sub.reduce(block)
+                ix = torch.tensor(pos, device=self.device)
+                sub.G[ix[:, None], ix[None, :]] += _row_gram(block).to(sub.G.dtype)
+                sub.blocks += 1
+                del part, block
         self.last_blocks = sub.blocks
         idx = torch.tensor(rows, device=self.device)
         acc.G[idx[:, None], idx[None, :]] = sub.G
