@@ -245,7 +245,34 @@ def proxy(model: str, text_layers: int, vision_layers: int, cameras: int, warmup
     for r in rows:
         if r["case"] == "gram":
             print("ops without a vmap batching rule (looped over K) in the gram step:", ", ".join(r["fallbacks"]) or "none")
+    print("the planner's count of the same steps (drivekd-train --dry-run, fake tensors):")
+    for r in rows:
+        try:
+            plan = proxy_plan(r["case"], model, text_layers, vision_layers, cameras)
+        except Exception as e:  # noqa: BLE001 - the measured table above stands without it
+            print(f"  {r['case']}: planner failed ({type(e).__name__}: {e})")
+            continue
+        r["planned_tflop"] = plan["flops"] / 1e12
+        print(f"  {r['case']}: {r['planned_tflop']:.2f} TFLOP, peak {plan['peak_bytes'] / 2**30:.2f} GiB (engine {plan['grad_engine']})")
+    if rw and all("planned_tflop" in r for r in rows):
+        g = next((r for r in rows if r["case"] == "gram"), None)
+        if g:
+            print(f"gram / rows: measured {g['step_s'] / rw['step_s']:.2f}x, planned FLOPs {g['planned_tflop'] / rw['planned_tflop']:.2f}x")
     return rows
+
+
+def proxy_plan(case: str, model: str, text_layers: int, vision_layers: int, cameras: int) -> dict:
+    import tempfile
+
+    from drivekd.families.base import detect_family
+    from drivekd.planner.plan import dry_run
+    from drivekd.trainer.settings import TrainConfig
+
+    with tempfile.TemporaryDirectory() as d:
+        student = proxy_student(Path(d) / "student", model, text_layers, vision_layers)
+        cfg = TrainConfig(**{"student": student, "recipe": "multi", "lr": 1e-5, "max_grad_norm": 1.0,
+                             "image_settings": PROXY_IMAGES[detect_family(student)], **PROXY_CASES[case]})
+        return dry_run(cfg, cameras=cameras, suggest=False)
 
 
 def main():

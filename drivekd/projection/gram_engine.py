@@ -179,7 +179,14 @@ class GramEngine:
                 for p, g in zip(self.params, gs[1:]):
                     if g is not None:
                         sub.extra.setdefault(id(p), {})[i] = g.reshape(-1)
+                del gs, g  # the head gradients live in sub.extra only (freed as they are folded)
             dH = torch.stack(dhs).to(h.dtype)  # (|S|, *h.shape)
+            # Head parameters the batched backward will not reach (an untied LM head): fold their
+            # rows now, so the head's gradients are not held through the batched backward.
+            below = _leaves_reached([losses[rows[i]] for i in rest] + [h])
+            for p in self.params:
+                if id(p) in sub.extra and id(p) not in below:
+                    _fold_rows(sub, p, self.device)
         L = torch.stack([losses[rows[i]].reshape(()).float() for i in rest]) if rest else None  # (K'-|S|,)
         eye = torch.eye(len(rows), dtype=torch.float32, device=self.device)
         reads_t = torch.tensor(reads, dtype=torch.long, device=self.device)
@@ -218,15 +225,7 @@ class GramEngine:
         # in parameter order (the same on every rank).
         for p in self.params:
             if id(p) in sub.extra:
-                part = sub.extra.pop(id(p))  # {position: (n,)}: the other rows are zero
-                pos = sorted(part)
-                block = torch.stack([part[i] for i in pos])  # (|S|, n), not a (K, n) block of mostly zeros
-                if sub.reduce is not None:
-                    sub.reduce(block)
-                ix = torch.tensor(pos, device=self.device)
-                sub.G[ix[:, None], ix[None, :]] += _row_gram(block).to(sub.G.dtype)
-                sub.blocks += 1
-                del part, block
+                _fold_rows(sub, p, self.device)
         self.last_blocks = sub.blocks
         idx = torch.tensor(rows, device=self.device)
         acc.G[idx[:, None], idx[None, :]] = sub.G
@@ -249,21 +248,46 @@ class GramEngine:
         outs, gos = [], []
         if head_terms:
             h, leaf = head
-            gs = torch.autograd.grad(torch.stack(head_terms).sum(), [leaf, *self.params], retain_graph=True, allow_unused=True)
-            for p, g in zip(self.params, gs[1:]):
-                if g is not None:
-                    if p.grad is None:
-                        p.grad = g
-                    else:
-                        p.grad.add_(g)
-            if gs[0] is not None:
+            # Into p.grad directly (no head-sized temporary), and dL/dh into leaf.grad.
+            leaf.grad = None
+            torch.autograd.backward(torch.stack(head_terms).sum(), inputs=[leaf, *self.params], retain_graph=True)
+            if leaf.grad is not None:
                 outs.append(h)
-                gos.append(gs[0].to(h.dtype))
+                gos.append(leaf.grad.to(h.dtype))
+                leaf.grad = None
         if terms:
             outs.append(torch.stack(terms).sum())
             gos.append(None)
         if outs:
             torch.autograd.backward(outs, gos, inputs=self.params, retain_graph=retain_graph)
+
+
+def _fold_rows(acc: _Acc, p: torch.Tensor, device) -> None:
+    """Fold the head rows held for ``p`` alone (its other rows are zero): a (|S|, n) block."""
+    part = acc.extra.pop(id(p))  # {position: (n,)}
+    pos = sorted(part)
+    block = part[pos[0]].view(1, -1) if len(pos) == 1 else torch.stack([part[i] for i in pos])  # no copy for one row
+    del part
+    if acc.reduce is not None:
+        acc.reduce(block)
+    ix = torch.tensor(pos, device=device)
+    acc.G[ix[:, None], ix[None, :]] += _row_gram(block).to(acc.G.dtype)
+    acc.blocks += 1
+
+
+def _leaves_reached(roots: list[torch.Tensor]) -> set[int]:
+    """ids of the leaf tensors (parameters) the graphs of ``roots`` reach."""
+    stack, seen, out = [r.grad_fn for r in roots], set(), set()
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        v = getattr(fn, "variable", None)
+        if v is not None:
+            out.add(id(v))
+        stack.extend(f for f, _ in fn.next_functions)
+    return out
 
 
 def _reads_head(losses, rows: list[int], head) -> list[int]:
