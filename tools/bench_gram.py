@@ -8,6 +8,16 @@ transient, plus the K-batched activation gradients).
 
     .venv/bin/python tools/bench_gram.py             # real-width layers (InternVL3-1B text: 896 / 14 q heads / 2 kv / 4864, T = 1800)
     .venv/bin/python tools/bench_gram.py --tiny      # also the tiny students of both families
+
+--proxy (issue 29): whole optimizer steps of drivekd's step code (TrainStep: capture, losses,
+per-loss gradients, projection, AdamW), random weights, fp32, CPU, one thread, on a real-width
+proxy of a shipped student (configs/models/<--model>: its widths and vocabulary, --text-layers
+text + --vision-layers vision layers) with the planner's synthetic --cameras sample: plain
+fine-tuning (CE only) vs multi + AGP with --grad-engine rows vs gram, each case in its own process
+(peak RSS is the process's), one after the other in one run; then the ops that still fell back to a
+loop over K under vmap, and the planner's FLOPs of the same steps beside the measured ratio.
+
+    PYTHONPATH=. OMP_NUM_THREADS=1 python tools/bench_gram.py --proxy --text-layers 3 --vision-layers 2 --cameras 6 --warmup 1 --steps 2
 """
 
 from __future__ import annotations
@@ -198,11 +208,11 @@ def proxy_case(case: str, student: Path, cameras: int, warmup: int, steps: int) 
     causal = torch.tril(torch.ones(T, T))
     causal = (causal / causal.sum(-1, keepdim=True))[None]  # a row-normalised map per loss layer, as a store delivers
     batch.targets = {r: {s: causal for s in d} for r, d in batch.targets.items()}
-    times = []
+    times, cpu = [], []
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         for i in range(warmup + steps):
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             ts.micro_step(batch, list(plan.static_weights), list(range(1, len(plan.row_names))), where=f"step {i + 1}")
             ts.average(1)
             ts.clip()
@@ -210,10 +220,13 @@ def proxy_case(case: str, student: Path, cameras: int, warmup: int, steps: int) 
             ts.zero_grad()
             if i >= warmup:
                 times.append(time.perf_counter() - t)
-            print(f"  {case} step {i + 1}: {time.perf_counter() - t:.1f} s", file=sys.stderr, flush=True)
+                cpu.append(time.process_time() - c)
+            # CPU seconds beside the wall time: on a shared machine the wall time includes waiting.
+            print(f"  {case} step {i + 1}: {time.perf_counter() - t:.1f} s wall, {time.process_time() - c:.1f} s CPU",
+                  file=sys.stderr, flush=True)
     fallbacks = sorted(getattr(ts.gram_engine, "fallbacks", set()) if ts.gram_engine else set())
     return {"case": case, "engine": ts.engine, "seq_len": T, "K": ts.K, "params": sum(p.numel() for p in ts.params),
-            "step_s": statistics.median(times), "times": times,
+            "step_s": statistics.median(times), "times": times, "cpu_s": statistics.median(cpu),
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "fallbacks": fallbacks, "warnings": len(seen)}
 
@@ -237,10 +250,11 @@ def proxy(model: str, text_layers: int, vision_layers: int, cameras: int, warmup
     rw = next((r for r in rows if r["case"] == "rows"), None)
     print(f"\n{model} proxy: {text_layers} text + {vision_layers} vision layers, {cameras} cameras, T = {base['seq_len']}, "
           f"{base['params'] / 1e6:.0f}M params, CPU, 1 thread, fp32, {warmup} warm-up + {steps} timed steps (median)")
-    print("| run | s/step | x plain FT | x rows | peak RSS | x plain FT |\n|---|---:|---:|---:|---:|---:|")
+    print("| run | s/step | x plain FT | x rows | CPU s/step | x rows | peak RSS | x plain FT |\n|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         xr = f"{r['step_s'] / rw['step_s']:.2f}" if rw else "n/a"
-        print(f"| {r['case']} ({r['engine']}) | {r['step_s']:.1f} | {r['step_s'] / base['step_s']:.2f} | {xr} | "
+        xc = f"{r['cpu_s'] / rw['cpu_s']:.2f}" if rw else "n/a"
+        print(f"| {r['case']} ({r['engine']}) | {r['step_s']:.1f} | {r['step_s'] / base['step_s']:.2f} | {xr} | {r['cpu_s']:.1f} | {xc} | "
               f"{r['peak_rss_mib']:.0f} MiB | {r['peak_rss_mib'] / base['peak_rss_mib']:.2f} |")
     for r in rows:
         if r["case"] == "gram":

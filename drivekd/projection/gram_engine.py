@@ -12,6 +12,12 @@ N parameters each (K x N x 4 bytes: 16 bytes/parameter at K = 4). This engine ho
    products, fp64 sums) and hands autograd back a stride-0 zero, so the block dies right there.
    Transient memory: K x the largest parameter, plus K x the activation gradients of one point of
    the backward (the batched backward carries K gradients through the graph at once).
+   The backward batches for real: ops torch ships without a batching rule get one
+   (``vmap_rules.py``: CPU flash-sdpa backward, masked_scatter backward), the capture's backward
+   uses batchable ops; any op still looped over K is recorded in ``fallbacks``. With ``head``
+   (TrainStep passes the LM head's input, cut in the forward), the losses that read the LM head
+   are backpropagated through it one by one first and the batched backward starts below it: the
+   vocabulary matmuls (the step's largest) run once per reading loss, not K-wide with zero rows.
 2. ``coefficients(G, method, order, active=...)`` (combine.py): lambda (K,).
 3. ``backward(losses, lam)``: one ordinary backward of sum_k lambda_k * loss_k, accumulating into
    the parameters' ``.grad`` (e.g. the loop's flat fp32 gradient views).
