@@ -84,6 +84,42 @@ def test_tied_weight_and_partial_reach_match_rows():
     assert float(G[0, 0]) != pytest.approx(float((B[0] * B[0]).sum()) - 1.0)
 
 
+@pytest.mark.parametrize("tied", [True, False])
+def test_head_split_matches_rows(tied):
+    """gram/backward with `head` (the LM head run on a cut of its input, as TrainStep's Gram path
+    does): equal to the rows of the uncut graph. Two losses read the head (the split handles any
+    number); tied: the head's weight is also the embedding (its block gets the head rows added);
+    untied: the head's weight is reached by the head rows only (folded after the batched pass)."""
+    torch.manual_seed(0)
+    emb, trunk = nn.Embedding(11, 6), nn.Linear(6, 6)
+    head_w = emb.weight if tied else nn.Parameter(torch.randn(11, 6))
+    params = [emb.weight, trunk.weight, trunk.bias] + ([] if tied else [head_w])
+    ids = torch.tensor([1, 4, 4, 9, 2])
+
+    def losses(cut: bool):
+        h0 = emb(ids)
+        h = torch.tanh(trunk(h0))
+        leaf = h.detach().requires_grad_() if cut else h
+        logits = leaf @ head_w.T
+        ls = [logits.logsumexp(-1).mean(), -(h ** 2).mean(), h0.pow(3).mean() * 0.3, logits[:, 2].pow(2).mean() + h.mean()]
+        return ls, (h, leaf)
+
+    ref_losses, _ = losses(False)
+    B = rows_reference(params, ref_losses)
+    cut, head = losses(True)
+    engine = GramEngine(params)
+    G = engine.gram(cut, head=head)
+    torch.testing.assert_close(G, B.double() @ B.double().T, rtol=1e-6, atol=1e-9)
+    assert engine.last_blocks == len(params)
+    # Without `head` the cut graph loses the head losses' trunk gradients: the split is what joins them.
+    assert not torch.allclose(GramEngine(params).gram(cut), G)
+    lam, _ = coefficients(G, "agp", [3, 1, 2], return_info=True)
+    for p in params:
+        p.grad = None
+    engine.backward(cut, lam, head=head)
+    assert rel(flat_grad(params), combine(B, "agp", [3, 1, 2])) < 1e-6
+
+
 def test_inactive_rows_and_validation():
     m = Tied()
     params = [p for p in m.parameters() if p.requires_grad]
@@ -199,6 +235,42 @@ def test_matches_rows_engine_on_tiny_students(tiny_models, demo_data, targets, f
                 tr.grads.check()
                 assert rel(tr.grads.flat, ref) < 1e-5, (K, method)
         assert fired > 0  # the comparison covers projections that really removed a component
+
+
+@pytest.mark.parametrize("family", ["internvl", "qwen2_5_vl"])
+def test_step_path_batches_for_real(tiny_models, demo_data, targets, family):
+    """TrainStep's Gram path on the tiny students, vision tower included: the LM head cut (the
+    head backpropagated per reading loss, the rest K-batched) gives the rows engine's Gram and
+    update, and no op falls back to a loop over K under vmap (sdpa, the capture's backward, the
+    image-token merge all have batching rules: drivekd/projection/vmap_rules.py)."""
+    tr = make_trainer(tiny_models, demo_data, targets[family], family, grad_engine="gram")
+    ts = tr.train_step
+    assert ts.engine == "gram"
+    vision = [p for n, p in tr.model.named_parameters() if ("vision" in n or "visual" in n) and p.requires_grad]
+    assert vision and all(any(p is q for q in tr.params) for p in vision)  # the whole student
+    params = tr.params
+    batch = batch_of(tr, [0, 5])
+    ts.engine = "rows"  # the reference forward: no cut
+    with forward(tr, batch) as losses:
+        assert ts._head is None
+        weighted = unit_weights(params, losses)
+        scales = [w.detach() / l.detach() for w, l in zip(weighted, losses)]
+        bufs = GradBuffers(params, 4)
+        for r in range(4):
+            bufs.backward(r, weighted[r], retain_graph=r < 3)
+    ts.engine = "gram"
+    engine = GramEngine(params)
+    with forward(tr, batch) as losses:
+        assert ts._head is not None
+        weighted = [l * c for l, c in zip(losses, scales)]
+        G = engine.gram(weighted, head=ts._head)
+        rows = bufs.buffer
+        torch.testing.assert_close(G, rows.double() @ rows.double().T, rtol=1e-5, atol=1e-7)
+        assert engine.fallbacks == set(), f"ops looped over K under vmap: {sorted(engine.fallbacks)}"
+        lam = coefficients(G, "agp", [3, 1, 2])
+        tr.grads.flat.zero_()
+        engine.backward(weighted, lam, head=ts._head)
+        assert rel(tr.grads.flat, combine(rows, "agp", [3, 1, 2])) < 1e-5
 
 
 def test_bf16_autocast_and_checkpointing(tiny_models, demo_data, targets):

@@ -8,6 +8,16 @@ transient, plus the K-batched activation gradients).
 
     .venv/bin/python tools/bench_gram.py             # real-width layers (InternVL3-1B text: 896 / 14 q heads / 2 kv / 4864, T = 1800)
     .venv/bin/python tools/bench_gram.py --tiny      # also the tiny students of both families
+
+--proxy (issue 29): whole optimizer steps of drivekd's step code (TrainStep: capture, losses,
+per-loss gradients, projection, AdamW), random weights, fp32, CPU, one thread, on a real-width
+proxy of a shipped student (configs/models/<--model>: its widths and vocabulary, --text-layers
+text + --vision-layers vision layers) with the planner's synthetic --cameras sample: plain
+fine-tuning (CE only) vs multi + AGP with --grad-engine rows vs gram, each case in its own process
+(peak RSS is the process's), one after the other in one run; then the ops that still fell back to a
+loop over K under vmap, and the planner's FLOPs of the same steps beside the measured ratio.
+
+    PYTHONPATH=. OMP_NUM_THREADS=1 python tools/bench_gram.py --proxy --text-layers 3 --vision-layers 2 --cameras 6 --warmup 1 --steps 2
 """
 
 from __future__ import annotations
@@ -131,14 +141,180 @@ def tiny(reps: int):
                         lambda: tr._losses(batch, maps)[0], reps)
 
 
+# ----------------------------------------------------------------------------- the real-width VLM proxy (issue 29)
+
+PROXY_CASES = {  # name -> TrainConfig changes (as tools/gpu_check.py's variants)
+    "sft": {"recipe": "sft", "dynamic_weights": False},
+    "rows": {"projection": "agp", "grad_engine": "rows"},
+    "gram": {"projection": "agp", "grad_engine": "gram"},
+}
+
+
+def _images():
+    # The README's six-camera image settings (as tools/gpu_check.py): InternVL one 448-px tile per
+    # camera (256 tokens), Qwen2.5-VL max_pixels 200704.
+    from drivekd.images import ImageSettings
+
+    return {"internvl": ImageSettings(tiling=False), "qwen2_5_vl": ImageSettings(max_pixels=200704)}
+
+
+PROXY_IMAGES = _images()
+
+
+def proxy_student(out: Path, model: str, text_layers: int, vision_layers: int) -> Path:
+    """configs/models/<model> (config and processor files, no weights) at a reduced depth."""
+    import shutil
+
+    from drivekd.families.base import Depth, detect_family, family_class
+    from drivekd.planner import plan as P
+
+    src = Path(__file__).resolve().parents[1] / "configs" / "models" / model
+    fam = family_class(detect_family(src))
+    config = P.student_config(src)
+    kinds = len(fam.vision_depth(config.vision_config))
+    fam.with_depth(config, Depth(text_layers, (vision_layers,) * kinds)).save_pretrained(out)
+    for f in src.iterdir():
+        if f.name != "config.json":
+            shutil.copy(f, out / f.name)
+    return out
+
+
+def proxy_case(case: str, student: Path, cameras: int, warmup: int, steps: int) -> dict:
+    """`warmup` + `steps` optimizer steps of drivekd's step code (TrainStep: capture, losses,
+    per-loss gradients, projection, AdamW) on the planner's synthetic sample, random weights, fp32.
+    Runs in its own process (peak RSS is the process's)."""
+    import resource
+    import warnings
+
+    from drivekd.distributed import Dist
+    from drivekd.families.base import detect_family
+    from drivekd.optim.precision import param_dtype
+    from drivekd.planner import plan as P
+    from drivekd.trainer.loop import prepare_student
+    from drivekd.trainer.settings import TrainConfig
+    from drivekd.trainer.step import AssumeFinite, TrainStep
+
+    family = detect_family(student)
+    cfg = TrainConfig(**{"student": student, "recipe": "multi", "lr": 1e-5, "max_grad_norm": 1.0,
+                         "image_settings": PROXY_IMAGES[family], **PROXY_CASES[case]})
+    config = P.student_config(student)
+    _, L = P.model_depth(student)
+    shapes = P.shapes_for(family, config, student, cameras, None, cfg.image_settings)
+    plan = P.dry_plan(cfg, L, family)
+    model = prepare_student(P.build_student(student, family, config, param_dtype(cfg.precision)), cfg)
+    ts = TrainStep(model, plan, Dist("cpu"), None, AssumeFinite())
+    batch = P.synthetic_batch(shapes, config, plan)
+    T = shapes.seq_len
+    causal = torch.tril(torch.ones(T, T))
+    causal = (causal / causal.sum(-1, keepdim=True))[None]  # a row-normalised map per loss layer, as a store delivers
+    batch.targets = {r: {s: causal for s in d} for r, d in batch.targets.items()}
+    times, cpu = [], []
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        for i in range(warmup + steps):
+            t, c = time.perf_counter(), time.process_time()
+            ts.micro_step(batch, list(plan.static_weights), list(range(1, len(plan.row_names))), where=f"step {i + 1}")
+            ts.average(1)
+            ts.clip()
+            ts.optimizer_step()
+            ts.zero_grad()
+            if i >= warmup:
+                times.append(time.perf_counter() - t)
+                cpu.append(time.process_time() - c)
+            # CPU seconds beside the wall time: on a shared machine the wall time includes waiting.
+            print(f"  {case} step {i + 1}: {time.perf_counter() - t:.1f} s wall, {time.process_time() - c:.1f} s CPU",
+                  file=sys.stderr, flush=True)
+    fallbacks = sorted(getattr(ts.gram_engine, "fallbacks", set()) if ts.gram_engine else set())
+    return {"case": case, "engine": ts.engine, "seq_len": T, "K": ts.K, "params": sum(p.numel() for p in ts.params),
+            "step_s": statistics.median(times), "times": times, "cpu_s": statistics.median(cpu),
+            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "fallbacks": fallbacks, "warnings": len(seen)}
+
+
+def proxy(model: str, text_layers: int, vision_layers: int, cameras: int, warmup: int, steps: int, cases: list[str]):
+    """Each case in its own process, one after the other, in this one run; then the table."""
+    import json
+    import subprocess
+    import tempfile
+
+    rows = []
+    with tempfile.TemporaryDirectory() as d:
+        student = proxy_student(Path(d) / "student", model, text_layers, vision_layers)
+        for case in cases:
+            cmd = [sys.executable, __file__, "--proxy-case", case, "--student", str(student), "--cameras", str(cameras),
+                   "--warmup", str(warmup), "--steps", str(steps)]
+            env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+            r = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, text=True, check=True)
+            rows.append(json.loads(r.stdout.strip().splitlines()[-1]))
+    base = next((r for r in rows if r["case"] == "sft"), rows[0])
+    rw = next((r for r in rows if r["case"] == "rows"), None)
+    print(f"\n{model} proxy: {text_layers} text + {vision_layers} vision layers, {cameras} cameras, T = {base['seq_len']}, "
+          f"{base['params'] / 1e6:.0f}M params, CPU, 1 thread, fp32, {warmup} warm-up + {steps} timed steps (median)")
+    print("| run | s/step | x plain FT | x rows | CPU s/step | x rows | peak RSS | x plain FT |\n|---|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        xr = f"{r['step_s'] / rw['step_s']:.2f}" if rw else "n/a"
+        xc = f"{r['cpu_s'] / rw['cpu_s']:.2f}" if rw else "n/a"
+        print(f"| {r['case']} ({r['engine']}) | {r['step_s']:.1f} | {r['step_s'] / base['step_s']:.2f} | {xr} | {r['cpu_s']:.1f} | {xc} | "
+              f"{r['peak_rss_mib']:.0f} MiB | {r['peak_rss_mib'] / base['peak_rss_mib']:.2f} |")
+    for r in rows:
+        if r["case"] == "gram":
+            print("ops without a vmap batching rule (looped over K) in the gram step:", ", ".join(r["fallbacks"]) or "none")
+    print("the planner's count of the same steps (drivekd-train --dry-run, fake tensors):")
+    for r in rows:
+        try:
+            plan = proxy_plan(r["case"], model, text_layers, vision_layers, cameras)
+        except Exception as e:  # noqa: BLE001 - the measured table above stands without it
+            print(f"  {r['case']}: planner failed ({type(e).__name__}: {e})")
+            continue
+        r["planned_tflop"] = plan["flops"] / 1e12
+        print(f"  {r['case']}: {r['planned_tflop']:.2f} TFLOP, peak {plan['peak_bytes'] / 2**30:.2f} GiB (engine {plan['grad_engine']})")
+    if rw and all("planned_tflop" in r for r in rows):
+        g = next((r for r in rows if r["case"] == "gram"), None)
+        if g:
+            print(f"gram / rows: measured {g['step_s'] / rw['step_s']:.2f}x, planned FLOPs {g['planned_tflop'] / rw['planned_tflop']:.2f}x")
+    return rows
+
+
+def proxy_plan(case: str, model: str, text_layers: int, vision_layers: int, cameras: int) -> dict:
+    import tempfile
+
+    from drivekd.families.base import detect_family
+    from drivekd.planner.plan import dry_run
+    from drivekd.trainer.settings import TrainConfig
+
+    with tempfile.TemporaryDirectory() as d:
+        student = proxy_student(Path(d) / "student", model, text_layers, vision_layers)
+        cfg = TrainConfig(**{"student": student, "recipe": "multi", "lr": 1e-5, "max_grad_norm": 1.0,
+                             "image_settings": PROXY_IMAGES[detect_family(student)], **PROXY_CASES[case]})
+        return dry_run(cfg, cameras=cameras, suggest=False)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tiny", action="store_true", help="also the tiny students")
     ap.add_argument("--T", type=int, default=1800)
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--proxy", action="store_true", help="the real-width VLM proxy: plain fine-tuning vs rows vs gram steps")
+    ap.add_argument("--model", default="InternVL3-1B-hf", help="--proxy: a config folder under configs/models")
+    ap.add_argument("--text-layers", type=int, default=3)
+    ap.add_argument("--vision-layers", type=int, default=2)
+    ap.add_argument("--cameras", type=int, default=6)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--cases", nargs="*", default=list(PROXY_CASES), choices=list(PROXY_CASES))
+    ap.add_argument("--proxy-case", choices=list(PROXY_CASES), help=argparse.SUPPRESS)
+    ap.add_argument("--student", type=Path, help=argparse.SUPPRESS)
     a = ap.parse_args()
     torch.set_num_threads(1)
+    if a.proxy_case:
+        import json
+
+        print(json.dumps(proxy_case(a.proxy_case, a.student, a.cameras, a.warmup, a.steps)))
+        return
+    if a.proxy:
+        proxy(a.model, a.text_layers, a.vision_layers, a.cameras, a.warmup, a.steps, a.cases)
+        return
     if a.tiny:
         tiny(max(a.reps, 5))
     real_width(a.T, a.layers, a.reps)

@@ -209,8 +209,10 @@ def _backward(query, key, attention_mask, padding, scaling: float, grad):
         p = torch.softmax(s, dim=-1)  # (B, c, r, kend)
         del s  # at most two block-sized tensors alive: p and ds
         gb = g[:, None, a:b, :kend]  # (B, 1, r, kend), shared by every head
-        ds = p * gb
-        ds.addcmul_(p, ds.sum(dim=-1, keepdim=True), value=-1.0)  # P * (g - rowsum(P * g))
+        # dS = P * (g - rowsum(P * g)): out of place then one in-place multiply (no addcmul_: vmap
+        # has no batching rule for it and would loop over the Gram engine's K gradients).
+        rs = (p * gb).sum(dim=-1, keepdim=True)  # (B, c, r, 1)
+        ds = (gb - rs).mul_(p)
         dsg = ds.view(B, c // rep, rep * r, kend)
         dq_parts.setdefault(h0, []).append(torch.matmul(dsg, kg).view(B, c, r, D))
         # (B, g, kend, rep*r) @ (B, g, rep*r, D): the sum over a kv group's heads is in the matmul.

@@ -12,6 +12,12 @@ N parameters each (K x N x 4 bytes: 16 bytes/parameter at K = 4). This engine ho
    products, fp64 sums) and hands autograd back a stride-0 zero, so the block dies right there.
    Transient memory: K x the largest parameter, plus K x the activation gradients of one point of
    the backward (the batched backward carries K gradients through the graph at once).
+   The backward batches for real: ops torch ships without a batching rule get one
+   (``vmap_rules.py``: CPU flash-sdpa backward, masked_scatter backward), the capture's backward
+   uses batchable ops; any op still looped over K is recorded in ``fallbacks``. With ``head``
+   (TrainStep passes the LM head's input, cut in the forward), the losses that read the LM head
+   are backpropagated through it one by one first and the batched backward starts below it: the
+   vocabulary matmuls (the step's largest) run once per reading loss, not K-wide with zero rows.
 2. ``coefficients(G, method, order, active=...)`` (combine.py): lambda (K,).
 3. ``backward(losses, lam)``: one ordinary backward of sum_k lambda_k * loss_k, accumulating into
    the parameters' ``.grad`` (e.g. the loop's flat fp32 gradient views).
@@ -51,14 +57,19 @@ Call sequence in one micro-step (inside the ``capture_attention`` block, where t
 
 from __future__ import annotations
 
+import re
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
+from drivekd.projection import vmap_rules  # noqa: F401 - registers batching rules for the backward's ops
 from drivekd.projection.combine import gram as _row_gram
 
 __all__ = ["GramEngine"]
+
+# functorch's warning for an op without a batching rule ("... the batching rule for aten::addcmul_. Please ...").
+_FALLBACK = re.compile(r"not yet implemented the batching rule for (\S+?)\.? ")
 
 
 class _Acc:
@@ -68,9 +79,14 @@ class _Acc:
         self.G = torch.zeros(K, K, dtype=torch.float64 if device.type != "mps" else torch.float32, device=device)
         self.reduce = reduce
         self.blocks = 0
+        # id(param) -> {row: (n,) gradient}: parts of a row's gradient computed before the batched
+        # backward (the head of a split, see GramEngine.gram), added in before the block is folded.
+        self.extra: dict[int, dict[int, torch.Tensor]] = {}
 
-    def fold(self, block: torch.Tensor) -> None:
+    def fold(self, block: torch.Tensor, key: int | None = None) -> None:
         """block (K, n): one parameter's K gradients, rows contiguous."""
+        for r, g in self.extra.pop(key, {}).items():
+            block[r] += g
         if self.reduce is not None:
             self.reduce(block)
         self.G += _row_gram(block).to(self.G.dtype)
@@ -82,9 +98,9 @@ class _FoldGram(torch.autograd.Function):
     sees the whole (K, *shape) batch, folds it into the Gram and returns a stride-0 zero."""
 
     @staticmethod
-    def forward(grad: torch.Tensor, acc: _Acc) -> torch.Tensor:
+    def forward(grad: torch.Tensor, acc: _Acc, key: int) -> torch.Tensor:
         # Only reached outside vmap (K = 1 would still go through vmap): fold a 1-row block.
-        acc.fold(grad.detach().reshape(1, -1).contiguous())
+        acc.fold(grad.detach().reshape(1, -1).contiguous(), key)
         return torch.zeros((), dtype=grad.dtype, device=grad.device).expand(grad.shape)
 
     @staticmethod
@@ -92,7 +108,7 @@ class _FoldGram(torch.autograd.Function):
         pass
 
     @staticmethod
-    def vmap(info, in_dims, grad: torch.Tensor, acc: _Acc):
+    def vmap(info, in_dims, grad: torch.Tensor, acc: _Acc, key: int):
         d = in_dims[0]
         if d is None:  # the same gradient for every loss (no batched input reached it)
             block = grad.reshape(1, -1).expand(info.batch_size, -1).contiguous()
@@ -100,7 +116,7 @@ class _FoldGram(torch.autograd.Function):
         else:
             block = grad.movedim(d, 0).reshape(info.batch_size, -1).contiguous()  # (K, n)
             shape = grad.shape[:d] + grad.shape[d + 1 :]
-        acc.fold(block)
+        acc.fold(block, key)
         return torch.zeros((), dtype=grad.dtype, device=grad.device).expand(shape), None
 
 
@@ -124,13 +140,24 @@ class GramEngine:
         self.device = params[0].device
         self.reduce = reduce
         self.last_blocks = 0  # parameters folded by the last gram() (diagnostics, tests)
+        self.fallbacks: set[str] = set()  # ops that ran as a loop over K under vmap (no batching rule), e.g. "aten::addcmul_"
 
-    def gram(self, losses: Sequence[torch.Tensor | None], active: Sequence[bool] | torch.Tensor | None = None) -> torch.Tensor:
+    def gram(self, losses: Sequence[torch.Tensor | None], active: Sequence[bool] | torch.Tensor | None = None,
+             head: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """(K, K) fp64 Gram of the gradients of ``losses`` (scalars of one forward), graph retained.
 
         Row/column k is zero for an inactive row (``active[k]`` False, or ``losses[k]`` None) and
         for a loss that does not require grad (it is still part of the batch, so every rank folds
         blocks of the same shape). Parameters no active loss reaches contribute nothing.
+
+        ``head`` = (h, leaf): the forward cut its graph at h (the LM head's input, B x P x D):
+        the head ran on ``leaf = h.detach().requires_grad_()``. The losses that read the head
+        (CE; S below, found by walking the graph) are backpropagated through it one by one,
+        unbatched, to leaf and the head's parameters; the batched backward then starts at h with
+        the S rows' dL/dh (zero in the other rows) and at the other losses. Exact (the same sums),
+        and the head - the vocabulary matmuls, the step's largest - runs |S| times instead of K
+        (a K-batched backward through it carries K - |S| rows of zeros). Holds |S| x the head's
+        parameters' gradients until their block is folded.
         """
         K = len(losses)
         act = _active(active, K)
@@ -141,44 +168,154 @@ class GramEngine:
         for k in rows:
             if not isinstance(losses[k], torch.Tensor) or losses[k].numel() != 1:
                 raise ValueError(f"loss {k} must be a scalar tensor, got {type(losses[k]).__name__}")
-        L = torch.stack([losses[k].reshape(()).float() for k in rows])  # (K',)
-        if not L.requires_grad:
+        rows = [k for k in rows if losses[k].requires_grad]
+        if not rows:
             return acc.G
         sub = _Acc(len(rows), self.device, self.reduce)
-        handles = [p.register_hook(lambda g, _a=sub: _FoldGram.apply(g, _a)) for p in self.params]
+        reads = _reads_head(losses, rows, head)  # positions in `rows` of the losses that read the head
+        rest = [i for i in range(len(rows)) if i not in reads]
+        dH = None
+        if reads:
+            h, leaf = head
+            dhs = []
+            for i in reads:  # unbatched, through the head only (the graph is cut at leaf)
+                gs = torch.autograd.grad(losses[rows[i]].reshape(()).float(), [leaf, *self.params], retain_graph=True,
+                                         allow_unused=True)
+                dhs.append(gs[0] if gs[0] is not None else torch.zeros_like(leaf))
+                for p, g in zip(self.params, gs[1:]):
+                    if g is not None:
+                        sub.extra.setdefault(id(p), {})[i] = g.reshape(-1)
+                del gs, g  # the head gradients live in sub.extra only (freed as they are folded)
+            dH = torch.stack(dhs).to(h.dtype)  # (|S|, *h.shape)
+            # Head parameters the batched backward will not reach (an untied LM head): fold their
+            # rows now, so the head's gradients are not held through the batched backward.
+            below = _leaves_reached([losses[rows[i]] for i in rest] + [h])
+            for p in self.params:
+                if id(p) in sub.extra and id(p) not in below:
+                    _fold_rows(sub, p, self.device)
+        L = torch.stack([losses[rows[i]].reshape(()).float() for i in rest]) if rest else None  # (K'-|S|,)
+        eye = torch.eye(len(rows), dtype=torch.float32, device=self.device)
+        reads_t = torch.tensor(reads, dtype=torch.long, device=self.device)
+        rest_t = torch.tensor(rest, dtype=torch.long, device=self.device)
+
+        def batched(go):  # go: one-hot (K',) -> every parameter's gradient of row go, folded by the hooks
+            outs, gos = [], []
+            if L is not None:
+                outs.append(L)
+                gos.append(go.index_select(0, rest_t))
+            if dH is not None:
+                outs.append(head[0])
+                gos.append(torch.tensordot(go.index_select(0, reads_t).to(dH.dtype), dH, dims=1))
+            torch.autograd.grad(outs, self.params, gos, retain_graph=True, allow_unused=True)  # zeros (the hooks folded)
+            return go[:1]  # vmap needs a tensor out
+
+        handles = [p.register_hook(lambda g, _a=sub, _k=id(p): _FoldGram.apply(g, _a, _k)) for p in self.params]
         try:
-            with warnings.catch_warnings():
-                # Ops without a vmap batching rule (CPU flash-sdpa backward, masked_scatter
-                # backward) fall back to a loop over the K losses: correct, and the same work the
-                # rows engine does for them.
-                warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet implemented")
-                eye = torch.eye(len(rows), dtype=L.dtype, device=L.device)
-                torch.vmap(lambda go: torch.autograd.grad(L, self.params, go, retain_graph=True, allow_unused=True))(eye)
+            with warnings.catch_warnings(record=True) as seen:
+                # An op without a vmap batching rule falls back to a loop over the K losses
+                # (correct, but per-op overhead and no batched kernel): recorded by name in
+                # self.fallbacks (tools/bench_gram.py lists them; tests/test_gram_engine.py
+                # fails on any on the tiny students' path) instead of warning at every step.
+                warnings.simplefilter("always")
+                torch.vmap(batched)(eye)
         finally:
-            for h in handles:
-                h.remove()
+            for hd in handles:
+                hd.remove()
+        for w in seen:
+            m = _FALLBACK.search(str(w.message))
+            if m:
+                self.fallbacks.add(m.group(1))
+            else:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        # Head parameters the batched backward never reached (an untied LM head): their rows alone,
+        # in parameter order (the same on every rank).
+        for p in self.params:
+            if id(p) in sub.extra:
+                _fold_rows(sub, p, self.device)
         self.last_blocks = sub.blocks
         idx = torch.tensor(rows, device=self.device)
         acc.G[idx[:, None], idx[None, :]] = sub.G
         return acc.G
 
-    def backward(self, losses: Sequence[torch.Tensor | None], lam: torch.Tensor | Sequence[float], *, retain_graph: bool = False) -> None:
-        """p.grad += d/dp sum_k lam[k] * losses[k] (rows with lam 0, None or no grad skipped)."""
+    def backward(self, losses: Sequence[torch.Tensor | None], lam: torch.Tensor | Sequence[float], *, retain_graph: bool = False,
+                 head: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+        """p.grad += d/dp sum_k lam[k] * losses[k] (rows with lam 0, None or no grad skipped).
+        ``head``: as in ``gram`` (the losses that read the head go through it first, then on from h)."""
         K = len(losses)
         lam = torch.as_tensor(lam).detach()
         if lam.shape != (K,):
             raise ValueError(f"lam must hold one coefficient per loss (K={K}), got shape {tuple(lam.shape)}")
-        terms = []
-        for k in range(K):
-            lk = losses[k]
-            if lk is None or not isinstance(lk, torch.Tensor) or not lk.requires_grad:
+        ks = [k for k in range(K) if isinstance(losses[k], torch.Tensor) and losses[k].requires_grad]
+        reads = {ks[i] for i in _reads_head(losses, ks, head)}
+        terms, head_terms = [], []
+        for k in ks:
+            c = lam[k].to(device=losses[k].device, dtype=torch.float32)
+            (head_terms if k in reads else terms).append(c * losses[k].reshape(()).float())
+        outs, gos = [], []
+        if head_terms:
+            h, leaf = head
+            # Into p.grad directly (no head-sized temporary), and dL/dh into leaf.grad.
+            leaf.grad = None
+            torch.autograd.backward(torch.stack(head_terms).sum(), inputs=[leaf, *self.params], retain_graph=True)
+            if leaf.grad is not None:
+                outs.append(h)
+                gos.append(leaf.grad.to(h.dtype))
+                leaf.grad = None
+        if terms:
+            outs.append(torch.stack(terms).sum())
+            gos.append(None)
+        if outs:
+            torch.autograd.backward(outs, gos, inputs=self.params, retain_graph=retain_graph)
+
+
+def _fold_rows(acc: _Acc, p: torch.Tensor, device) -> None:
+    """Fold the head rows held for ``p`` alone (its other rows are zero): a (|S|, n) block."""
+    part = acc.extra.pop(id(p))  # {position: (n,)}
+    pos = sorted(part)
+    block = part[pos[0]].view(1, -1) if len(pos) == 1 else torch.stack([part[i] for i in pos])  # no copy for one row
+    del part
+    if acc.reduce is not None:
+        acc.reduce(block)
+    ix = torch.tensor(pos, device=device)
+    acc.G[ix[:, None], ix[None, :]] += _row_gram(block).to(acc.G.dtype)
+    acc.blocks += 1
+
+
+def _leaves_reached(roots: list[torch.Tensor]) -> set[int]:
+    """ids of the leaf tensors (parameters) the graphs of ``roots`` reach."""
+    stack, seen, out = [r.grad_fn for r in roots], set(), set()
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        v = getattr(fn, "variable", None)
+        if v is not None:
+            out.add(id(v))
+        stack.extend(f for f, _ in fn.next_functions)
+    return out
+
+
+def _reads_head(losses, rows: list[int], head) -> list[int]:
+    """Positions i in ``rows`` whose loss's graph reaches ``head``'s leaf (walks grad_fn edges)."""
+    if head is None:
+        return []
+    leaf = head[1]
+    if not leaf.requires_grad:
+        return []
+    out = []
+    for i, k in enumerate(rows):
+        stack, seen = [losses[k].grad_fn], set()
+        while stack:
+            fn = stack.pop()
+            if fn is None or fn in seen:
                 continue
-            c = lam[k].to(device=lk.device, dtype=torch.float32)
-            terms.append(c * lk.reshape(()).float())
-        if not terms:
-            return
-        total = torch.stack(terms).sum()
-        torch.autograd.backward(total, inputs=self.params, retain_graph=retain_graph)
+            seen.add(fn)
+            if getattr(fn, "variable", None) is leaf:
+                out.append(i)
+                break
+            stack.extend(f for f, _ in fn.next_functions)
+    return out
 
 
 def _active(active, K: int) -> list[bool]:

@@ -135,7 +135,8 @@ def choose_engine(cfg, params: list[torch.nn.Parameter], K: int, device: torch.d
         return "rows", f"auto: rows ({rows_bytes / 2**30:.2f} GiB) on {device.type}, whose memory the process shares"
     if rows_bytes <= device_memory / 4:
         return "rows", f"auto: {K} rows take {rows_bytes / 2**30:.2f} GiB, <= 1/4 of the device's {device_memory / 2**30:.0f} GiB"
-    return "gram", f"auto: {K} rows would take {rows_bytes / 2**30:.2f} GiB, > 1/4 of the device's {device_memory / 2**30:.0f} GiB"
+    return "gram", (f"auto: {K} rows would take {rows_bytes / 2**30:.2f} GiB, > 1/4 of the device's {device_memory / 2**30:.0f} GiB "
+                    "(the Gram engine holds no rows but its steps are slower: every loss runs through every layer)")
 
 
 def hidden_projection(plan, model, device) -> torch.nn.Module | None:
@@ -198,6 +199,12 @@ class TrainStep:
             self.bufs = GradBuffers(self.params, self.K, dtype=getattr(torch, cfg.grad_buffer_dtype))
         elif self.engine == "gram":
             self.gram_engine = GramEngine(self.params, reduce=self.dist.mean_ if self.dist.world > 1 else None)
+            # The Gram engine backpropagates the LM head (the vocabulary matmuls) once per loss that
+            # reads it instead of K-batched: during the step's forward the head runs on a cut of
+            # its input, (h, leaf) kept in self._head (GramEngine.gram's `head`).
+            model.get_output_embeddings().register_forward_pre_hook(self._cut_head)
+        self._cutting = False
+        self._head: tuple[torch.Tensor, torch.Tensor] | None = None
         self._gram_info: dict | None = None
         self.share_engine: GramEngine | None = None  # fast path: per-loss Gram on logged steps (built on first use)
         self.optimizer = make_optimizer(self.params, cfg.lr, cfg.weight_decay, getattr(cfg, "precision", "fp32"), cfg.seed)
@@ -220,8 +227,12 @@ class TrainStep:
         vision = inputs.padded("vision").to(dev)  # (B, T) V
         mixw = self.plan.mix_weights(batch.capabilities).to(dev)  # (B, terms)
         hidden = {"output_hidden_states": True} if self.plan.hidden_layers else {}
-        with self.autocast():
-            out = self.model(**inputs.tensors, logits_to_keep=keep, use_cache=False, **hidden)
+        self._head, self._cutting = None, self.engine == "gram"
+        try:
+            with self.autocast():
+                out = self.model(**inputs.tensors, logits_to_keep=keep, use_cache=False, **hidden)
+        finally:
+            self._cutting = False
         ce = token_ce(out.logits, ce_targets)  # (B,)
         per_sample, rows = [ce], [ce.mean()]
         fw = TermForward(out, maps, text, vision, am, self.cfg, self.autocast, self.projection)
@@ -230,6 +241,14 @@ class TrainStep:
             per_sample.append(lk)
             rows.append((mixw[:, k] * lk).mean())
         return Losses(rows, torch.stack([v.detach() for v in per_sample]), mixw)
+
+    def _cut_head(self, module, args):
+        if not self._cutting or not torch.is_grad_enabled() or not args[0].requires_grad:
+            return None
+        h = args[0]
+        leaf = h.detach().requires_grad_()
+        self._head = (h, leaf)
+        return (leaf, *args[1:])
 
     def autocast(self):
         """A fresh autocast context of the step's dtype (a null context in fp32)."""
@@ -253,12 +272,14 @@ class TrainStep:
         if self.engine == "gram":
             # Every rank folds the globally active rows (blocks of the same shape, same order);
             # a row with no weight on this rank's samples contributes zeros.
-            G = self.gram_engine.gram(weighted, active)  # (K, K) fp64, of rank-averaged gradients
+            G = self.gram_engine.gram(weighted, active, head=self._head)  # (K, K) fp64, of rank-averaged gradients
             lam, info = coefficients(G, self.cfg.projection, order, active=active, return_info=True)
             self._gram_info = info
             if self.cfg.skip_nonfinite and not self.checks.finite(G):
+                self._head = None
                 return  # combine() reports the skip; the graph is freed with the losses
-            self.gram_engine.backward(weighted, lam)
+            self.gram_engine.backward(weighted, lam, head=self._head)
+            self._head = None
             self.grads.check()
             return
         mine = [r for r in range(self.K) if active[r] and local[r]]
