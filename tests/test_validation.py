@@ -208,3 +208,70 @@ def test_two_ranks_validate_as_one_process(tiny_models, demo_data, eval_file, tm
     assert e2["eval_ce"] == pytest.approx(e1["eval_ce"], rel=1e-4)
     assert {k: v for k, v in e2.items() if k.startswith("eval_acc")} == {k: v for k, v in e1.items() if k.startswith("eval_acc")}
     assert (two / "best" / "COMPLETE").exists()
+
+
+# ----------------------------------------------------------------------------- drivekd-ablate: a run's checkpoint chosen on val
+
+_ABL = """
+[ablation]
+eval_data = "bench.json"
+{head}
+
+[base]
+student = "student"
+data = "train.json"
+recipe = "sft"
+max_steps = 2
+{base}
+
+[[runs]]
+name = "ce"
+"""
+
+
+def _ablation(tmp_path, head="", base="", project=False):
+    from drivekd.ablate import load_ablation
+
+    for name in ("bench.json", "val.json"):
+        (tmp_path / name).write_text("[]")
+    p = tmp_path / "abl.toml"
+    p.write_text(_ABL.format(head=head, base=base))
+    return load_ablation(p, project=project)
+
+
+def test_ablation_evaluates_the_best_checkpoint_chosen_on_val(tmp_path, monkeypatch):
+    import drivekd.ablate.runner as runner
+
+    with pytest.raises(ConfigError, match=r"run 'ce': key 'save_best'.*every run needs save_best"):
+        _ablation(tmp_path, head='checkpoint = "best"')
+    with pytest.raises(ConfigError, match="the ablation's test set"):
+        _ablation(tmp_path, head='checkpoint = "best"', base='eval_data = "bench.json"\nsave_best = "eval/ce"')
+    with pytest.raises(ConfigError, match="checkpoint'.*one of final, best"):
+        _ablation(tmp_path, head='checkpoint = "last"')
+    # the project's [data].eval is the ablation's test set: a run does not validate on it by itself
+    (tmp_path / "drivekd.toml").write_text('[data]\neval = "bench.json"\n')
+    abl = _ablation(tmp_path, project=tmp_path / "drivekd.toml")
+    assert abl.runs[0].jobs[0].cfg.eval_data is None
+    abl = _ablation(tmp_path, head='checkpoint = "best"', base='eval_data = "val.json"\nsave_best = "eval/ce"',
+                    project=tmp_path / "drivekd.toml")
+    assert abl.checkpoint == "best" and abl.runs[0].jobs[0].cfg.eval_data == (tmp_path / "val.json").resolve()
+
+    # the runner evaluates RUN/best/ (trained runs: final/ and best/ complete)
+    job = abl.runs[0].jobs[0]
+    for name in ("final", "best"):
+        (abl.run_dir(job) / name).mkdir(parents=True)
+        (abl.run_dir(job) / name / "COMPLETE").write_text("ok\n")
+    seen = []
+
+    def fake_eval(abl_, job_, model_dir, out_dir, name):
+        seen.append(model_dir.name)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "report.json").write_text("{}")
+
+    monkeypatch.setattr(runner, "_evaluate", fake_eval)
+    monkeypatch.setattr("drivekd.ablate.report.write_ablation_report", lambda abl: None)
+    runner.run_ablation(abl)
+    assert seen == ["best"]
+    abl.checkpoint = "final"  # switched back: the evaluation of best/ is not reused for final/
+    runner.run_ablation(abl)
+    assert seen == ["best", "final"]

@@ -365,6 +365,8 @@ def plot_eval(runs: Sequence[Run], path: Path) -> Path:
             if best.get("metric", "").replace("/", "_", 1) == key and best.get("step") in xs:
                 ax.plot([best["step"]], [best["value"]], marker="o", markersize=12, markerfacecolor="none", color=c.color)
         ax.set_title(key.replace("_", "/", 1) + (" (%)" if key.startswith("eval_acc") else ""), fontsize=10)
+        if key.startswith("eval_acc"):
+            ax.set_ylim(-3, 103)
     if not keys:
         _empty(axes[0], "no validation in these runs\n(drivekd-train --eval-data FILE)")
     out = _finish(fig, axes, runs, colors, path)
