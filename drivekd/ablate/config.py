@@ -44,7 +44,7 @@ from typing import Any
 from drivekd.errors import ConfigError, DriveKDError
 from drivekd.images import ImageSettings
 from drivekd.roles import CAPABILITIES
-from drivekd.trainer.settings import PATH_KEYS, RECIPES, TrainConfig, config_from_sources
+from drivekd.trainer.settings import PATH_KEYS, RECIPES, VALIDATION_KEYS, TrainConfig, config_from_sources
 
 ABLATION_KEYS = ("out", "seeds", "eval_data", "eval_images", "max_new_tokens", "eval_batch_size", "eval_limit", "title",
                  "project", "checkpoint")
@@ -299,7 +299,7 @@ def _run_spec(entry: dict, i: int, base: dict, here: Path, abl: Ablation, names:
         except DriveKDError as e:
             where = f"{_where(path, name)}{'' if seed is None else f' (seed {seed})'}"
             hint = ("; the project's [data].eval is the ablation's test set, so name a validation set with eval_data in [base] "
-                    "or the run" if "--eval-data" in str(e) and "eval_data" not in merged else "")
+                    "or the run" if "eval_data" not in merged and set(merged) & set(VALIDATION_KEYS) else "")
             raise ConfigError(f"{where}: {e}{hint}") from None
         _check_best(abl, name, job.cfg)
         spec.jobs.append(job)

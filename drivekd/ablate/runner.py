@@ -155,7 +155,7 @@ def _run_job(abl: Ablation, job: Job, evaluate: bool) -> JobOutcome:
             model_dir = abl.run_dir(job) / abl.checkpoint
             if not is_complete(model_dir):
                 raise DriveKDError(f"{model_dir}: no complete {abl.checkpoint}/ checkpoint to evaluate ([ablation].checkpoint); "
-                                   "a run writes best/ at its first finite validation of --save-best")
+                                   "a run writes best/ at its first validation whose save_best metric is finite")
             t = time.perf_counter()
             try:
                 _evaluate(abl, job, model_dir, abl.eval_dir(job), f"{job.run} seed {job.seed}" if job.seed is not None else job.run)

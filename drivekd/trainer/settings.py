@@ -462,5 +462,5 @@ def config_from_sources(cli: dict[str, Any], config_path: str | Path | None = No
     return TrainConfig.from_dict(merged, where=str(raw.get("_path", "flags")))
 
 
-__all__ = ["DEFAULT_MIX", "METRICS_HELP", "metric_mode", "parse_metric", "GROUPS", "PROJECTIONS", "RECIPES", "RESUME_EXTENDABLE", "RESUME_FREE", "TrainConfig", "config_from_sources", "flag",
+__all__ = ["DEFAULT_MIX", "METRICS_HELP", "VALIDATION_KEYS", "metric_mode", "parse_metric", "GROUPS", "PROJECTIONS", "RECIPES", "RESUME_EXTENDABLE", "RESUME_FREE", "TrainConfig", "config_from_sources", "flag",
            "recorded_settings"]
