@@ -431,9 +431,9 @@ class Trainer:
                                                    "run": self.facts, "extended": self.extension},
                            plan.resume_dir, self.step)
             click.echo(banner(self.facts, self.extension), err=True)
-            if self.validation is not None:
-                self.validation.start(self)  # a resume's best-so-far against best/ on disk
         self.dist.barrier()
+        if self.validation is not None:
+            self.validation.start(self)  # a resume's best-so-far against best/ on disk
         losses, records = [], []
         monitor = self._share_monitor(metrics_path)
         total_micro = self._total_micro()

@@ -104,24 +104,28 @@ class Validation:
 
     # ----- the loop's calls
     def start(self, trainer) -> None:
-        """After the run folder and run.json exist: reconcile best/ on disk with the resumed state."""
-        if not trainer.dist.main or self.metric is None:
+        """Every rank, once the run folder exists: reconcile best/ on disk with the resumed state (every
+        rank reads it and decides alike; rank 0 then removes a foreign best/ and records the best)."""
+        if self.metric is None:
             return
-        disk = read_best(trainer.out)
         folder = trainer.out / BEST
-        if folder.exists() and (disk is None or disk.metric != self.metric or disk.mode != self.mode):
-            what = f"{disk.metric} ({disk.mode})" if disk else "an incomplete one"
-            log.warning("drivekd-train: %s holds %s, not --save-best %s (%s): removed; this run keeps its own best", folder, what,
-                        self.metric, self.mode)
-            shutil.rmtree(folder, ignore_errors=True)
+        disk, present = read_best(trainer.out), folder.exists()
+        trainer.dist.barrier()  # every rank has read best/ before rank 0 may remove it
+        if present and (disk is None or disk.metric != self.metric or disk.mode != self.mode):
+            if trainer.dist.main:
+                what = f"{disk.metric} ({disk.mode})" if disk else "an incomplete one"
+                log.warning("drivekd-train: %s holds %s, not --save-best %s (%s): removed; this run keeps its own best", folder,
+                            what, self.metric, self.mode)
+                shutil.rmtree(folder, ignore_errors=True)
             disk = None
         if disk is not None and disk.step > trainer.step and (self.best is None or not disk.beaten_by(self.best.value)):
             # Written after the checkpoint this run resumes from (by steps it trains again): still the best so far.
             log.info("best/ (step %d, %s %.6g) is newer than the checkpoint resumed from (step %d): kept as the best so far",
                      disk.step, disk.metric, disk.value, trainer.step)
             self.best = disk
-        if self.best is not None:
+        if self.best is not None and trainer.dist.main:
             _record(trainer.out / "run.json", "best", asdict(self.best))
+        trainer.dist.barrier()
 
     def after_step(self, trainer, save_due: bool) -> None:
         """Validate when due (-> metrics line, best/), then the step checkpoint when due."""
