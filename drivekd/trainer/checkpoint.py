@@ -43,7 +43,7 @@ from drivekd.families.processors import save_processor
 
 MARKER = "COMPLETE"
 FINAL = "final"
-BEST = "best"  # --save-best: the best validated step, in final/'s layout (drivekd/trainer/validation.py, which names it too)
+BEST = "best"  # --save-best: the best validated step, in final/'s layout (drivekd/trainer/validation.py)
 DROP_IN = (FINAL, BEST)  # checkpoints without optimizer state, loadable as the student is
 STATE_PT = "trainer_state.pt"
 STATE_JSON = "trainer_state.json"

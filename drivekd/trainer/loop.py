@@ -8,7 +8,9 @@ the planner drivekd/planner runs on fake tensors; see there why one forward serv
         micro_step   forward with capture -> losses -> backward(s) into per-loss rows -> combine
         record       the micro-step's losses and gradient Gram into the step's metrics (host side)
     average -> clip -> optimizer step -> schedule step -> re-weighting update
-    log the metrics line (with each row's share of the update), checkpoint when due
+    log the metrics line (with each row's share of the update)
+    --eval-data: validate when due -> its metrics line, best/ (drivekd/trainer/validation.py)
+    checkpoint when due
 
 Before step 1, --calibrate-kd sets the teacher terms' static weights from the gradient norms of the
 first micro-batches (drivekd/trainer/contribution.py); early on, a teacher term whose share of the

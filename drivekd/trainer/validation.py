@@ -6,7 +6,7 @@ What one validation measures, on the student as it is after optimizer step s:
                           by the same forward: drivekd/trainer/step.py)
     eval/loss_<term>      each teacher term's mixed loss, mean_b M[c_b, k] * L_k,b, as train/loss_<term>
     eval/raw_<term>       the same term unmixed, as train/raw_<term>
-                          (only where the store holds the term's targets for every eval sample; otherwise
+                          (only when the store holds every term's targets for every eval sample; otherwise
                           the run says so once, at the start, and measures CE alone)
     eval/acc_<capability> --eval-generate: multiple-choice accuracy (%) of greedy answers on a fixed subset
     eval/acc              (the first --eval-max-samples multiple-choice questions by sample id), generated,
@@ -36,7 +36,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import re
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -45,11 +44,12 @@ from typing import Any
 
 from drivekd.errors import ConfigError
 from drivekd.roles import CAPABILITIES
+from drivekd.trainer.checkpoint import BEST
 from drivekd.trainer.settings import metric_mode, parse_metric
 
 log = logging.getLogger(__name__)
 
-BEST = "best"  # the folder; the checkpoint module names it too (drivekd.trainer.checkpoint.BEST, a drop-in)
+
 # ----------------------------------------------------------------------------- best-so-far
 
 
