@@ -275,3 +275,15 @@ def test_ablation_evaluates_the_best_checkpoint_chosen_on_val(tmp_path, monkeypa
     abl.checkpoint = "final"  # switched back: the evaluation of best/ is not reused for final/
     runner.run_ablation(abl)
     assert seen == ["best", "final"]
+
+
+def test_eval_data_from_the_project_config(tmp_path):
+    from drivekd.trainer.settings import config_from_sources
+
+    (tmp_path / "drivekd.toml").write_text('[data]\ntrain = "train.json"\neval = "val.json"\n')
+    cfg = config_from_sources({"save_best": "eval/ce"}, tmp_path / "drivekd.toml")
+    assert cfg.eval_data == (tmp_path / "val.json").resolve() and cfg.save_best == "eval/ce"
+    assert config_from_sources({"eval_data": "other.json"}, tmp_path / "drivekd.toml").eval_data.name == "other.json"  # the flag wins
+    (tmp_path / "t.toml").write_text('[train]\neval_data = "v2.json"\neval_every = 5\n')  # [train] keys, relative to the file
+    cfg = config_from_sources({}, tmp_path / "t.toml")
+    assert cfg.eval_data == (tmp_path / "v2.json").resolve() and cfg.eval_every == 5
