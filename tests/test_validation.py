@@ -287,3 +287,21 @@ def test_eval_data_from_the_project_config(tmp_path):
     (tmp_path / "t.toml").write_text('[train]\neval_data = "v2.json"\neval_every = 5\n')  # [train] keys, relative to the file
     cfg = config_from_sources({}, tmp_path / "t.toml")
     assert cfg.eval_data == (tmp_path / "v2.json").resolve() and cfg.eval_every == 5
+
+
+@pytest.mark.slow
+def test_lora_best_checkpoint_mid_run_leaves_the_adapters_training(tiny_models, demo_data, eval_file, targets, tmp_path):
+    """A LoRA run's best/ holds the merged model (and adapter/), as final/ does; writing it at step 1
+    must not merge the live model, whose adapters train on (final/ at step 2 differs from best/)."""
+    from drivekd.trainer.loop import train
+
+    out = tmp_path / "run"
+    res = train(_cfg(tiny_models, demo_data, out, recipe="sft", lora=True, lora_rank=4, max_steps=2, save_every=0,
+                     eval_data=eval_file, eval_every=1, save_best="eval/ce", save_best_mode="max"), targets)
+    assert json.loads((out / "run.json").read_text())["best"]["step"] == 1
+    assert (out / "best" / "adapter" / "adapter_model.safetensors").exists()
+    best, final = load_file(str(out / "best" / "model.safetensors")), load_file(str(out / "final" / "model.safetensors"))
+    assert not any("lora" in k for k in best) and best.keys() == final.keys()
+    assert not all(torch.equal(best[k], final[k]) for k in best)  # step 2 trained the adapters after best/ was written
+    ce = [r["eval_ce"] for r in _records(out) if "eval_ce" in r]
+    assert ce[0] != ce[1] and res.losses[0] != res.losses[1]

@@ -221,7 +221,7 @@ class Trainer:
         drop_in = name in ckpt.DROP_IN  # final/, best/: the model alone, as from_pretrained loads it
         if self.dist.main:
             ckpt.save_checkpoint(self.out, name, self.model, self.family.processor, self._state(final=drop_in), self._meta(),
-                                 write_model=trainable.model_writer(self.model, final=drop_in))
+                                 write_model=trainable.model_writer(self.model, final=drop_in, keep=name != ckpt.FINAL))
             if not drop_in:
                 ckpt.prune(self.out, self.cfg.keep_last)
         self.dist.barrier()
