@@ -98,6 +98,15 @@ class Validation:
     def due(self, step: int, total_steps: int) -> bool:
         return step > self.last_step and ((self.every > 0 and step % self.every == 0) or step == total_steps)
 
+    def facts(self) -> dict[str, Any]:
+        """What this run validates on and how (run.json's "validation", a line under the banner)."""
+        metrics = ["eval/ce", *(f"eval/{p}_{t.name}" for t in self.terms for p in ("loss", "raw"))]
+        if self.generate:
+            caps = sorted({s.capability for s in self.generate})
+            metrics += [f"eval/acc_{c}" for c in caps] + ["eval/acc"]
+        return {"samples": len(self.samples), "generated": len(self.generate), "every": self.every, "metrics": metrics,
+                "save_best": self.metric, "mode": self.mode if self.metric else None}
+
     def state(self) -> dict[str, Any]:
         """For the step checkpoints' trainer_state.json (a resume continues from it)."""
         return {"last_step": self.last_step, "best": asdict(self.best) if self.best else None}
@@ -106,6 +115,13 @@ class Validation:
     def start(self, trainer) -> None:
         """Every rank, once the run folder exists: reconcile best/ on disk with the resumed state (every
         rank reads it and decides alike; rank 0 then removes a foreign best/ and records the best)."""
+        if trainer.dist.main:
+            facts = self.facts()
+            _record(trainer.out / "run.json", "validation", facts)
+            gen = f", {facts['generated']} of them answered by generation" if facts["generated"] else ""
+            _echo(f"  validation: {facts['samples']} samples{gen} ({', '.join(facts['metrics'])}), "
+                  + (f"every {self.every} steps and " if self.every else "") + "after the last"
+                  + (f"; best/ by {self.metric} ({self.mode})" if self.metric else ""))
         if self.metric is None:
             return
         folder = trainer.out / BEST
@@ -346,10 +362,10 @@ def _measurable_terms(plan, samples: list) -> list:
         missing = [s.id for s in samples
                    if (plan.source.signal_status(t.role, s.id, need) if need else plan.source.sample_status(t.role, s.id)) != "complete"]
         if missing:
-            lacking.append(f"{t.name} for {len(missing)} of {len(samples)} (e.g. {missing[0]})")
+            lacking.append(f"{t.name}: {len(missing)} of {len(samples)}, e.g. {missing[0]}")
     if not lacking:
         return list(plan.terms)
-    note = (f"--eval-data: the store holds no teacher targets of {'; '.join(lacking)} validation sample(s), so validation "
+    note = (f"--eval-data: the store lacks teacher targets of validation samples ({'; '.join(lacking)}), so validation "
             f"measures eval/ce only (no eval/loss_<term>, eval/raw_<term>); add them with `drivekd-cache build --data "
             f"{plan.cfg.eval_data}`")
     log.warning("drivekd-train: %s", note)
