@@ -101,6 +101,8 @@ def test_validation_metrics_and_best_checkpoint_in_a_tiny_run(val_run, tiny_mode
     assert ce[2] == pytest.approx(sum(per) / len(per), rel=1e-4)
 
     # best/: the recorded step, drop-in (no optimizer state), the weights of that step's checkpoint
+    facts = json.loads((val_run / "run.json").read_text())["validation"]  # what the run validates, as the banner says
+    assert facts["samples"] == 12 and facts["generated"] == 4 and "eval/loss_perception" in facts["metrics"]
     best = json.loads((val_run / "run.json").read_text())["best"]
     assert best == {"metric": "eval/ce", "mode": "max", "step": 1, "value": ce[0]}
     assert (val_run / "best" / "COMPLETE").exists() and not (val_run / "best" / STATE_PT).exists()
