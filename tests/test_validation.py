@@ -124,6 +124,7 @@ def test_validation_leaves_training_unchanged(val_run, tiny_models, demo_data, t
 
     plain = tmp_path / "plain"
     train(_cfg(tiny_models, demo_data, plain, save_every=0), targets)
+    assert [r["step"] for r in _records(val_run) if "eval_ce" in r] == [1, 2, 3]  # it did validate after every step
     losses = [r["loss"] for r in _records(val_run) if "loss" in r]
     assert losses == [r["loss"] for r in _records(plain)]
 
