@@ -255,6 +255,8 @@ def test_ablation_evaluates_the_best_checkpoint_chosen_on_val(tmp_path, monkeypa
     (tmp_path / "drivekd.toml").write_text('[data]\neval = "bench.json"\n')
     abl = _ablation(tmp_path, project=tmp_path / "drivekd.toml")
     assert abl.runs[0].jobs[0].cfg.eval_data is None
+    with pytest.raises(ConfigError, match=r"--save-best needs --eval-data.*the ablation's test set, so name a validation set"):
+        _ablation(tmp_path, base='save_best = "eval/ce"', project=tmp_path / "drivekd.toml")
     abl = _ablation(tmp_path, head='checkpoint = "best"', base='eval_data = "val.json"\nsave_best = "eval/ce"',
                     project=tmp_path / "drivekd.toml")
     assert abl.checkpoint == "best" and abl.runs[0].jobs[0].cfg.eval_data == (tmp_path / "val.json").resolve()
@@ -286,6 +288,8 @@ def test_eval_data_from_the_project_config(tmp_path):
     (tmp_path / "drivekd.toml").write_text('[data]\ntrain = "train.json"\neval = "val.json"\n')
     cfg = config_from_sources({"save_best": "eval/ce"}, tmp_path / "drivekd.toml")
     assert cfg.eval_data == (tmp_path / "val.json").resolve() and cfg.save_best == "eval/ce"
+    assert config_from_sources({"eval_every": 10}, tmp_path / "drivekd.toml").eval_data == (tmp_path / "val.json").resolve()
+    assert config_from_sources({}, tmp_path / "drivekd.toml").eval_data is None  # a run that asks for no validation
     assert config_from_sources({"eval_data": "other.json"}, tmp_path / "drivekd.toml").eval_data.name == "other.json"  # the flag wins
     (tmp_path / "t.toml").write_text('[train]\neval_data = "v2.json"\neval_every = 5\n')  # [train] keys, relative to the file
     cfg = config_from_sources({}, tmp_path / "t.toml")

@@ -204,7 +204,8 @@ class TrainConfig:
                          "when installed), wandb (offline unless WANDB_MODE is set), a comma list, or none.", group="runtime")
 
     # ----- validation (drivekd/trainer/validation.py)
-    eval_data: Path | None = opt(None, "Validation data (same formats as --data; default: [data] eval of drivekd.toml): the "
+    eval_data: Path | None = opt(None, "Validation data (same formats as --data; with --eval-every, --eval-generate or "
+                                 "--save-best the default is [data] eval of drivekd.toml): the "
                                  "student's loss rows over it (eval/ce, and the teacher terms' when the store holds their "
                                  "targets for these samples) every --eval-every steps and at the end of training.",
                                  group="validation")
@@ -456,9 +457,13 @@ def config_from_sources(cli: dict[str, Any], config_path: str | Path | None = No
         train.setdefault("data", raw.get("data", {}).get("train"))
         train.setdefault("images", raw.get("data", {}).get("images"))
         train.setdefault("cache", raw.get("cache", {}).get("out"))
-        train.setdefault("eval_data", raw.get("data", {}).get("eval"))
         merged.update({k: v for k, v in train.items() if v is not None})
     merged.update({k: v for k, v in cli.items() if v is not None})
+    # [data] eval: the validation set of a run that asks for validation (--eval-every, --eval-generate,
+    # --save-best); a project whose [data] eval is a test set (drivekd-ablate's) does not validate on it
+    # unasked.
+    if raw and merged.get("eval_data") is None and any(merged.get(k) for k in ("eval_every", "eval_generate", "save_best")):
+        merged["eval_data"] = raw.get("data", {}).get("eval")
     return TrainConfig.from_dict(merged, where=str(raw.get("_path", "flags")))
 
 
