@@ -89,6 +89,14 @@ def test_validation_metrics_and_best_checkpoint_in_a_tiny_run(val_run, tiny_mode
         assert [(e.step, round(e.value, 4)) for e in acc.Scalars("eval/ce")] == [(r["step"], round(r["eval_ce"], 4)) for r in evals]
         assert "eval/loss_perception" in acc.Tags()["scalars"] and "eval/acc" in acc.Tags()["scalars"]
 
+    # drivekd-report: eval.png, and the validation and best step in summary.md
+    from drivekd.trainer.runs_report import eval_keys, load_run, summary_markdown
+
+    run = load_run(val_run)
+    assert eval_keys([run])[:3] == ["eval_ce", "eval_loss_perception", "eval_raw_perception"] and "eval_acc" in eval_keys([run])
+    row = next(line for line in summary_markdown([run], []).splitlines() if line.startswith("| run |") and "multi" in line)
+    assert f"| {ce[0]:.4g} -> {ce[2]:.4g} | eval/ce {ce[0]:.4g} @ step 1 |" in row
+
     # eval_ce is the mean answer-token CE of the student after that step: recomputed from final/ (step 3)
     family = Family.from_pretrained(val_run / "final")
     model = AutoModelForImageTextToText.from_pretrained(val_run / "final", local_files_only=True).eval()

@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from drivekd.errors import DataError
+from drivekd.roles import CAPABILITIES
 
 FILES = ("losses.png", "weights.png", "conflict.png", "shares.png", "lr_throughput.png", "eval.png", "summary.md")
 # Keys that differ between identical runs (timings, memory) or are the x axis: never compared as curves.
@@ -349,11 +350,13 @@ def eval_keys(runs: Sequence[Run]) -> list[str]:
     have = {k for run in runs for r in run.records for k, v in r.items() if k.startswith("eval_") and isinstance(v, (int, float))}
     rows = _all_rows(runs)
     order = ["eval_ce", *(f"eval_{p}_{r}" for r in rows for p in ("loss", "raw")),
-             *(f"eval_acc_{c}" for c in ("perception", "reasoning", "planning")), "eval_acc"]
+             *(f"eval_acc_{c}" for c in CAPABILITIES), "eval_acc"]
     return [k for k in order if k in have]
 
 
 def plot_eval(runs: Sequence[Run], path: Path) -> Path:
+    from drivekd.trainer.validation import record_key
+
     keys = eval_keys(runs)
     fig, axes = _figure(max(2, len(keys)), "Validation (--eval-data): the best step of --save-best circled")
     colors = _looks(len(runs))
@@ -362,7 +365,7 @@ def plot_eval(runs: Sequence[Run], path: Path) -> Path:
             xs, ys = series(run.records, key)
             _plot(ax, xs, ys, c, run.name, smooth=False)
             best = run.info.get("best") or {}
-            if best.get("metric", "").replace("/", "_", 1) == key and best.get("step") in xs:
+            if record_key(best.get("metric", "")) == key and best.get("step") in xs:
                 ax.plot([best["step"]], [best["value"]], marker="o", markersize=12, markerfacecolor="none", color=c.color)
         ax.set_title(key.replace("_", "/", 1) + (" (%)" if key.startswith("eval_acc") else ""), fontsize=10)
         if key.startswith("eval_acc"):
@@ -467,7 +470,9 @@ def summary_markdown(runs: Sequence[Run], figures: Sequence[str]) -> str:
         "the process's peak RSS on CPU. Share of update: the teacher term's part of the applied update, "
         "mean over the logged steps; norm = |lambda_k| ||g_k|| over the sum of all rows', along = its "
         "component along the update (the rows' along-shares sum to 1). A term under 1% barely moves the "
-        "student: README, 'How much the teacher terms count'.",
+        "student: README, 'How much the teacher terms count'."
+        + (" eval/ce: the validation CE (drivekd-train --eval-data) at the run's first and last validation; best: "
+           "the step and value --save-best kept as RUN/best/ (run.json)." if validated else ""),
         "",
         *_identical_lines(runs),
     ]
