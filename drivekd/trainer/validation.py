@@ -102,8 +102,8 @@ class Validation:
         """What this run validates on and how (run.json's "validation", a line under the banner)."""
         metrics = ["eval/ce", *(f"eval/{p}_{t.name}" for t in self.terms for p in ("loss", "raw"))]
         if self.generate:
-            caps = sorted({s.capability for s in self.generate})
-            metrics += [f"eval/acc_{c}" for c in caps] + ["eval/acc"]
+            caps = {s.capability for s in self.generate}
+            metrics += [f"eval/acc_{c}" for c in CAPABILITIES if c in caps] + ["eval/acc"]
         return {"samples": len(self.samples), "generated": len(self.generate), "every": self.every, "metrics": metrics,
                 "save_best": self.metric, "mode": self.mode if self.metric else None}
 
