@@ -56,7 +56,7 @@ PATH_KEYS = {
     "data": ("train", "images", "eval"),
     "teachers": ROLES,
     "cache": ("out",),
-    "train": ("student", "data", "images", "cache", "out", "resume_from"),
+    "train": ("student", "data", "images", "cache", "out", "resume_from", "eval_data", "eval_images"),
 }
 
 

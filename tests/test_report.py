@@ -2,6 +2,7 @@
 
 import json
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -178,3 +179,37 @@ def test_report_cli(tiny_run, tmp_path):
 
     bad = CliRunner().invoke(report_cli, [str(tmp_path / "nowhere")])
     assert bad.exit_code == 2 and "no metrics.jsonl" in bad.output and "Traceback" not in bad.output, bad.output
+
+
+def _blue_pixels(png: Path) -> int:
+    """Pixels of the first run's colour (tab10 blue) in the panels, below the legend."""
+    import numpy as np
+
+    with Image.open(png) as im:
+        a = np.asarray(im.convert("RGB")).astype(int)
+    a = a[int(a.shape[0] * 0.15):]
+    return int((np.abs(a - np.array([31, 119, 180])).sum(-1) < 40).sum())
+
+
+def test_report_shows_coinciding_runs_and_names_identical_curves(tmp_path):
+    """Two runs with the same values (a rerun, or a setting that changed nothing): the second is drawn
+    over the first, yet the first stays visible, and summary.md says the curves are identical."""
+    from drivekd.trainer.runs_report import identical_curves, load_run, plot_losses, summary_markdown
+
+    a = _synthetic_run(tmp_path / "a", steps=12)
+    b = tmp_path / "b"
+    shutil.copytree(a, b)
+    c = _synthetic_run(tmp_path / "c", steps=12)
+    recs = [json.loads(l) for l in (c / "metrics.jsonl").read_text().splitlines()]
+    (c / "metrics.jsonl").write_text("".join(json.dumps({**r, "loss": r["loss"] + 0.5}) + "\n" for r in recs))
+    md = summary_markdown([load_run(p) for p in (a, b, c)], [])
+    assert "## Identical curves" in md
+    pair = next(l for l in md.splitlines() if l.startswith("- `a` and `b`"))
+    assert "`loss`" in pair and "`loss_ce`" in pair and "`lr`" in pair
+    assert "`c`" not in md.split("## Identical curves")[1].split("![")[0]  # c's loss differs
+    assert [(x, y) for x, y, _ in identical_curves([load_run(p) for p in (a, b, c)])] == [("a", "b")]
+    # the first run (blue, drawn first) stays visible under the second: about a quarter of its pixels
+    # (hollow markers, dashes); drawn as before (one style, the same markers) not one pixel showed
+    alone = plot_losses([load_run(a)], tmp_path / "alone.png")
+    both = plot_losses([load_run(a), load_run(b)], tmp_path / "both.png")
+    assert _blue_pixels(both) > 0.15 * _blue_pixels(alone), (_blue_pixels(both), _blue_pixels(alone))

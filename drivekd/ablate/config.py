@@ -6,6 +6,9 @@
     eval_data = "bench.json"        # default: [data].eval of the project config (drivekd.toml)
     eval_images = "images/"         # default: [data].images of the project config
     max_new_tokens = 64             # drivekd-eval generation settings
+    checkpoint = "final"            # the checkpoint each run is evaluated at: final (the last step) |
+                                    # best (RUN/best/, chosen on the validation set: every run needs
+                                    # save_best and eval_data, a validation set other than eval_data)
     project = "drivekd.toml"        # project config giving the [train] defaults; default ./drivekd.toml
                                     # when present; false: none (the file alone defines the runs)
 
@@ -22,7 +25,9 @@
                                     # row "unavailable: ..." instead of an error (lights up once merged)
 
 A run's settings are, lowest first: TrainConfig defaults < the project config's [train] table <
-[base] < the run's keys; `out`, `seed` (with `seeds`) and `resume` are chosen by the ablation.
+[base] < the run's keys; `out`, `seed` (with `seeds`) and `resume` are chosen by the ablation. The
+project's [data].eval is the ablation's test set, so a run does not validate on it unless [base], the
+run or the project's [train] table names eval_data itself.
 Relative paths in this file are resolved against its folder. `load_ablation` builds every run's
 TrainConfig per seed, so a bad value anywhere is one ConfigError naming the run and the key, raised
 before anything trains.
@@ -32,17 +37,18 @@ from __future__ import annotations
 
 import re
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from drivekd.errors import ConfigError, DriveKDError
 from drivekd.images import ImageSettings
 from drivekd.roles import CAPABILITIES
-from drivekd.trainer.settings import PATH_KEYS, RECIPES, TrainConfig, config_from_sources
+from drivekd.trainer.settings import PATH_KEYS, RECIPES, VALIDATION_KEYS, TrainConfig, config_from_sources
 
 ABLATION_KEYS = ("out", "seeds", "eval_data", "eval_images", "max_new_tokens", "eval_batch_size", "eval_limit", "title",
-                 "project")
+                 "project", "checkpoint")
+CHECKPOINTS = ("final", "best")  # which checkpoint of a run is evaluated
 RUN_META = ("name", "row", "report", "optional")
 CHOSEN = ("out", "resume", "resume_from")  # the ablation decides these for every run
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -86,6 +92,7 @@ class Ablation:
     eval_limit: int | None = None
     title: str = "Ablation"
     project: Path | None = None
+    checkpoint: str = "final"  # final | best (chosen on each run's validation set: drivekd-train --save-best)
 
     def run(self, name: str) -> RunSpec:
         for r in self.runs:
@@ -183,7 +190,10 @@ def load_ablation(path: str | Path, *, out: str | Path | None = None, project: s
         eval_limit=_int(head, "eval_limit", None, path),
         title=str(head.get("title", f"Ablation: {path.stem}")),
         project=project_path,
+        checkpoint=head.get("checkpoint", "final"),
     )
+    if abl.checkpoint not in CHECKPOINTS:
+        raise ConfigError(f"{_where(path, None, 'checkpoint')}: one of {', '.join(CHECKPOINTS)}, got {abl.checkpoint!r}")
     if need_eval and abl.eval_data is None:
         raise ConfigError(f"{path}: no evaluation set: set [ablation].eval_data, or [data].eval in the project config "
                           f"({project_path or 'drivekd.toml'})")
@@ -192,12 +202,13 @@ def load_ablation(path: str | Path, *, out: str | Path | None = None, project: s
     if need_eval and abl.eval_images is not None and not abl.eval_images.is_dir():
         raise ConfigError(f"{_where(path, None, 'eval_images')}: {abl.eval_images} is not a folder")
 
+    own_eval = "eval_data" in project_cfg.get("train", {})  # the project's [train] names a validation set itself
     base_settings = _settings(base, here, path, None)
     for key in base_settings:
         _check_not_chosen(key, path, None, seeds)
     names: set[str] = set()
     for i, entry in enumerate(runs):
-        spec = _run_spec(entry, i, base_settings, here, abl, names)
+        spec = _run_spec(entry, i, base_settings, here, abl, names, own_eval)
         abl.runs.append(spec)
     _check_rows(abl)
     return abl
@@ -232,7 +243,7 @@ def _check_not_chosen(key: str, path: Path, run: str | None, seeds: list[int] | 
         raise ConfigError(f"{_where(path, run, key)}: [ablation].seeds sets the seed of every run; remove 'seed' or 'seeds'")
 
 
-def _run_spec(entry: dict, i: int, base: dict, here: Path, abl: Ablation, names: set[str]) -> RunSpec:
+def _run_spec(entry: dict, i: int, base: dict, here: Path, abl: Ablation, names: set[str], own_eval: bool = False) -> RunSpec:
     path = abl.path
     name = entry.get("name")
     if not isinstance(name, str) or not _NAME.match(name):
@@ -282,10 +293,30 @@ def _run_spec(entry: dict, i: int, base: dict, here: Path, abl: Ablation, names:
             settings["seed"] = seed
         try:
             job.cfg = config_from_sources(settings, abl.project) if abl.project is not None else _without_project(settings)
+            if "eval_data" not in merged and not own_eval and job.cfg.eval_data is not None:
+                # inherited from the project's [data].eval: the ablation's test set, not a validation set
+                job.cfg = replace(job.cfg, eval_data=None)
         except DriveKDError as e:
-            raise ConfigError(f"{_where(path, name)}{'' if seed is None else f' (seed {seed})'}: {e}") from None
+            where = f"{_where(path, name)}{'' if seed is None else f' (seed {seed})'}"
+            hint = ("; the project's [data].eval is the ablation's test set, so name a validation set with eval_data in [base] "
+                    "or the run" if "eval_data" not in merged and set(merged) & set(VALIDATION_KEYS) else "")
+            raise ConfigError(f"{where}: {e}{hint}") from None
+        _check_best(abl, name, job.cfg)
         spec.jobs.append(job)
     return spec
+
+
+def _check_best(abl: Ablation, run: str, cfg: TrainConfig) -> None:
+    """checkpoint = "best": the run keeps a best/ (save_best), chosen on a validation set that is not
+    the ablation's test set."""
+    if abl.checkpoint != "best":
+        return
+    if cfg.save_best is None:
+        raise ConfigError(f"{_where(abl.path, run, 'save_best')}: [ablation].checkpoint = \"best\" evaluates each run's best/, "
+                          "so every run needs save_best (e.g. save_best = \"eval/ce\" and eval_data = \"val.json\" in [base])")
+    if abl.eval_data is not None and cfg.eval_data is not None and Path(cfg.eval_data).resolve() == Path(abl.eval_data).resolve():
+        raise ConfigError(f"{_where(abl.path, run, 'eval_data')}: the run would choose its checkpoint on {cfg.eval_data}, the "
+                          "ablation's test set (eval_data of [ablation]); give it a separate validation set")
 
 
 def _without_project(settings: dict[str, Any]) -> TrainConfig:
@@ -311,4 +342,4 @@ def _check_rows(abl: Ablation) -> None:
                 seen[c] = r.name
 
 
-__all__ = ["Ablation", "Job", "RunSpec", "load_ablation"]
+__all__ = ["Ablation", "CHECKPOINTS", "Job", "RunSpec", "load_ablation"]

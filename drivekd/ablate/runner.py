@@ -4,7 +4,9 @@ Per job (a run at one seed), in order:
 
     state/NAME.seed-S.json    settings, status, train_calls, seconds: written before and after each part
     runs/NAME/seed-S/         drivekd-train --out (resumed from its latest checkpoint: --resume)
-    eval/NAME/seed-S/         drivekd-eval (predictions.json resumes too; report.json is the result)
+    eval/NAME/seed-S/         drivekd-eval of its final/, or with [ablation].checkpoint = "best" of its
+                              best/ (chosen on the run's validation set); predictions.json resumes too,
+                              report.json is the result
 
 A job whose state says "done" and whose eval report exists is skipped; a job whose final/ checkpoint
 is complete is not trained again, only evaluated; any other job is trained with --resume, so a
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -124,7 +127,12 @@ def _run_job(abl: Ablation, job: Job, evaluate: bool) -> JobOutcome:
     state.setdefault("train_calls", 0)
     state.setdefault("train_seconds", 0.0)
     state.setdefault("eval_seconds", 0.0)
-    state.update(run=job.run, seed=job.seed, settings=settings_identity(job.cfg))
+    if state.get("checkpoint", "final") != abl.checkpoint and abl.eval_dir(job).exists():
+        # [ablation].checkpoint changed: the evaluation (predictions included) was of the other checkpoint
+        shutil.rmtree(abl.eval_dir(job))
+        if state.get("status") == "done":
+            state["status"] = "trained"
+    state.update(run=job.run, seed=job.seed, settings=settings_identity(job.cfg), checkpoint=abl.checkpoint)
     eval_report = abl.eval_dir(job) / "report.json"
     if state.get("status") == "done" and eval_report.is_file():
         return JobOutcome(job.key, "skipped")
@@ -144,9 +152,13 @@ def _run_job(abl: Ablation, job: Job, evaluate: bool) -> JobOutcome:
         state.update(status="trained", error=None)
         write_state(state_path, state)
         if evaluate:
+            model_dir = abl.run_dir(job) / abl.checkpoint
+            if not is_complete(model_dir):
+                raise DriveKDError(f"{model_dir}: no complete {abl.checkpoint}/ checkpoint to evaluate ([ablation].checkpoint); "
+                                   "a run writes best/ at its first validation whose save_best metric is finite")
             t = time.perf_counter()
             try:
-                _evaluate(abl, job, final, abl.eval_dir(job), f"{job.run} seed {job.seed}" if job.seed is not None else job.run)
+                _evaluate(abl, job, model_dir, abl.eval_dir(job), f"{job.run} seed {job.seed}" if job.seed is not None else job.run)
             finally:
                 state["eval_seconds"] += time.perf_counter() - t
             outcome.evaluated = True

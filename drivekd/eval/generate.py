@@ -177,6 +177,17 @@ def _answer(family, model, batch: Sequence[Sample], cfg, device: torch.device) -
     return [t.strip() for t in texts]
 
 
+def answer_samples(family, model, samples: Sequence[Sample], *, max_new_tokens: int, batch_size: int = 8,
+                   device: torch.device) -> list[str]:
+    """Greedy answers of `samples` by a model already in memory (drivekd-train's --eval-generate), with
+    generate_predictions' prompts, generation settings and decoding; in input order."""
+    cfg = _generation_config(model, family, max_new_tokens, 0.0, 1.0)
+    answers: list[str] = []
+    for start in range(0, len(samples), batch_size):
+        answers += _answer(family, model, list(samples[start : start + batch_size]), cfg, device)
+    return answers
+
+
 def generate_predictions(
     model_dir: str | Path,
     samples: Sequence[Sample],

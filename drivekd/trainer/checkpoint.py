@@ -19,8 +19,8 @@ It is written into RUN/.tmp-<name>-<pid>/ and renamed into place after COMPLETE 
 kill at any moment leaves either the previous checkpoints or a complete new one (plus a .tmp
 folder that the next run removes). Only COMPLETE folders are ever read.
 
-final/ is a drop-in checkpoint: `AutoProcessor` and `AutoModelForImageTextToText.from_pretrained`
-load it as they load the student it came from. It holds no optimizer state (twice the weights'
+final/ (and best/, the best validated step under --save-best) is a drop-in checkpoint: `AutoProcessor`
+and `AutoModelForImageTextToText.from_pretrained` load it as they load the student it came from. It holds no optimizer state (twice the weights'
 size under AdamW); a run continues from its step checkpoints, never from final/.
 """
 
@@ -43,6 +43,8 @@ from drivekd.families.processors import save_processor
 
 MARKER = "COMPLETE"
 FINAL = "final"
+BEST = "best"  # --save-best: the best validated step, in final/'s layout (drivekd/trainer/validation.py)
+DROP_IN = (FINAL, BEST)  # checkpoints without optimizer state, loadable as the student is
 STATE_PT = "trainer_state.pt"
 STATE_JSON = "trainer_state.json"
 FORMAT_VERSION = 1
@@ -137,7 +139,7 @@ def save_checkpoint(
     write_model=None,
 ) -> Path:
     """Write a complete checkpoint RUN/<name>/ atomically. `state` goes to trainer_state.pt (tensors
-    and plain containers; not for final/, which resumes nothing), `meta` to trainer_state.json. Refuses to write non-finite weights.
+    and plain containers; not for final/ or best/, which resume nothing), `meta` to trainer_state.json. Refuses to write non-finite weights.
     `write_model(folder)` writes the student instead of `model.save_pretrained` (a LoRA student:
     drivekd.trainer.trainable.model_writer)."""
     bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
@@ -156,7 +158,7 @@ def save_checkpoint(
             else:
                 model.save_pretrained(tmp, safe_serialization=True)
             save_processor(processor, tmp)
-        if name != FINAL:
+        if name not in DROP_IN:
             torch.save(state, tmp / STATE_PT)
         (tmp / STATE_JSON).write_text(json.dumps({"format_version": FORMAT_VERSION, **meta}, indent=2, sort_keys=True) + "\n")
         _fsync_dir_files(tmp)
@@ -168,7 +170,7 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         if not _is_io_error(e):
             raise
-        raise save_error(e, run, name, model, state if name != FINAL else {}) from None
+        raise save_error(e, run, name, model, state if name not in DROP_IN else {}) from None
     final = run / name
     if final.exists():
         # Replacing a checkpoint of the same name (a run resumed before it): move the old one

@@ -8,7 +8,9 @@ the planner drivekd/planner runs on fake tensors; see there why one forward serv
         micro_step   forward with capture -> losses -> backward(s) into per-loss rows -> combine
         record       the micro-step's losses and gradient Gram into the step's metrics (host side)
     average -> clip -> optimizer step -> schedule step -> re-weighting update
-    log the metrics line (with each row's share of the update), checkpoint when due
+    log the metrics line (with each row's share of the update)
+    --eval-data: validate when due -> its metrics line, best/ (drivekd/trainer/validation.py)
+    checkpoint when due
 
 Before step 1, --calibrate-kd sets the teacher terms' static weights from the gradient norms of the
 first micro-batches (drivekd/trainer/contribution.py); early on, a teacher term whose share of the
@@ -39,6 +41,7 @@ from drivekd.store.targets import TargetSource
 from drivekd.trainer import checkpoint as ckpt
 from drivekd.trainer import schedule as schedules
 from drivekd.trainer import trainable
+from drivekd.trainer import validation
 from drivekd.trainer.contribution import ShareMonitor, calibrated_weights, row_norms
 from drivekd.trainer.identity import write_run_json
 from drivekd.trainer.plan import RunPlan, describe, validate
@@ -104,6 +107,7 @@ class Trainer:
         cfg, dev = self.cfg, dist.device
         self.out = Path(cfg.out)
         self.device = dev
+        self.validation = validation.prepare(plan, dist)  # --eval-data: read and checked before the student loads
         self.family = Family.from_pretrained(cfg.student, text_tokens=cfg.text_tokens, image_processing=cfg.image_settings)
         # Weights and optimizer state per --precision (fp32 by default); compute under autocast.
         # A LoRA checkpoint holds the adapter only: its base weights are --student's.
@@ -201,6 +205,7 @@ class Trainer:
             "identity": self.plan.identity,
             "calibration": self.calibration,
             "schedule": self.schedule.to_json(),
+            "validation": self.validation.state() if self.validation is not None else None,
             **plan_json(self.plan),
         }
 
@@ -217,10 +222,11 @@ class Trainer:
         self.step = int(meta["step"])
 
     def _save(self, name: str) -> None:
+        drop_in = name in ckpt.DROP_IN  # final/, best/: the model alone, as from_pretrained loads it
         if self.dist.main:
-            ckpt.save_checkpoint(self.out, name, self.model, self.family.processor, self._state(final=name == "final"), self._meta(),
-                                 write_model=trainable.model_writer(self.model, final=name == "final"))
-            if name != "final":
+            ckpt.save_checkpoint(self.out, name, self.model, self.family.processor, self._state(final=drop_in), self._meta(),
+                                 write_model=trainable.model_writer(self.model, final=drop_in, keep=name != ckpt.FINAL))
+            if not drop_in:
                 ckpt.prune(self.out, self.cfg.keep_last)
         self.dist.barrier()
 
@@ -432,6 +438,8 @@ class Trainer:
                            plan.resume_dir, self.step)
             click.echo(banner(self.facts, self.extension), err=True)
         self.dist.barrier()
+        if self.validation is not None:
+            self.validation.start(self)  # a resume's best-so-far against best/ on disk
         losses, records = [], []
         monitor = self._share_monitor(metrics_path)
         total_micro = self._total_micro()
@@ -456,7 +464,10 @@ class Trainer:
                 _record_warnings(self.out / "run.json", warnings)
             bar.update(1)
             bar.set_postfix(loss=f"{rec['loss']:.4g}" if rec["loss"] is not None else "-", lr=f"{rec['lr']:.2e}")
-            if cfg.save_every and self.step % cfg.save_every == 0:
+            save_due = bool(cfg.save_every and self.step % cfg.save_every == 0)
+            if self.validation is not None:  # validation when due (-> metrics, best/), then the step checkpoint
+                self.validation.after_step(self, save_due)
+            elif save_due:
                 self._save(ckpt.step_name(self.step))
         bar.close()
         if records and self._trained_micro <= 0:

@@ -12,12 +12,22 @@ Several runs are overlaid, one colour each, the same in every figure. Files writ
     shares.png       each row's share of the applied update per step (log scale), with the
                      --contribution-warn line: a teacher term far below it barely moves the student
     lr_throughput.png  learning rate, samples/s and tokens/s
-    summary.md       one table row per run, and the figures
+    eval.png         validation (--eval-data): eval/ce, each teacher row's eval loss, and (--eval-generate)
+                     the multiple-choice accuracy per capability; the best step of --save-best marked
+    summary.md       one table row per run (with its validation and best step), runs whose curves are
+                     identical, and the figures
+
+Runs that coincide stay visible: each run has its own line style and marker shape as well as its
+colour, and the markers of different runs sit at different steps, so a run drawn over another with
+the same values does not hide it; summary.md names every pair of runs whose loss curves are
+identical (equal values at every logged step), with the other curves they share.
 
 What is plotted comes from the loop's metrics records (drivekd/trainer/loop.py, `_finish_step`):
 `loss`, `loss_<row>`, `weights{row}`, `grad_cos{"ce|<role>"}` (the mean over the step's
 micro-steps), `projections_fired` (summed over the step's micro-steps), `lr`, `samples_per_s`,
-`tokens_per_s`, `peak_mem_bytes`, `share_<row>` and `along_<row>` (drivekd/trainer/contribution.py).
+`tokens_per_s`, `peak_mem_bytes`, `share_<row>` and `along_<row>` (drivekd/trainer/contribution.py);
+the validation records (drivekd/trainer/validation.py): `eval_ce`, `eval_loss_<row>`, `eval_raw_<row>`,
+`eval_acc_<capability>`, `eval_acc`, and run.json's `best`.
 Runs whose loop kept no per-loss gradients (--projection none without re-weighting) have no
 cosines: their panels say so instead of drawing nothing.
 """
@@ -31,8 +41,11 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from drivekd.errors import DataError
+from drivekd.roles import CAPABILITIES
 
-FILES = ("losses.png", "weights.png", "conflict.png", "shares.png", "lr_throughput.png", "summary.md")
+FILES = ("losses.png", "weights.png", "conflict.png", "shares.png", "lr_throughput.png", "eval.png", "summary.md")
+# Keys that differ between identical runs (timings, memory) or are the x axis: never compared as curves.
+_NOT_CURVES = {"step", "epoch", "samples_per_s", "tokens_per_s", "step_time_s", "peak_mem_bytes", "eval_seconds"}
 
 
 @dataclass
@@ -172,23 +185,48 @@ def _figure(n_panels: int, title: str, cols: int = 2):
     return fig, axes
 
 
-def _colors(n: int) -> list:
+@dataclass
+class Look:
+    """How one run is drawn in every figure: colour, line style and marker, and its place among the
+    runs (its markers sit at other steps than the other runs', so coinciding curves stay visible)."""
+
+    color: Any
+    linestyle: str
+    marker: str
+    index: int
+    runs: int
+
+
+_LINESTYLES = ("-", "--", ":", "-.")
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+
+
+def _looks(n: int) -> list[Look]:
     from matplotlib import colormaps
 
     cmap = colormaps["tab10"]
-    return [cmap(i % 10) for i in range(n)]
+    return [Look(cmap(i % 10), _LINESTYLES[i % len(_LINESTYLES)], _MARKERS[i % len(_MARKERS)], i, n) for i in range(n)]
 
 
-def _plot(ax, xs, ys, color, label, smooth: bool = True) -> None:
-    """A noisy per-step curve: faint raw values and, with enough points, a solid running mean."""
+def _markevery(n_points: int, look: Look) -> tuple[int, int]:
+    """About 8 markers per curve, each run's shifted by its index: over identical curves they alternate."""
+    every = max(1, n_points // 8)
+    return ((look.index * max(1, every // look.runs)) % every, every)
+
+
+def _plot(ax, xs, ys, look: Look, label, smooth: bool = True) -> None:
+    """A noisy per-step curve: faint raw values and, with enough points, a running mean; in the run's
+    line style, with its markers (hollow, shrinking with the run's index, so one over another shows both)."""
     if not xs:
         return
     window = max(1, len(ys) // 25) if smooth else 1
+    style = dict(color=look.color, linestyle=look.linestyle, marker=look.marker, markersize=max(3.0, 7.0 - 1.5 * look.index),
+                 markerfacecolor="none", markeredgewidth=1.1, markevery=_markevery(len(xs), look), label=label)
     if window > 1:
-        ax.plot(xs, ys, color=color, alpha=0.25, linewidth=0.8)
-        ax.plot(xs, running_mean(ys, window), color=color, linewidth=1.6, label=label)
+        ax.plot(xs, ys, color=look.color, alpha=0.25, linewidth=0.8)
+        ax.plot(xs, running_mean(ys, window), linewidth=1.6, **style)
     else:
-        ax.plot(xs, ys, color=color, linewidth=1.4, marker="o" if len(xs) < 15 else None, markersize=3, label=label)
+        ax.plot(xs, ys, linewidth=1.4, **style)
 
 
 def _empty(ax, why: str) -> None:
@@ -202,7 +240,8 @@ def _finish(fig, axes, runs: Sequence[Run], colors, path: Path) -> Path:
         ax.grid(alpha=0.3)
         ax.set_xlabel("optimizer step", fontsize=8)
         ax.tick_params(labelsize=8)
-    handles = [Line2D([], [], color=c, linewidth=2) for c in colors]
+    handles = [Line2D([], [], color=c.color, linestyle=c.linestyle, marker=c.marker, markerfacecolor="none", linewidth=1.6)
+               for c in colors]
     fig.legend(handles, [r.name for r in runs], loc="upper center", ncol=min(len(runs), 4), fontsize=9,
                bbox_to_anchor=(0.5, 0.965), frameon=False)
     fig.tight_layout(rect=(0, 0, 1, 0.93 if len(runs) <= 4 else 0.9))
@@ -217,7 +256,7 @@ def _all_rows(runs: Sequence[Run]) -> list[str]:
 def plot_losses(runs: Sequence[Run], path: Path) -> Path:
     rows = _all_rows(runs)
     fig, axes = _figure(1 + len(rows), "Losses (weighted total, then each row unweighted)")
-    colors = _colors(len(runs))
+    colors = _looks(len(runs))
     for run, c in zip(runs, colors):
         _plot(axes[0], *series(run.records, "loss"), c, run.name)
         for ax, row in zip(axes[1:], rows):
@@ -231,7 +270,7 @@ def plot_losses(runs: Sequence[Run], path: Path) -> Path:
 def plot_weights(runs: Sequence[Run], path: Path) -> Path:
     rows = _all_rows(runs)
     fig, axes = _figure(len(rows), "Loss weights over steps (online re-weighting)")
-    colors = _colors(len(runs))
+    colors = _looks(len(runs))
     for run, c in zip(runs, colors):
         for ax, row in zip(axes, rows):
             _plot(ax, *series(run.records, "weights", row), c, run.name, smooth=False)
@@ -243,7 +282,7 @@ def plot_weights(runs: Sequence[Run], path: Path) -> Path:
 def plot_conflict(runs: Sequence[Run], path: Path) -> Path:
     caps = [r for r in _all_rows(runs) if r != "ce"]
     fig, axes = _figure(len(caps) + 1, "Gradient conflict: cos(grad CE, grad capability) and AGP projections")
-    colors = _colors(len(runs))
+    colors = _looks(len(runs))
     for ax, role in zip(axes, caps):
         drawn = False
         for run, c in zip(runs, colors):
@@ -274,7 +313,7 @@ def plot_conflict(runs: Sequence[Run], path: Path) -> Path:
 def plot_shares(runs: Sequence[Run], path: Path) -> Path:
     rows = _all_rows(runs)
     fig, axes = _figure(len(rows), "Share of the applied update: |lambda_k| ||g_k|| / sum_j |lambda_j| ||g_j||")
-    colors = _colors(len(runs))
+    colors = _looks(len(runs))
     floor = 1e-9  # a log axis cannot show 0: shares below are drawn at the floor
     for ax, row in zip(axes, rows):
         drawn = False
@@ -295,7 +334,7 @@ def plot_shares(runs: Sequence[Run], path: Path) -> Path:
 
 def plot_lr_throughput(runs: Sequence[Run], path: Path) -> Path:
     fig, axes = _figure(3, "Learning rate and throughput", cols=3)
-    colors = _colors(len(runs))
+    colors = _looks(len(runs))
     for run, c in zip(runs, colors):
         _plot(axes[0], *series(run.records, "lr"), c, run.name, smooth=False)
         _plot(axes[1], *series(run.records, "samples_per_s"), c, run.name)
@@ -306,7 +345,75 @@ def plot_lr_throughput(runs: Sequence[Run], path: Path) -> Path:
     return _finish(fig, axes, runs, colors, path)
 
 
+def eval_keys(runs: Sequence[Run]) -> list[str]:
+    """The validation keys any run logged, in a fixed order: eval_ce, each row's loss and raw, the accuracies."""
+    have = {k for run in runs for r in run.records for k, v in r.items() if k.startswith("eval_") and isinstance(v, (int, float))}
+    rows = _all_rows(runs)
+    order = ["eval_ce", *(f"eval_{p}_{r}" for r in rows for p in ("loss", "raw")),
+             *(f"eval_acc_{c}" for c in CAPABILITIES), "eval_acc"]
+    return [k for k in order if k in have]
+
+
+def plot_eval(runs: Sequence[Run], path: Path) -> Path:
+    from drivekd.trainer.validation import record_key
+
+    keys = eval_keys(runs)
+    fig, axes = _figure(max(2, len(keys)), "Validation (--eval-data): the best step of --save-best circled")
+    colors = _looks(len(runs))
+    for ax, key in zip(axes, keys):
+        for run, c in zip(runs, colors):
+            xs, ys = series(run.records, key)
+            _plot(ax, xs, ys, c, run.name, smooth=False)
+            best = run.info.get("best") or {}
+            if record_key(best.get("metric", "")) == key and best.get("step") in xs:
+                ax.plot([best["step"]], [best["value"]], marker="o", markersize=12, markerfacecolor="none", color=c.color)
+        ax.set_title(key.replace("_", "/", 1) + (" (%)" if key.startswith("eval_acc") else ""), fontsize=10)
+        if key.startswith("eval_acc"):
+            ax.set_ylim(-3, 103)
+    if not keys:
+        _empty(axes[0], "no validation in these runs\n(drivekd-train --eval-data FILE)")
+    out = _finish(fig, axes, runs, colors, path)
+    for ax in axes[max(1, len(keys)):]:  # the figure keeps two panels' width: the unused one blank
+        ax.set_axis_off()
+    fig.savefig(path)
+    return out
+
+
 # ----------------------------------------------------------------------------- summary
+
+
+def identical_curves(runs: Sequence[Run]) -> list[tuple[str, str, list[str]]]:
+    """Pairs of runs whose loss curves are identical (the same steps and the same values), with every
+    curve the two share exactly (timings and memory aside): (run a, run b, keys)."""
+    out = []
+    for i, a in enumerate(runs):
+        for b in runs[i + 1:]:
+            keys = sorted({k for run in (a, b) for r in run.records for k in r} - _NOT_CURVES)
+            same = []
+            for k in keys:
+                sa, sb = series(a.records, k), series(b.records, k)
+                if sa[0] and sa == sb:
+                    same.append(k)
+            if "loss" in same or (not series(a.records, "loss")[0] and "eval_ce" in same):
+                out.append((a.name, b.name, same))
+    return out
+
+
+def _identical_lines(runs: Sequence[Run]) -> list[str]:
+    pairs = identical_curves(runs)
+    if not pairs:
+        return []
+    lines = ["## Identical curves", ""]
+    for a, b, keys in pairs:
+        shown = ", ".join(f"`{k}`" for k in keys[:10]) + (f" and {len(keys) - 10} more" if len(keys) > 10 else "")
+        lines.append(f"- `{a}` and `{b}` have identical curves ({shown}: the same value at every logged step); the "
+                     "figures draw them in distinct line styles and markers, so neither hides the other.")
+    return [*lines, ""]
+
+
+def _best_cell(run: Run) -> str:
+    best = run.info.get("best")
+    return f"{best['metric']} {best['value']:.4g} @ step {best['step']}" if isinstance(best, dict) and "step" in best else "-"
 
 
 def _fmt(v: float | None, spec: str = ".4g") -> str:
@@ -324,6 +431,9 @@ def summary_markdown(runs: Sequence[Run], figures: Sequence[str]) -> str:
     head += [f"cos(CE, {c}) mean / share < 0" for c in caps]
     head += [f"{c} share of update (norm / along)" for c in caps]
     head += ["steps with a projection", "projections / micro-step", "samples/s", "peak memory (GB)"]
+    validated = any(series(run.records, "eval_ce")[0] for run in runs)
+    if validated:
+        head += ["eval/ce first -> last", "best (--save-best)"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for run in runs:
         _, loss = series(run.records, "loss")
@@ -346,6 +456,9 @@ def summary_markdown(runs: Sequence[Run], figures: Sequence[str]) -> str:
                   _fmt(sum(per_micro) / len(per_micro), ".3g") if per_micro else "-",
                   _fmt(sum(sps) / len(sps), ".3g") if sps else "-",
                   _fmt(max(mem) / 1e9, ".3g") if mem else "-"]
+        if validated:
+            _, ev = series(run.records, "eval_ce")
+            cells += [f"{_fmt(ev[0])} -> {_fmt(ev[-1])}" if ev else "-", _best_cell(run)]
         lines.append("| " + " | ".join(cells) + " |")
     lines += [
         "",
@@ -357,8 +470,11 @@ def summary_markdown(runs: Sequence[Run], figures: Sequence[str]) -> str:
         "the process's peak RSS on CPU. Share of update: the teacher term's part of the applied update, "
         "mean over the logged steps; norm = |lambda_k| ||g_k|| over the sum of all rows', along = its "
         "component along the update (the rows' along-shares sum to 1). A term under 1% barely moves the "
-        "student: README, 'How much the teacher terms count'.",
+        "student: README, 'How much the teacher terms count'."
+        + (" eval/ce: the validation CE (drivekd-train --eval-data) at the run's first and last validation; best: "
+           "the step and value --save-best kept as RUN/best/ (run.json)." if validated else ""),
         "",
+        *_identical_lines(runs),
     ]
     for name in figures:
         lines += [f"![{name[:-4]}]({name})", ""]
@@ -380,10 +496,11 @@ def write_report(paths: Sequence[str | Path], out: str | Path) -> list[Path]:
         plot_conflict(runs, out / "conflict.png"),
         plot_shares(runs, out / "shares.png"),
         plot_lr_throughput(runs, out / "lr_throughput.png"),
+        plot_eval(runs, out / "eval.png"),
     ]
     summary = out / "summary.md"
     summary.write_text(summary_markdown(runs, [p.name for p in written]), encoding="utf-8")
     return [*written, summary]
 
 
-__all__ = ["FILES", "Run", "conflict_stats", "share_stats", "load_run", "running_mean", "series", "summary_markdown", "write_report"]
+__all__ = ["FILES", "Run", "conflict_stats", "eval_keys", "identical_curves", "plot_eval", "share_stats", "load_run", "running_mean", "series", "summary_markdown", "write_report"]

@@ -12,6 +12,7 @@ resume) is checked by the run planner, `drivekd.trainer.plan.plan_run`.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -21,9 +22,9 @@ from drivekd.images import ImageSettings, pop_flags
 from drivekd.losses.attention import DEFAULT_FULL_REDUCTION, FULL_REDUCTION_ALIASES, FULL_REDUCTIONS, full_reduction_name
 from drivekd.losses.kl import DEFAULT_TEMPERATURE
 from drivekd.optim.precision import PRECISIONS
-from drivekd.roles import ROLES
+from drivekd.roles import CAPABILITIES, ROLES
 from drivekd.terms import RECIPES as RECIPE_TABLE
-from drivekd.terms import ATTENTION, flag_recipes
+from drivekd.terms import ATTENTION, TERMS, flag_recipes
 from drivekd.trainer.report_to import default_report_to, parse_report_to
 from drivekd.trainer.trainable import PARAM_GROUPS
 from drivekd.trainer.trainable import check_settings as check_trainable
@@ -32,13 +33,18 @@ RECIPES = tuple(RECIPE_TABLE)  # perception, reasoning, planning, multi, sft, kl
 PROJECTIONS = ("agp", "g1", "g2", "none")
 DEFAULT_MIX = "0.8,0.1,0.1;0.1,0.8,0.1;0.1,0.1,0.8"
 PRECISION_CHOICES = tuple(PRECISIONS)
-GROUPS = ("inputs", "distillation", "gradients", "optimisation", "runtime", "checkpoints")
+GROUPS = ("inputs", "distillation", "gradients", "optimisation", "runtime", "validation", "checkpoints")
+
+# Validation during training (drivekd/trainer/validation.py): what it measures never changes the
+# trained numbers, so a resume may change any of it.
+VALIDATION_KEYS = ("eval_data", "eval_images", "eval_every", "eval_generate", "eval_max_samples", "eval_max_new_tokens",
+                   "save_best", "save_best_mode")
 
 # Keys that may differ between a checkpoint's run and the run resuming it (they do not change the
 # numbers): everything else must match, or the resumed run would not continue the same run.
 RESUME_FREE = {"grad_engine", "resume", "resume_from", "resume_allow_changed", "num_workers", "progress", "plan_memory", "save_every", "keep_last", "log_every", "out", "cache",
                "data", "images", "allow_outside_images", "student", "device", "report_to", "contribution", "contribution_warn",
-               "contribution_warn_steps", "contribution_every", "max_skip_share"}
+               "contribution_warn_steps", "contribution_every", "max_skip_share", *VALIDATION_KEYS}
 # Keys a resume may raise: the run is extended, its schedule re-stretched (drivekd/trainer/schedule.py);
 # a smaller total is refused by the planner.
 RESUME_EXTENDABLE = {"max_steps", "epochs"}
@@ -199,6 +205,28 @@ class TrainConfig:
     report_to: str = opt(default_report_to(), "Also log every metrics line to: tensorboard (RUN/tensorboard/; the default "
                          "when installed), wandb (offline unless WANDB_MODE is set), a comma list, or none.", group="runtime")
 
+    # ----- validation (drivekd/trainer/validation.py)
+    eval_data: Path | None = opt(None, "Validation data (same formats as --data; with --eval-every, --eval-generate or "
+                                 "--save-best the default is [data] eval of drivekd.toml): the "
+                                 "student's loss rows over it (eval/ce, and the teacher terms' when the store holds their "
+                                 "targets for these samples) every --eval-every steps and at the end of training.",
+                                 group="validation")
+    eval_images: Path | None = opt(None, "Image root of --eval-data's relative paths (default: --images, else the eval "
+                                   "file's folder).", group="validation")
+    eval_every: int = opt(0, "Validate every N optimizer steps (0: only at the end of training).", group="validation",
+                          minimum=">=0")
+    eval_generate: bool = opt(False, "Also answer a subset of --eval-data's multiple-choice questions by generation and "
+                              "score them as drivekd-eval does: eval/acc_<capability> (%) and eval/acc.",
+                              group="validation")
+    eval_max_samples: int = opt(16, "--eval-generate: questions answered per validation (the first N multiple-choice "
+                                "questions by sample id, the same ones every time).", group="validation", minimum=">0")
+    eval_max_new_tokens: int = opt(32, "--eval-generate: new tokens per answer (greedy).", group="validation", minimum=">0")
+    save_best: str | None = opt(None, "Keep the checkpoint with the best value of this validation metric as RUN/best/ "
+                                "(drop-in, like final/; step and value in run.json): eval/ce, eval/loss_<term>, "
+                                "eval/raw_<term>, eval/acc, eval/acc_<capability>.", group="validation")
+    save_best_mode: str = opt("auto", "Whether --save-best keeps the smallest or largest value (auto: max for eval/acc*, "
+                              "min for the losses).", group="validation", choices=("auto", "min", "max"))
+
     # ----- checkpoints
     save_every: int = opt(500, "Checkpoint every N optimizer steps (0: only the final model).", group="checkpoints",
                           minimum=">=0")
@@ -270,6 +298,7 @@ class TrainConfig:
             raise ConfigError(f"--contribution-warn is a share of the update in [0, 1), got {self.contribution_warn}")
         if self.resume and self.resume_from is not None:
             raise ConfigError("give either --resume (latest checkpoint in --out) or --resume-from DIR, not both")
+        check_validation(self)  # --eval-* and --save-best, by name (drivekd/trainer/validation.py checks the data)
 
     @classmethod
     def keys(cls) -> list[str]:
@@ -296,7 +325,7 @@ def _names(names: list[str]) -> str:
     return ", ".join(names[:-1]) + " and " + names[-1] if len(names) > 1 else "".join(names)
 
 
-PATH_KEYS = ("student", "data", "images", "cache", "out", "resume_from")
+PATH_KEYS = ("student", "data", "images", "cache", "out", "resume_from", "eval_data", "eval_images")
 
 
 def _full_mse_used(d: dict[str, Any]) -> bool:
@@ -334,6 +363,54 @@ def recorded_settings(d: dict[str, Any]) -> dict[str, Any]:
         if key in d and not used(d):
             d[key] = defaults[key]
     return d
+
+
+# ----------------------------------------------------------------------------- validation metrics by name
+
+# Row names of teacher terms: a role (attention terms), or a store-signal term's own name (kl, hidden).
+TERM_ROWS = (*ROLES, *(t.name for t in TERMS if t.store_signal))
+_METRIC = re.compile(r"^eval/(?:(?P<ce>ce)|(?P<acc>acc)(?:_(?P<cap>\w+))?|(?P<kind>loss|raw)_(?P<row>\w+))$")
+METRICS_HELP = ("eval/ce, eval/loss_<term>, eval/raw_<term> (term: " + ", ".join(TERM_ROWS) + "), eval/acc, eval/acc_<capability> "
+                "(" + ", ".join(CAPABILITIES) + ")")
+
+
+# ----------------------------------------------------------------------------- the settings, by name
+
+
+def parse_metric(name: str) -> dict[str, str | None]:
+    """'eval/loss_perception' -> {"kind": "loss", "row": "perception"}; ConfigError naming --save-best otherwise."""
+    m = _METRIC.match(name)
+    bad = m is None or (m["cap"] is not None and m["cap"] not in CAPABILITIES) or (m["row"] is not None and m["row"] not in TERM_ROWS)
+    if bad:
+        raise ConfigError(f"--save-best {name!r}: not a validation metric; choose one of {METRICS_HELP}")
+    if m["ce"]:
+        return {"kind": "ce", "row": None}
+    if m["acc"]:
+        return {"kind": "acc", "cap": m["cap"]}
+    return {"kind": m["kind"], "row": m["row"]}
+
+
+def metric_mode(name: str, mode: str = "auto") -> str:
+    """'min' or 'max': --save-best-mode, or (auto) max for the accuracies and min for the losses."""
+    if mode != "auto":
+        return mode
+    return "max" if parse_metric(name)["kind"] == "acc" else "min"
+
+
+def check_validation(cfg) -> None:
+    """The validation settings by themselves (TrainConfig.__post_init__): what needs --eval-data, and
+    the --save-best name. What needs the data or the store is checked by
+    drivekd.trainer.validation.prepare, still before the student loads."""
+    if cfg.eval_data is None:
+        for key, on in (("eval_every", cfg.eval_every > 0), ("eval_generate", cfg.eval_generate),
+                        ("save_best", cfg.save_best is not None), ("eval_images", cfg.eval_images is not None)):
+            if on:
+                raise ConfigError(f"--{key.replace('_', '-')} needs --eval-data FILE (or [data] eval in drivekd.toml): the "
+                                  "validation set")
+    if cfg.save_best is not None:
+        kind = parse_metric(cfg.save_best)["kind"]
+        if kind == "acc" and not cfg.eval_generate:
+            raise ConfigError(f"--save-best {cfg.save_best} is measured by generation: add --eval-generate (or choose eval/ce)")
 
 
 def flag(key: str) -> str:
@@ -384,8 +461,13 @@ def config_from_sources(cli: dict[str, Any], config_path: str | Path | None = No
         train.setdefault("cache", raw.get("cache", {}).get("out"))
         merged.update({k: v for k, v in train.items() if v is not None})
     merged.update({k: v for k, v in cli.items() if v is not None})
+    # [data] eval: the validation set of a run that asks for validation (--eval-every, --eval-generate,
+    # --save-best); a project whose [data] eval is a test set (drivekd-ablate's) does not validate on it
+    # unasked.
+    if raw and merged.get("eval_data") is None and any(merged.get(k) for k in ("eval_every", "eval_generate", "save_best")):
+        merged["eval_data"] = raw.get("data", {}).get("eval")
     return TrainConfig.from_dict(merged, where=str(raw.get("_path", "flags")))
 
 
-__all__ = ["DEFAULT_MIX", "GROUPS", "PROJECTIONS", "RECIPES", "RESUME_EXTENDABLE", "RESUME_FREE", "TrainConfig", "config_from_sources", "flag",
+__all__ = ["DEFAULT_MIX", "METRICS_HELP", "VALIDATION_KEYS", "metric_mode", "parse_metric", "GROUPS", "PROJECTIONS", "RECIPES", "RESUME_EXTENDABLE", "RESUME_FREE", "TrainConfig", "config_from_sources", "flag",
            "recorded_settings"]

@@ -21,6 +21,7 @@ Nothing here imports torch or peft at module level: the settings import PARAM_GR
 from __future__ import annotations
 
 import contextlib
+import copy
 import fnmatch
 import warnings
 from pathlib import Path
@@ -226,14 +227,15 @@ def counts(model) -> dict[str, int]:
     return {"params": sum(p.numel() for p in ps), "trainable": sum(p.numel() for p in ps if p.requires_grad)}
 
 
-def model_writer(model, final: bool) -> Callable[[Path], Any] | None:
+def model_writer(model, final: bool, keep: bool = False) -> Callable[[Path], Any] | None:
     """How a checkpoint folder gets the student (checkpoint.save_checkpoint's `write_model`);
     None: the default, the whole model with save_pretrained.
 
     LoRA: step checkpoints hold the adapter only (adapter_config.json, adapter_model.safetensors;
     the frozen base is --student). `final/` holds the adapter in adapter/ and the merged model at
     the top, the folder drivekd-eval loads. The merge is in place (merge_and_unload), so final is
-    the last thing a run writes."""
+    the last thing a run writes; `keep` (best/, written mid-run) merges a copy instead, so the
+    live model keeps its adapters (one more copy of the student in memory while it is written)."""
     if not is_lora(model):
         return None
 
@@ -242,7 +244,7 @@ def model_writer(model, final: bool) -> Callable[[Path], Any] | None:
             model.save_pretrained(folder, safe_serialization=True)
             return
         model.save_pretrained(folder / ADAPTER_DIR, safe_serialization=True)
-        merged = model.merge_and_unload()
+        merged = (copy.deepcopy(model) if keep else model).merge_and_unload()
         merged.save_pretrained(folder, safe_serialization=True)
 
     return write
