@@ -1,0 +1,329 @@
+"""Each challenge's own submission layout: predictions written into it, read back, scored.
+
+| format | file | layout (each record) | source |
+|---|---|---|---|
+| drivebench | predictions.json | the input record plus `pred` | worldbench/drivebench |
+| drivelm | output.json | `{id: "<scene>_<frame>_<i>", question, answer: prediction}` | OpenDriveLab/DriveLM challenge/output.json, evaluation.py |
+| robosense | results.json | the converted input record with `answer` = prediction | robosense2025/track1 README.md "Submission Packaging" |
+
+DriveLM's leaderboard wraps output.json's list as `results` of a `submission.json` with team fields
+(challenge/prepare_submission.py); `read_submission` reads either. A DriveLM or RoboSense submission
+holds no reference answers, so scoring it needs the reference file (`--data`: the DriveLM QA file
+with tags, or a RoboSense / DriveLM file with answers), matched by submission id (DriveLM) or by
+scene, frame and question (RoboSense, `drivekd.ids.scene_frame_id`).
+
+`score_submission` is the whole no-model path of `drivekd-eval score`: it reads the file (format
+detected from its shape or named), checks every record (file, record index, field named), joins it
+with the reference, grades with the judge where the challenge uses an LLM, and writes
+`challenge.json` / `challenge.md` (the challenge's numbers, `drivekd.eval.challenge`) beside the
+usual DriveBench-style report.json / report.md (capability table, MCQ accuracy).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from drivekd.errors import ConfigError, DataError
+from drivekd.fileio import atomic_write_text
+from drivekd.ids import scene_frame_id
+
+FORMATS = ("drivebench", "drivelm", "robosense")
+SUBMISSION_FILE = {"drivebench": "predictions.json", "drivelm": "output.json", "robosense": "results.json"}
+CHALLENGE_JSON = "challenge.json"
+CHALLENGE_MD = "challenge.md"
+_ROBOSENSE_KEYS = ("scene_token", "frame_token", "question", "answer", "category")
+_DROP_ON_EXPORT = ("id", "pred", "question_type", "image_path", "drivelm_tag")  # drivekd's own fields
+
+
+def check_format(fmt: str, flag: str = "--format") -> str:
+    if fmt not in FORMATS:
+        raise ConfigError(f"{flag} {fmt!r} is not a known format: use one of {', '.join(FORMATS)}")
+    return fmt
+
+
+def load_reference(data: str | Path, flag: str = "--data"):
+    """The reference samples of a DriveLM / RoboSense (or DriveBench) file; images are not needed to score."""
+    from drivekd.data.loaders import load_samples
+
+    data = Path(data)
+    if not data.is_file():
+        raise ConfigError(f"{flag} {data} does not exist: give the reference file the predictions answer "
+                          "(the DriveLM QA file with tags, or the RoboSense file with answers)")
+    return load_samples(data, check_images=False, allow_outside_images=True)
+
+
+# ------------------------------------------------------------------------------------------ export
+
+
+def robosense_entry(sample, pred: str) -> dict[str, Any]:
+    """The RoboSense results.json record of a sample: its converted record with `answer` = pred."""
+    rec = sample.record
+    if sample.source == "robosense":
+        out = {k: v for k, v in rec.items() if k not in _DROP_ON_EXPORT}
+    elif sample.source == "drivelm":
+        out = {"scene_token": rec["scene_token"], "frame_token": rec["frame_token"], "question": rec["Q"],
+               "answer": "", "category": rec["category"], "img_paths": dict(rec["image_paths"])}
+    elif sample.source == "drivebench" and rec.get("scene_token") and rec.get("frame_token"):
+        out = {"scene_token": rec["scene_token"], "frame_token": rec["frame_token"], "question": rec["question"],
+               "answer": "", "category": rec["question_type"], "img_paths": dict(rec.get("image_path") or {})}
+    else:
+        raise DataError(f"sample {sample.id} ({sample.source} format) has no scene_token / frame_token: a RoboSense "
+                        "results.json needs them; use --format drivebench for this data")
+    out["answer"] = pred
+    return out
+
+
+def export_predictions(fmt: str, samples: Sequence[Any], preds: Mapping[str, str], out_dir: str | Path) -> Path:
+    """Write `preds` ({sample id: prediction}) in `fmt`'s submission layout into `out_dir`; returns the file.
+
+    `samples` are all samples of the data file (DriveLM's submission ids count every question of a
+    frame); those without a prediction (a --limit run) are left out. drivebench: predictions.json
+    is what generation wrote already, returned as is.
+    """
+    check_format(fmt)
+    out_dir = Path(out_dir)
+    path = out_dir / SUBMISSION_FILE[fmt]
+    if fmt == "drivebench":
+        return path
+    if fmt == "drivelm":
+        from drivekd.eval.challenge import drivelm_questions
+
+        entries = [{"id": q.challenge_id, "question": q.question, "answer": preds[q.sample_id]}
+                   for q in drivelm_questions(samples) if q.sample_id in preds]
+    else:
+        entries = [robosense_entry(s, preds[s.id]) for s in samples if s.id in preds]
+    if not entries:
+        raise DataError(f"no prediction matches a sample of the data: nothing to export to {path}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return atomic_write_text(path, json.dumps(entries, ensure_ascii=False, indent=2) + "\n")
+
+
+# -------------------------------------------------------------------------------------------- read
+
+
+def _read_json(path: Path) -> Any:
+    if not path.is_file():
+        raise DataError(f"predictions file {path} does not exist")
+    try:
+        return json.loads(path.read_text(encoding="utf-8-sig"))
+    except ValueError as e:
+        raise DataError(f"predictions file {path} is not valid JSON ({e}); fix the syntax there") from None
+
+
+def detect_format(path: Path, data: Any) -> str:
+    """drivebench (records with `pred`), drivelm (output.json / submission.json) or robosense (results.json)."""
+    if isinstance(data, dict):
+        if isinstance(data.get("results"), list):
+            return "drivelm"  # submission.json
+        raise DataError(f"{path}: a JSON object without a `results` list is no known predictions layout (a DriveLM "
+                        "submission.json holds `results`; the others are lists of records); pass --format to say which")
+    if not isinstance(data, list) or not data:
+        what = "an empty list" if data == [] else f"a JSON {type(data).__name__}"
+        raise DataError(f"{path}: is {what}; expected a list of prediction records")
+    first = data[0]
+    if not isinstance(first, dict):
+        raise DataError(f"{path}: record 0 is a {type(first).__name__}, expected a JSON object")
+    if "pred" in first:
+        return "drivebench"
+    if "img_paths" in first or ("scene_token" in first and "category" in first):
+        return "robosense"
+    if "id" in first and "answer" in first:
+        return "drivelm"
+    raise DataError(f"{path}: record 0 has none of the marks of a known layout (`pred`: DriveBench predictions; "
+                    "`id` + `answer`: DriveLM output.json; `scene_token` + `category` + `img_paths`: RoboSense "
+                    "results.json); pass --format to say which")
+
+
+def read_submission(path: str | Path, fmt: str = "auto") -> tuple[str, list[dict[str, Any]]]:
+    """(format, records) of a predictions file, every record checked: a malformed one is a DataError
+    naming the file, the record and the field (all of them, not only the first)."""
+    path = Path(path)
+    data = _read_json(path)
+    fmt = detect_format(path, data) if fmt == "auto" else check_format(fmt)
+    if fmt == "drivelm" and isinstance(data, dict):
+        data = data.get("results")
+    if not isinstance(data, list):
+        raise DataError(f"{path}: a {fmt} predictions file holds a list of records, found a JSON {type(data).__name__}")
+    if fmt == "drivebench":
+        from drivekd.eval.predictions import read_predictions
+        from drivekd.eval.score import check_records
+
+        records = read_predictions(path)
+        check_records(records, str(path))
+        return fmt, records
+    need = {"drivelm": ("id", "answer"), "robosense": _ROBOSENSE_KEYS}[fmt]
+    problems = []
+    seen: dict[Any, int] = {}
+    for i, rec in enumerate(data):
+        if not isinstance(rec, dict):
+            problems.append(f"record {i} is a {type(rec).__name__}, expected a JSON object")
+            continue
+        for key in need:
+            if key not in rec:
+                problems.append(f"record {i}, field `{key}`: missing")
+            elif not isinstance(rec[key], str):
+                problems.append(f"record {i}, field `{key}`: is a {type(rec[key]).__name__}, expected a string")
+        key = rec.get("id") if fmt == "drivelm" else tuple(rec.get(k) for k in ("scene_token", "frame_token", "question"))
+        if isinstance(key, (str, tuple)) and key in seen:
+            problems.append(f"record {i}: answers the same question as record {seen[key]} (remove one)")
+        elif isinstance(key, (str, tuple)):
+            seen[key] = i
+    if problems:
+        shown = "; ".join(problems[:20]) + (f"; and {len(problems) - 20} more" if len(problems) > 20 else "")
+        raise DataError(f"{path}: {len(problems)} malformed {fmt} record(s), nothing was scored: {shown}")
+    return fmt, data
+
+
+# ------------------------------------------------------------------------------------------- score
+
+
+def prediction_record(sample, pred: str | None = None) -> dict[str, Any]:
+    """The DriveBench-style record (drivekd's predictions.json) of a DriveLM / RoboSense sample, with
+    `pred` when given; scene, frame and category kept for the exporters and scorers."""
+    from drivekd.eval.challenge import question_fields
+
+    scene, frame, category, _, _, tags = question_fields(sample)
+    rec = {"id": sample.id, "scene_token": scene, "frame_token": frame, "category": category,
+           "question": sample.question, "answer": sample.answer, "question_type": category}
+    cams = sample.record.get("image_paths", sample.record.get("img_paths"))
+    if isinstance(cams, dict):
+        rec["image_path"] = dict(cams)
+    if pred is not None:
+        rec["pred"] = pred
+    if tags is not None:
+        rec["drivelm_tag"] = list(tags)  # DriveLM's tags mean other things than DriveBench's `tag`
+    return rec
+
+
+def join_robosense(path: Path, entries: Sequence[Mapping[str, Any]], samples: Sequence[Any]) -> list[dict[str, Any]]:
+    """Internal records (reference + pred) of results.json entries, matched by scene, frame and question."""
+    from drivekd.data.loaders import strip_image_tags
+
+    by_id = {s.id: s for s in samples}
+    out, problems = [], []
+    for i, e in enumerate(entries):
+        sid = scene_frame_id(e["scene_token"], e["frame_token"], strip_image_tags(e["question"]))
+        if sid not in by_id:
+            problems.append(f"record {i} (scene {e['scene_token']!r}, frame {e['frame_token']!r}): its question "
+                            f"{e['question'][:60]!r} is not in the reference file")
+            continue
+        out.append(prediction_record(by_id[sid], e["answer"]))
+    if problems:
+        shown = "; ".join(problems[:20]) + (f"; and {len(problems) - 20} more" if len(problems) > 20 else "")
+        raise DataError(f"{path}: {len(problems)} record(s) answer no question of --data ({shown}); do not alter the "
+                        "`question` field, and check --data is the file the predictions were made for")
+    return out
+
+
+def _judge_grader(judge, out_dir: Path, progress: bool):
+    """The DriveLM challenge's grader through drivekd's judge client (mean over --judge-runs per question)."""
+    from drivekd.eval.challenge import drivelm_judge_messages, mean_grades, parse_number_grade
+    from drivekd.eval.judge import grade_prompts
+
+    def grade(items):
+        prompts = [(cid, "drivelm", drivelm_judge_messages(pred, ref)) for cid, pred, ref, _ in items]
+        return mean_grades(grade_prompts(prompts, judge.client(), runs=judge.runs, log_path=out_dir / "judge.jsonl",
+                                         workers=judge.workers, progress=progress, parse=parse_number_grade,
+                                         expect="a number from 0 to 100"))
+    return grade
+
+
+def score_submission(
+    path: str | Path,
+    out_dir: str | Path,
+    *,
+    fmt: str = "auto",
+    data: str | Path | None = None,
+    judge: Any = None,
+    model_name: str | None = None,
+    language: bool = True,
+    missing: str = "error",
+    progress: bool = False,
+    provenance: Mapping[str, Any] | None = None,
+    samples: Sequence[Any] | None = None,
+) -> dict[str, Any]:
+    """Score a predictions file in any format; returns report.json's dict (with `challenge` for
+    DriveLM / RoboSense). `samples` (already loaded reference samples) spares re-reading `data`."""
+    from drivekd.eval.report import score_and_report
+
+    path, out_dir = Path(path), Path(out_dir)
+    fmt, entries = read_submission(path, fmt)
+    if fmt == "drivebench":
+        return score_and_report(entries, out_dir, judge=judge, model_name=model_name, progress=progress, provenance=provenance)
+    if samples is None:
+        if data is None:
+            raise ConfigError(f"{path} is a {fmt} submission, which holds no reference answers: pass --data with the "
+                              "reference file (the DriveLM QA file with tags, or the RoboSense file with answers)")
+        samples = load_reference(data)
+    from drivekd.eval import challenge as ch
+
+    if fmt == "drivelm":
+        questions = ch.drivelm_questions(samples)
+        if not any(q.tags for q in questions):
+            raise DataError(f"--data {data}: no question has a DriveLM `tag`; the DriveLM scores need the tagged "
+                            "DriveLM QA file (a RoboSense file has no tags)")
+        answers = {e["id"]: e["answer"] for e in entries}
+        grader = _judge_grader(judge, out_dir, progress) if judge is not None else None
+        result = ch.score_drivelm(questions, answers, grader, language=language, missing=missing, where=str(path))
+        by_cid = {q.challenge_id: q for q in questions}
+        by_sid = {s.id: s for s in samples}
+        records = [prediction_record(by_sid[by_cid[cid].sample_id], a) for cid, a in answers.items()]
+    else:
+        records = join_robosense(path, entries, samples)
+        grades = None
+        if judge is not None:
+            from drivekd.eval.judge import grade_records
+
+            vqa = [r for r in records if ch.robosense_kind(r["question"], r["answer"]) != "MCQ"]
+            grades = ch.mean_grades(grade_records(vqa, judge.client(), runs=judge.runs, log_path=out_dir / "judge.jsonl",
+                                                  workers=judge.workers, progress=progress)) if vqa else {}
+        result = ch.score_robosense(records, grades, language=language)
+    result["submission"] = str(path)
+    report = score_and_report(records, out_dir, judge=None, model_name=model_name, provenance=provenance)
+    write_challenge(out_dir, result, report.get("model"))
+    report["challenge"] = result
+    return report
+
+
+def _fmt(v: Any, digits: int = 2) -> str:
+    return "n/a" if v is None else f"{v:.{digits}f}"
+
+
+def challenge_markdown(result: Mapping[str, Any], model: str | None = None) -> str:
+    """challenge.md: the challenge's numbers, what is missing and why."""
+    lines = [f"# {result['challenge']} challenge scores: {model or 'model'}", "", f"Rules: {result['rules']}.", ""]
+    if result["challenge"] == "drivelm":
+        lang = result["language"]
+        metrics = lang["metrics"] or {}
+        lines += ["| Final | Accuracy | ChatGPT | Language | Match | Match F1 |", "|---:|---:|---:|---:|---:|---:|",
+                  f"| {_fmt(result['final'], 4)} | {_fmt(result['accuracy']['value'], 4)} | {_fmt(result['chatgpt']['value'])} | "
+                  f"{_fmt(lang['score'], 4)} | {_fmt(result['match']['value'])} | {_fmt(result['match']['f1'])} |", ""]
+        lines.append("Language metrics: " + (", ".join(f"{k} {v:.4f}" for k, v in metrics.items()) or "n/a") + ".")
+        lines.append(f"Accuracy by the challenge's string equality: {_fmt(result['accuracy']['exact'], 4)} "
+                     f"(final with it: {_fmt(result['final_exact_accuracy'], 4)}).")
+        lines.append(f"{result['n_scored']} of {result['n_questions']} questions scored; "
+                     f"{result['skipped_by_graph']['count']} skipped by the frame-graph rule; "
+                     f"{result['unanswered']['count']} unanswered.")
+    else:
+        lines += ["| Phase 1 | Phase 2 | MCQ accuracy | VQA LLM score | VQA ROUGE-L | VQA METEOR |", "|---:|---:|---:|---:|---:|---:|",
+                  f"| {_fmt(result['phase1'])} | {_fmt(result['phase2'])} | {_fmt(result['mcq_accuracy'])} | "
+                  f"{_fmt(result['vqa_llm_score'])} | {_fmt(result['vqa_rouge_l'])} | {_fmt(result['vqa_meteor'])} |", ""]
+        lines += ["| Category | Kind | Questions | Accuracy / LLM score |", "|---|---|---:|---:|"]
+        for cat, kinds in result["breakdown"].items():
+            for kind, cell in kinds.items():
+                lines.append(f"| {cat} | {kind} | {cell['n']} | {_fmt(cell.get('accuracy', cell.get('llm_score')))} |")
+    if result["missing"]:
+        partial = result.get("final_partial", result.get("phase1_partial"))
+        lines += ["", f"**Partial**: the final score is not defined without these components; the weighted sum of "
+                      f"the components present is {_fmt(partial, 4)} (a lower bound, not renormalised):", ""]
+        lines += [f"- {m}" for m in result["missing"]]
+    return "\n".join(lines) + "\n"
+
+
+def write_challenge(out_dir: str | Path, result: Mapping[str, Any], model: str | None = None) -> dict[str, Path]:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return {"json": atomic_write_text(out_dir / CHALLENGE_JSON, json.dumps(result, indent=2, ensure_ascii=False) + "\n"),
+            "md": atomic_write_text(out_dir / CHALLENGE_MD, challenge_markdown(result, model))}
