@@ -65,12 +65,9 @@ def robosense_entry(sample, pred: str) -> dict[str, Any]:
     elif sample.source == "drivelm":
         out = {"scene_token": rec["scene_token"], "frame_token": rec["frame_token"], "question": rec["Q"],
                "answer": "", "category": rec["category"], "img_paths": dict(rec["image_paths"])}
-    elif sample.source == "drivebench" and rec.get("scene_token") and rec.get("frame_token"):
-        out = {"scene_token": rec["scene_token"], "frame_token": rec["frame_token"], "question": rec["question"],
-               "answer": "", "category": rec["question_type"], "img_paths": dict(rec.get("image_path") or {})}
     else:
-        raise DataError(f"sample {sample.id} ({sample.source} format) has no scene_token / frame_token: a RoboSense "
-                        "results.json needs them; use --format drivebench for this data")
+        raise DataError(f"sample {sample.id} is a {sample.source} record: a RoboSense results.json is written from "
+                        "DriveLM or RoboSense data (scene, frame, category); use --format drivebench for this data")
     out["answer"] = pred
     return out
 

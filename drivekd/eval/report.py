@@ -268,12 +268,19 @@ def evaluate_model(
     model_name: str | None = None,
     image_settings: Any = None,
     allow_outside_images: bool = False,
+    format: str = "drivebench",
 ) -> dict[str, Any]:
     """Generation-based evaluation: load samples, generate (resumable), measure, score, report.
 
     Every option is checked before any model loads. Generation comes from
-    `drivekd.eval.generate` (imported here, so scoring works without it).
+    `drivekd.eval.generate` (imported here, so scoring works without it). `format` (drivebench,
+    drivelm, robosense) also writes the predictions in that challenge's submission layout
+    (`drivekd.eval.formats`) and scores them as that challenge does (challenge.json / .md); the
+    judge then grades with that challenge's prompts only.
     """
+    from drivekd.eval.formats import check_format
+
+    check_format(format)
     from drivekd.errors import ConfigError
 
     model_dir, data, out_dir = Path(model_dir), Path(data), Path(out_dir)
@@ -302,9 +309,8 @@ def evaluate_model(
         from drivekd.data.loaders import load_samples
     except ImportError as e:
         raise ConfigError(f"the data loader (drivekd.data.loaders) is not available in this install: {e}") from None
-    samples = load_samples(data, images_root=images, allow_outside_images=allow_outside_images)
-    if limit is not None:
-        samples = samples[:limit]
+    all_samples = load_samples(data, images_root=images, allow_outside_images=allow_outside_images)
+    samples = all_samples[:limit] if limit is not None else all_samples
     if not samples:
         raise DataError(f"--data {data} holds no samples")
     try:
@@ -334,8 +340,23 @@ def evaluate_model(
     provenance = prov.evaluation_provenance(model_dir, data, Path(images) if images is not None else None, limit=limit,
                                             n_samples=len(samples), generation=generation, image_settings=image_settings,
                                             judge=judge, deploy=deploy)
-    report = score_and_report(records, out_dir, judge=judge, deploy=deploy_metrics,
-                              model_name=model_name or prov.default_model_name(model_dir), progress=True, provenance=provenance)
+    name = model_name or prov.default_model_name(model_dir)
+    if format == "drivebench":
+        report = score_and_report(records, out_dir, judge=judge, deploy=deploy_metrics, model_name=name, progress=True,
+                                  provenance=provenance)
+    else:
+        from drivekd.eval.formats import export_predictions, score_submission
+
+        exported = export_predictions(format, all_samples, {s.id: r["pred"] for s, r in zip(samples, records)}, out_dir)
+        score_submission(exported, out_dir, fmt=format, judge=judge, model_name=name, progress=True, provenance=provenance,
+                         samples=all_samples, missing="skip" if limit is not None else "error")
+        report = json.loads((out_dir / REPORT_JSON).read_text(encoding="utf-8"))
+        if deploy_metrics is not None:  # the DriveBench-style report carries Table 1's deployment columns
+            write_report(out_dir, report, deploy=deploy_metrics, model_name=name, provenance=provenance)
+            report = json.loads((out_dir / REPORT_JSON).read_text(encoding="utf-8"))
+        from drivekd.eval.formats import CHALLENGE_JSON
+
+        report["challenge"] = json.loads((out_dir / CHALLENGE_JSON).read_text(encoding="utf-8"))
     if compare:
         compare_reports([out_dir, *compare], out_dir / "compare")
     return report
