@@ -110,7 +110,9 @@ def _read_json(path: Path) -> Any:
 
 
 def detect_format(path: Path, data: Any) -> str:
-    """drivebench (records with `pred`), drivelm (output.json / submission.json) or robosense (results.json)."""
+    """drivebench (records with `pred`), drivelm (output.json / submission.json) or robosense (results.json),
+    from the shape of the file and its first record; anything else is read as drivebench, whose reader
+    names the missing `pred`."""
     if isinstance(data, dict):
         if isinstance(data.get("results"), list):
             return "drivelm"  # submission.json
@@ -122,15 +124,13 @@ def detect_format(path: Path, data: Any) -> str:
     first = data[0]
     if not isinstance(first, dict):
         raise DataError(f"{path}: record 0 is a {type(first).__name__}, expected a JSON object")
-    if "pred" in first:
+    if "pred" in first or "question_type" in first or "image_path" in first:
         return "drivebench"
     if "img_paths" in first or ("scene_token" in first and "category" in first):
         return "robosense"
     if "id" in first and "answer" in first:
         return "drivelm"
-    raise DataError(f"{path}: record 0 has none of the marks of a known layout (`pred`: DriveBench predictions; "
-                    "`id` + `answer`: DriveLM output.json; `scene_token` + `category` + `img_paths`: RoboSense "
-                    "results.json); pass --format to say which")
+    return "drivebench"  # its reader names what is missing (a record without `pred`)
 
 
 def read_submission(path: str | Path, fmt: str = "auto") -> tuple[str, list[dict[str, Any]]]:
