@@ -34,6 +34,7 @@ SUBMISSION_FILE = {"drivebench": "predictions.json", "drivelm": "output.json", "
 CHALLENGE_JSON = "challenge.json"
 CHALLENGE_MD = "challenge.md"
 _ROBOSENSE_KEYS = ("scene_token", "frame_token", "question", "answer", "category")
+_JSON_TYPE = {dict: "object", list: "list", str: "string", bool: "boolean", int: "number", float: "number", type(None): "null"}
 _DROP_ON_EXPORT = ("id", "pred", "question_type", "image_path", "drivelm_tag")  # drivekd's own fields
 
 
@@ -155,17 +156,19 @@ def read_submission(path: str | Path, fmt: str = "auto") -> tuple[str, list[dict
     seen: dict[Any, int] = {}
     for i, rec in enumerate(data):
         if not isinstance(rec, dict):
-            problems.append(f"record {i} is a {type(rec).__name__}, expected a JSON object")
+            problems.append(f"record {i} is a {_JSON_TYPE.get(type(rec), 'value')}, expected a JSON object")
             continue
         for key in need:
             if key not in rec:
                 problems.append(f"record {i}, field `{key}`: missing")
             elif not isinstance(rec[key], str):
-                problems.append(f"record {i}, field `{key}`: is a {type(rec[key]).__name__}, expected a string")
-        key = rec.get("id") if fmt == "drivelm" else tuple(rec.get(k) for k in ("scene_token", "frame_token", "question"))
-        if isinstance(key, (str, tuple)) and key in seen:
+                problems.append(f"record {i}, field `{key}`: is a {_JSON_TYPE.get(type(rec[key]), 'value')} {rec[key]!r:.40}, expected a string")
+        key = (rec.get("id"),) if fmt == "drivelm" else tuple(rec.get(k) for k in ("scene_token", "frame_token", "question"))
+        if not all(isinstance(k, str) for k in key):
+            continue  # already named above
+        if key in seen:
             problems.append(f"record {i}: answers the same question as record {seen[key]} (remove one)")
-        elif isinstance(key, (str, tuple)):
+        else:
             seen[key] = i
     if problems:
         shown = "; ".join(problems[:20]) + (f"; and {len(problems) - 20} more" if len(problems) > 20 else "")
