@@ -108,6 +108,9 @@ def _print_summary(report: dict, out_dir: Path) -> None:
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default="drivebench", show_default=True,
               help="Also write the predictions in this challenge's submission layout (drivelm: output.json, robosense: "
                    "results.json) and score them as it does (challenge.json / challenge.md).")
+@click.option("--language/--no-language", default=True, show_default=True,
+              help="With --format drivelm / robosense: compute the challenge's language metrics (BLEU, ROUGE-L, CIDEr, "
+                   "METEOR; Java). --no-language reports them as missing.")
 @click.option("--images", type=_PATH, default=None, help="Root folder the records' image paths are relative to.")
 @click.option("--allow-outside-images", is_flag=True, help="Accept image paths that escape the image root; refused by default.")
 @click.option("--out", "out_dir", type=_PATH, default=None, help="Run folder: predictions.json, report.{json,md,png}, judge.jsonl.")
@@ -125,7 +128,7 @@ def _print_summary(report: dict, out_dir: Path) -> None:
 @_judge_options
 @image_options
 @click.pass_context
-def main(ctx: click.Context, model_dir, data, fmt, images, allow_outside_images, out_dir, batch_size, max_new_tokens, temperature, top_p, deploy, limit, compare, name, **judge_kw):
+def main(ctx: click.Context, model_dir, data, fmt, language, images, allow_outside_images, out_dir, batch_size, max_new_tokens, temperature, top_p, deploy, limit, compare, name, **judge_kw):
     """Evaluate a driving VLM on DriveBench, or score / compare existing runs (see the commands)."""
     image_flags = pop_flags(judge_kw)  # --tiling, --max-patches, --min-pixels, --max-pixels
     if ctx.invoked_subcommand is not None:
@@ -148,7 +151,7 @@ def main(ctx: click.Context, model_dir, data, fmt, images, allow_outside_images,
         model_dir, data, out_dir, images=images, batch_size=batch_size, max_new_tokens=max_new_tokens,
         temperature=temperature, top_p=top_p, deploy=deploy, judge=_judge_settings(**judge_kw, fmt=fmt), limit=limit,
         compare=compare, model_name=name, image_settings=ImageSettings.from_sources(image_flags, load_config(None)),
-        allow_outside_images=allow_outside_images, format=fmt,
+        allow_outside_images=allow_outside_images, format=fmt, language=language,
     )
     _print_summary(report, out_dir)
 

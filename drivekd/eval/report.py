@@ -269,6 +269,7 @@ def evaluate_model(
     image_settings: Any = None,
     allow_outside_images: bool = False,
     format: str = "drivebench",
+    language: bool = True,
 ) -> dict[str, Any]:
     """Generation-based evaluation: load samples, generate (resumable), measure, score, report.
 
@@ -276,7 +277,8 @@ def evaluate_model(
     `drivekd.eval.generate` (imported here, so scoring works without it). `format` (drivebench,
     drivelm, robosense) also writes the predictions in that challenge's submission layout
     (`drivekd.eval.formats`) and scores them as that challenge does (challenge.json / .md); the
-    judge then grades with that challenge's prompts only.
+    judge then grades with that challenge's prompts only; `language` False skips the challenge's
+    language metrics (Java), reported as missing.
     """
     from drivekd.eval.formats import check_format
 
@@ -349,7 +351,7 @@ def evaluate_model(
 
         exported = export_predictions(format, all_samples, {s.id: r["pred"] for s, r in zip(samples, records)}, out_dir)
         score_submission(exported, out_dir, fmt=format, judge=judge, model_name=name, progress=True, provenance=provenance,
-                         samples=all_samples, missing="skip" if limit is not None else "error")
+                         samples=all_samples, missing="skip" if limit is not None else "error", language=language)
         report = json.loads((out_dir / REPORT_JSON).read_text(encoding="utf-8"))
         if deploy_metrics is not None:  # the DriveBench-style report carries Table 1's deployment columns
             write_report(out_dir, report, deploy=deploy_metrics, model_name=name, provenance=provenance)
