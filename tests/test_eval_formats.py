@@ -18,7 +18,8 @@ from click.testing import CliRunner
 from drivekd.cli.eval import main
 from drivekd.errors import DataError
 from drivekd.eval import challenge as ch
-from drivekd.eval.formats import export_predictions, load_reference, read_submission, score_submission
+from drivekd.eval.formats import export_predictions, load_reference, read_submission
+from drivekd.eval.report import score_submission
 from test_eval_judge import JudgeServer, no_proxy, reply  # noqa: F401 (no_proxy: autouse fixture)
 
 FIX = Path(__file__).parent / "fixtures" / "formats"

@@ -89,7 +89,7 @@ def _print_summary(report: dict, out_dir: Path) -> None:
     click.echo(f"unanswerable: {report['unanswerable']['count']}; report: {out_dir / 'report.md'}")
     challenge = report.get("challenge")
     if challenge:
-        from drivekd.eval.formats import CHALLENGE_MD
+        from drivekd.eval.challenge import CHALLENGE_MD
 
         if challenge["challenge"] == "drivelm":
             head = f"DriveLM final {_num(challenge['final'])} (accuracy {_num(challenge['accuracy']['value'])}, chatgpt " \
@@ -171,7 +171,8 @@ def main(ctx: click.Context, model_dir, data, fmt, language, images, allow_outsi
 @_judge_options
 def score_command(predictions: Path, fmt: str, data: Path | None, out_dir: Path | None, name: str | None, language: bool, **judge_kw):
     """Score a predictions file (DriveBench, DriveLM or RoboSense layout) without loading a model."""
-    from drivekd.eval.formats import read_submission, score_submission
+    from drivekd.eval.formats import read_submission
+    from drivekd.eval.report import score_submission
     from drivekd.eval.provenance import scoring_provenance
 
     fmt, _ = read_submission(predictions, fmt)  # the layout and every record checked before any judge call

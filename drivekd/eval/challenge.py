@@ -64,7 +64,11 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
+import json
+from pathlib import Path
+
 from drivekd.errors import DataError
+from drivekd.fileio import atomic_write_text
 from drivekd.eval.language import BLEU_KEYS, LanguageMetricsUnavailable, coco_scores
 from drivekd.eval.parse import options_in_question
 from drivekd.eval.score import mcq_outcome
@@ -445,3 +449,51 @@ def score_robosense(
 def mean_grades(grades: Mapping[str, Iterable[float]]) -> dict[str, float]:
     """{id: mean over judge runs} of `grade_prompts` output."""
     return {k: float(np.mean(list(v))) for k, v in grades.items()}
+
+
+# ------------------------------------------------------------------------------------- reports
+
+CHALLENGE_JSON = "challenge.json"
+CHALLENGE_MD = "challenge.md"
+
+
+def _fmt(v: Any, digits: int = 2) -> str:
+    return "n/a" if v is None else f"{v:.{digits}f}"
+
+
+def challenge_markdown(result: Mapping[str, Any], model: str | None = None) -> str:
+    """challenge.md: the challenge's numbers, what is missing and why."""
+    lines = [f"# {result['challenge']} challenge scores: {model or 'model'}", "", f"Rules: {result['rules']}.", ""]
+    if result["challenge"] == "drivelm":
+        lang = result["language"]
+        metrics = lang["metrics"] or {}
+        lines += ["| Final | Accuracy | ChatGPT | Language | Match | Match F1 |", "|---:|---:|---:|---:|---:|---:|",
+                  f"| {_fmt(result['final'], 4)} | {_fmt(result['accuracy']['value'], 4)} | {_fmt(result['chatgpt']['value'])} | "
+                  f"{_fmt(lang['score'], 4)} | {_fmt(result['match']['value'])} | {_fmt(result['match']['f1'])} |", ""]
+        lines.append("Language metrics: " + (", ".join(f"{k} {v:.4f}" for k, v in metrics.items()) or "n/a") + ".")
+        lines.append(f"Accuracy by the challenge's string equality: {_fmt(result['accuracy']['exact'], 4)} "
+                     f"(final with it: {_fmt(result['final_exact_accuracy'], 4)}).")
+        lines.append(f"{result['n_scored']} of {result['n_questions']} questions scored; "
+                     f"{result['skipped_by_graph']['count']} skipped by the frame-graph rule; "
+                     f"{result['unanswered']['count']} unanswered.")
+    else:
+        lines += ["| Phase 1 | Phase 2 | MCQ accuracy | VQA LLM score | VQA ROUGE-L | VQA METEOR |", "|---:|---:|---:|---:|---:|---:|",
+                  f"| {_fmt(result['phase1'])} | {_fmt(result['phase2'])} | {_fmt(result['mcq_accuracy'])} | "
+                  f"{_fmt(result['vqa_llm_score'])} | {_fmt(result['vqa_rouge_l'])} | {_fmt(result['vqa_meteor'])} |", ""]
+        lines += ["| Category | Kind | Questions | Accuracy / LLM score |", "|---|---|---:|---:|"]
+        for cat, kinds in result["breakdown"].items():
+            for kind, cell in kinds.items():
+                lines.append(f"| {cat} | {kind} | {cell['n']} | {_fmt(cell.get('accuracy', cell.get('llm_score')))} |")
+    if result["missing"]:
+        partial = result.get("final_partial", result.get("phase1_partial"))
+        lines += ["", f"**Partial**: the final score is not defined without these components; the weighted sum of "
+                      f"the components present is {_fmt(partial, 4)} (a lower bound, not renormalised):", ""]
+        lines += [f"- {m}" for m in result["missing"]]
+    return "\n".join(lines) + "\n"
+
+
+def write_challenge(out_dir: str | Path, result: Mapping[str, Any], model: str | None = None) -> dict[str, Path]:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return {"json": atomic_write_text(out_dir / CHALLENGE_JSON, json.dumps(result, indent=2, ensure_ascii=False) + "\n"),
+            "md": atomic_write_text(out_dir / CHALLENGE_MD, challenge_markdown(result, model))}

@@ -12,11 +12,9 @@ holds no reference answers, so scoring it needs the reference file (`--data`: th
 with tags, or a RoboSense / DriveLM file with answers), matched by submission id (DriveLM) or by
 scene, frame and question (RoboSense, `drivekd.ids.scene_frame_id`).
 
-`score_submission` is the whole no-model path of `drivekd-eval score`: it reads the file (format
-detected from its shape or named), checks every record (file, record index, field named), joins it
-with the reference, grades with the judge where the challenge uses an LLM, and writes
-`challenge.json` / `challenge.md` (the challenge's numbers, `drivekd.eval.challenge`) beside the
-usual DriveBench-style report.json / report.md (capability table, MCQ accuracy).
+`drivekd.eval.report.score_submission` is the whole no-model path of `drivekd-eval score` on top of
+this module: read the file (format detected from its shape or named; every record checked, the file,
+record index and field named), join it with the reference, grade, score, write the reports.
 """
 
 from __future__ import annotations
@@ -31,8 +29,6 @@ from drivekd.ids import scene_frame_id
 
 FORMATS = ("drivebench", "drivelm", "robosense")
 SUBMISSION_FILE = {"drivebench": "predictions.json", "drivelm": "output.json", "robosense": "results.json"}
-CHALLENGE_JSON = "challenge.json"
-CHALLENGE_MD = "challenge.md"
 _ROBOSENSE_KEYS = ("scene_token", "frame_token", "question", "answer", "category")
 _JSON_TYPE = {dict: "object", list: "list", str: "string", bool: "boolean", int: "number", float: "number", type(None): "null"}
 _DROP_ON_EXPORT = ("id", "pred", "question_type", "image_path", "drivelm_tag")  # drivekd's own fields
@@ -215,115 +211,3 @@ def join_robosense(path: Path, entries: Sequence[Mapping[str, Any]], samples: Se
         raise DataError(f"{path}: {len(problems)} record(s) answer no question of --data ({shown}); do not alter the "
                         "`question` field, and check --data is the file the predictions were made for")
     return out
-
-
-def _judge_grader(judge, out_dir: Path, progress: bool):
-    """The DriveLM challenge's grader through drivekd's judge client (mean over --judge-runs per question)."""
-    from drivekd.eval.challenge import drivelm_judge_messages, mean_grades, parse_number_grade
-    from drivekd.eval.judge import grade_prompts
-
-    def grade(items):
-        prompts = [(cid, "drivelm", drivelm_judge_messages(pred, ref)) for cid, pred, ref, _ in items]
-        return mean_grades(grade_prompts(prompts, judge.client(), runs=judge.runs, log_path=out_dir / "judge.jsonl",
-                                         workers=judge.workers, progress=progress, parse=parse_number_grade,
-                                         expect="a number from 0 to 100"))
-    return grade
-
-
-def score_submission(
-    path: str | Path,
-    out_dir: str | Path,
-    *,
-    fmt: str = "auto",
-    data: str | Path | None = None,
-    judge: Any = None,
-    model_name: str | None = None,
-    language: bool = True,
-    missing: str = "error",
-    progress: bool = False,
-    provenance: Mapping[str, Any] | None = None,
-    samples: Sequence[Any] | None = None,
-) -> dict[str, Any]:
-    """Score a predictions file in any format; returns report.json's dict (with `challenge` for
-    DriveLM / RoboSense). `samples` (already loaded reference samples) spares re-reading `data`."""
-    from drivekd.eval.report import score_and_report
-
-    path, out_dir = Path(path), Path(out_dir)
-    fmt, entries = read_submission(path, fmt)
-    if fmt == "drivebench":
-        return score_and_report(entries, out_dir, judge=judge, model_name=model_name, progress=progress, provenance=provenance)
-    if samples is None:
-        if data is None:
-            raise ConfigError(f"{path} is a {fmt} submission, which holds no reference answers: pass --data with the "
-                              "reference file (the DriveLM QA file with tags, or the RoboSense file with answers)")
-        samples = load_reference(data)
-    from drivekd.eval import challenge as ch
-
-    if fmt == "drivelm":
-        questions = ch.drivelm_questions(samples)
-        if not any(q.tags for q in questions):
-            raise DataError(f"--data {data}: no question has a DriveLM `tag`; the DriveLM scores need the tagged "
-                            "DriveLM QA file (a RoboSense file has no tags)")
-        answers = {e["id"]: e["answer"] for e in entries}
-        grader = _judge_grader(judge, out_dir, progress) if judge is not None else None
-        result = ch.score_drivelm(questions, answers, grader, language=language, missing=missing, where=str(path))
-        by_cid = {q.challenge_id: q for q in questions}
-        by_sid = {s.id: s for s in samples}
-        records = [prediction_record(by_sid[by_cid[cid].sample_id], a) for cid, a in answers.items()]
-    else:
-        records = join_robosense(path, entries, samples)
-        grades = None
-        if judge is not None:
-            from drivekd.eval.judge import grade_records
-
-            vqa = [r for r in records if ch.robosense_kind(r["question"], r["answer"]) != "MCQ"]
-            grades = ch.mean_grades(grade_records(vqa, judge.client(), runs=judge.runs, log_path=out_dir / "judge.jsonl",
-                                                  workers=judge.workers, progress=progress)) if vqa else {}
-        result = ch.score_robosense(records, grades, language=language)
-    result["submission"] = str(path)
-    report = score_and_report(records, out_dir, judge=None, model_name=model_name, provenance=provenance)
-    write_challenge(out_dir, result, report.get("model"))
-    report["challenge"] = result
-    return report
-
-
-def _fmt(v: Any, digits: int = 2) -> str:
-    return "n/a" if v is None else f"{v:.{digits}f}"
-
-
-def challenge_markdown(result: Mapping[str, Any], model: str | None = None) -> str:
-    """challenge.md: the challenge's numbers, what is missing and why."""
-    lines = [f"# {result['challenge']} challenge scores: {model or 'model'}", "", f"Rules: {result['rules']}.", ""]
-    if result["challenge"] == "drivelm":
-        lang = result["language"]
-        metrics = lang["metrics"] or {}
-        lines += ["| Final | Accuracy | ChatGPT | Language | Match | Match F1 |", "|---:|---:|---:|---:|---:|---:|",
-                  f"| {_fmt(result['final'], 4)} | {_fmt(result['accuracy']['value'], 4)} | {_fmt(result['chatgpt']['value'])} | "
-                  f"{_fmt(lang['score'], 4)} | {_fmt(result['match']['value'])} | {_fmt(result['match']['f1'])} |", ""]
-        lines.append("Language metrics: " + (", ".join(f"{k} {v:.4f}" for k, v in metrics.items()) or "n/a") + ".")
-        lines.append(f"Accuracy by the challenge's string equality: {_fmt(result['accuracy']['exact'], 4)} "
-                     f"(final with it: {_fmt(result['final_exact_accuracy'], 4)}).")
-        lines.append(f"{result['n_scored']} of {result['n_questions']} questions scored; "
-                     f"{result['skipped_by_graph']['count']} skipped by the frame-graph rule; "
-                     f"{result['unanswered']['count']} unanswered.")
-    else:
-        lines += ["| Phase 1 | Phase 2 | MCQ accuracy | VQA LLM score | VQA ROUGE-L | VQA METEOR |", "|---:|---:|---:|---:|---:|---:|",
-                  f"| {_fmt(result['phase1'])} | {_fmt(result['phase2'])} | {_fmt(result['mcq_accuracy'])} | "
-                  f"{_fmt(result['vqa_llm_score'])} | {_fmt(result['vqa_rouge_l'])} | {_fmt(result['vqa_meteor'])} |", ""]
-        lines += ["| Category | Kind | Questions | Accuracy / LLM score |", "|---|---|---:|---:|"]
-        for cat, kinds in result["breakdown"].items():
-            for kind, cell in kinds.items():
-                lines.append(f"| {cat} | {kind} | {cell['n']} | {_fmt(cell.get('accuracy', cell.get('llm_score')))} |")
-    if result["missing"]:
-        partial = result.get("final_partial", result.get("phase1_partial"))
-        lines += ["", f"**Partial**: the final score is not defined without these components; the weighted sum of "
-                      f"the components present is {_fmt(partial, 4)} (a lower bound, not renormalised):", ""]
-        lines += [f"- {m}" for m in result["missing"]]
-    return "\n".join(lines) + "\n"
-
-
-def write_challenge(out_dir: str | Path, result: Mapping[str, Any], model: str | None = None) -> dict[str, Path]:
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    return {"json": atomic_write_text(out_dir / CHALLENGE_JSON, json.dumps(result, indent=2, ensure_ascii=False) + "\n"),
-            "md": atomic_write_text(out_dir / CHALLENGE_MD, challenge_markdown(result, model))}
