@@ -292,3 +292,23 @@ def test_round_trip_load_predict_export_score(tmp_path, source, fmt):
         assert result["mcq_accuracy"] == 100.0 and result["n_mcq"] == len(mcq)
     # The DriveBench-style report of the same predictions, keyed by drivekd's sample ids.
     assert report["n_records"] == len(samples)
+
+
+def test_drivebench_round_trip_and_predictions_json_never_read_as_a_submission(demo_data, tmp_path):
+    from drivekd.eval.generate import drivebench_record
+    from drivekd.eval.predictions import write_predictions
+
+    samples = load_reference(demo_data / "drivebench.json")
+    records = [{**drivebench_record(s), "pred": s.answer} for s in samples]
+    path = write_predictions(tmp_path / "predictions.json", records)
+    assert export_predictions("drivebench", samples, {}, tmp_path) == path  # its own layout: already written
+    report = score_submission(path, tmp_path / "scored")
+    assert read_submission(path)[0] == "drivebench" and "challenge" not in report
+    mcq = [c for c in report["capabilities"].values() if c["mcq_total"]]
+    assert mcq and all(c["mcq_accuracy"] == 100.0 for c in mcq)
+    # A predictions.json of DriveLM samples read as a DriveLM submission would score references against
+    # themselves: refused, pointing at output.json.
+    lm = load_reference(FIX / "drivelm_test.json")
+    write_predictions(tmp_path / "lm.json", [{**drivebench_record(s), "pred": "x"} for s in lm])
+    with pytest.raises(DataError, match="output.json"):
+        read_submission(tmp_path / "lm.json", "drivelm")

@@ -147,6 +147,12 @@ def read_submission(path: str | Path, fmt: str = "auto") -> tuple[str, list[dict
         records = read_predictions(path)
         check_records(records, str(path))
         return fmt, records
+    if data and isinstance(data[0], dict) and "pred" in data[0]:
+        # drivekd's own predictions.json: its `answer` is the reference, so reading it as a submission
+        # would score the references against themselves.
+        raise DataError(f"{path}: holds records with `pred` (drivekd's DriveBench-style predictions.json), not a {fmt} "
+                        f"submission; score its {SUBMISSION_FILE[fmt]} (written beside it by `drivekd-eval --format {fmt}`), "
+                        "or score this file as --format drivebench")
     need = {"drivelm": ("id", "answer"), "robosense": _ROBOSENSE_KEYS}[fmt]
     problems = []
     seen: dict[Any, int] = {}
