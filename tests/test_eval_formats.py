@@ -312,3 +312,21 @@ def test_drivebench_round_trip_and_predictions_json_never_read_as_a_submission(d
     write_predictions(tmp_path / "lm.json", [{**drivebench_record(s), "pred": "x"} for s in lm])
     with pytest.raises(DataError, match="output.json"):
         read_submission(tmp_path / "lm.json", "drivelm")
+
+
+@pytest.mark.parametrize("data, fmt, message", [
+    ("drivebench", "robosense", "needs DriveLM or RoboSense data"),
+    ("robosense_ref.json", "drivelm", "has none (a RoboSense file)"),
+])
+def test_format_the_data_cannot_take_is_refused_before_the_model_loads(demo_data, tmp_path, data, fmt, message):
+    from PIL import Image
+
+    for frame in ("f1", "f2"):
+        for cam in ("CAM_FRONT", "CAM_BACK"):
+            (tmp_path / "samples" / cam).mkdir(parents=True, exist_ok=True)
+            Image.new("RGB", (16, 12)).save(tmp_path / "samples" / cam / f"{frame}.png")
+    path, images = (demo_data / "drivebench.json", demo_data) if data == "drivebench" else (FIX / data, tmp_path)
+    (tmp_path / "model").mkdir()  # not a checkpoint: the refusal must come first
+    r = CliRunner().invoke(main, ["--model", str(tmp_path / "model"), "--data", str(path), "--out", str(tmp_path / "out"),
+                                  "--format", fmt, "--images", str(images)])
+    assert r.exit_code == 2 and message in r.output and f"--format {fmt}" in r.output

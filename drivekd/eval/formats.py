@@ -69,6 +69,20 @@ def robosense_entry(sample, pred: str) -> dict[str, Any]:
     return out
 
 
+def check_exportable(fmt: str, samples: Sequence[Any], where: str = "--data") -> None:
+    """Refuse, before generation, samples that `fmt`'s layout cannot hold or its scorer cannot score."""
+    check_format(fmt)
+    if fmt == "drivebench":
+        return
+    other = next((s for s in samples if s.source not in ("drivelm", "robosense")), None)
+    if other is not None:
+        raise ConfigError(f"--format {fmt} needs DriveLM or RoboSense data (scene, frame, category), but {where} holds "
+                          f"{other.source} records (e.g. {other.id}); use --format drivebench for it")
+    if fmt == "drivelm" and not any("tag" in s.record for s in samples):
+        raise ConfigError(f"--format drivelm scores by each question's DriveLM `tag`, and {where} has none (a RoboSense "
+                          "file): evaluate the DriveLM QA file, or use --format robosense")
+
+
 def export_predictions(fmt: str, samples: Sequence[Any], preds: Mapping[str, str], out_dir: str | Path) -> Path:
     """Write `preds` ({sample id: prediction}) in `fmt`'s submission layout into `out_dir`; returns the file.
 

@@ -313,6 +313,10 @@ def evaluate_model(
         raise ConfigError(f"the data loader (drivekd.data.loaders) is not available in this install: {e}") from None
     all_samples = load_samples(data, images_root=images, allow_outside_images=allow_outside_images)
     samples = all_samples[:limit] if limit is not None else all_samples
+    if format != "drivebench":  # before any model loads: can these samples be written and scored that way?
+        from drivekd.eval.formats import check_exportable
+
+        check_exportable(format, all_samples, f"--data {data}")
     if not samples:
         raise DataError(f"--data {data} holds no samples")
     try:
