@@ -330,3 +330,25 @@ def test_format_the_data_cannot_take_is_refused_before_the_model_loads(demo_data
     r = CliRunner().invoke(main, ["--model", str(tmp_path / "model"), "--data", str(path), "--out", str(tmp_path / "out"),
                                   "--format", fmt, "--images", str(images)])
     assert r.exit_code == 2 and message in r.output and f"--format {fmt}" in r.output
+
+
+def test_cli_scores_robosense_with_the_drivebench_rubrics(tmp_path):
+    out = tmp_path / "scored"
+    with JudgeServer(lambda server, body: reply("1. Action alignment: 20\nTotal Score: 70")) as server:
+        r = CliRunner().invoke(main, ["score", str(FIX / "robosense_results.json"), "--data", str(FIX / "robosense_ref.json"),
+                                      "--out", str(out), "--judge-url", server.url, "--judge-model", "m", "--judge-runs", "2",
+                                      "--judge-workers", "1", "--no-language"])
+    assert r.exit_code == 0, r.output
+    result = json.loads((out / "challenge.json").read_text())
+    assert result["vqa_llm_score"] == 70.0 and result["phase1"] == pytest.approx((100 + 4 * 70) / 7)
+    assert len(server.requests) == 4 * 2  # the open questions only, --judge-runs times
+    assert {b["temperature"] for _, _, b in server.requests} == {0.0}  # DriveBench's, the track's base
+    assert all("Total Score" in b["messages"][-1]["content"] for _, _, b in server.requests)
+
+
+def test_drivelm_limit_run_skips_unanswered_questions_and_counts_them():
+    questions = ch.drivelm_questions(load_reference(FIX / "drivelm_test.json"))
+    answers = {k: v for k, v in drivelm_answers().items() if k.startswith("s1_f1_")}  # frame f2 not generated
+    r = ch.score_drivelm(questions, answers, fixture_grader, language=False, missing="skip")
+    assert r["unanswered"]["ids"] == ["s1_f2_0", "s1_f2_1", "s1_f2_2", "s1_f2_3"]
+    assert r["chatgpt"]["value"] == GRADES["s1_f1_3"] and r["match"]["f1"] == pytest.approx(100 * f1(1, 1, 1))
