@@ -66,3 +66,17 @@ def test_drivelm_store_trains_student_exported_to_robosense(tiny_models, demo_da
     assert r.exit_code == 0, r.output
     rescored = json.loads((again / "challenge.json").read_text())
     assert rescored["mcq_accuracy"] == challenge["mcq_accuracy"] and rescored["breakdown"] == challenge["breakdown"]
+
+    # The same predictions as a DriveLM output.json: the finished predictions.json is resumed (no model
+    # runs again), exported with the challenge's submission ids, and scored by DriveLM's rules.
+    lm_out = tmp_path / "eval-drivelm"
+    shutil.copytree(out, lm_out)
+    r = runner.invoke(eval_cli, ["--model", str(tmp_path / "run" / "final"), "--data", str(data), "--images", str(root),
+                                 "--out", str(lm_out), "--format", "drivelm", "--no-language"])
+    assert r.exit_code == 0, r.output
+    output = json.loads((lm_out / "output.json").read_text())
+    assert [e["id"] for e in output] == [f"s1_f1_{i}" for i in range(5)] + [f"s1_f2_{i}" for i in range(4)]
+    assert sorted(e["answer"] for e in output) == sorted(preds.values())
+    lm = json.loads((lm_out / "challenge.json").read_text())
+    assert lm["challenge"] == "drivelm" and lm["final"] is None and lm["match"]["f1"] is not None
+    assert "DriveLM final n/a" in r.output and "partial: missing chatgpt" in r.output

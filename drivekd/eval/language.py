@@ -6,7 +6,11 @@ questions with `language_evaluation.CocoEvaluator(coco_types=["BLEU", "ROUGE_L",
 (Java, lower-cased, punctuation tokens dropped), then the corpus-level `Bleu(4)`, `Rouge()` (ROUGE-L,
 beta 1.2, the mean of per-pair scores) and `Cider()` (CIDEr-D, document frequencies from the
 references of the evaluated set) scorers. drivekd calls the same scorers and the same tokenizer from
-`pycocoevalcap` (PyPI, the maintained packaging of that code), so its numbers are the challenge's.
+`pycocoevalcap` 1.2 (PyPI, the packaging of that code), so its numbers are the challenge's: the
+bleu / rouge / cider scorer sources of the two packages are identical (checked by diff; only a
+`verbose` argument differs), and so are the tokenizer jar (stanford-corenlp-3.4.1) and its
+punctuation list. (language_evaluation also maps `_UNK` in references to `_UNKNOWN`; DriveLM's
+answers hold no `_UNK`.)
 Checked alternatives: sacrebleu (its own 13a tokenizer and smoothing) and rouge-score (Porter
 stemming optional, its own tokenizer) install here too but do not reproduce these numbers, so they
 are not used.
