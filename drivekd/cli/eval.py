@@ -132,9 +132,9 @@ def main(ctx: click.Context, model_dir, data, fmt, language, images, allow_outsi
     """Evaluate a driving VLM on DriveBench, or score / compare existing runs (see the commands)."""
     image_flags = pop_flags(judge_kw)  # --tiling, --max-patches, --min-pixels, --max-pixels
     if ctx.invoked_subcommand is not None:
-        if any(v is not None for v in (model_dir, data, images, out_dir, judge_kw["judge_url"])) or compare:
+        if any(v is not None for v in (model_dir, data, images, out_dir, judge_kw["judge_url"])) or compare or fmt != "drivebench":
             raise ConfigError(
-                f"options before `{ctx.invoked_subcommand}` (--model, --data, --images, --out, --compare, "
+                f"options before `{ctx.invoked_subcommand}` (--model, --data, --format, --images, --out, --compare, "
                 f"--judge-*) apply to generation only; put them after `{ctx.invoked_subcommand}`"
             )
         return
