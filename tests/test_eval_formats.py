@@ -257,7 +257,9 @@ def test_cli_scores_a_drivelm_submission_with_the_judge(tmp_path):
     assert {b["temperature"] for _, _, b in server.requests} == {ch.DRIVELM_JUDGE_TEMPERATURE}  # the challenge's
     assert len(server.requests) == 4  # tag 1 and tag 3 only, skipped questions not graded
     assert "DriveLM final 0.7605" in r.output
-    assert (out / "report.json").is_file() and (out / "challenge.md").is_file()
+    prov = json.loads((out / "report.json").read_text())["provenance"]
+    assert prov["predictions"]["format"] == "drivelm" and prov["reference"]["path"].endswith("drivelm_test.json")
+    assert (out / "challenge.md").is_file()
 
 
 def test_cli_without_judge_reports_partial(tmp_path):

@@ -182,7 +182,7 @@ def score_command(predictions: Path, fmt: str, data: Path | None, out_dir: Path 
                           "reference file (the DriveLM QA file with tags, or the RoboSense file with answers)")
     out_dir = out_dir or predictions.parent
     report = score_submission(predictions, out_dir, fmt=fmt, data=data, judge=judge, model_name=name, language=language,
-                              progress=judge is not None, provenance=scoring_provenance(predictions, judge))
+                              progress=judge is not None, provenance=scoring_provenance(predictions, judge, data=data if fmt != "drivebench" else None, fmt=fmt))
     _print_summary(report, out_dir)
 
 

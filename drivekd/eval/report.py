@@ -120,7 +120,10 @@ def _provenance_lines(p: Mapping[str, Any] | None) -> list[str]:
         d = p["data"]
         lines.append(f"- data: `{d['path']}` (sha256 {d['sha256'][:16]}…), {d['samples']} samples" + (f" (--limit {d['limit']})" if d.get("limit") else ""))
     if p.get("predictions"):
-        lines.append(f"- predictions: `{p['predictions']['path']}` (sha256 {p['predictions']['sha256'][:16]}…)")
+        fmt = f", {p['predictions']['format']} layout" if p["predictions"].get("format") else ""
+        lines.append(f"- predictions: `{p['predictions']['path']}` (sha256 {p['predictions']['sha256'][:16]}…{fmt})")
+    if p.get("reference"):
+        lines.append(f"- reference answers: `{p['reference']['path']}` (sha256 {p['reference']['sha256'][:16]}…)")
     if p.get("images"):
         lines.append(f"- images: root `{p['images']['root']}`, settings {p['images']['settings'] or 'the checkpoint’s own'}")
     if p.get("generation"):
