@@ -463,7 +463,8 @@ def _fmt(v: Any, digits: int = 2) -> str:
 
 def challenge_markdown(result: Mapping[str, Any], model: str | None = None) -> str:
     """challenge.md: the challenge's numbers, what is missing and why."""
-    lines = [f"# {result['challenge']} challenge scores: {model or 'model'}", "", f"Rules: {result['rules']}.", ""]
+    title = {"drivelm": "DriveLM", "robosense": "RoboSense Track 1"}[result["challenge"]]
+    lines = [f"# {title} challenge scores: {model or 'model'}", "", f"Rules: {result['rules']}.", ""]
     if result["challenge"] == "drivelm":
         lang = result["language"]
         metrics = lang["metrics"] or {}

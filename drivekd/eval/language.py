@@ -11,9 +11,11 @@ bleu / rouge / cider scorer sources of the two packages are identical (checked b
 `verbose` argument differs), and so are the tokenizer jar (stanford-corenlp-3.4.1) and its
 punctuation list. (language_evaluation also maps `_UNK` in references to `_UNKNOWN`; DriveLM's
 answers hold no `_UNK`.)
-Checked alternatives: sacrebleu (its own 13a tokenizer and smoothing) and rouge-score (Porter
-stemming optional, its own tokenizer) install here too but do not reproduce these numbers, so they
-are not used.
+Checked alternatives install here too but do not reproduce these numbers, so they are not used:
+sacrebleu 2.6.0 keeps case and counts punctuation as tokens ("The cat sat on the mat." against "The
+cat is on the mat.": its BLEU-4 0.489, the challenge's ~0, BLEU-1 6/7 against 5/6), and rouge-score
+0.1.2's ROUGE-L is an F1 (beta 1) on its own tokens (0.833 on tests/fixtures/formats' DriveLM
+language pairs, the challenge's beta-1.2 score 0.814).
 
 The PTB tokenizer and METEOR run Java (`java` on PATH, any JRE >= 8; Debian: `apt-get install
 default-jre-headless`); without it `LanguageMetricsUnavailable` names the problem and the challenge
