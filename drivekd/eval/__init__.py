@@ -1,4 +1,5 @@
-"""DriveBench-style evaluation: letter parsing, scores, LLM judge, predictions files, reports.
+"""DriveBench-style evaluation: letter parsing, scores, LLM judge, predictions files, reports; and the
+DriveLM / RoboSense challenges' submission layouts (`formats`) and scores (`challenge`, `language`).
 
 Nothing here loads a model; generation lives in `drivekd.eval.generate`. Importing this package
 is cheap (no torch, no matplotlib).

@@ -121,6 +121,11 @@ def drivebench_record(sample: Sample) -> dict[str, Any]:
     """
     if sample.source == "drivebench":
         return dict(sample.record)
+    if sample.source in ("drivelm", "robosense"):
+        # Keep scene, frame and category: the DriveLM / RoboSense exporters and scorers join on them.
+        from drivekd.eval.formats import prediction_record
+
+        return prediction_record(sample)
     images = sample.record.get("images")
     if not (isinstance(images, list) and len(images) == len(sample.images)):
         images = [str(p) for p in sample.images]

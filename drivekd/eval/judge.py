@@ -280,8 +280,11 @@ class JudgeClient:
             raise _Retryable("malformed", f"not a chat-completions JSON reply: {snippet!r}") from None
         return self.scrub(content)
 
-    def grade(self, messages: list[dict[str, str]], on_answer: Callable[[str, float | None], None] | None = None) -> float:
-        """Ask until a reply carries a `Total Score`; `on_answer(raw, grade)` sees every reply."""
+    def grade(self, messages: list[dict[str, str]], on_answer: Callable[[str, float | None], None] | None = None,
+              parse: Callable[[str | None], float | None] | None = None, expect: str = "a 'Total Score: N' line") -> float:
+        """Ask until `parse` (default: `parse_total_score`) reads a grade from the reply; `on_answer(raw,
+        grade)` sees every reply. `expect` says in errors what a readable reply holds."""
+        parse = parse or parse_total_score
         failures: list[_Retryable] = []
         for attempt in range(self.retries + 1):
             if attempt:
@@ -291,12 +294,12 @@ class JudgeClient:
             except _Retryable as e:
                 failures.append(e)
                 continue
-            grade = parse_total_score(text)
+            grade = parse(text)
             if on_answer is not None:
                 on_answer(text, grade)
             if grade is not None:
                 return grade
-            failures.append(_Retryable("no_score", f"no 'Total Score: N' line in: {text[-200:]!r}"))
+            failures.append(_Retryable("no_score", f"no {expect} in: {text[-200:]!r}"))
         attempts = self.retries + 1
         last = failures[-1]
         if all(f.kind == "connection" for f in failures):
@@ -306,7 +309,7 @@ class JudgeClient:
             )
         if last.kind == "no_score":
             raise JudgeError(
-                f"judge at {self.endpoint} answered {attempts} times without a 'Total Score: N' line "
+                f"judge at {self.endpoint} answered {attempts} times without {expect} "
                 f"(last: {last.detail}); check --judge-model"
             )
         raise JudgeError(f"judge endpoint {self.endpoint} failed {attempts} times; last error: {last.detail}")
@@ -392,11 +395,37 @@ def grade_records(
             raise DataError(f"records {seen[rid]} and {i} share the id {rid!r}: give each record a unique 'id' field")
         seen[rid] = i
 
+    prompts = []
+    for rid, rec in zip(ids, records):
+        rubric = rubric_for(rec)
+        prompts.append((rid, rubric, build_messages(rec, rubric)))
+    return grade_prompts(prompts, client, runs=runs, log_path=log_path, workers=workers, progress=progress)
+
+
+def grade_prompts(
+    prompts: Sequence[tuple[str, str, list[dict[str, str]]]],
+    client: JudgeClient,
+    runs: int = 5,
+    log_path: str | Path | None = None,
+    workers: int = 1,
+    progress: bool = False,
+    parse: Callable[[str | None], float | None] | None = None,
+    expect: str = "a 'Total Score: N' line",
+) -> dict[str, list[float]]:
+    """Grade (id, rubric name, chat messages) prompts `runs` times each; {id: [grade per run]}.
+
+    The engine under `grade_records`, also used with other prompts (the DriveLM challenge's,
+    `drivekd.eval.challenge`): `parse` reads a grade from a reply (default `parse_total_score`),
+    `expect` names what it looks for. The log / resume rules are those of the module docstring.
+    """
+    if runs < 1:
+        raise JudgeError(f"--judge-runs must be >= 1, got {runs}")
+    if workers < 1:
+        raise JudgeError(f"--judge-workers must be >= 1, got {workers}")
+    ids = [p[0] for p in prompts]
     jobs = []  # (run, id, rubric, messages, prompt sha), run-major so runs finish one after another
     for run in range(runs):
-        for rid, rec in zip(ids, records):
-            rubric = rubric_for(rec)
-            messages = build_messages(rec, rubric)
+        for rid, rubric, messages in prompts:
             jobs.append((run, rid, rubric, messages, _prompt_sha(messages)))
 
     grades: dict[str, list[float | None]] = {rid: [None] * runs for rid in ids}
@@ -438,7 +467,7 @@ def grade_records(
 
     def work(job) -> None:
         run, rid, rubric, messages, sha = job
-        grade = client.grade(messages, on_answer=lambda raw, g: log(run, rid, rubric, sha, raw, g))
+        grade = client.grade(messages, on_answer=lambda raw, g: log(run, rid, rubric, sha, raw, g), parse=parse, expect=expect)
         with lock:
             grades[rid][run] = grade
             if bar is not None:

@@ -101,7 +101,13 @@ def evaluation_provenance(model_dir: Path, data: Path, images: Path | None, *, l
     }
 
 
-def scoring_provenance(predictions: Path, judge: Any) -> dict[str, Any]:
-    """report.json's `provenance` for `drivekd-eval score` (no model: the predictions file stands for it)."""
-    return {"predictions": {"path": str(predictions.resolve()), "sha256": file_sha256(predictions)},
-            "judge": judge_settings(judge), "versions": versions()}
+def scoring_provenance(predictions: Path, judge: Any, data: Path | None = None, fmt: str | None = None) -> dict[str, Any]:
+    """report.json's `provenance` for `drivekd-eval score` (no model: the predictions file stands for it);
+    `data` is the reference file of a DriveLM / RoboSense submission, `fmt` the layout read."""
+    out = {"predictions": {"path": str(predictions.resolve()), "sha256": file_sha256(predictions)},
+           "judge": judge_settings(judge), "versions": versions()}
+    if fmt is not None:
+        out["predictions"]["format"] = fmt
+    if data is not None:
+        out["reference"] = {"path": str(Path(data).resolve()), "sha256": file_sha256(data)}
+    return out

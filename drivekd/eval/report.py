@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from drivekd.errors import DataError
+from drivekd.errors import ConfigError, DataError
 from drivekd.eval.predictions import atomic_write_text
 from drivekd.eval.score import CAPABILITIES, score_predictions
 from drivekd.plots import bar_png
@@ -120,7 +120,10 @@ def _provenance_lines(p: Mapping[str, Any] | None) -> list[str]:
         d = p["data"]
         lines.append(f"- data: `{d['path']}` (sha256 {d['sha256'][:16]}…), {d['samples']} samples" + (f" (--limit {d['limit']})" if d.get("limit") else ""))
     if p.get("predictions"):
-        lines.append(f"- predictions: `{p['predictions']['path']}` (sha256 {p['predictions']['sha256'][:16]}…)")
+        fmt = f", {p['predictions']['format']} layout" if p["predictions"].get("format") else ""
+        lines.append(f"- predictions: `{p['predictions']['path']}` (sha256 {p['predictions']['sha256'][:16]}…{fmt})")
+    if p.get("reference"):
+        lines.append(f"- reference answers: `{p['reference']['path']}` (sha256 {p['reference']['sha256'][:16]}…)")
     if p.get("images"):
         lines.append(f"- images: root `{p['images']['root']}`, settings {p['images']['settings'] or 'the checkpoint’s own'}")
     if p.get("generation"):
@@ -268,12 +271,21 @@ def evaluate_model(
     model_name: str | None = None,
     image_settings: Any = None,
     allow_outside_images: bool = False,
+    format: str = "drivebench",
+    language: bool = True,
 ) -> dict[str, Any]:
     """Generation-based evaluation: load samples, generate (resumable), measure, score, report.
 
     Every option is checked before any model loads. Generation comes from
-    `drivekd.eval.generate` (imported here, so scoring works without it).
+    `drivekd.eval.generate` (imported here, so scoring works without it). `format` (drivebench,
+    drivelm, robosense) also writes the predictions in that challenge's submission layout
+    (`drivekd.eval.formats`) and scores them as that challenge does (challenge.json / .md); the
+    judge then grades with that challenge's prompts only; `language` False skips the challenge's
+    language metrics (Java), reported as missing.
     """
+    from drivekd.eval.formats import check_format
+
+    check_format(format)
     from drivekd.errors import ConfigError
 
     model_dir, data, out_dir = Path(model_dir), Path(data), Path(out_dir)
@@ -302,9 +314,12 @@ def evaluate_model(
         from drivekd.data.loaders import load_samples
     except ImportError as e:
         raise ConfigError(f"the data loader (drivekd.data.loaders) is not available in this install: {e}") from None
-    samples = load_samples(data, images_root=images, allow_outside_images=allow_outside_images)
-    if limit is not None:
-        samples = samples[:limit]
+    all_samples = load_samples(data, images_root=images, allow_outside_images=allow_outside_images)
+    samples = all_samples[:limit] if limit is not None else all_samples
+    if format != "drivebench":  # before any model loads: can these samples be written and scored that way?
+        from drivekd.eval.formats import check_exportable
+
+        check_exportable(format, all_samples, f"--data {data}")
     if not samples:
         raise DataError(f"--data {data} holds no samples")
     try:
@@ -334,8 +349,97 @@ def evaluate_model(
     provenance = prov.evaluation_provenance(model_dir, data, Path(images) if images is not None else None, limit=limit,
                                             n_samples=len(samples), generation=generation, image_settings=image_settings,
                                             judge=judge, deploy=deploy)
-    report = score_and_report(records, out_dir, judge=judge, deploy=deploy_metrics,
-                              model_name=model_name or prov.default_model_name(model_dir), progress=True, provenance=provenance)
+    name = model_name or prov.default_model_name(model_dir)
+    if format == "drivebench":
+        report = score_and_report(records, out_dir, judge=judge, deploy=deploy_metrics, model_name=name, progress=True,
+                                  provenance=provenance)
+    else:
+        from drivekd.eval.formats import export_predictions
+
+        exported = export_predictions(format, all_samples, {s.id: r["pred"] for s, r in zip(samples, records)}, out_dir)
+        score_submission(exported, out_dir, fmt=format, judge=judge, model_name=name, progress=True, provenance=provenance,
+                         samples=all_samples, missing="skip" if limit is not None else "error", language=language)
+        report = json.loads((out_dir / REPORT_JSON).read_text(encoding="utf-8"))
+        if deploy_metrics is not None:  # the DriveBench-style report carries Table 1's deployment columns
+            write_report(out_dir, report, deploy=deploy_metrics, model_name=name, provenance=provenance)
+            report = json.loads((out_dir / REPORT_JSON).read_text(encoding="utf-8"))
+        from drivekd.eval.challenge import CHALLENGE_JSON
+
+        report["challenge"] = json.loads((out_dir / CHALLENGE_JSON).read_text(encoding="utf-8"))
     if compare:
         compare_reports([out_dir, *compare], out_dir / "compare")
     return report
+
+
+def _judge_grader(judge, out_dir: Path, progress: bool):
+    """The DriveLM challenge's grader through drivekd's judge client (mean over --judge-runs per question)."""
+    from drivekd.eval.challenge import drivelm_judge_messages, mean_grades, parse_number_grade
+    from drivekd.eval.judge import grade_prompts
+
+    def grade(items):
+        prompts = [(cid, "drivelm", drivelm_judge_messages(pred, ref)) for cid, pred, ref, _ in items]
+        return mean_grades(grade_prompts(prompts, judge.client(), runs=judge.runs, log_path=out_dir / "judge.jsonl",
+                                         workers=judge.workers, progress=progress, parse=parse_number_grade,
+                                         expect="a number from 0 to 100"))
+    return grade
+
+
+def score_submission(
+    path: str | Path,
+    out_dir: str | Path,
+    *,
+    fmt: str = "auto",
+    data: str | Path | None = None,
+    judge: Any = None,
+    model_name: str | None = None,
+    language: bool = True,
+    missing: str = "error",
+    progress: bool = False,
+    provenance: Mapping[str, Any] | None = None,
+    samples: Sequence[Any] | None = None,
+) -> dict[str, Any]:
+    """Score a predictions file in any format; returns report.json's dict (with `challenge` for
+    DriveLM / RoboSense). `samples` (already loaded reference samples) spares re-reading `data`."""
+    from drivekd.eval.formats import load_reference, prediction_record, read_submission
+
+    path, out_dir = Path(path), Path(out_dir)
+    fmt, entries = read_submission(path, fmt)
+    if fmt == "drivebench":
+        return score_and_report(entries, out_dir, judge=judge, model_name=model_name, progress=progress, provenance=provenance)
+    if samples is None:
+        if data is None:
+            raise ConfigError(f"{path} is a {fmt} submission, which holds no reference answers: pass --data with the "
+                              "reference file (the DriveLM QA file with tags, or the RoboSense file with answers)")
+        samples = load_reference(data)
+    from drivekd.eval import challenge as ch
+
+    if fmt == "drivelm":
+        questions = ch.drivelm_questions(samples)
+        if not any(q.tags for q in questions):
+            raise DataError(f"--data {data}: no question has a DriveLM `tag`; the DriveLM scores need the tagged "
+                            "DriveLM QA file (a RoboSense file has no tags)")
+        answers = {e["id"]: e["answer"] for e in entries}
+        grader = _judge_grader(judge, out_dir, progress) if judge is not None else None
+        result = ch.score_drivelm(questions, answers, grader, language=language, missing=missing, where=str(path))
+        by_cid = {q.challenge_id: q for q in questions}
+        by_sid = {s.id: s for s in samples}
+        records = [prediction_record(by_sid[by_cid[cid].sample_id], a) for cid, a in answers.items()]
+    else:
+        from drivekd.eval.formats import join_robosense
+
+        records = join_robosense(path, entries, samples)
+        grades = None
+        if judge is not None:
+            from drivekd.eval.judge import grade_records
+
+            vqa = [r for r in records if ch.robosense_kind(r["question"], r["answer"]) != "MCQ"]
+            grades = ch.mean_grades(grade_records(vqa, judge.client(), runs=judge.runs, log_path=out_dir / "judge.jsonl",
+                                                  workers=judge.workers, progress=progress)) if vqa else {}
+        result = ch.score_robosense(records, grades, language=language)
+    result["submission"] = str(path)
+    report = score_and_report(records, out_dir, judge=None, model_name=model_name, provenance=provenance)
+    ch.write_challenge(out_dir, result, report.get("model"))
+    report["challenge"] = result
+    return report
+
+
