@@ -118,7 +118,12 @@ def _tp_class(base: type, mesh_manager, device: torch.device) -> type:
         def prepare_distribute_model(cls, distributed_config, device_map=None):
             return distributed_config, device, mesh_manager
 
+    # transformers keys several decisions on a class's name and module: checkpoint key conversions
+    # (Qwen2.5-VL's `model.layers.*` -> `model.language_model.layers.*`) and weight init are skipped
+    # for "custom code" (a module outside transformers). This subclass changes only the mesh hook,
+    # so it passes as the class it extends.
     TensorParallelTeacher.__name__ = TensorParallelTeacher.__qualname__ = base.__name__
+    TensorParallelTeacher.__module__ = base.__module__
     return TensorParallelTeacher
 
 
