@@ -63,14 +63,14 @@ class _Pass:
     the role lists, when the sample must be written anew), or just the signals a complete sample
     lacks (added beside its untouched attention files)."""
 
-    def __init__(self, store, family, model, roles, layers, union, cfg, fault, totals, bar, wanted=None, n_tok=None, writes=True):
+    def __init__(self, store, family, model, roles, layers, union, cfg, fault, totals, bar, wanted=None, n_tok=None, writes=True, device=None):
         self.store, self.family, self.model, self.roles, self.layers = store, family, model, roles, layers
         self.union, self.cfg, self.fault, self.totals, self.bar = union, cfg, fault, totals, bar
         self.wanted = wanted or {r: () for r in roles}  # role -> extra signals it stores (logits, hidden)
         self.n_tok = n_tok  # tokenizer size: top-k ids stay below it
         # A tensor-parallel group's ranks all compute the same maps; only its first rank writes.
         self.writes = writes
-        self.device = input_device(model, torch.device(cfg.device))  # where inputs go (the first GPU under a device map)
+        self.device = device  # where inputs go: the teacher's device (the first GPU under a device map)
         self.writer = None
         self.pending = []
         self.nonfinite: dict[str, str] = {}  # sample id -> why it was skipped (--skip-nonfinite)
@@ -402,7 +402,7 @@ def _build_locked(cfg: BuildConfig, dist: Dist, layers: dict[str, list[int]], de
                    disable=not cfg.progress or rank != 0, dynamic_ncols=True)
         t_loop = time.perf_counter()
         pass_ = _Pass(store, family, model, roles, layers, union, cfg, fault, totals, bar, wanted,
-                      vocab_identity(family.tokenizer)["tokenizer_size"], writes=topo.writer)
+                      vocab_identity(family.tokenizer)["tokenizer_size"], writes=topo.writer, device=input_device(model, dist.device))
         # Writer threads: packing (on CPU), compression and file writes overlap the next forward.
         try:
             with ThreadPoolExecutor(max_workers=cfg.writers) as writer:
