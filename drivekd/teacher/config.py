@@ -81,4 +81,4 @@ class BuildConfig:
             raise ConfigError(f"--dtype must be float32, bfloat16 or float16, not {self.dtype!r}")
         from drivekd.teacher.parallel import check_parallel_flags, world_from_env
 
-        check_parallel_flags(self.teacher_parallel, self.tp_size, self.device_map, world_from_env())
+        check_parallel_flags(self.teacher_parallel, self.tp_size, self.device_map, world_from_env(), self.device)

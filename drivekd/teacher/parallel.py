@@ -63,7 +63,7 @@ def tp_size_for(mode: str, tp_size: int | None, world: int) -> int:
     return tp_size or world
 
 
-def check_parallel_flags(mode: str, tp_size: int | None, device_map: str | None, world: int) -> None:
+def check_parallel_flags(mode: str, tp_size: int | None, device_map: str | None, world: int, device: str = "cpu") -> None:
     """The flags alone (and the torchrun world size), before anything is read or loaded."""
     if mode not in MODES:
         raise ConfigError(f"--teacher-parallel must be one of {', '.join(MODES)}, not {mode!r}")
@@ -74,6 +74,9 @@ def check_parallel_flags(mode: str, tp_size: int | None, device_map: str | None,
     if device_map is not None and mode == "tp":
         raise ConfigError("--device-map auto and --teacher-parallel tp both split the teacher across devices: pass one of them "
                           "(tp: one rank per GPU under torchrun; device-map: one process spanning the GPUs)")
+    if device_map is not None and ":" in str(device):
+        raise ConfigError(f"--device-map auto spreads the teacher over every visible GPU, so --device {device} names none of them: "
+                          "drop --device and choose the GPUs with CUDA_VISIBLE_DEVICES")
     if device_map is not None and world > 1:
         raise ConfigError(f"--device-map auto spreads one process's teacher over every visible GPU; under torchrun ({world} ranks) "
                           "each rank would claim them all. Run it as one process, or use --teacher-parallel tp under torchrun")
