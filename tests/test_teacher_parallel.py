@@ -91,6 +91,17 @@ def test_tp_build_equals_single_process(tiny_models, small_data, single, tmp_pat
     # Counted once per teacher pass, not once per rank of the group.
     assert "10 samples written" in p.stdout, p.stdout
     _assert_same_store(single, out, signals=True)
+    # The planner's per-rank parameters are what transformers' sharded load holds on a rank
+    # (tied output head and embeddings split, vision tower whole), for both families.
+    from drivekd.planner import plan as P
+    from drivekd.planner.teacher_parallel import count_rank
+
+    for name in ("internvl-teacher", "qwen2_5_vl-teacher"):
+        ckpt = tiny_models / name
+        family, _ = P.model_depth(ckpt, "--model")
+        shapes = P.shapes_for(family, P.student_config(ckpt), ckpt, 1, 1200, None, "--model")
+        held = count_rank(ckpt, [0], shapes, 2, torch.float32)["params"]
+        assert f"teacher {name} sharded over 2 ranks (1 replica(s)): {held} parameters on each rank" in p.stdout, p.stdout
     # Without the all-reduce each rank would hold the mean of its own 3 heads: far outside fp16 rounding.
     assert TeacherStore(out).summary("perception")["complete"] == 5
 

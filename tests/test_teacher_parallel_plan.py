@@ -48,6 +48,7 @@ def test_rank_holds_its_shard_and_the_whole_vision_tower():
     assert r["params"] == _expected_rank_params(ckpt, n)
     whole = count_rank(ckpt, [0], shapes, 1)
     assert whole["params"] == _expected_rank_params(ckpt, 1) > r["params"]
+    assert r["categories"]["weights"] == 2 * r["params"]  # bf16: only the shard is held (no view of the whole tensor)
     assert r["tracked_peak_bytes"] < whole["tracked_peak_bytes"]
 
 

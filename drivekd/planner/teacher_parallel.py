@@ -4,17 +4,16 @@ sharded N ways (drivekd.teacher.parallel).
 transformers' plan for the language model shards q/k/v and gate/up column-wise and o/down
 row-wise, and the output head column-wise (gathered after): a rank holds H/N query heads, Hkv/N kv
 heads and I/N of the MLP width of every layer, and 1/N of the head's rows. The embeddings, norms,
-vision tower and projector have no plan: every rank holds them whole. So the rank's forward is
-counted on the real model built from a shard's config (heads, kv heads and MLP width divided by N,
-head_dim kept) on fake tensors, as the single-device teacher pass is (drivekd.planner.plan), with
-the output head's other N-1 shards taken off. Its activations are the rank's: full hidden states
+vision tower and projector have no plan: every rank holds them whole (but a head tied to the
+embeddings splits them too). So the rank's forward is
+counted on the real model, built on fake tensors as the single-device teacher pass is
+(drivekd.planner.plan) and cut to one rank's shard of the plan (`shard_model`). Its activations are the rank's: full hidden states
 (B, T, hidden), its own heads' attention and MLP width, and the full (B, T, T) fp32 head mean of
 each captured layer (every rank holds the all-reduced map).
 """
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 from typing import Any
 
@@ -25,40 +24,57 @@ from drivekd.images import ImageSettings
 from drivekd.planner.plan import GiB, count_teacher_pass, margin_bytes, model_depth, shapes_for, student_config
 
 
-def shard_config(config, n: int):
-    """The config of one rank's shard of a tensor-parallel teacher over n ranks."""
+def check_divisible(config, n: int) -> None:
     text = config.text_config
     for name in ("num_attention_heads", "num_key_value_heads", "intermediate_size"):
         if int(getattr(text, name)) % n:
             raise ConfigError(f"--nproc {n}: the text model's {name} = {getattr(text, name)} does not divide into {n} equal shards; "
                               "pick an --nproc that divides it")
-    out = copy.deepcopy(config)
-    t = out.text_config
-    t.head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads  # unchanged by the split
-    t.num_attention_heads = text.num_attention_heads // n
-    t.num_key_value_heads = text.num_key_value_heads // n
-    t.intermediate_size = text.intermediate_size // n
-    return out
 
 
-def _head_bytes(config, dtype: torch.dtype) -> int:
-    """Bytes of an untied output head (vocab x hidden); a tied one is the embedding, replicated."""
-    tied = bool(getattr(config, "tie_word_embeddings", False))
-    text = config.text_config
-    return 0 if tied else text.vocab_size * text.hidden_size * torch.finfo(dtype).bits // 8
+def shard_model(model, plan: dict[str, str], n: int) -> None:
+    """Cut a built model (fake tensors) to one rank's shard of transformers' plan, in place:
+    colwise modules keep 1/n of their output rows (weight and bias), rowwise ones 1/n of their input
+    columns (their bias stays whole), the output head 1/n of its vocabulary rows (with the input
+    embeddings when tied: one tensor). The forward then runs with the rank's local shapes, as under
+    transformers' tensor parallelism (attention views its projections as (-1, head_dim), so a
+    rank's q/k/v give H/n and Hkv/n heads)."""
+    import fnmatch
+
+    rules = [(f"model.language_model.{pat}".replace("*", "[0-9]*"), style) for pat, style in plan.items()]
+    rules.append(("lm_head", "colwise"))
+
+    def cut(t: torch.Tensor, dim: int) -> torch.nn.Parameter:
+        # A copy, not a view: the rank holds only its shard (a view would keep the whole tensor alive).
+        return torch.nn.Parameter(t.detach().narrow(dim, 0, t.shape[dim] // n).clone(), requires_grad=False)
+
+    tied = model.lm_head.weight is model.get_input_embeddings().weight
+    for name, module in list(model.named_modules()):
+        style = next((st for pat, st in rules if fnmatch.fnmatchcase(name, pat)), None)
+        if style is None or not isinstance(module, torch.nn.Linear):
+            continue
+        if style.startswith("colwise"):
+            module.weight = cut(module.weight, 0)
+            if module.bias is not None:
+                module.bias = cut(module.bias, 0)
+        elif style.startswith("rowwise"):
+            module.weight = cut(module.weight, 1)
+    if tied:
+        emb = model.get_input_embeddings()
+        emb.weight = model.lm_head.weight
+        emb.padding_idx = None  # a gradient-only setting that would check the id against the cut table
 
 
 def count_rank(ckpt: Path, layers: list[int] | None, shapes, n: int, dtype: torch.dtype = torch.bfloat16) -> dict[str, Any]:
     """One rank's counted teacher pass: categories, tracked peak, parameters it holds, FLOPs."""
+    from drivekd.families.base import text_tp_plan
+
     config = student_config(ckpt)
-    c = count_teacher_pass(ckpt, layers, shapes, dtype, config=shard_config(config, n) if n > 1 else None)
-    # The fake shard builds the whole output head; the rank holds 1/n of its rows.
-    off = _head_bytes(config, dtype) * (n - 1) // n
-    cats = dict(c.categories)
-    cats["weights"] = cats.get("weights", 0) - off
-    peak = c.peak - off
-    per_param = torch.finfo(dtype).bits // 8
-    return {"categories": cats, "tracked_peak_bytes": peak, "params": c.params - off // per_param, "flops": c.flops}
+    if n > 1:
+        check_divisible(config, n)
+    plan = text_tp_plan(config)
+    c = count_teacher_pass(ckpt, layers, shapes, dtype, shard=(lambda m: shard_model(m, plan, n)) if n > 1 else None)
+    return {"categories": dict(c.categories), "tracked_peak_bytes": c.peak, "params": c.params, "flops": c.flops}
 
 
 def dry_run_teacher_tp(teachers: dict[str, Path], layers: str | None = None, *, nproc: int, seq_len: int | None = None,

@@ -40,7 +40,7 @@ from drivekd.store.signals import EXTRA, answer_rows, hidden_dtype, hidden_width
 from drivekd.store.zarr_store import TeacherStore
 from drivekd.teacher.config import BuildConfig
 from drivekd.teacher.forward import image_groups, shared_forward
-from drivekd.teacher.parallel import Topology, check_checkpoint, input_device, load_teacher, tp_size_for, world_from_env
+from drivekd.teacher.parallel import Topology, check_checkpoint, input_device, load_teacher, rank_parameters, tp_size_for, world_from_env
 
 
 def dataset_fingerprint(samples: list[Sample]) -> str:
@@ -295,7 +295,7 @@ def build(cfg: BuildConfig, say: Callable[[str], None] | None = None) -> dict:
     if refusal:
         raise StoreError(refusal)
     try:
-        return _build_locked(cfg, dist, layers, depth, Topology(rank, world, tp))
+        return _build_locked(cfg, dist, layers, depth, Topology(rank, world, tp), say)
     finally:
         if lock is not None:
             lock.release()
@@ -360,7 +360,8 @@ def _nonfinite_error(e: NonFiniteTargets, ckpt: Path) -> StoreError:
                       "as skipped (`drivekd-cache info` lists them) and go on")
 
 
-def _build_locked(cfg: BuildConfig, dist: Dist, layers: dict[str, list[int]], depth: dict[str, int], topo: Topology) -> dict:
+def _build_locked(cfg: BuildConfig, dist: Dist, layers: dict[str, list[int]], depth: dict[str, int], topo: Topology,
+                  say: Callable[[str], None] | None = None) -> dict:
     rank, world = dist.rank, dist.world
     samples = load_samples(cfg.data, cfg.images, check_images=False, allow_outside_images=cfg.allow_outside_images)
     try:
@@ -398,6 +399,9 @@ def _build_locked(cfg: BuildConfig, dist: Dist, layers: dict[str, list[int]], de
             continue
         dtype = getattr(torch, cfg.dtype)
         model = load_teacher(ckpt, dtype=dtype, device=dist.device, mode=cfg.teacher_parallel, topo=topo, device_map=cfg.device_map).eval()
+        if topo.tp > 1 and say is not None and rank == 0:
+            say(f"teacher {ckpt.name} sharded over {topo.tp} ranks ({topo.dp} replica(s)): {rank_parameters(model)} parameters "
+                "on each rank (`--dry-run --teacher-parallel tp --nproc N` plans this)")
         bar = tqdm(total=sum(len(u) for u in todo), desc=f"teacher {'+'.join(roles)}", unit="sample",
                    disable=not cfg.progress or rank != 0, dynamic_ncols=True)
         t_loop = time.perf_counter()

@@ -159,6 +159,19 @@ def load_teacher(ckpt: Path, *, dtype: torch.dtype, device: torch.device, mode: 
     return load_model(ckpt, dtype=dtype, device=device)
 
 
+def rank_parameters(model) -> int:
+    """Parameters this rank holds: its local shard of each sharded (DTensor) parameter, the others
+    whole, a tied tensor once."""
+    from torch.distributed.tensor import DTensor
+
+    seen, n = set(), 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            n += (p.to_local() if isinstance(p, DTensor) else p).numel()
+    return n
+
+
 def input_device(model, device: torch.device) -> torch.device:
     """Where a forward's inputs go: the input embeddings' device under a device map (its first
     GPU), else `device`."""
@@ -171,4 +184,5 @@ def world_from_env() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-__all__ = ["MODES", "Topology", "check_checkpoint", "check_parallel_flags", "input_device", "load_teacher", "tp_size_for", "world_from_env"]
+__all__ = ["MODES", "Topology", "check_checkpoint", "check_parallel_flags", "input_device", "load_teacher", "rank_parameters", "tp_size_for",
+           "world_from_env"]
