@@ -23,7 +23,7 @@ def _expected_rank_params(ckpt: Path, n: int) -> int:
     """Parameters one rank holds under transformers' plan, from the whole model's parameter names:
     a colwise module's weight and bias and a rowwise module's weight split n ways (a rowwise bias is
     replicated), an untied lm_head (colwise) too, everything else whole (embeddings, norms, vision
-    tower, projector)."""
+    tower, projector). Tied heads are checked against a real sharded load in test_teacher_parallel."""
     config = model_config(ckpt)
     plan = {f"model.language_model.{k}": v for k, v in text_tp_plan(config).items()}
     with torch.device("meta"):
