@@ -21,6 +21,9 @@ PUBLISHED = {
     "InternVL3-1B-hf": ("internvl", 0.938e9, False, 24),
     "InternVL3-2B-hf": ("internvl", 2.09e9, False, 28),
     "InternVL3-8B-hf": ("internvl", 7.94e9, False, 28),
+    # The 14B / 38B-class teachers (issue 27's per-rank teacher planner).
+    "InternVL3-14B-hf": ("internvl", 15.1e9, False, 48),
+    "InternVL3-38B-hf": ("internvl", 38.4e9, False, 64),
     "Qwen2.5-VL-3B-Instruct": ("qwen2_5_vl", 3.75e9, True, 36),
     "Qwen2.5-VL-7B-Instruct": ("qwen2_5_vl", 8.29e9, False, 28),
 }

@@ -8,6 +8,12 @@ Qwen2.5-VL: max_pixels 200704, 231 per camera); rows: SFT,
 multi + none, multi + AGP, each with and without gradient checkpointing, the per-loss rows in fp32
 and bf16 (SFT has no rows); and the teacher pass (bf16 weights, all three roles' layers captured)
 against a plain sdpa forward. Everything runs on fake tensors (drivekd-train --dry-run's code).
+
+    PYTHONPATH=. .venv/bin/python tools/plan_table.py --teacher-parallel [--out plan_table_tp.json]
+
+Issue 27's table instead: the per-rank peak of the 14B / 38B-class teacher passes (InternVL3-14B,
+InternVL3-38B; all three roles' layers captured, bf16, six cameras without tiling) over 1, 2, 4
+and 8 tensor-parallel ranks (`drivekd-cache build --dry-run --teacher-parallel tp --nproc N`'s code).
 """
 
 from __future__ import annotations
@@ -22,6 +28,35 @@ import torch
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "models"
 PAIRS = {"InternVL3-1B-hf": "InternVL3-8B-hf", "Qwen2.5-VL-3B-Instruct": "Qwen2.5-VL-7B-Instruct"}
+TP_TEACHERS = ["InternVL3-14B-hf", "InternVL3-38B-hf"]
+TP_SIZES = [1, 2, 4, 8]
+
+
+def teacher_parallel_table(configs: Path, out: Path, teachers: list[str]) -> None:
+    from drivekd.images import ImageSettings
+    from drivekd.planner import plan as P
+    from drivekd.planner.teacher_parallel import count_rank
+
+    GiB = 1 << 30
+    results = {}
+    for name in teachers:
+        ckpt = configs / name
+        family, L = P.model_depth(ckpt, "--model")
+        shapes = P.shapes_for(family, P.student_config(ckpt), ckpt, 6, None, ImageSettings(tiling=False), "--model")
+        layers = sorted({0, L - 2, *range(0, L - 1)})  # perception 0, reasoning 0..L-2, planning L-2
+        rows = []
+        for n in TP_SIZES:
+            t0 = time.process_time()
+            r = count_rank(ckpt, layers, shapes, n)
+            peak = r["tracked_peak_bytes"]
+            cats = {**r["categories"], "allocator_margin": P.margin_bytes(peak)}
+            row = {"tp": n, "peak_gib": round((peak + P.margin_bytes(peak)) / GiB, 2), "params_per_rank_b": round(r["params"] / 1e9, 2),
+                   "categories_gib": {k: round(v / GiB, 2) for k, v in cats.items()}, "tflops_per_rank": round(r["flops"] / 1e12, 2),
+                   "cpu_s": round(time.process_time() - t0, 1)}
+            rows.append(row)
+            print(name, json.dumps(row), flush=True)
+        results[name] = {"seq_len": shapes.seq_len, "layers_captured": len(layers), "rows": rows}
+        out.write_text(json.dumps(results, indent=2) + "\n")
 
 
 def main() -> None:
@@ -30,7 +65,12 @@ def main() -> None:
     ap.add_argument("--out", default="plan_table.json")
     ap.add_argument("--models", nargs="*", default=list(PAIRS))
     ap.add_argument("--configs", default=str(CONFIGS), help="folder of the models' config folders")
+    ap.add_argument("--teacher-parallel", action="store_true", help="the per-rank teacher table (TP_TEACHERS x TP_SIZES) instead")
     args = ap.parse_args()
+    if args.teacher_parallel:
+        teachers = [m for m in args.models if m in TP_TEACHERS] or TP_TEACHERS
+        teacher_parallel_table(Path(args.configs), Path(args.out), teachers)
+        return
     from drivekd.images import ImageSettings
     from drivekd.planner import plan as P
     from drivekd.trainer.settings import TrainConfig

@@ -56,11 +56,20 @@ def main() -> None:
 @click.option("--config", "config_path", type=click.Path(path_type=Path), help="Project config (default ./drivekd.toml if present).")
 @click.option("--no-progress", is_flag=True)
 @image_options
+@click.option("--teacher-parallel", type=click.Choice(["none", "tp"]), default=None,
+              help="tp: shard each teacher's language model over --tp-size ranks under torchrun (transformers' tensor "
+                   "parallelism; the vision tower is replicated). world = data-parallel replicas x tp-size. Default none.")
+@click.option("--tp-size", type=int, default=None, help="With --teacher-parallel tp: ranks per teacher replica (default: all ranks).")
+@click.option("--device-map", type=click.Choice(["auto"]), default=None,
+              help="auto: one process spreads the teacher's layers over every visible GPU (transformers/accelerate's "
+                   "sequential split); not under torchrun, not with --teacher-parallel.")
+@click.option("--nproc", type=int, default=None, help="With --dry-run --teacher-parallel tp: the ranks per teacher replica to plan "
+              "for (per-rank peak: sharded layers / N + the replicated vision tower + activations).")
 @click.option("--dry-run", is_flag=True, help="Plan only: peak memory and FLOPs of one teacher forward with capture, from config.json alone.")
 @click.option("--json", "as_json", is_flag=True, help="With --dry-run: print one JSON object.")
 @click.option("--seq-len", type=int, default=None, help="With --dry-run: tokens per sample (default: six cameras' image tokens + 264).")
 def build(role, model_dir, data, images, allow_outside_images, out, layers, batch_size, encoding, keepbits, skip_bad, skip_nonfinite, overwrite, device, dtype, text_tokens, signals, logits_top_k,
-          share_prefix, writers, config_path, no_progress,
+          share_prefix, writers, config_path, no_progress, teacher_parallel=None, tp_size=None, device_map=None, nproc=None,
           dry_run=False, as_json=False, seq_len=None, **image_flags):
     """Run the teacher(s) once over every sample and write their targets."""
     import torch
@@ -80,16 +89,26 @@ def build(role, model_dir, data, images, allow_outside_images, out, layers, batc
             if path is None:
                 raise DriveKDError(f"no checkpoint for role {r}: pass --model DIR or set [teachers].{r} in drivekd.toml")
             teachers[r] = Path(path)
+        c = cfg.get("cache", {})
+        teacher_parallel = teacher_parallel or c.get("teacher_parallel", "none")
+        if nproc is not None and not (dry_run and teacher_parallel == "tp"):
+            raise DriveKDError("--nproc plans a tensor-parallel teacher: pass it with --dry-run --teacher-parallel tp "
+                               "(a real build takes its ranks from torchrun's --nproc_per_node)")
         if dry_run:  # the planner (drivekd/planner): no data, store or weights needed
             import json
 
+            images_ = ImageSettings.from_sources(image_flags, cfg)
+            if teacher_parallel == "tp":
+                from drivekd.planner.teacher_parallel import dry_run_teacher_tp, format_tp_report
+
+                rep = dry_run_teacher_tp(teachers, layers, nproc=nproc or tp_size or 1, seq_len=seq_len, dtype=dtype or "bfloat16", images=images_)
+                click.echo(json.dumps(rep, indent=2) if as_json else format_tp_report(rep))
+                return
             from drivekd.planner.plan import dry_run_teacher, format_teacher_report
 
-            rep = dry_run_teacher(teachers, layers, seq_len=seq_len, dtype=dtype or "bfloat16",
-                                  images=ImageSettings.from_sources(image_flags, cfg))
+            rep = dry_run_teacher(teachers, layers, seq_len=seq_len, dtype=dtype or "bfloat16", images=images_)
             click.echo(json.dumps(rep, indent=2) if as_json else format_teacher_report(rep))
             return
-        c = cfg.get("cache", {})
         d = cfg.get("data", {})
         data_path = data or d.get("train")
         if data_path is None:
@@ -117,6 +136,9 @@ def build(role, model_dir, data, images, allow_outside_images, out, layers, batc
             image_processing=ImageSettings.from_sources(image_flags, cfg),
             signals=parse_signals(signals or c.get("signals")),
             logits_top_k=logits_top_k or int(c.get("logits_top_k", DEFAULT_TOP_K)),
+            teacher_parallel=teacher_parallel,
+            tp_size=tp_size or c.get("tp_size"),
+            device_map=device_map or c.get("device_map"),
         )
         if writers or c.get("writers"):
             bc.writers = writers or int(c["writers"])

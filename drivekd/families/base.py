@@ -103,11 +103,16 @@ def checkpoint_depth(path: str | Path) -> tuple[str, Depth]:
     return family, family_class(family).depth(model_config(path))
 
 
-def load_model(path, *, dtype=torch.float32, device="cpu", capture=True, attn="sdpa", trust_remote_code=False):
+def load_model(path, *, dtype=torch.float32, device="cpu", capture=True, attn="sdpa", trust_remote_code=False,
+               placement: dict | None = None, model_class: type | None = None):
     """Load a checkpoint folder (safetensors only, no download).
 
     capture=True runs the language model through drivekd's capture function (stock sdpa unless a
     `capture_attention` block selects layers); attn="eager" is for reference comparisons.
+    placement: from_pretrained arguments that place the weights themselves (`device_map`, or
+    `distributed_config` for tensor parallelism; drivekd.teacher.parallel), the model then stays
+    where they put it instead of moving to `device`; model_class: a subclass of the family's class
+    to build (the tensor-parallel loader's, which supplies its own device mesh).
     """
     path = Path(path)
     family = detect_family(path)
@@ -119,7 +124,7 @@ def load_model(path, *, dtype=torch.float32, device="cpu", capture=True, attn="s
         log.warning("%s: config.json's text_config says tie_word_embeddings false and its top level says nothing "
                     "(transformers 5.x would tie the output head): loading it untied, its own lm_head kept", path)
     try:
-        model = family_class(family).model_class().from_pretrained(
+        model = (model_class or family_class(family).model_class()).from_pretrained(
             path,
             config=config,
             dtype=dtype,
@@ -127,13 +132,23 @@ def load_model(path, *, dtype=torch.float32, device="cpu", capture=True, attn="s
             use_safetensors=True,
             local_files_only=True,
             trust_remote_code=trust_remote_code,
+            **(placement or {}),
         )
     except (OSError, ValueError, RuntimeError, KeyError, TypeError, AssertionError) as e:
         # Whatever transformers refuses (a pad id outside the embedding asserts; shapes that do not match config.json, a config value its
         # classes reject, a truncated file): one line naming the folder and the reason.
         raise ModelError(f"{path}: transformers cannot build this checkpoint ({_reason(e)}); check that config.json and "
                          "the weights belong together (re-download or re-save the checkpoint)") from None
-    return model.to(device)
+    return model if placement else model.to(device)
+
+
+def text_tp_plan(config) -> dict[str, str]:
+    """The tensor-parallel plan transformers ships for the language model of a VLM config
+    (module pattern -> style, e.g. `layers.*.self_attn.q_proj: colwise`), {} when it has none.
+    Both families' text models (Qwen2, Qwen2.5-VL's text model) have one; their vision towers have
+    none, so under `tp_plan="auto"` the vision tower is replicated on every rank."""
+    text = getattr(config, "text_config", None) or config
+    return dict(getattr(text, "base_model_tp_plan", None) or {})
 
 
 @dataclass

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from transformers import AttentionInterface
@@ -39,6 +40,10 @@ class _Capture:
     grad: bool
     padding: torch.Tensor | None  # (B, T) bool, True on real tokens
     maps: dict[int, torch.Tensor] = field(default_factory=dict)
+    # Tensor-parallel teacher (drivekd.teacher.parallel): each rank sees only its own heads, so
+    # the map it forms is the mean over them; reduce(map, local_heads) turns it into the mean
+    # over all heads (weighted sum, then an all-reduce over the rank's tensor-parallel group).
+    reduce: Callable[[torch.Tensor, int], torch.Tensor] | None = None
 
 
 def _allowed(attention_mask: torch.Tensor | None, q_len: int, k_len: int, device) -> torch.Tensor | None:
@@ -311,8 +316,28 @@ def _capture_attention_forward(module, query, key, value, attention_mask, scalin
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
         with torch.set_grad_enabled(cap.grad and torch.is_grad_enabled()):
             # (B, Q, K); padding rows and columns zeroed when Q == K == T (no prefix cache).
-            cap.maps[module.layer_idx] = _IMPL[0](query, key, attention_mask, scale, padding=cap.padding)
+            m = _IMPL[0](query, key, attention_mask, scale, padding=cap.padding)
+        cap.maps[module.layer_idx] = m if cap.reduce is None else cap.reduce(m, query.shape[1])
     return out
+
+
+# Attribute of a model whose attention heads are split across ranks: its _Capture.reduce.
+HEAD_REDUCE_ATTR = "_drivekd_head_reduce"
+
+
+def sharded_head_mean(group, heads: int) -> Callable[[torch.Tensor, int], torch.Tensor]:
+    """The reduce of a tensor-parallel capture: `heads` attention heads in all, split across the
+    ranks of `group`. A rank's map (B, Q, K) is the mean over its `local` heads; weighted by
+    local / heads and summed over the group it is the mean over every head (a sum over heads,
+    then one all-reduce). Every rank of the group ends with the same full map."""
+    import torch.distributed as dist
+
+    def reduce(m: torch.Tensor, local: int) -> torch.Tensor:
+        m.mul_(local / heads)
+        dist.all_reduce(m, op=dist.ReduceOp.SUM, group=group)
+        return m
+
+    return reduce
 
 
 # The head-mean function the capture calls; `reference_capture()` swaps in the reference.
@@ -368,7 +393,12 @@ def capture_attention(model, layers, grad: bool = False, attention_mask: torch.T
             f"the language model runs attention {impl!r}; load it with drivekd.families.load_model(..., capture=True) "
             "to capture attention"
         )
-    cap = _Capture(layers=layers, grad=grad, padding=None if attention_mask is None else attention_mask.bool())
+    # A tensor-parallel teacher carries its head reduction (drivekd.teacher.parallel.load_teacher).
+    reduce = getattr(model, HEAD_REDUCE_ATTR, None)
+    if reduce is not None and grad:
+        raise RuntimeError("attention capture with gradients through a tensor-parallel model is not supported: "
+                           "the head all-reduce is not differentiable (only the teacher pass runs tensor-parallel)")
+    cap = _Capture(layers=layers, grad=grad, padding=None if attention_mask is None else attention_mask.bool(), reduce=reduce)
     attns = [mods[i].self_attn for i in layers]
     for a in attns:
         a._drivekd_capture = cap

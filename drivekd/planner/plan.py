@@ -558,9 +558,11 @@ def format_report(r: dict[str, Any]) -> str:
 # ----------------------------------------------------------------------------- the teacher pass
 
 
-def count_teacher_pass(model_dir: Path, layers: list[int] | None, shapes: Shapes, dtype=torch.bfloat16) -> Counted:
+def count_teacher_pass(model_dir: Path, layers: list[int] | None, shapes: Shapes, dtype=torch.bfloat16, shard=None) -> Counted:
     """One teacher forward (no grad, weights in `dtype`) on the synthetic sample, with the
-    head-mean capture of `layers` (None: a plain sdpa forward, the baseline), counted like the step."""
+    head-mean capture of `layers` (None: a plain sdpa forward, the baseline), counted like the step.
+    shard: applied to the built model before counting (cuts it to one tensor-parallel rank's
+    shard, drivekd.planner.teacher_parallel)."""
     from torch._subclasses.fake_tensor import unset_fake_temporarily
 
     from drivekd.families.capture import capture_attention
@@ -573,6 +575,8 @@ def count_teacher_pass(model_dir: Path, layers: list[int] | None, shapes: Shapes
     with fake_mode() as (fm, sh):
         with sh.paused():
             model = build_student(model_dir, family, config, dtype).eval()
+            if shard is not None:
+                shard(model)
         with unset_fake_temporarily():
             batch = synthetic_batch(shapes, config, _NoTerms())
         tensors = {k: sh.real(v) for k, v in batch.inputs.tensors.items()}

@@ -6,7 +6,10 @@ group sharing its images drivekd.teacher.forward; this module drives them and th
 Work is cut into fixed batches of the dataset order (batch b = samples[b*bs:(b+1)*bs]) whatever
 is already stored, so a resumed or sharded build runs every forward with exactly the inputs of
 an uninterrupted single-process build: the stored arrays are bit-identical. Under torchrun, rank
-r takes batches b with b % world == r; ranks write disjoint sample groups.
+r takes batches b with b % world == r; ranks write disjoint sample groups. With
+`--teacher-parallel tp` the unit of that split is a tensor-parallel group of ranks (one teacher
+replica, drivekd.teacher.parallel): group g takes batches b % (world / tp) == g, every rank of the
+group runs the same forwards, and only the group's first rank writes.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from drivekd.data.loaders import load_samples
 from drivekd.data.sample import Sample
 from drivekd.distributed import Dist, fault_hook
 from drivekd.errors import ConfigError, DataError, DriveKDError, ModelError, StoreError
-from drivekd.families.base import Family, load_model
+from drivekd.families.base import Family
 from drivekd.families.capture import capture_attention
 from drivekd.fileio import write_error as file_write_error
 from drivekd.layers import LayerSpecError, recipe_layers, resolve_layers, spec_of
@@ -37,6 +40,7 @@ from drivekd.store.signals import EXTRA, answer_rows, hidden_dtype, hidden_width
 from drivekd.store.zarr_store import TeacherStore
 from drivekd.teacher.config import BuildConfig
 from drivekd.teacher.forward import image_groups, shared_forward
+from drivekd.teacher.parallel import Topology, check_checkpoint, input_device, load_teacher, rank_parameters, tp_size_for, world_from_env
 
 
 def dataset_fingerprint(samples: list[Sample]) -> str:
@@ -59,11 +63,14 @@ class _Pass:
     the role lists, when the sample must be written anew), or just the signals a complete sample
     lacks (added beside its untouched attention files)."""
 
-    def __init__(self, store, family, model, roles, layers, union, cfg, fault, totals, bar, wanted=None, n_tok=None):
+    def __init__(self, store, family, model, roles, layers, union, cfg, fault, totals, bar, wanted=None, n_tok=None, writes=True, device=None):
         self.store, self.family, self.model, self.roles, self.layers = store, family, model, roles, layers
         self.union, self.cfg, self.fault, self.totals, self.bar = union, cfg, fault, totals, bar
         self.wanted = wanted or {r: () for r in roles}  # role -> extra signals it stores (logits, hidden)
         self.n_tok = n_tok  # tokenizer size: top-k ids stay below it
+        # A tensor-parallel group's ranks all compute the same maps; only its first rank writes.
+        self.writes = writes
+        self.device = device  # where inputs go: the teacher's device (the first GPU under a device map)
         self.writer = None
         self.pending = []
         self.nonfinite: dict[str, str] = {}  # sample id -> why it was skipped (--skip-nonfinite)
@@ -77,7 +84,7 @@ class _Pass:
             except DataError as e:
                 if not self.cfg.skip_bad:  # only the build can skip, so only it names --skip-bad
                     raise DataError(f"{e}, or pass --skip-bad to record it as skipped") from e
-                for r in self.roles:
+                for r in self.roles if self.writes else ():
                     self.store.mark_skipped(r, s.id, str(e))
                 self.totals["skipped"] += 1
                 self.bar.update(1)
@@ -111,6 +118,8 @@ class _Pass:
         return out
 
     def _submit(self, fn, *args, **kw):
+        if not self.writes:
+            return None
         fut = self.writer.submit(self._guarded, fn, *args, **kw)
         self.pending.append(fut)
         return fut
@@ -144,7 +153,7 @@ class _Pass:
         cfg = self.cfg
         needs = [{r: self._need(r, s) for r in self.roles} for s in good]
         att, hid, want_logits = self._forward_needs(needs)
-        inputs = self.family.build_inputs(good).to(cfg.device)
+        inputs = self.family.build_inputs(good).to(self.device)
         am = inputs.tensors["attention_mask"].bool()
         kw = {"output_hidden_states": True} if hid else {}
         keep = None
@@ -152,7 +161,7 @@ class _Pass:
             from drivekd.losses.attention import answer_positions
 
             keep = answer_positions(inputs.padded("labels"))[0]  # (P,) padded positions: only the answer rows' logits
-            kw["logits_to_keep"] = keep.to(cfg.device)
+            kw["logits_to_keep"] = keep.to(self.device)
         with torch.no_grad(), capture_attention(self.model, self.union if att else [], attention_mask=am) as maps:
             out = self.model(**inputs.tensors, **kw)
         for b, (s, lay) in enumerate(zip(good, inputs.layouts)):
@@ -182,7 +191,7 @@ class _Pass:
         att, hid, _ = self._forward_needs(needs)
         member = [any(a or e for a, e in nd.values()) for nd in needs]
         rows = [answer_rows(lay.labels) if any("logits" in e for _, e in nd.values()) else None for (_, lay), nd in zip(enc, needs)]
-        res = shared_forward(self.model, enc, self.union if att else [], member, cfg.device, hidden_layers=hid, logits_rows=rows)
+        res = shared_forward(self.model, enc, self.union if att else [], member, self.device, hidden_layers=hid, logits_rows=rows)
         P, key = res.prefix_length, res.key
         prefix_ids = enc[0][1].input_ids[:P]
         prefix_done = {}
@@ -260,6 +269,9 @@ def build(cfg: BuildConfig, say: Callable[[str], None] | None = None) -> dict:
     """
     cfg.validate()
     layers, depth = resolve_build_layers(cfg)
+    tp = tp_size_for(cfg.teacher_parallel, cfg.tp_size, world_from_env())
+    for ckpt in {Path(p).resolve() for p in cfg.teachers.values()}:
+        check_checkpoint(ckpt, tp)  # heads and widths split evenly, before the process group or any weight
     # The process group follows the teacher's device (nccl on CUDA, gloo on CPU).
     dist = Dist(cfg.device)
     rank, world = dist.rank, dist.world
@@ -283,7 +295,7 @@ def build(cfg: BuildConfig, say: Callable[[str], None] | None = None) -> dict:
     if refusal:
         raise StoreError(refusal)
     try:
-        return _build_locked(cfg, dist, layers, depth)
+        return _build_locked(cfg, dist, layers, depth, Topology(rank, world, tp), say)
     finally:
         if lock is not None:
             lock.release()
@@ -348,7 +360,8 @@ def _nonfinite_error(e: NonFiniteTargets, ckpt: Path) -> StoreError:
                       "as skipped (`drivekd-cache info` lists them) and go on")
 
 
-def _build_locked(cfg: BuildConfig, dist: Dist, layers: dict[str, list[int]], depth: dict[str, int]) -> dict:
+def _build_locked(cfg: BuildConfig, dist: Dist, layers: dict[str, list[int]], depth: dict[str, int], topo: Topology,
+                  say: Callable[[str], None] | None = None) -> dict:
     rank, world = dist.rank, dist.world
     samples = load_samples(cfg.data, cfg.images, check_images=False, allow_outside_images=cfg.allow_outside_images)
     try:
@@ -379,18 +392,21 @@ def _build_locked(cfg: BuildConfig, dist: Dist, layers: dict[str, list[int]], de
         # Units of work, fixed by the dataset order whatever is already stored: image groups when
         # sharing prefixes (a group's prefix runs once), else fixed batches.
         units = image_groups(samples) if cfg.share_prefix else [samples[i : i + cfg.batch_size] for i in range(0, len(samples), cfg.batch_size)]
-        mine = [u for k, u in enumerate(units) if k % world == rank]
+        mine = [u for k, u in enumerate(units) if k % topo.dp == topo.dp_rank]  # this rank's teacher replica's share
         todo = [u for u in mine if not all(store.is_done(r, s.id, wanted[r]) for s in u for r in roles)]
         totals["already"] += sum(len(u) for u in mine) - sum(len(u) for u in todo)
         if not todo:
             continue
         dtype = getattr(torch, cfg.dtype)
-        model = load_model(ckpt, dtype=dtype, device=cfg.device).eval()
+        model = load_teacher(ckpt, dtype=dtype, device=dist.device, mode=cfg.teacher_parallel, topo=topo, device_map=cfg.device_map).eval()
+        if topo.tp > 1 and say is not None and rank == 0:
+            say(f"teacher {ckpt.name} sharded over {topo.tp} ranks ({topo.dp} replica(s)): {rank_parameters(model)} parameters "
+                "on each rank (`--dry-run --teacher-parallel tp --nproc N` plans this)")
         bar = tqdm(total=sum(len(u) for u in todo), desc=f"teacher {'+'.join(roles)}", unit="sample",
                    disable=not cfg.progress or rank != 0, dynamic_ncols=True)
         t_loop = time.perf_counter()
         pass_ = _Pass(store, family, model, roles, layers, union, cfg, fault, totals, bar, wanted,
-                      vocab_identity(family.tokenizer)["tokenizer_size"])
+                      vocab_identity(family.tokenizer)["tokenizer_size"], writes=topo.writer, device=input_device(model, dist.device))
         # Writer threads: packing (on CPU), compression and file writes overlap the next forward.
         try:
             with ThreadPoolExecutor(max_workers=cfg.writers) as writer:
@@ -420,7 +436,9 @@ def _build_locked(cfg: BuildConfig, dist: Dist, layers: dict[str, list[int]], de
     totals["skipped"] += len(nonfinite)
     totals["nonfinite"] = len(nonfinite)
     if world > 1:
-        t = dist.sum_(torch.tensor([totals["written"], totals["skipped"], totals["already"]], dtype=torch.float64, device=dist.device))
+        # Each sample once: a tensor-parallel group's ranks all ran its samples, its writer counts them.
+        counts = [totals["written"], totals["skipped"], totals["already"]] if topo.writer else [0, 0, 0]
+        t = dist.sum_(torch.tensor(counts, dtype=torch.float64, device=dist.device))
         totals["written"], totals["skipped"], totals["already"] = (int(x) for x in t.tolist())
     summaries = {r: store.summary(r) for r in ROLES if r in cfg.teachers} if rank == 0 else {}
     return {"rank": rank, "world": world, **totals, "roles": summaries}

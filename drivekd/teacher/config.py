@@ -44,6 +44,12 @@ class BuildConfig:
     # Threads that quantise, compress and write (Blosc releases the GIL). With a fast GPU teacher
     # a reasoning role writes ~27 layers per sample: one thread would bound the build.
     writers: int = field(default_factory=lambda: max(1, min(4, os.cpu_count() or 1)))
+    # Teachers larger than one device (drivekd.teacher.parallel): "tp" shards each teacher over
+    # tp_size ranks under torchrun (default: all of them; world = data-parallel replicas x tp_size);
+    # device_map "auto" spreads one process's teacher over the visible GPUs.
+    teacher_parallel: str = "none"
+    tp_size: int | None = None
+    device_map: str | None = None
 
     def validate(self) -> None:
         if not self.teachers:
@@ -73,3 +79,6 @@ class BuildConfig:
             raise ConfigError(f"--logits-top-k must be >= 1, not {self.logits_top_k}")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ConfigError(f"--dtype must be float32, bfloat16 or float16, not {self.dtype!r}")
+        from drivekd.teacher.parallel import check_parallel_flags, world_from_env
+
+        check_parallel_flags(self.teacher_parallel, self.tp_size, self.device_map, world_from_env(), self.device)
