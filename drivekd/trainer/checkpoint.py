@@ -44,6 +44,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from drivekd.distributed import fault_hook
 from drivekd.errors import DriveKDError
 from drivekd.families.processors import save_processor
 
@@ -262,6 +263,7 @@ def load_state(ckpt: str | Path) -> dict[str, Any]:
 
 
 SHARDED = "sharded"
+_SAVE_FAULT: dict[str, Any] = {}
 
 
 def save_sharded(run: Path, name: str, model, optimizer, state: dict[str, Any], meta: dict[str, Any], dist) -> Path | None:
@@ -287,6 +289,10 @@ def save_sharded(run: Path, name: str, model, optimizer, state: dict[str, Any], 
     dcp.save({"model": msd, "optimizer": osd}, checkpoint_id=str(tmp / SHARDED))
     out = None
     if dist.main:
+        if "hook" not in _SAVE_FAULT:  # tests: DRIVEKD_FAULT_KILL_AFTER=N, a kill -9 inside this process's Nth save
+            _SAVE_FAULT["hook"] = fault_hook()
+        if _SAVE_FAULT["hook"] is not None:
+            _SAVE_FAULT["hook"]()
         torch.save({k: v for k, v in state.items() if k != "optimizer"}, tmp / STATE_PT)
         (tmp / STATE_JSON).write_text(json.dumps({"format_version": FORMAT_VERSION, "fsdp": True, **meta}, indent=2,
                                                  sort_keys=True) + "\n")

@@ -176,7 +176,11 @@ def full_weights(model) -> dict[str, torch.Tensor]:
     the other ranks get an empty dict), for final/ in the plain from_pretrained layout."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    # A tied weight (lm_head = embed_tokens) arrives under both names as two CPU copies, which
+    # save_pretrained would write twice: keep the name the model keeps (its first).
+    tied = {n for n, _ in model.named_parameters(remove_duplicate=False)} - {n for n, _ in model.named_parameters()}
+    return {k: v for k, v in weights.items() if k not in tied}
 
 
 def full_writer(model, weights: dict[str, torch.Tensor]):
