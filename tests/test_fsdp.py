@@ -75,15 +75,13 @@ def _close_weights(a: Path, b: Path, tol: float) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("fam", ["internvl", "qwen2_5_vl"])
-def test_two_fsdp_ranks_equal_one_process_and_resume_exactly(fam, tiny_models, demo_data, tmp_path):
-    """multi + AGP + re-weighting, 4 steps: 2 FSDP ranks x micro-batch 1 == 1 process x 2; a resume
-    from the sharded step-2 checkpoint continues exactly; a kill -9 inside the step-4 sharded save
-    leaves step 2 usable and --resume finishes the same run."""
-    full, resumed, killed, one = (tmp_path / n for n in ("full", "resumed", "killed", "one"))
-    p = _launch(tmp_path, tiny_models, demo_data, fam, [(full, {"fsdp": True, "micro_batch": 1}),
-                                                      (resumed, {"fsdp": True, "micro_batch": 1, "resume_from": str(full / "step-000002")})],
-                nproc=2)
+@pytest.mark.parametrize("fam, kill", [("internvl", True), ("qwen2_5_vl", False)])
+def test_two_fsdp_ranks_equal_one_process_and_resume_exactly(fam, kill, tiny_models, demo_data, tmp_path):
+    """multi + AGP + re-weighting, 4 steps: 2 FSDP ranks x micro-batch 1 == 1 process x 2; (InternVL
+    only, to keep the suite short) a kill -9 inside the step-4 sharded save leaves step 2 usable, and
+    --resume from it finishes exactly the uninterrupted run (optimizer state, schedule, re-weighting)."""
+    full, killed, one = (tmp_path / n for n in ("full", "killed", "one"))
+    p = _launch(tmp_path, tiny_models, demo_data, fam, [(full, {"fsdp": True, "micro_batch": 1})], nproc=2)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     p = _launch(tmp_path, tiny_models, demo_data, fam, [(one, {"micro_batch": 2})])
     assert p.returncode == 0, p.stderr[-3000:]
@@ -97,9 +95,8 @@ def test_two_fsdp_ranks_equal_one_process_and_resume_exactly(fam, tiny_models, d
     step2 = full / "step-000002"
     assert (step2 / "sharded" / ".metadata").is_file() and len(list((step2 / "sharded").glob("*.distcp"))) == 2
     assert not (step2 / "model.safetensors").exists()
-    # The resume continues exactly (the same ranks, the same arithmetic).
-    _close_lines(_lines(resumed)[2:], _lines(full)[2:], 1e-6)
-    _close_weights(resumed / "final", full / "final", 1e-6)
+    if not kill:
+        return
 
     # kill -9 inside the second sharded save (step 4): step 2 stays complete and usable.
     p = _launch(tmp_path, tiny_models, demo_data, fam, [(killed, {"fsdp": True, "micro_batch": 1})], nproc=2,

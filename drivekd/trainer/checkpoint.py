@@ -315,7 +315,18 @@ def load_sharded(ckpt: str | Path, model, optimizer) -> None:
     if not is_sharded(ckpt):
         raise DriveKDError(f"{ckpt} is not a --fsdp checkpoint (no {SHARDED}/ folder): it was written without --fsdp; "
                            "resume it without --fsdp")
-    msd, osd = get_state_dict(model, optimizer)
-    sd = {"model": msd, "optimizer": osd}
-    dcp.load(sd, checkpoint_id=str(Path(ckpt) / SHARDED))
-    set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optimizer"])
+    # get_state_dict builds a fresh optimizer's state (to have tensors to load into) only when no
+    # parameter has a .grad; the --fsdp .grads are always views of the step's gradient buffer, so
+    # they are set aside meanwhile (else nothing of the optimizer state would load).
+    params = list(model.parameters())
+    saved = [p.grad for p in params]
+    for p in params:
+        p.grad = None
+    try:
+        msd, osd = get_state_dict(model, optimizer)
+        sd = {"model": msd, "optimizer": osd}
+        dcp.load(sd, checkpoint_id=str(Path(ckpt) / SHARDED))
+        set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optimizer"])
+    finally:
+        for p, g in zip(params, saved):
+            p.grad = g
