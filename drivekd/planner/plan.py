@@ -424,8 +424,11 @@ def margin_bytes(tracked_peak: int) -> int:
 
 
 def dry_run(cfg, *, seq_len: int | None = None, cameras: int = 6, gpu_memory: int | None = None,
-            suggest: bool = True) -> dict[str, Any]:
-    """The planner's answer for the run `cfg` (a TrainConfig): a JSON-ready dict."""
+            suggest: bool = True, nproc: int = 1) -> dict[str, Any]:
+    """The planner's answer for the run `cfg` (a TrainConfig): a JSON-ready dict. With cfg.fsdp,
+    each of `nproc` ranks' peak (drivekd/planner/sharded.py)."""
+    if cfg.fsdp:
+        return _dry_run_fsdp(cfg, seq_len=seq_len, cameras=cameras, gpu_memory=gpu_memory, nproc=nproc)
     if cfg.student is None:
         raise ConfigError("--student is required (a folder with the student's config.json; weights are not read)")
     if not isinstance(cameras, int) or cameras < 0:
@@ -488,6 +491,28 @@ def dry_run(cfg, *, seq_len: int | None = None, cameras: int = 6, gpu_memory: in
     return out
 
 
+def _dry_run_fsdp(cfg, *, seq_len, cameras, gpu_memory, nproc: int) -> dict[str, Any]:
+    """--fsdp: the step counted in one process with the engine the sharded run uses (rows), then
+    divided per rank; no suggestions (more ranks is the knob)."""
+    from drivekd.planner import sharded
+
+    if not isinstance(nproc, int) or nproc < 1:
+        raise ConfigError(f"--nproc must be an integer >= 1, got {nproc!r}")
+    per_loss = cfg.projection != "none" or cfg.dynamic_weights
+    one = replace(cfg, fsdp=False, grad_engine="rows" if per_loss else cfg.grad_engine)
+    r = dry_run(one, seq_len=seq_len, cameras=cameras, gpu_memory=None)
+    family = r["family"]
+    units = sharded.unit_bytes(Path(cfg.student), family, student_config(cfg.student))
+    cats = {k: v for k, v in r["categories"].items() if k != "allocator_margin"}
+    cats = sharded.per_rank(cats, nproc, units, per_loss and r["grad_engine"] == "rows")
+    tracked = sum(cats.values())
+    cats["allocator_margin"] = margin_bytes(tracked)
+    peak = sum(cats.values())
+    return {**r, "categories": cats, "peak_bytes": peak, "tracked_peak_bytes": tracked, "gpu_memory_bytes": gpu_memory,
+            "fits": None if gpu_memory is None else peak <= gpu_memory, "fsdp": sharded.describe(nproc, per_loss), "nproc": nproc,
+            "units": units, "suggestions": [], "sft_peak_bytes": r["sft_peak_bytes"]}
+
+
 def _suggestions(cfg, seq_len, cameras, gpu_memory, engine: str) -> list[dict[str, Any]]:
     """Trainer options that would make the run fit, each with its planned peak. `engine`: the
     per-loss gradient engine the run used (rows options only make sense with rows)."""
@@ -531,7 +556,8 @@ def format_report(r: dict[str, Any]) -> str:
              f"gradient checkpointing {'on' if r['gradient_checkpointing'] else 'off'}, gradient engine {r['grad_engine'] or 'none'}"
              f" ({r['grad_engine_reason'] or 'one backward'}), gradient rows {r['grad_buffer_dtype']}, "
              f"precision {r['precision']}",
-             "peak memory by category:"]
+             ("per rank, --fsdp over %d ranks (gathered weights: %s):" % (r["nproc"], r["fsdp"]["gathered_weights"])
+              if r.get("fsdp") else "peak memory by category:")]
     for k, v in r["categories"].items():
         lines.append(f"  {k:<18}{g(v)}")
     lines.append(f"  {'total':<18}{g(r['peak_bytes'])}   (plain fine-tuning: {g(r['sft_peak_bytes']).strip()})")

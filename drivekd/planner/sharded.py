@@ -1,0 +1,54 @@
+"""The student's peak per rank under --fsdp --nproc N, from the one-process count of the same step.
+
+The planner counts the real step on fake tensors in one process (drivekd/planner/plan.py); FSDP2
+needs a process group, so its per-rank bytes are derived from that count and from the sizes of
+the units drivekd/trainer/fsdp.py shards (every decoder layer / vision block, and the root:
+embeddings, projector, LM head, norms):
+
+    weights          W / N (this rank's shards) + the gathered units: on a per-loss step (K
+                     backwards over one forward, fsdp.gathered) the whole student W, on the fast
+                     path (one backward) the root unit + 2 blocks (the one computing and the
+                     one prefetched)
+    gradients        G / N, + one block's unsharded gradient before its reduce-scatter
+    grad_rows        K x N_params / N (the sharded rows engine)
+    optimizer_state  S / N
+    everything else  as one process with micro-batch 1 (activations, inputs, targets, maps,
+                     temporaries are per rank)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+def unit_bytes(student_dir, family: str, config, dtype: torch.dtype = torch.float32) -> dict[str, int]:
+    """Bytes of the root unit and of the largest block, the student built on the meta device."""
+    from drivekd.planner.plan import build_student
+    from drivekd.trainer.fsdp import sharded_blocks
+
+    with torch.device("meta"):
+        model = build_student(student_dir, family, config, dtype=dtype)
+    blocks = sharded_blocks(model)
+    in_block = {id(p) for b in blocks for p in b.parameters()}
+    size = lambda ps: sum(p.numel() * p.element_size() for p in ps)  # noqa: E731
+    return {"root": size(p for p in model.parameters() if id(p) not in in_block),
+            "largest_block": max(size(b.parameters()) for b in blocks),
+            "weights": size(model.parameters())}
+
+
+def per_rank(categories: dict[str, int], nproc: int, units: dict[str, int], per_loss: bool) -> dict[str, int]:
+    """One process's counted categories -> one rank's under --fsdp over `nproc` ranks."""
+    out = dict(categories)
+    gathered = units["weights"] if per_loss else units["root"] + 2 * units["largest_block"]
+    out["weights"] = categories["weights"] // nproc + gathered
+    out["gradients"] = categories["gradients"] // nproc + units["largest_block"]
+    out["grad_rows"] = categories["grad_rows"] // nproc
+    out["optimizer_state"] = categories["optimizer_state"] // nproc
+    return out
+
+
+def describe(nproc: int, per_loss: bool) -> dict[str, Any]:
+    return {"nproc": nproc, "gathered_weights": "the whole student during the K per-loss backwards" if per_loss
+            else "root unit + 2 blocks (one backward)"}
