@@ -219,6 +219,9 @@ class Counted:
     trainable: int = 0  # parameters with requires_grad (--freeze / --lora leave fewer)
     host_peak: int = 0  # host memory of --precision bf16-offload (fp32 masters, their gradients and AdamW state)
     scaled_from: str = ""  # counted at reduced depths and extrapolated (planner/scale.py): which depths
+    # the categories at the peak of each phase: "micro" (forward, backwards, combine) and "update"
+    # (average, clip, AdamW); --fsdp divides them differently per rank (planner/sharded.py)
+    phases: dict[str, dict[str, int]] = field(default_factory=dict)
 
 
 def build_student(student: Path, family: str, config, dtype=torch.float32):
@@ -317,6 +320,8 @@ def count_step(cfg, plan, shapes: Shapes, config, *, fake: bool = True, model=No
         try:
             with tracker:
                 ts.micro_step(batch, list(plan.static_weights), list(range(1, len(plan.row_names))), where="the dry run")
+                micro, micro_peak = tracker.peak_by_category(), tracker.peak
+                tracker.reset_peak()
                 ts.average(1)
                 ts.clip()
                 ts.optimizer_step()
@@ -324,9 +329,11 @@ def count_step(cfg, plan, shapes: Shapes, config, *, fake: bool = True, model=No
         finally:
             step_mod.capture_attention = real_capture
         rss = None if fake else _peak_rss() - rss_before
-        cats = tracker.peak_by_category()
-        return Counted(cats, tracker.peak, int(tracker.flops), sum(p.numel() for p in model.parameters()), baseline, rss,
-                       ts.engine, ts.engine_reason, sum(p.numel() for p in ts.params), tracker.host_peak)
+        update = tracker.peak_by_category()
+        cats, peak = (micro, micro_peak) if micro_peak >= tracker.peak else (update, tracker.peak)
+        return Counted(cats, peak, int(tracker.flops), sum(p.numel() for p in model.parameters()), baseline, rss,
+                       ts.engine, ts.engine_reason, sum(p.numel() for p in ts.params), tracker.host_peak,
+                       phases={"micro": micro, "update": update})
 
 
 @contextlib.contextmanager
@@ -412,8 +419,10 @@ def count_at_depth(cfg, L: int, family: str, teacher_L: int | None, shapes: Shap
         log.warning("the reduced-depth counts do not extrapolate to the full model; counting all %d layers", L)
         return direct()
     pts = ", ".join(f"{p.text}+{sum(p.vision)}" for p in scale.points(family))
+    phases = {ph: {k: ext(lambda c, ph=ph, k=k: c.phases[ph][k]) for k in counts[0].phases[ph]} for ph in counts[0].phases}
     return Counted(cats, sum(cats.values()), got["flops"], got["params"], got["baseline"], None, engine, reason,
-                   trainable=got["trainable"], host_peak=got["host_peak"], scaled_from=f"text+vision layers {pts}")
+                   trainable=got["trainable"], host_peak=got["host_peak"], scaled_from=f"text+vision layers {pts}",
+                   phases=phases)
 
 
 # ----------------------------------------------------------------------------- the report
@@ -483,6 +492,7 @@ def dry_run(cfg, *, seq_len: int | None = None, cameras: int = 6, gpu_memory: in
         "micro_batch": 1,
         "flops_per": "micro-step (one sample); an optimizer step is --grad-accum of them",
         "suggestions": [],
+        "phases": run.phases,
     }
     if uncounted_terms(cfg):  # see dry_plan
         out["approximation"] = f"--recipe {cfg.recipe} is counted as CE only (its second loss row, its targets and any projection are not)"
@@ -502,9 +512,13 @@ def _dry_run_fsdp(cfg, *, seq_len, cameras, gpu_memory, nproc: int) -> dict[str,
     one = replace(cfg, fsdp=False, grad_engine="rows" if per_loss else cfg.grad_engine)
     r = dry_run(one, seq_len=seq_len, cameras=cameras, gpu_memory=None)
     family = r["family"]
-    units = sharded.unit_bytes(Path(cfg.student), family, student_config(cfg.student))
-    cats = {k: v for k, v in r["categories"].items() if k != "allocator_margin"}
-    cats = sharded.per_rank(cats, nproc, units, per_loss and r["grad_engine"] == "rows")
+    with torch.device("meta"):
+        units = sharded.unit_bytes(build_student(Path(cfg.student), family, student_config(cfg.student)))
+    gathered_all = per_loss and r["grad_engine"] == "rows"
+    # each phase per rank; the peak is the larger (the update phase's temporaries are the shards')
+    ranked = [sharded.per_rank(r["phases"]["micro"], nproc, units, gathered_all),
+              sharded.per_rank(r["phases"]["update"], nproc, units, False, update=True)]
+    cats = max(ranked, key=lambda c: sum(c.values()))
     tracked = sum(cats.values())
     cats["allocator_margin"] = margin_bytes(tracked)
     peak = sum(cats.values())

@@ -14,6 +14,11 @@ embeddings, projector, LM head, norms):
     optimizer_state  S / N
     everything else  as one process with micro-batch 1 (activations, inputs, targets, maps,
                      temporaries are per rank)
+
+Each phase of the counted step (planner/plan.py `Counted.phases`: "micro" = forward + backwards +
+combine, "update" = clip + AdamW) is divided on its own, and the rank's peak is the larger: in one
+process the peak often sits in AdamW's step (its foreach temporaries are the size of the weights),
+which under --fsdp is 1/N of it, so the per-rank peak moves to the backward.
 """
 
 from __future__ import annotations
@@ -23,13 +28,10 @@ from typing import Any
 import torch
 
 
-def unit_bytes(student_dir, family: str, config, dtype: torch.dtype = torch.float32) -> dict[str, int]:
-    """Bytes of the root unit and of the largest block, the student built on the meta device."""
-    from drivekd.planner.plan import build_student
+def unit_bytes(model) -> dict[str, int]:
+    """Bytes of the root unit, of the largest block and of all weights (`model`: e.g. on the meta device)."""
     from drivekd.trainer.fsdp import sharded_blocks
 
-    with torch.device("meta"):
-        model = build_student(student_dir, family, config, dtype=dtype)
     blocks = sharded_blocks(model)
     in_block = {id(p) for b in blocks for p in b.parameters()}
     size = lambda ps: sum(p.numel() * p.element_size() for p in ps)  # noqa: E731
@@ -38,9 +40,16 @@ def unit_bytes(student_dir, family: str, config, dtype: torch.dtype = torch.floa
             "weights": size(model.parameters())}
 
 
-def per_rank(categories: dict[str, int], nproc: int, units: dict[str, int], per_loss: bool) -> dict[str, int]:
-    """One process's counted categories -> one rank's under --fsdp over `nproc` ranks."""
+def per_rank(categories: dict[str, int], nproc: int, units: dict[str, int], per_loss: bool,
+             update: bool = False) -> dict[str, int]:
+    """One process's categories at a phase's peak -> one rank's under --fsdp over `nproc` ranks.
+    `update`: the optimizer-step phase (no unit gathered; clip's and AdamW's temporaries are the
+    shards', so they divide too)."""
     out = dict(categories)
+    if update:
+        for k in ("weights", "gradients", "grad_rows", "optimizer_state", "temporaries"):
+            out[k] = categories[k] // nproc
+        return out
     gathered = units["weights"] if per_loss else units["root"] + 2 * units["largest_block"]
     out["weights"] = categories["weights"] // nproc + gathered
     out["gradients"] = categories["gradients"] // nproc + units["largest_block"]
