@@ -125,3 +125,22 @@ def test_fsdp_outside_torchrun_is_refused_before_the_model_loads(tmp_path, monke
     cfg = TrainConfig(student=tmp_path / "no-such-student", data=tmp_path / "no.json", out=tmp_path / "o", fsdp=True)
     with pytest.raises(DriveKDError, match="--fsdp shards the student over the processes of a torchrun launch"):
         train(cfg)
+
+
+def test_planner_gives_each_rank_its_shards_plus_the_gathered_units(tiny_models):
+    """--dry-run --fsdp --nproc N: weights, gradients, rows and optimizer state per rank are 1/N of
+    one process's (plus the gathered units during the backwards); more ranks, a lower peak."""
+    from drivekd.planner import dry_run
+
+    cfg = TrainConfig(student=tiny_models / "internvl-student", recipe="multi", fsdp=True)
+    one, two = (dry_run(cfg, cameras=1, nproc=n) for n in (1, 2))
+    assert two["nproc"] == 2 and two["units"]["weights"] > two["units"]["root"] > 0
+    micro = two["phases"]["micro"]
+    # the backward phase per rank: the counted rows / optimizer state halved, the whole student gathered (per-loss AGP)
+    from drivekd.planner.sharded import per_rank
+
+    got = per_rank(micro, 2, two["units"], per_loss=True)
+    assert got["grad_rows"] == micro["grad_rows"] // 2 and got["optimizer_state"] == micro["optimizer_state"] // 2
+    assert got["weights"] == micro["weights"] // 2 + two["units"]["weights"]
+    assert two["peak_bytes"] < one["peak_bytes"]
+    assert two["categories"]["grad_rows"] * 2 <= one["categories"]["grad_rows"] + 1
