@@ -144,3 +144,10 @@ def test_planner_gives_each_rank_its_shards_plus_the_gathered_units(tiny_models)
     assert got["weights"] == micro["weights"] // 2 + two["units"]["weights"]
     assert two["peak_bytes"] < one["peak_bytes"]
     assert two["categories"]["grad_rows"] * 2 <= one["categories"]["grad_rows"] + 1
+
+
+def test_planner_nproc_without_fsdp_is_refused(tiny_models):
+    from drivekd.planner import dry_run
+
+    with pytest.raises(ConfigError, match="--nproc 2 plans a sharded student: add --fsdp"):
+        dry_run(TrainConfig(student=tiny_models / "internvl-student"), nproc=2)

@@ -438,6 +438,9 @@ def dry_run(cfg, *, seq_len: int | None = None, cameras: int = 6, gpu_memory: in
     each of `nproc` ranks' peak (drivekd/planner/sharded.py)."""
     if cfg.fsdp:
         return _dry_run_fsdp(cfg, seq_len=seq_len, cameras=cameras, gpu_memory=gpu_memory, nproc=nproc)
+    if nproc != 1:
+        raise ConfigError(f"--nproc {nproc} plans a sharded student: add --fsdp (data-parallel ranks each hold the whole "
+                          "student, so one process's plan is every rank's)")
     if cfg.student is None:
         raise ConfigError("--student is required (a folder with the student's config.json; weights are not read)")
     if not isinstance(cameras, int) or cameras < 0:
