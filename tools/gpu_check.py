@@ -320,7 +320,7 @@ def _check(args, work: Path, tiny: bool, device: torch.device, gpu_memory: int |
 FSDP_LAYERS = {"perception": [0], "reasoning": [0, 1, 2, 3, 4], "planning": [4]}  # the tiny teacher's 6 layers
 
 
-def fsdp_worker(root: Path, out: Path, fsdp: bool) -> None:
+def fsdp_worker(root: Path, out: Path, fsdp: bool, device: str = "cuda") -> None:
     """One tiny multi + AGP run on the GPU (under torchrun when `fsdp`)."""
     from drivekd.data.loaders import load_samples
     from drivekd.teacher.online import compute_targets
@@ -330,11 +330,11 @@ def fsdp_worker(root: Path, out: Path, fsdp: bool) -> None:
     data, images = root / "demo" / "train.json", root / "demo"
     targets = compute_targets(root / "tiny" / "internvl-teacher", load_samples(data, images), FSDP_LAYERS)
     train(TrainConfig(student=root / "tiny" / "internvl-student", data=data, images=images, out=out, num_workers=0,
-                      progress=False, grad_accum=2, max_steps=2, save_every=1, report_to="none", device="cuda", fsdp=fsdp,
+                      progress=False, grad_accum=2, max_steps=2, save_every=1, report_to="none", device=device, fsdp=fsdp,
                       lr=1e-3), targets)
 
 
-def fsdp_smoke(work: Path) -> dict:
+def fsdp_smoke(work: Path, device: str = "cuda") -> dict:
     """--fsdp on one GPU (torchrun, one rank) against the same run without it: status and the largest
     difference of the final weights (bf16 autocast: expect ~1e-3 at most, from reduction order)."""
     import subprocess
@@ -349,9 +349,9 @@ def fsdp_smoke(work: Path) -> dict:
     make_tiny_models(root / "tiny")
     make_demo_data(root / "demo", groups=2, questions_per_group=2, seed=0)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    runs = {"plain": [sys.executable, __file__, "--fsdp-worker", str(root), str(root / "plain"), "0"],
+    runs = {"plain": [sys.executable, __file__, "--fsdp-worker", str(root), str(root / "plain"), "0", device],
             "fsdp": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", __file__,
-                     "--fsdp-worker", str(root), str(root / "fsdp"), "1"]}
+                     "--fsdp-worker", str(root), str(root / "fsdp"), "1", device]}
     for name, cmd in runs.items():
         p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
         if p.returncode != 0:
@@ -393,6 +393,6 @@ def _compare(row: dict, p: dict) -> None:
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--fsdp-worker":
-        fsdp_worker(Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4] == "1")
+        fsdp_worker(Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4] == "1", sys.argv[5])
     else:
         main()
