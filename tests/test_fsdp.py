@@ -136,12 +136,13 @@ def test_planner_gives_each_rank_its_shards_plus_the_gathered_units(tiny_models)
     one, two = (dry_run(cfg, cameras=1, nproc=n) for n in (1, 2))
     assert two["nproc"] == 2 and two["units"]["weights"] > two["units"]["root"] > 0
     micro = two["phases"]["micro"]
-    # the backward phase per rank: the counted rows / optimizer state halved, the whole student gathered (per-loss AGP)
+    # the backward phase per rank: the counted rows / optimizer state halved, the root + 2 blocks gathered
     from drivekd.planner.sharded import per_rank
 
-    got = per_rank(micro, 2, two["units"], per_loss=True)
+    got = per_rank(micro, 2, two["units"])
     assert got["grad_rows"] == micro["grad_rows"] // 2 and got["optimizer_state"] == micro["optimizer_state"] // 2
-    assert got["weights"] == micro["weights"] // 2 + two["units"]["weights"]
+    units = two["units"]
+    assert got["weights"] == micro["weights"] // 2 + units["root"] + 2 * units["largest_block"]
     assert two["peak_bytes"] < one["peak_bytes"]
     assert two["categories"]["grad_rows"] * 2 <= one["categories"]["grad_rows"] + 1
 

@@ -517,16 +517,14 @@ def _dry_run_fsdp(cfg, *, seq_len, cameras, gpu_memory, nproc: int) -> dict[str,
     family = r["family"]
     with torch.device("meta"):
         units = sharded.unit_bytes(build_student(Path(cfg.student), family, student_config(cfg.student)))
-    gathered_all = per_loss and r["grad_engine"] == "rows"
     # each phase per rank; the peak is the larger (the update phase's temporaries are the shards')
-    ranked = [sharded.per_rank(r["phases"]["micro"], nproc, units, gathered_all),
-              sharded.per_rank(r["phases"]["update"], nproc, units, False, update=True)]
+    ranked = [sharded.per_rank(r["phases"]["micro"], nproc, units), sharded.per_rank(r["phases"]["update"], nproc, units, update=True)]
     cats = max(ranked, key=lambda c: sum(c.values()))
     tracked = sum(cats.values())
     cats["allocator_margin"] = margin_bytes(tracked)
     peak = sum(cats.values())
     return {**r, "categories": cats, "peak_bytes": peak, "tracked_peak_bytes": tracked, "gpu_memory_bytes": gpu_memory,
-            "fits": None if gpu_memory is None else peak <= gpu_memory, "fsdp": sharded.describe(nproc, per_loss), "nproc": nproc,
+            "fits": None if gpu_memory is None else peak <= gpu_memory, "fsdp": sharded.describe(nproc), "nproc": nproc,
             "units": units, "suggestions": [], "sft_peak_bytes": r["sft_peak_bytes"]}
 
 

@@ -5,10 +5,9 @@ needs a process group, so its per-rank bytes are derived from that count and fro
 the units drivekd/trainer/fsdp.py shards (every decoder layer / vision block, and the root:
 embeddings, projector, LM head, norms):
 
-    weights          W / N (this rank's shards) + the gathered units: on a per-loss step (K
-                     backwards over one forward, fsdp.gathered) the whole student W, on the fast
-                     path (one backward) the root unit + 2 blocks (the one computing and the
-                     one prefetched)
+    weights          W / N (this rank's shards) + the gathered units: the root unit (kept
+                     gathered over a per-loss step's K backwards, fsdp.per_unit_gather) + 2
+                     blocks (the one computing and the one prefetched)
     gradients        G / N, + one block's unsharded gradient before its reduce-scatter
     grad_rows        K x N_params / N (the sharded rows engine)
     optimizer_state  S / N
@@ -40,8 +39,7 @@ def unit_bytes(model) -> dict[str, int]:
             "weights": size(model.parameters())}
 
 
-def per_rank(categories: dict[str, int], nproc: int, units: dict[str, int], per_loss: bool,
-             update: bool = False) -> dict[str, int]:
+def per_rank(categories: dict[str, int], nproc: int, units: dict[str, int], update: bool = False) -> dict[str, int]:
     """One process's categories at a phase's peak -> one rank's under --fsdp over `nproc` ranks.
     `update`: the optimizer-step phase (no unit gathered; clip's and AdamW's temporaries are the
     shards', so they divide too)."""
@@ -50,7 +48,7 @@ def per_rank(categories: dict[str, int], nproc: int, units: dict[str, int], per_
         for k in ("weights", "gradients", "grad_rows", "optimizer_state", "temporaries"):
             out[k] = categories[k] // nproc
         return out
-    gathered = units["weights"] if per_loss else units["root"] + 2 * units["largest_block"]
+    gathered = units["root"] + 2 * units["largest_block"]
     out["weights"] = categories["weights"] // nproc + gathered
     out["gradients"] = categories["gradients"] // nproc + units["largest_block"]
     out["grad_rows"] = categories["grad_rows"] // nproc
@@ -58,6 +56,5 @@ def per_rank(categories: dict[str, int], nproc: int, units: dict[str, int], per_
     return out
 
 
-def describe(nproc: int, per_loss: bool) -> dict[str, Any]:
-    return {"nproc": nproc, "gathered_weights": "the whole student during the K per-loss backwards" if per_loss
-            else "root unit + 2 blocks (one backward)"}
+def describe(nproc: int) -> dict[str, Any]:
+    return {"nproc": nproc, "gathered_weights": "root unit + 2 blocks"}

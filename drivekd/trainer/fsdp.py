@@ -21,6 +21,15 @@ unit's backward, reduce-scatter after it) are collectives, which vmap cannot bat
 engine needs no such trick (K ordinary backwards, retain_graph between them), and what made the
 Gram engine worth having, K rows not fitting beside the model, is divided by the world size here.
 
+Several backwards over one forward (the K per-loss rows): FSDP2 all-gathers a unit before its
+backward from a hook on the unit's *outputs* and frees the gathered weights after it. An attention
+loss reaches a layer through the map captured inside it (not through its output) and reaches the
+root unit's projector through the vision features, so from the second backward on those hooks
+would not fire and the weights the backward needs would be gone ("storage of size 0").
+`per_unit_gather` keeps the root gathered across the K backwards and hooks each captured map to
+all-gather its layer when the map's gradient arrives: a layer is still gathered only while its
+backward runs.
+
 `.grad` handling: FSDP2 accumulates a unit's reduced gradient in place into the parameter's
 existing sharded `.grad` (`grad._local_tensor += new`), so pointing each `.grad` at a DTensor over a
 slice of one flat (n,) buffer (this rank's shards, concatenated) makes autograd write straight into
@@ -36,7 +45,7 @@ import torch
 
 from drivekd.errors import DriveKDError
 
-__all__ = ["ShardedGrads", "check_launch", "full_weights", "full_writer", "gathered", "grad_norm_clip_", "is_sharded", "shard_student", "sharded_blocks"]
+__all__ = ["ShardedGrads", "check_launch", "full_weights", "full_writer", "per_unit_gather", "grad_norm_clip_", "is_sharded", "shard_student", "sharded_blocks"]
 
 
 def check_launch() -> None:
@@ -76,29 +85,30 @@ def shard_student(model, device: torch.device, world: int):
 
 
 @contextlib.contextmanager
-def gathered(model):
-    """Every FSDP unit unsharded from here until the block ends, through several backwards.
-
-    Why: a per-loss micro-step runs K backwards over one forward (retain_graph). FSDP2 all-gathers a
-    unit before its backward from a hook on the unit's *outputs* and frees the gathered weights
-    after it. An attention loss reaches a layer through the map captured inside it (not through its
-    output) and the projector in the root unit through the vision features, so in the second and
-    later backwards those hooks do not fire and the weights the backward needs are gone ("storage of
-    size 0"). Keeping every unit gathered across the K backwards (one all-gather per unit per
-    micro-step, not K) is the exact fix; its cost is the whole student's weights per rank during
-    those backwards (gradients, rows and optimizer state stay sharded), counted by the planner."""
+def per_unit_gather(model, maps: dict[int, torch.Tensor]):
+    """Several backwards over one forward with each decoder layer gathered only while its backward
+    runs: the root unit (embeddings, projector, LM head) stays gathered across them, and a hook on
+    each captured map all-gathers the layer that produced it when the map's gradient arrives (FSDP's
+    own hook sits on the layer's output, which an attention loss need not reach); the layer's
+    post-backward hook reduce-scatters and frees it as usual."""
     from torch.distributed.fsdp import FSDPModule
 
-    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
-    for m in units:
-        m.unshard()
-        m.set_reshard_after_backward(False, recurse=False)
+    by_layer = {getattr(getattr(m, "self_attn", None), "layer_idx", None): m for m in model.modules()
+                if isinstance(m, FSDPModule) and m is not model}
+    handles = []
+    for idx, t in maps.items():
+        unit = by_layer.get(idx)
+        if unit is not None and t.requires_grad:
+            handles.append(t.register_hook(lambda g, unit=unit: (unit.unshard(), g)[1]))
+    model.unshard()
+    model.set_reshard_after_backward(False, recurse=False)
     try:
         yield
     finally:
-        for m in units:
-            m.set_reshard_after_backward(True, recurse=False)
-            m.reshard()
+        for h in handles:
+            h.remove()
+        model.set_reshard_after_backward(True, recurse=False)
+        model.reshard()
 
 
 def is_sharded(p: torch.Tensor) -> bool:

@@ -46,7 +46,7 @@ from drivekd.optim.precision import make_optimizer as _make_optimizer
 from drivekd.optim.precision import param_dtype
 from drivekd.terms import TermForward, term_of
 from drivekd.trainer.data import Batch
-from drivekd.trainer.fsdp import ShardedGrads, gathered, grad_norm_clip_, shard_student
+from drivekd.trainer.fsdp import ShardedGrads, grad_norm_clip_, per_unit_gather, shard_student
 
 
 class HostChecks:
@@ -222,6 +222,7 @@ class TrainStep:
     def forward(self, batch: Batch, maps: dict[int, torch.Tensor]) -> Losses:
         """Forward + losses, inside a `capture_attention` block whose dict is `maps`."""
         inputs, dev = batch.inputs, self.device
+        self._maps = maps  # --fsdp's backwards hook the captured maps (fsdp.per_unit_gather)
         am = inputs.tensors["attention_mask"].bool()
         labels = inputs.padded("labels").to(dev)
         keep, ce_targets = answer_positions(labels)  # logits of the answer span only: (B, P, V)
@@ -290,7 +291,7 @@ class TrainStep:
         if self.bufs is None:  # the fast path's measured steps: rows built on first use
             self.bufs = torch.zeros(self.K, self.grads.n, dtype=self.grads.flat.dtype, device=self.grads.flat.device)
         self.bufs.zero_()
-        with gathered(self.model):  # the K backwards share one forward: fsdp.gathered says why
+        with per_unit_gather(self.model, self._maps):  # the K backwards share one forward: see fsdp.py
             for i, r in enumerate(rows):
                 self.grads.backward_into(self.bufs[r], weighted[r], retain_graph=i < len(rows) - 1)
 
