@@ -80,8 +80,12 @@ def test_two_fsdp_ranks_equal_one_process_and_resume_exactly(fam, kill, tiny_mod
     """multi + AGP + re-weighting, 4 steps: 2 FSDP ranks x micro-batch 1 == 1 process x 2; (InternVL
     only, to keep the suite short) a kill -9 inside the step-4 sharded save leaves step 2 usable, and
     --resume from it finishes exactly the uninterrupted run (optimizer state, schedule, re-weighting)."""
-    full, killed, one = (tmp_path / n for n in ("full", "killed", "one"))
-    p = _launch(tmp_path, tiny_models, demo_data, fam, [(full, {"fsdp": True, "micro_batch": 1})], nproc=2)
+    full, killed, one, ckpt = (tmp_path / n for n in ("full", "killed", "one", "checkpointing"))
+    # (Qwen2.5-VL) a second run in the same launch: --gradient-checkpointing recomputes inside the
+    # layers that the captured maps' hooks gather
+    runs = [(full, {"fsdp": True, "micro_batch": 1})] + ([] if kill else [(ckpt, {"fsdp": True, "micro_batch": 1,
+                                                                                "gradient_checkpointing": True})])
+    p = _launch(tmp_path, tiny_models, demo_data, fam, runs, nproc=2)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     p = _launch(tmp_path, tiny_models, demo_data, fam, [(one, {"micro_batch": 2})])
     assert p.returncode == 0, p.stderr[-3000:]
@@ -96,6 +100,8 @@ def test_two_fsdp_ranks_equal_one_process_and_resume_exactly(fam, kill, tiny_mod
     assert (step2 / "sharded" / ".metadata").is_file() and len(list((step2 / "sharded").glob("*.distcp"))) == 2
     assert not (step2 / "model.safetensors").exists()
     if not kill:
+        _close_lines(_lines(ckpt), _lines(one), 1e-5)
+        _close_weights(ckpt / "final", one / "final", 1e-5)
         return
 
     # kill -9 inside the second sharded save (step 4): step 2 stays complete and usable.
