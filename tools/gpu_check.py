@@ -30,6 +30,11 @@ variant starts; the rest are reported as skipped. Last, it checks that a student
 as drivekd saves final/ (drivekd.families.processors.save_processor) comes back through
 `AutoProcessor.from_pretrained` with image pixels (needs torchvision, as GPU machines have).
 
+Where CUDA is present it also runs a one-GPU FSDP smoke run (`fsdp_smoke`): `torchrun
+--nproc_per_node 1` of drivekd-train --fsdp (multi + AGP, 2 steps) on the tiny InternVL student with
+online tiny-teacher targets, beside the same run without --fsdp; gpu_check.json's "fsdp_smoke"
+holds its status and the largest weight difference of the two final/ folders.
+
 Without CUDA (or with --tiny) it runs the same table on drivekd's tiny students on the CPU (memory
 columns n/a): tests/test_gpu_check.py runs it that way.
 
@@ -57,6 +62,7 @@ import json
 import multiprocessing as mp
 import os
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -306,7 +312,55 @@ def _check(args, work: Path, tiny: bool, device: torch.device, gpu_memory: int |
     env = {"device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (tiny students)",
            "torch": torch.__version__, "transformers": transformers.__version__, "drivekd": drivekd.__version__,
            "wall_s": round(time.perf_counter() - start, 1)}
+    if device.type == "cuda":
+        env["fsdp_smoke"] = fsdp_smoke(work)
     return rows, env, autoprocessor_check(tinies, work)
+
+
+FSDP_LAYERS = {"perception": [0], "reasoning": [0, 1, 2, 3, 4], "planning": [4]}  # the tiny teacher's 6 layers
+
+
+def fsdp_worker(root: Path, out: Path, fsdp: bool, device: str = "cuda") -> None:
+    """One tiny multi + AGP run on the GPU (under torchrun when `fsdp`)."""
+    from drivekd.data.loaders import load_samples
+    from drivekd.teacher.online import compute_targets
+    from drivekd.trainer.loop import train
+    from drivekd.trainer.settings import TrainConfig
+
+    data, images = root / "demo" / "train.json", root / "demo"
+    targets = compute_targets(root / "tiny" / "internvl-teacher", load_samples(data, images), FSDP_LAYERS)
+    train(TrainConfig(student=root / "tiny" / "internvl-student", data=data, images=images, out=out, num_workers=0,
+                      progress=False, grad_accum=2, max_steps=2, save_every=1, report_to="none", device=device, fsdp=fsdp,
+                      lr=1e-3), targets)
+
+
+def fsdp_smoke(work: Path, device: str = "cuda") -> dict:
+    """--fsdp on one GPU (torchrun, one rank) against the same run without it: status and the largest
+    difference of the final weights (bf16 autocast: expect ~1e-3 at most, from reduction order)."""
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    from drivekd.demo.scenes import make_demo_data
+    from drivekd.demo.tiny_models import make_tiny_models
+
+    root = work / "fsdp"
+    make_tiny_models(root / "tiny")
+    make_demo_data(root / "demo", groups=2, questions_per_group=2, seed=0)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    runs = {"plain": [sys.executable, __file__, "--fsdp-worker", str(root), str(root / "plain"), "0", device],
+            "fsdp": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", __file__,
+                     "--fsdp-worker", str(root), str(root / "fsdp"), "1", device]}
+    for name, cmd in runs.items():
+        p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        if p.returncode != 0:
+            return {"status": f"error ({name}): {(p.stderr or p.stdout).strip().splitlines()[-1][:300]}"}
+    a, b = (load_file(str(root / n / "final" / "model.safetensors")) for n in ("plain", "fsdp"))
+    if a.keys() != b.keys():
+        return {"status": f"error: final/ tensors differ: {sorted(set(a) ^ set(b))[:5]}"}
+    diff = max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+    return {"status": "ok", "max_weight_diff": diff, "sharded_step_checkpoint": (root / "fsdp" / "step-000001" / "sharded").is_dir()}
 
 
 def _why(e: Exception) -> str:
@@ -338,4 +392,7 @@ def _compare(row: dict, p: dict) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    if len(sys.argv) > 1 and sys.argv[1] == "--fsdp-worker":
+        fsdp_worker(Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4] == "1", sys.argv[5])
+    else:
+        main()

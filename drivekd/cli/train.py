@@ -70,15 +70,16 @@ def _with_settings(cmd):
 @click.option("--gpu-memory", help="With --dry-run: the GPU's memory, e.g. 40GiB, 80GB; the verdict says whether the run fits.")
 @click.option("--seq-len", type=int, help="With --dry-run: tokens per sample (default: the cameras' image tokens + 264).")
 @click.option("--cameras", type=int, default=6, show_default=True, help="With --dry-run: images per sample.")
+@click.option("--nproc", type=int, default=1, show_default=True, help="With --dry-run --fsdp: ranks the student is sharded over (per-rank peak).")
 @click.pass_context
-def main(ctx: click.Context, config_path, dry_run, as_json, gpu_memory, seq_len, cameras, **flags) -> None:
+def main(ctx: click.Context, config_path, dry_run, as_json, gpu_memory, seq_len, cameras, nproc, **flags) -> None:
     """Distil a driving VLM student from stored teacher attention (Drive-KD)."""
     from drivekd.trainer.loop import train
     from drivekd.trainer.settings import config_from_sources
 
     given = {k: v for k, v in flags.items() if ctx.get_parameter_source(k) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)}
     if dry_run:
-        _dry_run(given, config_path, as_json, gpu_memory, seq_len, cameras)
+        _dry_run(given, config_path, as_json, gpu_memory, seq_len, cameras, nproc)
         return
     try:
         cfg = config_from_sources(given, config_path)
@@ -92,7 +93,7 @@ def main(ctx: click.Context, config_path, dry_run, as_json, gpu_memory, seq_len,
         click.echo(f"drivekd-train: {result.steps} steps{loss} -> {result.final}")
 
 
-def _dry_run(given, config_path, as_json, gpu_memory, seq_len, cameras) -> None:
+def _dry_run(given, config_path, as_json, gpu_memory, seq_len, cameras, nproc=1) -> None:
     import json
 
     from drivekd.planner import dry_run, format_report, parse_bytes
@@ -100,7 +101,7 @@ def _dry_run(given, config_path, as_json, gpu_memory, seq_len, cameras) -> None:
 
     try:
         cfg = config_from_sources(given, config_path)
-        report = dry_run(cfg, seq_len=seq_len, cameras=cameras, gpu_memory=parse_bytes(gpu_memory))
+        report = dry_run(cfg, seq_len=seq_len, cameras=cameras, gpu_memory=parse_bytes(gpu_memory), nproc=nproc)
     except DriveKDError as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(2)

@@ -219,6 +219,9 @@ class Counted:
     trainable: int = 0  # parameters with requires_grad (--freeze / --lora leave fewer)
     host_peak: int = 0  # host memory of --precision bf16-offload (fp32 masters, their gradients and AdamW state)
     scaled_from: str = ""  # counted at reduced depths and extrapolated (planner/scale.py): which depths
+    # the categories at the peak of each phase: "micro" (forward, backwards, combine) and "update"
+    # (average, clip, AdamW); --fsdp divides them differently per rank (planner/sharded.py)
+    phases: dict[str, dict[str, int]] = field(default_factory=dict)
 
 
 def build_student(student: Path, family: str, config, dtype=torch.float32):
@@ -317,6 +320,8 @@ def count_step(cfg, plan, shapes: Shapes, config, *, fake: bool = True, model=No
         try:
             with tracker:
                 ts.micro_step(batch, list(plan.static_weights), list(range(1, len(plan.row_names))), where="the dry run")
+                micro, micro_peak = tracker.peak_by_category(), tracker.peak
+                tracker.reset_peak()
                 ts.average(1)
                 ts.clip()
                 ts.optimizer_step()
@@ -324,9 +329,11 @@ def count_step(cfg, plan, shapes: Shapes, config, *, fake: bool = True, model=No
         finally:
             step_mod.capture_attention = real_capture
         rss = None if fake else _peak_rss() - rss_before
-        cats = tracker.peak_by_category()
-        return Counted(cats, tracker.peak, int(tracker.flops), sum(p.numel() for p in model.parameters()), baseline, rss,
-                       ts.engine, ts.engine_reason, sum(p.numel() for p in ts.params), tracker.host_peak)
+        update = tracker.peak_by_category()
+        cats, peak = (micro, micro_peak) if micro_peak >= tracker.peak else (update, tracker.peak)
+        return Counted(cats, peak, int(tracker.flops), sum(p.numel() for p in model.parameters()), baseline, rss,
+                       ts.engine, ts.engine_reason, sum(p.numel() for p in ts.params), tracker.host_peak,
+                       phases={"micro": micro, "update": update})
 
 
 @contextlib.contextmanager
@@ -412,8 +419,10 @@ def count_at_depth(cfg, L: int, family: str, teacher_L: int | None, shapes: Shap
         log.warning("the reduced-depth counts do not extrapolate to the full model; counting all %d layers", L)
         return direct()
     pts = ", ".join(f"{p.text}+{sum(p.vision)}" for p in scale.points(family))
+    phases = {ph: {k: ext(lambda c, ph=ph, k=k: c.phases[ph][k]) for k in counts[0].phases[ph]} for ph in counts[0].phases}
     return Counted(cats, sum(cats.values()), got["flops"], got["params"], got["baseline"], None, engine, reason,
-                   trainable=got["trainable"], host_peak=got["host_peak"], scaled_from=f"text+vision layers {pts}")
+                   trainable=got["trainable"], host_peak=got["host_peak"], scaled_from=f"text+vision layers {pts}",
+                   phases=phases)
 
 
 # ----------------------------------------------------------------------------- the report
@@ -424,8 +433,14 @@ def margin_bytes(tracked_peak: int) -> int:
 
 
 def dry_run(cfg, *, seq_len: int | None = None, cameras: int = 6, gpu_memory: int | None = None,
-            suggest: bool = True) -> dict[str, Any]:
-    """The planner's answer for the run `cfg` (a TrainConfig): a JSON-ready dict."""
+            suggest: bool = True, nproc: int = 1) -> dict[str, Any]:
+    """The planner's answer for the run `cfg` (a TrainConfig): a JSON-ready dict. With cfg.fsdp,
+    each of `nproc` ranks' peak (drivekd/planner/sharded.py)."""
+    if cfg.fsdp:
+        return _dry_run_fsdp(cfg, seq_len=seq_len, cameras=cameras, gpu_memory=gpu_memory, nproc=nproc)
+    if nproc != 1:
+        raise ConfigError(f"--nproc {nproc} plans a sharded student: add --fsdp (data-parallel ranks each hold the whole "
+                          "student, so one process's plan is every rank's)")
     if cfg.student is None:
         raise ConfigError("--student is required (a folder with the student's config.json; weights are not read)")
     if not isinstance(cameras, int) or cameras < 0:
@@ -480,12 +495,37 @@ def dry_run(cfg, *, seq_len: int | None = None, cameras: int = 6, gpu_memory: in
         "micro_batch": 1,
         "flops_per": "micro-step (one sample); an optimizer step is --grad-accum of them",
         "suggestions": [],
+        "phases": run.phases,
     }
     if uncounted_terms(cfg):  # see dry_plan
         out["approximation"] = f"--recipe {cfg.recipe} is counted as CE only (its second loss row, its targets and any projection are not)"
     if fits is False and suggest:
         out["suggestions"] = _suggestions(cfg, seq_len, cameras, gpu_memory, run.engine)
     return out
+
+
+def _dry_run_fsdp(cfg, *, seq_len, cameras, gpu_memory, nproc: int) -> dict[str, Any]:
+    """--fsdp: the step counted in one process with the engine the sharded run uses (rows), then
+    divided per rank; no suggestions (more ranks is the knob)."""
+    from drivekd.planner import sharded
+
+    if not isinstance(nproc, int) or nproc < 1:
+        raise ConfigError(f"--nproc must be an integer >= 1, got {nproc!r}")
+    per_loss = cfg.projection != "none" or cfg.dynamic_weights
+    one = replace(cfg, fsdp=False, grad_engine="rows" if per_loss else cfg.grad_engine)
+    r = dry_run(one, seq_len=seq_len, cameras=cameras, gpu_memory=None)
+    family = r["family"]
+    with torch.device("meta"):
+        units = sharded.unit_bytes(build_student(Path(cfg.student), family, student_config(cfg.student)))
+    # each phase per rank; the peak is the larger (the update phase's temporaries are the shards')
+    ranked = [sharded.per_rank(r["phases"]["micro"], nproc, units), sharded.per_rank(r["phases"]["update"], nproc, units, update=True)]
+    cats = max(ranked, key=lambda c: sum(c.values()))
+    tracked = sum(cats.values())
+    cats["allocator_margin"] = margin_bytes(tracked)
+    peak = sum(cats.values())
+    return {**r, "categories": cats, "peak_bytes": peak, "tracked_peak_bytes": tracked, "gpu_memory_bytes": gpu_memory,
+            "fits": None if gpu_memory is None else peak <= gpu_memory, "fsdp": sharded.describe(nproc), "nproc": nproc,
+            "units": units, "suggestions": [], "sft_peak_bytes": r["sft_peak_bytes"]}
 
 
 def _suggestions(cfg, seq_len, cameras, gpu_memory, engine: str) -> list[dict[str, Any]]:
@@ -531,7 +571,8 @@ def format_report(r: dict[str, Any]) -> str:
              f"gradient checkpointing {'on' if r['gradient_checkpointing'] else 'off'}, gradient engine {r['grad_engine'] or 'none'}"
              f" ({r['grad_engine_reason'] or 'one backward'}), gradient rows {r['grad_buffer_dtype']}, "
              f"precision {r['precision']}",
-             "peak memory by category:"]
+             ("per rank, --fsdp over %d ranks (gathered weights: %s):" % (r["nproc"], r["fsdp"]["gathered_weights"])
+              if r.get("fsdp") else "peak memory by category:")]
     for k, v in r["categories"].items():
         lines.append(f"  {k:<18}{g(v)}")
     lines.append(f"  {'total':<18}{g(r['peak_bytes'])}   (plain fine-tuning: {g(r['sft_peak_bytes']).strip()})")

@@ -15,6 +15,12 @@ A checkpoint folder holds
     trainer_state.json                     step, data position, world size, the resolved config
     COMPLETE                               written last
 
+A --fsdp run's step checkpoints hold no model files: sharded/ is a torch.distributed.checkpoint
+folder (each rank writes its shards of the weights and of AdamW's state, rank 0 the metadata), beside
+trainer_state.pt/.json and COMPLETE (`save_sharded`); the run resumes on the same number of ranks
+(the data stream depends on it) and loads the student's architecture from --student. Its final/ is
+consolidated: the full weights gathered to rank 0 and written in the plain from_pretrained layout.
+
 It is written into RUN/.tmp-<name>-<pid>/ and renamed into place after COMPLETE exists, so a
 kill at any moment leaves either the previous checkpoints or a complete new one (plus a .tmp
 folder that the next run removes). Only COMPLETE folders are ever read.
@@ -38,6 +44,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from drivekd.distributed import fault_hook
 from drivekd.errors import DriveKDError
 from drivekd.families.processors import save_processor
 
@@ -137,12 +144,14 @@ def save_checkpoint(
     state: dict[str, Any],
     meta: dict[str, Any],
     write_model=None,
+    weights=None,
 ) -> Path:
     """Write a complete checkpoint RUN/<name>/ atomically. `state` goes to trainer_state.pt (tensors
     and plain containers; not for final/ or best/, which resume nothing), `meta` to trainer_state.json. Refuses to write non-finite weights.
     `write_model(folder)` writes the student instead of `model.save_pretrained` (a LoRA student:
-    drivekd.trainer.trainable.model_writer)."""
-    bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
+    drivekd.trainer.trainable.model_writer). `weights`: the (name, tensor) pairs checked for finiteness
+    instead of the model's parameters (a --fsdp final/: the gathered full weights)."""
+    bad = [n for n, p in (weights if weights is not None else model.named_parameters()) if not torch.isfinite(p).all()]
     if bad:
         raise DriveKDError(f"refusing to checkpoint {name}: non-finite weights in {', '.join(bad[:5])}")
     run = Path(run)
@@ -171,6 +180,11 @@ def save_checkpoint(
         if not _is_io_error(e):
             raise
         raise save_error(e, run, name, model, state if name not in DROP_IN else {}) from None
+    return _publish(tmp, run, name)
+
+
+def _publish(tmp: Path, run: Path, name: str) -> Path:
+    """Rename a complete temporary folder into RUN/<name> (replacing one of that name)."""
     final = run / name
     if final.exists():
         # Replacing a checkpoint of the same name (a run resumed before it): move the old one
@@ -248,3 +262,73 @@ def load_state(ckpt: str | Path) -> dict[str, Any]:
         raise DriveKDError(f"{ckpt} holds no optimizer/trainer state ({STATE_PT}): a run's final/ keeps the model only. "
                            "Continue from one of its step-NNNNNN checkpoints (--resume, or --resume-from RUN/step-NNNNNN)")
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+SHARDED = "sharded"
+_SAVE_FAULT: dict[str, Any] = {}
+
+
+def save_sharded(run: Path, name: str, model, optimizer, state: dict[str, Any], meta: dict[str, Any], dist) -> Path | None:
+    """A --fsdp step checkpoint, called on every rank: RUN/.tmp-<name>-fsdp/sharded/ by
+    torch.distributed.checkpoint (each rank its shards of the weights and optimizer state), then
+    rank 0 adds trainer_state.pt / .json (scheduler, RNG, re-weighting: `state` without "optimizer"),
+    COMPLETE, and renames the folder into place. A kill -9 at any point leaves the previous
+    checkpoints as they were (the .tmp folder is removed by the next run)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    run = Path(run)
+    tmp = run / f".tmp-{name}-fsdp"  # one name on every rank (a pid differs per rank)
+    bad = [n for n, p in model.named_parameters() if not torch.isfinite(p.to_local()).all()]
+    if dist.any(bool(bad)):
+        raise DriveKDError(f"refusing to checkpoint {name}: non-finite weights{' in ' + ', '.join(bad[:5]) if bad else ' on another rank'}")
+    if dist.main:
+        run.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    dist.barrier()
+    msd, osd = get_state_dict(model, optimizer)
+    dcp.save({"model": msd, "optimizer": osd}, checkpoint_id=str(tmp / SHARDED))
+    out = None
+    if dist.main:
+        if "hook" not in _SAVE_FAULT:  # tests: DRIVEKD_FAULT_KILL_AFTER=N, a kill -9 inside this process's Nth save
+            _SAVE_FAULT["hook"] = fault_hook()
+        if _SAVE_FAULT["hook"] is not None:
+            _SAVE_FAULT["hook"]()
+        torch.save({k: v for k, v in state.items() if k != "optimizer"}, tmp / STATE_PT)
+        (tmp / STATE_JSON).write_text(json.dumps({"format_version": FORMAT_VERSION, "fsdp": True, **meta}, indent=2,
+                                                 sort_keys=True) + "\n")
+        _fsync_dir_files(tmp)
+        (tmp / MARKER).write_text("ok\n")
+        out = _publish(tmp, run, name)
+    dist.barrier()
+    return out
+
+
+def is_sharded(ckpt: str | Path) -> bool:
+    return (Path(ckpt) / SHARDED).is_dir()
+
+
+def load_sharded(ckpt: str | Path, model, optimizer) -> None:
+    """Every rank reads its shards of a `save_sharded` checkpoint into the sharded model and optimizer."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    if not is_sharded(ckpt):
+        raise DriveKDError(f"{ckpt} is not a --fsdp checkpoint (no {SHARDED}/ folder): it was written without --fsdp; "
+                           "resume it without --fsdp")
+    # get_state_dict builds a fresh optimizer's state (to have tensors to load into) only when no
+    # parameter has a .grad; the --fsdp .grads are always views of the step's gradient buffer, so
+    # they are set aside meanwhile (else nothing of the optimizer state would load).
+    params = list(model.parameters())
+    saved = [p.grad for p in params]
+    for p in params:
+        p.grad = None
+    try:
+        msd, osd = get_state_dict(model, optimizer)
+        sd = {"model": msd, "optimizer": osd}
+        dcp.load(sd, checkpoint_id=str(Path(ckpt) / SHARDED))
+        set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optimizer"])
+    finally:
+        for p, g in zip(params, saved):
+            p.grad = g

@@ -113,7 +113,10 @@ class Trainer:
         # A LoRA checkpoint holds the adapter only: its base weights are --student's.
         from drivekd.optim.precision import param_dtype
 
-        model = load_model(trainable.weights_dir(cfg, plan.resume_dir), dtype=param_dtype(cfg.precision), device=dev)
+        # --fsdp: loaded on the CPU (sharding moves each unit to the device) from --student; a
+        # sharded step checkpoint then overwrites the weights in _restore.
+        model = load_model(cfg.student if cfg.fsdp else trainable.weights_dir(cfg, plan.resume_dir), dtype=param_dtype(cfg.precision),
+                           device=torch.device("cpu") if cfg.fsdp else dev)
         self.train_step = TrainStep(prepare_student(model, cfg, plan.resume_dir), plan, dist, autocast_dtype(cfg, dev))
         n = trainable.counts(self.train_step.model)
         log.info("student: %d parameters, %d trainable (%.2f%%)", n["params"], n["trainable"], 100 * n["trainable"] / n["params"])
@@ -214,7 +217,10 @@ class Trainer:
         state = ckpt.load_state(d)
         if self.train_step.projection is not None:
             self.train_step.projection.load_state_dict(state["projection"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.cfg.fsdp:
+            ckpt.load_sharded(d, self.model, self.optimizer)
+        else:
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if self.reweighter is not None:
             self.reweighter.load_state_dict(state["reweight"])
@@ -222,12 +228,30 @@ class Trainer:
         self.step = int(meta["step"])
 
     def _save(self, name: str) -> None:
+        if self.cfg.fsdp:
+            return self._save_sharded(name)
         drop_in = name in ckpt.DROP_IN  # final/, best/: the model alone, as from_pretrained loads it
         if self.dist.main:
             ckpt.save_checkpoint(self.out, name, self.model, self.family.processor, self._state(final=drop_in), self._meta(),
                                  write_model=trainable.model_writer(self.model, final=drop_in, keep=name != ckpt.FINAL))
             if not drop_in:
                 ckpt.prune(self.out, self.cfg.keep_last)
+        self.dist.barrier()
+
+    def _save_sharded(self, name: str) -> None:
+        """--fsdp: step checkpoints through torch.distributed.checkpoint (every rank), final/ and best/
+        gathered to rank 0 and written in the plain from_pretrained layout (drivekd/trainer/checkpoint.py)."""
+        from drivekd.trainer.fsdp import full_weights, full_writer
+
+        if name not in ckpt.DROP_IN:
+            ckpt.save_sharded(self.out, name, self.model, self.optimizer, self._state(), self._meta(), self.dist)
+            if self.dist.main:
+                ckpt.prune(self.out, self.cfg.keep_last)
+        else:
+            weights = full_weights(self.model)
+            if self.dist.main:
+                ckpt.save_checkpoint(self.out, name, self.model, self.family.processor, {}, self._meta(),
+                                     write_model=full_writer(self.model, weights), weights=list(weights.items()))
         self.dist.barrier()
 
     # ----- --calibrate-kd -----
@@ -578,6 +602,10 @@ def plain_line(rec: dict[str, Any], total_steps: int) -> str:
 def train(cfg: TrainConfig, targets: TargetSource | None = None) -> TrainResult:
     """Validate the whole run, then train. `targets`: a TargetSource to use instead of --cache."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if cfg.fsdp:
+        from drivekd.trainer.fsdp import check_launch
+
+        check_launch()
     dist = Dist(cfg.device)
     plan = validate(cfg, targets, world=dist.world)
     dist.barrier()  # every rank validated before rank 0 creates the run folder

@@ -175,6 +175,9 @@ class TrainConfig:
                       group="runtime")
     gradient_checkpointing: bool = opt(False, "Recompute decoder activations in backward (less memory, ~30% more time).",
                                        group="runtime")
+    fsdp: bool = opt(False, "Under torchrun: shard the student's weights, gradients and optimizer state over the ranks "
+                     "(FSDP2, one unit per decoder layer / vision block); AGP stays exact (README: Past one GPU).",
+                     group="runtime")
     num_workers: int = opt(2, "DataLoader workers reading targets and decoding images while the model computes.",
                            group="runtime", minimum=">=0")
     skip_nonfinite: bool = opt(False, "Skip a micro-batch whose loss is NaN/inf instead of stopping.", group="runtime")
@@ -296,6 +299,8 @@ class TrainConfig:
             raise ConfigError(f"--max-skip-share is a share of the run's micro-batches in [0, 1], got {self.max_skip_share}")
         if self.contribution_warn >= 1:
             raise ConfigError(f"--contribution-warn is a share of the update in [0, 1), got {self.contribution_warn}")
+        if self.fsdp:
+            _check_fsdp(self)
         if self.resume and self.resume_from is not None:
             raise ConfigError("give either --resume (latest checkpoint in --out) or --resume-from DIR, not both")
         check_validation(self)  # --eval-* and --save-best, by name (drivekd/trainer/validation.py checks the data)
@@ -318,6 +323,25 @@ class TrainConfig:
     def term_weight(self, role: str) -> float:
         """Static weight of a teacher term (by its row name: a role, or kl / hidden)."""
         return getattr(self, f"w_{role}") if role in ROLES else self.w_kd
+
+
+def _check_fsdp(cfg: TrainConfig) -> None:
+    """What --fsdp does not combine with, refused before any model loads (drivekd/trainer/fsdp.py)."""
+    refuse = {
+        "lora": (cfg.lora, "--lora trains adapters small enough for every GPU; drop --fsdp (or --lora)"),
+        "grad_engine": (cfg.grad_engine == "gram", "--grad-engine gram batches K backwards with vmap, which FSDP's "
+                        "collective backward hooks do not support; --fsdp shards the gradient rows instead: use "
+                        "--grad-engine auto or rows"),
+        "precision": (cfg.precision != "fp32", f"--precision {cfg.precision}'s BF16AdamW is not checked on sharded "
+                      "parameters; use --precision fp32 (sharding divides its optimizer state by the ranks)"),
+        "calibrate_kd": (cfg.calibrate_kd is not None, "--calibrate-kd measures with the Gram engine, which --fsdp "
+                         "refuses; set the teacher weights (--w-*) from a --calibrate-kd run without --fsdp"),
+        "recipe": (cfg.recipe == "hidden", "--recipe hidden trains a projection outside the student that --fsdp does "
+                   "not shard or checkpoint; drop --fsdp"),
+    }
+    for _, (bad, why) in refuse.items():
+        if bad:
+            raise ConfigError(f"--fsdp: {why}")
 
 
 def _names(names: list[str]) -> str:

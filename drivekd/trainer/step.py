@@ -41,11 +41,12 @@ from drivekd.distributed import Dist
 from drivekd.errors import DriveKDError
 from drivekd.families.capture import capture_attention
 from drivekd.losses.attention import answer_positions, token_ce
-from drivekd.projection import GradBuffers, GramEngine, coefficients, combine
+from drivekd.projection import GradBuffers, GramEngine, coefficients, combine, gram
 from drivekd.optim.precision import make_optimizer as _make_optimizer
 from drivekd.optim.precision import param_dtype
 from drivekd.terms import TermForward, term_of
 from drivekd.trainer.data import Batch
+from drivekd.trainer.fsdp import ShardedGrads, grad_norm_clip_, per_unit_gather, shard_student
 
 
 class HostChecks:
@@ -181,6 +182,10 @@ class TrainStep:
         # optimizer, gradient rows and projection), saved in step checkpoints, never in the model files.
         # In the weights' dtype: the flat gradient holds every trainable parameter in one dtype.
         self.projection = hidden_projection(plan, model, self.device)
+        # --fsdp: the student sharded over the ranks (drivekd/trainer/fsdp.py); its parameters are DTensors.
+        self.fsdp = bool(getattr(cfg, "fsdp", False))
+        if self.fsdp:
+            model = self.model = shard_student(model, self.device, dist.world)
         if self.projection is not None:
             self.projection.to(wdtype)
         self.params = [p for p in model.parameters() if p.requires_grad] + (list(self.projection.parameters()) if self.projection else [])
@@ -188,14 +193,18 @@ class TrainStep:
         # Per-loss rows are needed for a projection, for re-weighting (per-loss gradient norms),
         # or not at all (fast path: one backward of the weighted sum).
         self.per_loss = self.K > 1 and (cfg.projection != "none" or cfg.dynamic_weights)
-        self.grads = FlatGrads(self.params)
+        self.grads = ShardedGrads(self.params) if self.fsdp else FlatGrads(self.params)
         # Per-loss gradients come from one of two engines (equal updates): K gradient rows
         # (K x N floats, fastest) or the Gram engine (the K x K Gram folded parameter by parameter
         # in one K-batched backward, then one backward of the lambda-weighted sum; no rows).
         self.engine, self.engine_reason = choose_engine(cfg, self.params, self.K, self.device, device_memory) if self.per_loss else ("none", "")
+        if self.fsdp and self.per_loss:  # the Gram engine is refused with --fsdp (settings.py; fsdp.py says why)
+            self.engine, self.engine_reason = "rows", f"--fsdp: {self.K} sharded rows, 1/{dist.world} of the parameters each per rank"
         self.bufs = None
         self.gram_engine = None
-        if self.engine == "rows":
+        if self.engine == "rows" and self.fsdp:
+            self.bufs = torch.zeros(self.K, self.grads.n, dtype=self.grads.flat.dtype, device=self.grads.flat.device)
+        elif self.engine == "rows":
             self.bufs = GradBuffers(self.params, self.K, dtype=getattr(torch, cfg.grad_buffer_dtype))
         elif self.engine == "gram":
             self.gram_engine = GramEngine(self.params, reduce=self.dist.mean_ if self.dist.world > 1 else None)
@@ -220,6 +229,7 @@ class TrainStep:
     def forward(self, batch: Batch, maps: dict[int, torch.Tensor]) -> Losses:
         """Forward + losses, inside a `capture_attention` block whose dict is `maps`."""
         inputs, dev = batch.inputs, self.device
+        self._maps = maps  # --fsdp's backwards hook the captured maps (fsdp.per_unit_gather)
         am = inputs.tensors["attention_mask"].bool()
         labels = inputs.padded("labels").to(dev)
         keep, ce_targets = answer_positions(labels)  # logits of the answer span only: (B, P, V)
@@ -262,6 +272,9 @@ class TrainStep:
         `measure` (fast path only): also get the per-loss Gram, for the rows' shares."""
         w = torch.tensor(weights, dtype=torch.float32, device=self.device)
         weighted = [w[r] * losses.rows[r] for r in range(self.K)]
+        if self.fsdp:
+            self._sharded_backward(weighted, active, measure)
+            return
         if not self.per_loss:
             if measure and self.K > 1:
                 self._measured_sum(weighted, active)
@@ -287,6 +300,35 @@ class TrainStep:
         for i, r in enumerate(mine):
             self.bufs.backward(r, weighted[r], retain_graph=i < len(mine) - 1)
 
+    def _sharded_backward(self, weighted: list[torch.Tensor], active: list[bool], measure: bool) -> None:
+        """--fsdp: every rank runs the same backwards (each ends in collectives), one per globally
+        active row into its sharded row (per-loss runs, and the fast path's measured micro-steps),
+        else one of the weighted sum into the step's gradient. A row this rank's samples give no
+        weight backpropagates zeros."""
+        rows = [r for r in range(self.K) if active[r]]
+        if not self.per_loss and not (measure and self.K > 1):
+            self.grads.backward_into(self.grads.flat, sum(weighted[r] for r in rows), retain_graph=False)
+            return
+        if self.bufs is None:  # the fast path's measured steps: rows built on first use
+            self.bufs = torch.zeros(self.K, self.grads.n, dtype=self.grads.flat.dtype, device=self.grads.flat.device)
+        self.bufs.zero_()
+        with per_unit_gather(self.model, self._maps):  # the K backwards share one forward: see fsdp.py
+            for i, r in enumerate(rows):
+                self.grads.backward_into(self.bufs[r], weighted[r], retain_graph=i < len(rows) - 1)
+
+    def _sharded_combine(self, order: list[int], active: list[bool]) -> dict:
+        """--fsdp: lambda from the Gram of the rank-averaged rows, summed over the ranks' shards
+        ((K, K) fp64, one all-reduce), then this rank's shard of the update, lambda @ rows."""
+        G = self.dist.sum_(gram(self.bufs) if self.grads.n else torch.zeros(self.K, self.K, dtype=torch.float64, device=self.device))
+        if self.per_loss:
+            lam, info = coefficients(G, self.cfg.projection, order, active=active, return_info=True)
+        else:  # a measured fast-path step: the plain sum, each active row once
+            lam = torch.tensor([float(a) for a in active], dtype=G.dtype, device=G.device)
+            info = {"gram": G, "coef": lam, "fired": torch.zeros((), dtype=torch.int64, device=G.device), "merged": None, "order": None}
+        if not self.cfg.skip_nonfinite or self.checks.finite(G):
+            self.grads.flat.addmv_(self.bufs.T, lam.to(self.grads.flat.dtype))
+        return info
+
     def _measured_sum(self, weighted: list[torch.Tensor], active: list[bool]) -> None:
         """The fast path's update (the plain sum of the active weighted rows) with the per-loss Gram
         measured on the way: the Gram engine's K-batched backward, then its backward of the sum.
@@ -300,13 +342,16 @@ class TrainStep:
                            "merged": None, "order": None}
         self.share_engine.backward(weighted, lam)
 
-    def combine(self, order: list[int], active: list[bool], ids: list[str], where: str) -> tuple[dict | None, list[str]]:
+    def combine(self, order: list[int], active: list[bool], ids: list[str], where: str,
+                measure: bool = False) -> tuple[dict | None, list[str]]:
         """Combine the per-loss rows into the flat gradient. Returns (combine info, skipped ids).
         (The Gram engine combined inside `backward`; here only its finiteness is judged.)"""
-        if not self.per_loss:
+        if self.fsdp and (self.per_loss or self.bufs is not None and measure):
+            info = self._sharded_combine(order, active)
+        elif not self.per_loss:
             info, self._gram_info = self._gram_info, None  # the fast path's measured Gram, if any
             return info, []
-        if self.engine == "gram":
+        elif self.engine == "gram":
             info, self._gram_info = self._gram_info, None
         elif self.cfg.skip_nonfinite or self.grads.flat.dtype != torch.float32:
             # combine() accumulates in place into fp32 only: bf16 flat gradient (--precision bf16-*)
@@ -346,7 +391,7 @@ class TrainStep:
                     )
                 return Micro(None, active, None, bad)
             self.backward(losses, weights, active, local, order, measure)
-        info, skipped = self.combine(order, active, batch.sample_ids, where)
+        info, skipped = self.combine(order, active, batch.sample_ids, where, measure and self.K > 1)
         return Micro(None if skipped else losses, active, info, skipped)
 
     # ----- the optimizer step -----
@@ -354,7 +399,9 @@ class TrainStep:
         """Mean over the micro-steps that contributed (and, on the fast path, over ranks)."""
         if n_micro:
             self.grads.flat.div_(n_micro)
-            if not self.per_loss or self.engine == "gram":
+            if self.fsdp:
+                pass  # FSDP's reduce-scatter already averaged every gradient over the ranks
+            elif not self.per_loss or self.engine == "gram":
                 # The plain sum, and the Gram engine's lambda-weighted backward, are linear in
                 # this rank's gradients: reduce once per step.
                 self.dist.mean_(self.grads.flat)
@@ -362,6 +409,8 @@ class TrainStep:
     def clip(self) -> torch.Tensor:
         """Clip the global gradient norm to --max-grad-norm (0: off). Returns the norm before clipping (a tensor)."""
         clip = self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else float("inf")
+        if self.fsdp:
+            return grad_norm_clip_(self.grads.flat, clip, self.dist.sum_)
         return torch.nn.utils.clip_grad_norm_(self.params, clip)
 
     def optimizer_step(self) -> None:
