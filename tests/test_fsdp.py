@@ -119,7 +119,8 @@ def test_two_fsdp_ranks_equal_one_process_and_resume_exactly(fam, kill, tiny_mod
 
 @pytest.mark.parametrize("extra, flag", [({"lora": True}, "--lora"), ({"grad_engine": "gram"}, "--grad-engine gram"),
                                          ({"precision": "bf16-stochastic"}, "--precision"),
-                                         ({"calibrate_kd": 0.1}, "--calibrate-kd"), ({"recipe": "hidden"}, "--recipe hidden")])
+                                         ({"calibrate_kd": 0.1}, "--calibrate-kd"), ({"recipe": "hidden"}, "--recipe hidden"),
+                                         ({"eval_every": 2}, "validation during training")])
 def test_settings_fsdp_does_not_combine_with_are_refused_by_name(extra, flag, tmp_path):
     with pytest.raises(ConfigError, match=f"--fsdp: {flag}"):
         TrainConfig(student=tmp_path, out=tmp_path / "o", fsdp=True, **extra)

@@ -338,6 +338,11 @@ def _check_fsdp(cfg: TrainConfig) -> None:
                          "refuses; set the teacher weights (--w-*) from a --calibrate-kd run without --fsdp"),
         "recipe": (cfg.recipe == "hidden", "--recipe hidden trains a projection outside the student that --fsdp does "
                    "not shard or checkpoint; drop --fsdp"),
+        # each rank validates its own share of --eval-data, but a sharded forward is collective: ranks
+        # with uneven shares (and generation's uneven lengths) would wait on each other forever
+        "validation": (cfg.eval_data is not None or cfg.eval_every > 0 or cfg.eval_generate or cfg.save_best is not None,
+                       "validation during training (--eval-data, --eval-every, --eval-generate, --save-best) is not "
+                       "supported with --fsdp yet; validate final/ with drivekd-eval, or drop --fsdp"),
     }
     for _, (bad, why) in refuse.items():
         if bad:
