@@ -205,6 +205,7 @@ def unit_weights(params, losses) -> list[torch.Tensor]:
     return [l / n for l, n in zip(losses, norms)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["internvl", "qwen2_5_vl"])
 def test_matches_rows_engine_on_tiny_students(tiny_models, demo_data, targets, family):
     tr = make_trainer(tiny_models, demo_data, targets[family], family)
@@ -334,6 +335,7 @@ def _dp_worker(rank, world, port, tiny_models, demo_data, targets, scales, out):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_two_gloo_ranks_equal_one_process(tiny_models, demo_data, targets, tmp_path):
     tr = make_trainer(tiny_models, demo_data, targets["internvl"], "internvl")
     params = tr.params
