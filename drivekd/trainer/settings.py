@@ -342,7 +342,7 @@ def _check_fsdp(cfg: TrainConfig) -> None:
         # with uneven shares (and generation's uneven lengths) would wait on each other forever
         "validation": (cfg.eval_data is not None or cfg.eval_every > 0 or cfg.eval_generate or cfg.save_best is not None,
                        "validation during training (--eval-data, --eval-every, --eval-generate, --save-best) is not "
-                       "supported with --fsdp yet; validate final/ with drivekd-eval, or drop --fsdp"),
+                       "supported with --fsdp yet; evaluate final/ after training, or drop --fsdp"),
     }
     for _, (bad, why) in refuse.items():
         if bad:
