@@ -642,17 +642,15 @@ class _NoTerms:
         recipe = "perception"
 
 
-def dry_run_teacher(teachers: dict[str, Path], layers: str | None = None, *, seq_len: int | None = None,
-                    cameras: int = 6, dtype: str = "bfloat16", images: ImageSettings | None = None) -> dict[str, Any]:
-    """`drivekd-cache build --dry-run`: each checkpoint's forward with capture of its roles' layers
-    (roles naming one checkpoint share one forward), against a plain sdpa forward. `images`: the
-    build's image settings, which decide T."""
+def teacher_passes(teachers: dict[str, Path], layers: str | None, *, seq_len: int | None, cameras: int,
+                   images: ImageSettings | None):
+    """The build's teacher forwards, one per checkpoint (roles naming one checkpoint share it):
+    yields (checkpoint, its roles, its shapes, the sorted union of its roles' layers)."""
     from drivekd.layers import LayerSpecError, recipe_layers, resolve_layers
 
     by_ckpt: dict[Path, list[str]] = {}
     for role, path in teachers.items():
         by_ckpt.setdefault(Path(path), []).append(role)
-    out = []
     for ckpt, roles in by_ckpt.items():
         family, L = model_depth(ckpt, "--model")
         shapes = shapes_for(family, student_config(ckpt), ckpt, cameras, seq_len, images, "--model")
@@ -660,6 +658,16 @@ def dry_run_teacher(teachers: dict[str, Path], layers: str | None = None, *, seq
             want = sorted({l for r in roles for l in (resolve_layers(layers, L) if layers else recipe_layers(r, L))})
         except LayerSpecError as e:
             raise ConfigError(f"--layers {layers!r}: {e} (the teacher {ckpt} has {L} decoder layers)") from None
+        yield ckpt, roles, shapes, want
+
+
+def dry_run_teacher(teachers: dict[str, Path], layers: str | None = None, *, seq_len: int | None = None,
+                    cameras: int = 6, dtype: str = "bfloat16", images: ImageSettings | None = None) -> dict[str, Any]:
+    """`drivekd-cache build --dry-run`: each checkpoint's forward with capture of its roles' layers
+    (roles naming one checkpoint share one forward), against a plain sdpa forward. `images`: the
+    build's image settings, which decide T."""
+    out = []
+    for ckpt, roles, shapes, want in teacher_passes(teachers, layers, seq_len=seq_len, cameras=cameras, images=images):
         cap = count_teacher_pass(ckpt, want, shapes, getattr(torch, dtype))
         plain = count_teacher_pass(ckpt, None, shapes, getattr(torch, dtype))
         out.append({"model": str(ckpt), "roles": roles, "layers": want, "seq_len": shapes.seq_len, "params": cap.params,

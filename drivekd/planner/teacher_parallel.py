@@ -21,7 +21,7 @@ import torch
 
 from drivekd.errors import ConfigError
 from drivekd.images import ImageSettings
-from drivekd.planner.plan import GiB, count_teacher_pass, margin_bytes, model_depth, shapes_for, student_config
+from drivekd.planner.plan import GiB, count_teacher_pass, margin_bytes, student_config, teacher_passes
 
 
 def check_divisible(config, n: int) -> None:
@@ -81,21 +81,10 @@ def dry_run_teacher_tp(teachers: dict[str, Path], layers: str | None = None, *, 
                        cameras: int = 6, dtype: str = "bfloat16", images: ImageSettings | None = None) -> dict[str, Any]:
     """Per-rank peak of each checkpoint's teacher pass over `nproc` tensor-parallel ranks (roles
     naming one checkpoint share one forward, as in the build)."""
-    from drivekd.layers import LayerSpecError, recipe_layers, resolve_layers
-
     if nproc < 1:
         raise ConfigError(f"--nproc must be >= 1, not {nproc}")
-    by_ckpt: dict[Path, list[str]] = {}
-    for role, path in teachers.items():
-        by_ckpt.setdefault(Path(path), []).append(role)
     out = []
-    for ckpt, roles in by_ckpt.items():
-        family, L = model_depth(ckpt, "--model")
-        shapes = shapes_for(family, student_config(ckpt), ckpt, cameras, seq_len, images, "--model")
-        try:
-            want = sorted({l for r in roles for l in (resolve_layers(layers, L) if layers else recipe_layers(r, L))})
-        except LayerSpecError as e:
-            raise ConfigError(f"--layers {layers!r}: {e} (the teacher {ckpt} has {L} decoder layers)") from None
+    for ckpt, roles, shapes, want in teacher_passes(teachers, layers, seq_len=seq_len, cameras=cameras, images=images):
         r = count_rank(ckpt, want, shapes, nproc, getattr(torch, dtype))
         peak = r["tracked_peak_bytes"]
         out.append({"model": str(ckpt), "roles": roles, "layers": want, "seq_len": shapes.seq_len, "nproc": nproc,
