@@ -45,13 +45,17 @@ upgrade:
 	rm -rf $(UPGRADE_VENV)
 	@echo "requirements.lock refreshed; make install (or rm $(STAMP)) to use it, and commit it"
 
+# pytest-xdist workers for make test / test-fast: one per core of the 2-core machine the suite is sized
+# for (each worker runs torch on one OpenMP thread, tests/conftest.py). TEST_WORKERS=0 runs in one process.
+TEST_WORKERS ?= 2
+
 # The whole suite, slow tests included (the CI's check); the 15 slowest are listed at the end.
 test: install
-	$(PY) -m pytest tests --durations=15
+	$(PY) -m pytest tests -n $(TEST_WORKERS) --durations=15
 
 # The edit loop: everything but the tests marked `slow` (end-to-end runs, real-size plans, subprocesses).
 test-fast: install
-	$(PY) -m pytest tests -m "not slow" --durations=15
+	$(PY) -m pytest tests -n $(TEST_WORKERS) -m "not slow" --durations=15
 
 # The untrained student, a CE student, a KD student and the teacher on the held-out split, side by
 # side ($(DEMO)/summary.md). One OpenMP thread, as below.
