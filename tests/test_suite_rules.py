@@ -16,8 +16,9 @@ CLOCK = re.compile(r"time\.time\(|perf_counter\(|monotonic\(|ru_utime|ru_stime"
 
 def clock_asserts(source: str) -> list[int]:
     """Lines of the asserts in `source` that compare a clock reading."""
+    lines = source.splitlines()  # once per file (ast.get_source_segment splits the whole source per call)
     return [node.lineno for node in ast.walk(ast.parse(source))
-            if isinstance(node, ast.Assert) and CLOCK.search(ast.get_source_segment(source, node) or "")]
+            if isinstance(node, ast.Assert) and CLOCK.search("\n".join(lines[node.lineno - 1:node.end_lineno]))]
 
 
 def test_no_test_asserts_wall_time():
@@ -34,5 +35,6 @@ def test_make_test_runs_everything_and_test_fast_skips_slow():
     test = re.search(r"^test: .*\n((?:\t.*\n)+)", make, re.M).group(1)
     fast = re.search(r"^test-fast: .*\n((?:\t.*\n)+)", make, re.M).group(1)
     assert "pytest tests" in test and "not slow" not in test and "--durations=15" in test
+    assert "-n $(TEST_WORKERS)" in test and "-n $(TEST_WORKERS)" in fast  # both cores (pytest-xdist)
     assert '-m "not slow"' in fast
     assert "slow:" in (ROOT / "pyproject.toml").read_text()  # registered: an unknown marker is an error
