@@ -43,6 +43,14 @@ def full_store(tiny_models, small_data, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def attn_store(tiny_models, small_data, tmp_path_factory) -> Path:
+    """The same two roles with attention only (read here; a test that adds to it works on a copy)."""
+    out = tmp_path_factory.mktemp("attn") / "cache"
+    build(_cfg(tiny_models, small_data, out))
+    return out
+
+
 def _attention_files(store: Path) -> dict[str, tuple]:
     """Every attention-side file (maps, vectors, shared prefixes): bytes, inode and mtime."""
     out = {}
@@ -107,9 +115,9 @@ def test_stored_signals_equal_a_direct_forward(tiny_models, small_data, full_sto
 
 
 @pytest.mark.slow
-def test_add_hidden_to_attention_store_computes_only_what_is_missing(tiny_models, small_data, full_store, tmp_path):
+def test_add_hidden_to_attention_store_computes_only_what_is_missing(tiny_models, small_data, full_store, attn_store, tmp_path):
     out = tmp_path / "cache"
-    build(_cfg(tiny_models, small_data, out))
+    shutil.copytree(attn_store, out)
     before = _attention_files(out)
     assert before and not list(out.rglob("hidden"))
     # A build killed while writing hidden states, then the same command again: the attention
@@ -279,7 +287,7 @@ def _train_cfg(tiny_models, data, store, out, **kw):
 
 def test_kl_run_trains_the_student_from_the_kl_alone(tiny_models, small_data, full_store, tmp_path):
     start = load_file(str(tiny_models / "internvl-student" / "model.safetensors"))
-    res = train(_train_cfg(tiny_models, small_data, full_store, tmp_path / "kl", recipe="kl", w_ce=0.0, max_steps=3, projection="none",
+    res = train(_train_cfg(tiny_models, small_data, full_store, tmp_path / "kl", recipe="kl", w_ce=0.0, max_steps=2, projection="none",
                            dynamic_weights=False, micro_batch=2))
     assert res.plan.row_names == ["ce", "kl"] and res.plan.terms[0].role == "perception"
     kl = [m["loss_kl"] for m in res.metrics]
@@ -293,20 +301,30 @@ def test_kl_run_trains_the_student_from_the_kl_alone(tiny_models, small_data, fu
     assert other.metrics[0]["loss_kl"] != pytest.approx(kl[0], rel=1e-3)
 
 
-def test_hidden_run_resumes_with_its_projection_and_final_is_the_plain_student(tiny_models, small_data, full_store, tmp_path):
-    kw = dict(recipe="hidden", layers="L-2", max_steps=4, save_every=2, dynamic_weights=True, projection="agp")
-    full = train(_train_cfg(tiny_models, small_data, full_store, tmp_path / "full", **kw))
+HIDDEN_KW = dict(recipe="hidden", layers="L-2", max_steps=4, save_every=2, dynamic_weights=True, projection="agp")
+
+
+@pytest.fixture(scope="module")
+def hidden_run(tiny_models, small_data, full_store, tmp_path_factory, one_thread):
+    """A --recipe hidden run of 4 steps, checkpoints at steps 2 and 4 (read only: copy before editing)."""
+    out = tmp_path_factory.mktemp("hidden") / "full"
+    return train(_train_cfg(tiny_models, small_data, full_store, out, **HIDDEN_KW))
+
+
+def test_hidden_run_resumes_with_its_projection_and_final_is_the_plain_student(tiny_models, small_data, full_store, hidden_run,
+                                                                                 tmp_path):
+    full = hidden_run
     assert full.plan.row_names == ["ce", "hidden"] and full.plan.terms[0].pairs == ((2, (4,)),)  # L-2 of 4 and of 6 layers
     assert full.plan.terms[0].role == "planning"  # the role storing layer L-2 of the teacher
-    steps = list_checkpoints(tmp_path / "full")
+    steps = list_checkpoints(full.run)
     state = load_state(steps[0][1])
     w = state["projection"]["maps.2.weight"]
     assert w.shape == (96, 64)  # student width 64 -> teacher width 96
     assert not torch.equal(w, load_state(steps[1][1])["projection"]["maps.2.weight"])  # trained by the optimizer
-    resumed = train(_train_cfg(tiny_models, small_data, full_store, tmp_path / "resumed", resume_from=steps[0][1], **kw))
+    resumed = train(_train_cfg(tiny_models, small_data, full_store, tmp_path / "resumed", resume_from=steps[0][1], **HIDDEN_KW))
     assert resumed.losses == pytest.approx(full.losses[2:], rel=1e-6, abs=0)
     assert [m["loss_hidden"] for m in resumed.metrics] == pytest.approx([m["loss_hidden"] for m in full.metrics[2:]], rel=1e-6)
-    final = tmp_path / "full" / "final"
+    final = full.run / "final"
     keys = set(load_file(str(final / "model.safetensors")))
     assert keys == set(load_file(str(tiny_models / "internvl-student" / "model.safetensors")))
     assert not (final / "trainer_state.pt").exists()  # final/ keeps no trainer state (projection maps included)
@@ -314,17 +332,17 @@ def test_hidden_run_resumes_with_its_projection_and_final_is_the_plain_student(t
     assert type(model).__name__ == "InternVLForConditionalGeneration"
 
 
-def test_resume_uses_the_saved_projection(tiny_models, small_data, full_store, tmp_path):
-    """The resume test above fails if the projection is not restored: a fresh projection gives
+def test_resume_uses_the_saved_projection(tiny_models, small_data, full_store, hidden_run, tmp_path):
+    """The resume test above fails if the projection is not restored: a zeroed projection gives
     another step-3 loss."""
-    kw = dict(recipe="hidden", layers="L-2", max_steps=3, save_every=2, dynamic_weights=False, projection="none")
-    full = train(_train_cfg(tiny_models, small_data, full_store, tmp_path / "full", **kw))
-    ck = list_checkpoints(tmp_path / "full")[0][1]
+    run = tmp_path / "full"
+    shutil.copytree(hidden_run.run, run)
+    ck = list_checkpoints(run)[0][1]
     state = load_state(ck)
     state["projection"] = {k: torch.zeros_like(v) for k, v in state["projection"].items()}
     torch.save(state, ck / "trainer_state.pt")
-    res = train(_train_cfg(tiny_models, small_data, full_store, tmp_path / "resumed", resume_from=ck, **kw))
-    assert res.metrics[0]["loss_hidden"] != pytest.approx(full.metrics[2]["loss_hidden"], rel=1e-3)
+    res = train(_train_cfg(tiny_models, small_data, full_store, tmp_path / "resumed", resume_from=ck, **HIDDEN_KW))
+    assert res.metrics[0]["loss_hidden"] != pytest.approx(hidden_run.metrics[2]["loss_hidden"], rel=1e-3)
 
 
 def _student_copy(tiny_models, tmp_path, edit):
@@ -358,9 +376,8 @@ def test_vocabulary_mismatch_refused_before_any_model_loads(tiny_models, small_d
         train(_train_cfg(tiny_models, small_data, full_store, tmp_path / "run", recipe="kl", student=student))
 
 
-def test_recipes_name_the_missing_signal(tiny_models, small_data, full_store, tmp_path):
-    attn_only = tmp_path / "cache"
-    build(_cfg(tiny_models, small_data, attn_only))
+def test_recipes_name_the_missing_signal(tiny_models, small_data, full_store, attn_store, tmp_path):
+    attn_only = attn_store
     with pytest.raises(ConfigError, match="--recipe kl reads the teacher's logits.*--signals logits"):
         train(_train_cfg(tiny_models, small_data, attn_only, tmp_path / "a", recipe="kl"))
     with pytest.raises(ConfigError, match="teacher hidden states of layers \\[2\\].*--signals hidden"):

@@ -128,36 +128,51 @@ def test_validation_errors_of_store_and_files(tiny_models, data6, demo_data, sto
 
 @pytest.mark.slow
 def test_kill9_then_resume_equals_uninterrupted(tiny_models, data6, demo_data, store, tmp_path):
-    # 8 steps of one sample: the resumed run crosses into the second epoch of the six samples (step 7).
-    common = ["--max-steps", "8", "--save-every", "2", "--grad-accum", "1", "--lr", "1e-3", "--keep-last", "2"]
+    # 4 steps of one sample over three samples: killed after step 1's checkpoint, the resumed run
+    # crosses into the second epoch (step 4), so the epoch's data order is restored too. Three steps
+    # after the kill point leave the killed process no chance to finish before the kill lands.
+    data3 = tmp_path / "train3.json"
+    data3.write_text(json.dumps(json.loads(data6.read_text())[:3]))
+    common = ["--max-steps", "4", "--save-every", "1", "--grad-accum", "1", "--lr", "1e-3", "--keep-last", "2"]
     killed = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "drivekd.cli.train", *_args(tiny_models, data6, demo_data, store, killed, *common)]
+    cmd = [sys.executable, "-m", "drivekd.cli.train", *_args(tiny_models, data3, demo_data, store, killed, *common)]
     proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    while not (killed / "step-000002" / "COMPLETE").exists():  # no deadline: a loaded machine may be slow
+    while not (killed / "step-000001" / "COMPLETE").exists():  # no deadline: a loaded machine may be slow
         assert proc.poll() is None, proc.stdout.read().decode()
         time.sleep(0.01)
     os.kill(proc.pid, signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL
     proc.stdout.close()  # else its pipe is left to the garbage collector (a ResourceWarning, an error here)
-    r = _run(_args(tiny_models, data6, demo_data, store, killed, *common, "--resume"))
+    r = _run(_args(tiny_models, data3, demo_data, store, killed, *common, "--resume"))
     assert r.exit_code == 0, r.output
     clean = tmp_path / "clean"
-    r = _run(_args(tiny_models, data6, demo_data, store, clean, *common))
+    r = _run(_args(tiny_models, data3, demo_data, store, clean, *common))
     assert r.exit_code == 0, r.output
-    assert [json.loads(l)["step"] for l in (killed / "metrics.jsonl").read_text().splitlines()] == list(range(1, 9))
+    assert [json.loads(l)["step"] for l in (killed / "metrics.jsonl").read_text().splitlines()] == list(range(1, 5))
     assert _losses(killed) == pytest.approx(_losses(clean), rel=1e-6)
     a, b = load_file(str(killed / "final" / "model.safetensors")), load_file(str(clean / "final" / "model.safetensors"))
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
     assert not list(killed.glob(".tmp-*"))
-    assert [s for s, _ in list_checkpoints(killed)] == [6, 8]  # --keep-last 2
+    assert [s for s, _ in list_checkpoints(killed)] == [3, 4]  # --keep-last 2
 
 
 @pytest.mark.slow
 def test_two_ranks_equal_one_process(tiny_models, data6, demo_data, store, tmp_path):
     """2 gloo ranks x micro-batch 1 == 1 process x micro-batch 2 (same global batch): the per-loss
-    rows are averaged across ranks before AGP, so the projection sees the same gradients."""
-    common = ["--max-steps", "2", "--grad-accum", "2", "--lr", "1e-3", "--projection", "agp", "--save-every", "0"]
+    rows are averaged across ranks before AGP, so the projection sees the same gradients.
+
+    The same launch validates (--eval-data, issue 25): the ranks split the 12 eval samples and the
+    5 generated questions (3 + 2: uneven) and all-reduce sums and counts, so eval/ce and accuracy
+    equal one process's. (One torchrun launch for both: each costs three interpreters' imports.)"""
+    train = json.loads((demo_data / "train.json").read_text())
+    bench = json.loads((demo_data / "drivebench.json").read_text())
+    # The demo questions as a validation set, the multiple-choice ones tagged 0 as DriveBench tags them.
+    eval_file = tmp_path / "eval.json"
+    eval_file.write_text(json.dumps([dict(t, tag=[0]) if b["tag"] == [0] else t for t, b in zip(train, bench)]))
+    common = ["--max-steps", "2", "--grad-accum", "2", "--lr", "1e-3", "--projection", "agp", "--save-every", "0",
+              "--eval-data", str(eval_file), "--eval-generate", "--eval-max-samples", "5", "--eval-max-new-tokens", "4",
+              "--save-best", "eval/ce"]
     two = tmp_path / "two"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "drivekd.cli.train",
            *_args(tiny_models, data6, demo_data, store, two, *common, "--micro-batch", "1")]
@@ -168,12 +183,20 @@ def test_two_ranks_equal_one_process(tiny_models, data6, demo_data, store, tmp_p
     assert r.exit_code == 0, r.output
     m2 = [json.loads(l) for l in (two / "metrics.jsonl").read_text().splitlines()]
     m1 = [json.loads(l) for l in (one / "metrics.jsonl").read_text().splitlines()]
-    assert [m["loss"] for m in m2] == pytest.approx([m["loss"] for m in m1], rel=1e-4)
-    assert [m["samples_per_s"] > 0 for m in m2] == [True, True]
+    t2, t1 = [m for m in m2 if "loss" in m], [m for m in m1 if "loss" in m]
+    assert [m["loss"] for m in t2] == pytest.approx([m["loss"] for m in t1], rel=1e-4)
+    assert [m["samples_per_s"] > 0 for m in t2] == [True, True]
     # Projections fired, so the combine was non-linear: averaging after it would not match.
-    assert all(m["projections_fired"] > 0 for m in m1)
-    assert [m["projections_fired"] for m in m2] == [m["projections_fired"] for m in m1]
-    assert m2[-1]["weights"] == pytest.approx(m1[-1]["weights"], rel=1e-4)
+    assert all(m["projections_fired"] > 0 for m in t1)
+    assert [m["projections_fired"] for m in t2] == [m["projections_fired"] for m in t1]
+    assert t2[-1]["weights"] == pytest.approx(t1[-1]["weights"], rel=1e-4)
     a, b = load_file(str(two / "final" / "model.safetensors")), load_file(str(one / "final" / "model.safetensors"))
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=2e-5)
+    # validation, split over the ranks
+    e2, e1 = ([m for m in ms if "eval_ce" in m][0] for ms in (m2, m1))
+    assert e2["eval_samples"] == e1["eval_samples"] == 12 and e2["eval_generated"] == e1["eval_generated"] == 5
+    assert e2["eval_ce"] == pytest.approx(e1["eval_ce"], rel=1e-4)
+    acc2, acc1 = ({k: v for k, v in e.items() if k.startswith("eval_acc")} for e in (e2, e1))
+    assert acc2 == acc1 and "eval_acc" in acc1
+    assert (two / "best" / "COMPLETE").exists()

@@ -4,8 +4,6 @@ resume keeps the best-so-far."""
 
 import json
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -131,10 +129,11 @@ def test_validation_leaves_training_unchanged(val_run, tiny_models, demo_data, t
     from drivekd.trainer.loop import train
 
     plain = tmp_path / "plain"
-    train(_cfg(tiny_models, demo_data, plain, save_every=0), targets)
+    # two steps: the validation after step 1 ran between them (as after step 2 before step 3)
+    train(_cfg(tiny_models, demo_data, plain, save_every=0, max_steps=2), targets)
     assert [r["step"] for r in _records(val_run) if "eval_ce" in r] == [1, 2, 3]  # it did validate after every step
     losses = [r["loss"] for r in _records(val_run) if "loss" in r]
-    assert losses == [r["loss"] for r in _records(plain)]
+    assert losses[:2] == [r["loss"] for r in _records(plain)]
 
 
 @pytest.mark.slow
@@ -195,30 +194,9 @@ def test_teacher_rows_without_targets_for_the_eval_set_are_skipped_and_named_onc
         validation.prepare(validate(cfg, targets), Dist("cpu"))
 
 
-@pytest.mark.slow
-def test_two_ranks_validate_as_one_process(tiny_models, demo_data, eval_file, tmp_path):
-    """2 gloo ranks split the 12 eval samples and the 5 generated questions (3 + 2: uneven) and
-    all-reduce sums and counts: the same eval/ce and accuracy as one process."""
-    from drivekd.cli.train import main
-
-    common = ["--student", str(tiny_models / "internvl-student"), "--data", str(demo_data / "train.json"), "--recipe", "sft",
-              "--max-steps", "1", "--grad-accum", "1", "--save-every", "0", "--num-workers", "0", "--no-progress",
-              "--report-to", "none", "--eval-data", str(eval_file), "--eval-generate", "--eval-max-samples", "5",
-              "--eval-max-new-tokens", "4", "--save-best", "eval/ce"]
-    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
-    two = tmp_path / "two"
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
-                        "drivekd.cli.train", *common, "--micro-batch", "1", "--out", str(two)],
-                       env=env, capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    one = tmp_path / "one"
-    r = CliRunner().invoke(main, [*common, "--micro-batch", "2", "--out", str(one)])
-    assert r.exit_code == 0, r.output
-    e2, e1 = ([x for x in _records(d) if "eval_ce" in x][0] for d in (two, one))
-    assert e2["eval_samples"] == e1["eval_samples"] == 12 and e2["eval_generated"] == e1["eval_generated"] == 5
-    assert e2["eval_ce"] == pytest.approx(e1["eval_ce"], rel=1e-4)
-    assert {k: v for k, v in e2.items() if k.startswith("eval_acc")} == {k: v for k, v in e1.items() if k.startswith("eval_acc")}
-    assert (two / "best" / "COMPLETE").exists()
+# 2 gloo ranks validate as one process (the eval set and the generated questions split unevenly, sums and
+# counts all-reduced): tests/test_train_cli.py::test_two_ranks_equal_one_process, whose torchrun launch
+# validates as it trains (a second launch here would cost three more interpreters' imports).
 
 
 # ----------------------------------------------------------------------------- drivekd-ablate: a run's checkpoint chosen on val
