@@ -154,12 +154,17 @@ def test_fsdp_outside_torchrun_is_refused_before_the_model_loads(tmp_path, monke
         train(cfg)
 
 
-def test_planner_gives_each_rank_its_shards_plus_the_gathered_units(tiny_models):
+def test_planner_gives_each_rank_its_shards_plus_the_gathered_units(tiny_models, tmp_path):
     """--dry-run --fsdp --nproc N: weights, gradients, rows and optimizer state per rank are 1/N of
-    one process's (plus the gathered units during the backwards); more ranks, a lower peak."""
+    one process's (plus the gathered units during the backwards); more ranks, a lower peak. (The tiny
+    student at 2 text and 1 vision layers: the split is per unit, and the fake-tensor trace's cost
+    is per layer.)"""
+    from conftest import config_copy
+
     from drivekd.planner import dry_run
 
-    cfg = TrainConfig(student=tiny_models / "internvl-student", recipe="multi", fsdp=True)
+    student = config_copy(tiny_models / "internvl-student", tmp_path / "shallow", text=2, vision=1)
+    cfg = TrainConfig(student=student, recipe="multi", fsdp=True)
     one, two = (dry_run(cfg, cameras=1, nproc=n) for n in (1, 2))
     assert two["nproc"] == 2 and two["units"]["weights"] > two["units"]["root"] > 0
     micro = two["phases"]["micro"]
