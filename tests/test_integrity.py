@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 import traceback
 import warnings
 from pathlib import Path
@@ -195,8 +196,16 @@ def _forked(fn, result: Path) -> int:
     return pid
 
 
-def _joined(pid: int, result: Path) -> dict:
-    os.waitpid(pid, 0)
+def _joined(pid: int, result: Path, timeout_s: float = 600.0) -> dict:
+    deadline = time.monotonic() + timeout_s  # a hung child (never expected) fails the test instead of hanging the suite
+    while (status := os.waitpid(pid, os.WNOHANG)) == (0, 0):
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            pytest.fail(f"forked child {pid} still running after {timeout_s:.0f} s")
+        time.sleep(0.05)
+    if not result.is_file():
+        pytest.fail(f"forked child {pid} ended without a result (wait status {status[1]})")
     got = json.loads(result.read_text())
     assert "child_error" not in got, got["child_error"]
     return got
