@@ -112,19 +112,19 @@ def test_fast_path_measures_the_shares_on_logged_steps(tiny_models, demo_data, t
     for key in [f"{p}_{r}" for p in ("share", "along") for r in ROWS]:
         assert fast.metrics[0][key] == pytest.approx(rows.metrics[0][key], rel=1e-4, abs=1e-12), key
 
-    kw = dict(kw, dynamic_weights=False, max_steps=3, grad_accum=2, log_every=2)
+    kw = dict(kw, dynamic_weights=False, max_steps=2, grad_accum=2, log_every=2)
     on = train(_cfg(tiny_models, demo_data, tmp_path / "on", **kw), targets)
     off = train(_cfg(tiny_models, demo_data, tmp_path / "off", contribution=False, **kw), targets)
     logged = [json.loads(l) for l in (tmp_path / "on" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in logged] == [2, 3]
+    assert [r["step"] for r in logged] == [2]
     assert all(r["share_reasoning"] > 0 and sum(r[f"along_{n}"] for n in ROWS) == pytest.approx(1.0) for r in logged)
     assert on.metrics[0]["share_ce"] is None  # step 1 is not logged: nothing measured
     assert not any(k.startswith(("share_", "along_")) for k in off.metrics[-1])
     assert on.losses == pytest.approx(off.losses, rel=1e-6)
     # After the warning's window, every --contribution-every-th logged step only.
-    sparse = train(_cfg(tiny_models, demo_data, tmp_path / "sparse", **dict(kw, grad_accum=1, log_every=1, max_steps=4),
+    sparse = train(_cfg(tiny_models, demo_data, tmp_path / "sparse", **dict(kw, grad_accum=1, log_every=1, max_steps=3),
                         contribution_warn_steps=1, contribution_every=2), targets)
-    assert [m["share_ce"] is not None for m in sparse.metrics] == [True, False, True, False]
+    assert [m["share_ce"] is not None for m in sparse.metrics] == [True, False, True]
     from safetensors.torch import load_file
 
     a, b = load_file(str(tmp_path / "on" / "final" / "model.safetensors")), load_file(str(tmp_path / "off" / "final" / "model.safetensors"))
@@ -187,28 +187,25 @@ def test_no_warning_when_the_teacher_term_counts(tiny_models, demo_data, targets
     assert ShareMonitor(ROWS, 0.0, 20, 5).add({"step": 1, **{f"share_{r}": 0.0 for r in ROWS}}) == []
 
 
-@pytest.mark.slow
-def test_warning_is_printed_on_the_console(tiny_models, demo_data, targets, tmp_path):
-    """drivekd-train configures no logging: the warning must still reach the terminal (stderr)."""
+def test_warning_is_printed_on_the_console(tiny_models, demo_data, tmp_path, monkeypatch, capsys):
+    """drivekd-train configures no logging: the warning must still reach the terminal (stderr), through
+    logging's last resort. Here in this process with the handlers pytest adds to the root logger taken
+    away, i.e. as a process where nothing configured logging sees it."""
+    from online_targets import TEACHER_LAYERS, compute_targets
+
+    from drivekd.data.loaders import load_samples
+
+    for name in [n for n in logging.root.manager.loggerDict if n == "drivekd" or n.startswith("drivekd.")]:
+        logger = logging.getLogger(name)
+        assert not logger.handlers and logger.propagate, name  # drivekd adds no handler of its own
     records = [r for r in json.loads((demo_data / "train.json").read_text()) if r["question_type"] == "perception"][:2]
     (tmp_path / "two.json").write_text(json.dumps(records))
-    script = tmp_path / "run.py"
-    script.write_text(
-        "import sys, torch\n"
-        "from online_targets import TEACHER_LAYERS, compute_targets\n"
-        "from drivekd.data.loaders import load_samples\n"
-        "from drivekd.trainer.loop import train\n"
-        "from drivekd.trainer.settings import TrainConfig\n"
-        "torch.set_num_threads(1)\n"
-        f"tiny, images, data = {str(tiny_models)!r}, {str(demo_data)!r}, {str(tmp_path / 'two.json')!r}\n"
-        "t = compute_targets(tiny + '/internvl-teacher', load_samples(data, images), TEACHER_LAYERS)\n"
-        "cfg = TrainConfig(student=tiny + '/internvl-student', data=data, images=images, out=sys.argv[1], num_workers=0,\n"
-        "                  max_steps=1, save_every=0, report_to='none', recipe='perception', dynamic_weights=False)\n"
-        "train(cfg, t)\n")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), *sys.path])}
-    p = subprocess.run([sys.executable, str(script), str(tmp_path / "out")], env=env, capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stderr[-3000:]
-    line = next(l for l in p.stderr.splitlines() if "share of the update" in l)
+    t = compute_targets(tiny_models / "internvl-teacher", load_samples(tmp_path / "two.json", demo_data), TEACHER_LAYERS)
+    cfg = TrainConfig(student=tiny_models / "internvl-student", data=tmp_path / "two.json", images=demo_data, out=tmp_path / "out",
+                      num_workers=0, progress=False, max_steps=1, save_every=0, report_to="none", recipe="perception", dynamic_weights=False)
+    monkeypatch.setattr(logging.root, "handlers", [])
+    train(cfg, t)
+    line = next(l for l in capsys.readouterr().err.splitlines() if "share of the update" in l)
     assert line.startswith("drivekd-train: warning: the perception teacher term") and "--w-perception" in line
 
 
@@ -345,8 +342,8 @@ def test_two_ranks_log_the_shares_and_calibrate_as_one_process(tiny_models, demo
 
     from drivekd.data.loaders import load_samples
 
-    records = json.loads((demo_data / "train.json").read_text())[:6]
-    data = tmp_path / "six.json"
+    records = json.loads((demo_data / "train.json").read_text())[:4]  # 2 steps of 4: two epochs
+    data = tmp_path / "four.json"
     data.write_text(json.dumps(records))
     script = tmp_path / "run.py"
     script.write_text("from test_contribution import run_config\n" + _RUN)

@@ -1,12 +1,16 @@
 """Never train on damaged or foreign targets (issue 11): each test reproduces one row of the issue's
 table on a real store (bytes flipped, files deleted, two real build processes, a real full disk)."""
 
+import ctypes
 import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import time
+import traceback
+import warnings
 from pathlib import Path
 
 import pytest
@@ -163,6 +167,50 @@ def test_schema2_store_reads_and_says_it_has_no_checksums(built, tmp_path):
         st.get("perception", "s1")
 
 
+def _cli(main, args: list[str]) -> dict:
+    """One drivekd CLI command, in this process: its exit status and console output (and a traceback
+    in the output if it raised past its own error handling, which the tests below forbid)."""
+    r = CliRunner().invoke(main, args)
+    out = r.output
+    if r.exception is not None and not isinstance(r.exception, SystemExit):
+        out += "".join(traceback.format_exception(r.exception))
+    return {"rc": r.exit_code, "out": out}
+
+
+def _forked(fn, result: Path) -> int:
+    """Start fn() in a forked copy of this process (torch, transformers and drivekd already imported:
+    no interpreter start-up, which a fresh `python -m drivekd.cli.*` pays) and return its pid; the
+    child writes fn()'s JSON result to `result` (read by _joined) and never returns into pytest."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # Python 3.12+ warns on fork() with threads (xdist's, zarr's loop)
+        pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            result.write_text(json.dumps(fn()))
+            code = 0
+        except BaseException:  # noqa: BLE001 - reported by the parent
+            result.write_text(json.dumps({"child_error": traceback.format_exc()}))
+        finally:
+            os._exit(code)
+    return pid
+
+
+def _joined(pid: int, result: Path, timeout_s: float = 600.0) -> dict:
+    deadline = time.monotonic() + timeout_s  # a hung child (never expected) fails the test instead of hanging the suite
+    while (status := os.waitpid(pid, os.WNOHANG)) == (0, 0):
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            pytest.fail(f"forked child {pid} still running after {timeout_s:.0f} s")
+        time.sleep(0.05)
+    if not result.is_file():
+        pytest.fail(f"forked child {pid} ended without a result (wait status {status[1]})")
+    got = json.loads(result.read_text())
+    assert "child_error" not in got, got["child_error"]
+    return got
+
+
 # ----------------------------------------------------------------------------- one writer
 
 
@@ -170,16 +218,21 @@ def test_schema2_store_reads_and_says_it_has_no_checksums(built, tmp_path):
 def test_two_builds_at_once_one_is_refused_naming_the_holder(tiny_models, data, built, tmp_path):
     out = tmp_path / "cache"
     # One role (the lock is per role; three would triple the teacher passes, not the race).
-    cmd = [sys.executable, "-m", "drivekd.cli.cache", "build", "--teacher", "planning", "--model", str(tiny_models / "internvl-teacher"),
-           "--data", str(data), "--out", str(out), "--no-progress", "--writers", "1"]
-    env = {**ENV, "DRIVEKD_FAULT_SLOW_WRITES": "0.1"}  # the first build certainly still runs when the second starts
-    procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
-    outs = [p.communicate(timeout=300) for p in procs]
-    codes = sorted(p.returncode for p in procs)
-    assert codes == [0, 2], outs
-    winner, loser = (0, 1) if procs[0].returncode == 0 else (1, 0)
-    err = outs[loser][1]
-    assert f"being built by pid {procs[winner].pid}" in err and "Traceback" not in err, err
+    args = ["build", "--teacher", "planning", "--model", str(tiny_models / "internvl-teacher"), "--data", str(data), "--out", str(out),
+            "--no-progress", "--writers", "1"]
+
+    def one_build():
+        os.environ["DRIVEKD_FAULT_SLOW_WRITES"] = "0.1"  # the first build certainly still runs when the second starts
+        return _cli(cache_cli, args)
+
+    # two real processes (forked: each its own pid, the store lock's holder)
+    results = [tmp_path / f"build{i}.json" for i in range(2)]
+    pids = [_forked(one_build, r) for r in results]
+    outs = [_joined(pid, r) for pid, r in zip(pids, results)]
+    assert sorted(o["rc"] for o in outs) == [0, 2], outs
+    winner, loser = (0, 1) if outs[0]["rc"] == 0 else (1, 0)
+    err = outs[loser]["out"]
+    assert f"being built by pid {pids[winner]}" in err and "Traceback" not in err, err
     assert _verify(out).exit_code == 0
     # the winner's store is the reference build's planning role (and the lock is gone)
     assert _files(out) == {k: v for k, v in _files(built).items() if k == "zarr.json" or k.startswith("planning/")}
@@ -276,42 +329,74 @@ def test_edited_samples_stop_the_run_before_step_one_naming_all(tiny_models, dat
 # ----------------------------------------------------------------------------- full disk
 
 
-def _in_small_fs(mount: Path, size: str, script: str) -> subprocess.CompletedProcess:
-    """Run `script` (sh) in a private mount namespace with a `size` tmpfs at `mount`: a real full disk."""
+_CLONE_NEWNS = 0x00020000
+
+
+def _in_small_fs(mount: Path, size: str, fn) -> dict:
+    """Run fn() (returning JSON) in a forked child with its own mount namespace and a `size` tmpfs at
+    `mount`: a real full disk, seen only by that child (`mount` below runs in it)."""
     mount.mkdir(parents=True, exist_ok=True)
-    probe = subprocess.run(["unshare", "-m", "sh", "-c", f"mount -t tmpfs -o size=64k tmpfs {mount}"], capture_output=True)
-    if probe.returncode != 0:
-        pytest.skip("needs `unshare -m` and tmpfs mounts (root in a container) to fill a real disk")
-    return subprocess.run(["unshare", "-m", "sh", "-c", f"mount -t tmpfs -o size={size} tmpfs {mount} && {script}"],
-                          capture_output=True, text=True, env=ENV, timeout=600)
+
+    def child():
+        if ctypes.CDLL(None, use_errno=True).unshare(_CLONE_NEWNS) != 0:
+            return {"skip": os.strerror(ctypes.get_errno())}
+        # private first, so that nothing mounted here reaches the machine's namespace
+        for cmd in (["mount", "--make-rprivate", "/"], ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)]):
+            p = subprocess.run(cmd, capture_output=True, text=True)
+            if p.returncode:
+                return {"skip": p.stderr.strip()}
+        return fn()
+
+    result = mount.parent / f"{mount.name}.result.json"
+    got = _joined(_forked(child, result), result)
+    if "skip" in got:
+        pytest.skip(f"needs unshare(CLONE_NEWNS) and tmpfs mounts (root in a container) to fill a real disk: {got['skip']}")
+    return got
+
+
+def _remount(mount: Path, opts: str) -> None:
+    subprocess.run(["mount", "-o", f"remount,{opts}", str(mount)], check=True, capture_output=True)
 
 
 @pytest.mark.slow
 def test_disk_full_during_build_is_one_clear_error_and_resumes(tiny_models, data, built, tmp_path):
     mnt, failed, keep = tmp_path / "mnt", tmp_path / "failed", tmp_path / "kept"
-    build_cmd = (f"{sys.executable} -m drivekd.cli.cache build --teacher planning --model {tiny_models / 'internvl-teacher'} "
-                 f"--data {data} --out {mnt}/cache --no-progress --writers 1")
-    p = _in_small_fs(mnt, "160k", f"{build_cmd}; echo rc=$?; cp -a {mnt}/cache {failed}; "
-                     f"mount -o remount,size=64m {mnt} && {build_cmd} && cp -a {mnt}/cache {keep}")
-    out = p.stdout + p.stderr
-    assert "rc=2" in out and "disk full while writing the teacher store" in out and "MiB free" in out, out
+    args = ["build", "--teacher", "planning", "--model", str(tiny_models / "internvl-teacher"), "--data", str(data),
+            "--out", str(mnt / "cache"), "--no-progress", "--writers", "1"]
+
+    def scenario():
+        first = _cli(cache_cli, args)
+        shutil.copytree(mnt / "cache", failed)
+        _remount(mnt, "size=64m")
+        second = _cli(cache_cli, args)  # the same build again, in the same process: the full disk released its lock
+        shutil.copytree(mnt / "cache", keep)
+        return {"first": first, "second": second}
+
+    got = _in_small_fs(mnt, "160k", scenario)
+    out = got["first"]["out"]
+    assert got["first"]["rc"] == 2 and "disk full while writing the teacher store" in out and "MiB free" in out, out
     assert "Traceback" not in out
     # What the full disk left: some samples not complete, none marked complete with anything missing.
     problems = TeacherStore(failed).verify("planning")
     assert problems and all(p.message in ("writing", "missing", "incomplete") for p in problems), [str(p) for p in problems]
-    assert p.returncode == 0, out
+    assert got["second"]["rc"] == 0, got["second"]["out"]
     assert _files(keep) == {k: v for k, v in _files(built).items() if k == "zarr.json" or k.startswith("planning/")}
 
 
 @pytest.mark.slow
 def test_disk_full_during_checkpoint_save_is_one_clear_error(tiny_models, data, built, tmp_path):
     mnt = tmp_path / "mnt"
-    cmd = (f"{sys.executable} -m drivekd.cli.train --cache {built} --student {tiny_models / 'internvl-student'} --data {data} "
-           f"--out {mnt}/run --num-workers 0 --no-progress --grad-accum 1 --max-steps 1 --save-every 1")
-    p = _in_small_fs(mnt, "400k", f"{cmd}; echo rc=$?; ls -a {mnt}/run")
-    out = p.stdout + p.stderr
-    assert "rc=2" in out and "could not save checkpoint step-000001" in out and "disk full" in out and "MiB free" in out, out
-    assert "Traceback" not in out and ".tmp-" not in out  # nothing half-written left
+
+    def scenario():
+        r = _train(tiny_models, data, built, mnt / "run", "--max-steps", "1", "--save-every", "1")
+        return {"rc": r.exit_code, "out": r.output + ("" if isinstance(r.exception, (SystemExit, type(None)))
+                                                      else "".join(traceback.format_exception(r.exception))),
+                "left": sorted(os.listdir(mnt / "run"))}
+
+    got = _in_small_fs(mnt, "400k", scenario)
+    out = got["out"]
+    assert got["rc"] == 2 and "could not save checkpoint step-000001" in out and "disk full" in out and "MiB free" in out, out
+    assert "Traceback" not in out and not any(".tmp-" in f for f in got["left"]), got  # nothing half-written left
 
 
 @pytest.mark.slow
@@ -319,13 +404,25 @@ def test_full_or_read_only_disk_at_start_up_is_one_clear_error(tiny_models, data
     """Issue 24: the disk is already full when `cache build` or `verify --repair` starts (the lock is
     their first write), or the store's folder is read-only: one line naming the path and the free space."""
     mnt = tmp_path / "mnt"
-    cli = f"{sys.executable} -m drivekd.cli.cache"
-    build_cmd = f"{cli} build --teacher planning --model {tiny_models / 'internvl-teacher'} --data {data} --no-progress --out"
-    p = _in_small_fs(mnt, "32m", f"cp -a {built} {mnt}/store && (dd if=/dev/zero of={mnt}/fill bs=64k 2>/dev/null; true) && "
-                     f"{build_cmd} {mnt}/new; echo rc=$?; {cli} verify --repair {mnt}/store; echo rc=$?; "
-                     f"mount -o remount,ro {mnt} && {build_cmd} {mnt}/ro; echo rc=$?")
-    out = p.stdout + p.stderr
-    assert out.count("rc=2") == 3 and "Traceback" not in out and "Errno" not in out, out
+    build_args = ["build", "--teacher", "planning", "--model", str(tiny_models / "internvl-teacher"), "--data", str(data),
+                  "--no-progress", "--out"]
+
+    def scenario():
+        shutil.copytree(built, mnt / "store")
+        with open(mnt / "fill", "wb", buffering=0) as fh:  # fill the disk
+            try:
+                while True:
+                    fh.write(bytes(1 << 16))
+            except OSError:
+                pass
+        full = _cli(cache_cli, [*build_args, str(mnt / "new")])
+        repair = _cli(cache_cli, ["verify", "--repair", str(mnt / "store")])
+        _remount(mnt, "ro")
+        return [full, repair, _cli(cache_cli, [*build_args, str(mnt / "ro")])]
+
+    got = _in_small_fs(mnt, "32m", scenario)
+    out = "".join(r["out"] for r in got)
+    assert [r["rc"] for r in got] == [2, 2, 2] and "Traceback" not in out and "Errno" not in out, out
     assert f"could not write the store lock (or its folder) {mnt}/new/.locks/planning.lock (disk full; 0.0 MiB free there)" in out, out
     assert f"could not write the store lock (or its folder) {mnt}/store/.locks/perception.lock (disk full; 0.0 MiB free there)" in out, out
     assert f"could not write the store lock (or its folder) {mnt}/ro (Read-only file system;" in out and "MiB free there" in out, out

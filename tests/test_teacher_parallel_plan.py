@@ -10,6 +10,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from conftest import config_copy
 from drivekd.cli.cache import main as cache_cli
 from drivekd.families.base import family_class, model_config, text_tp_plan
 from drivekd.images import ImageSettings
@@ -40,9 +41,10 @@ def _expected_rank_params(ckpt: Path, n: int) -> int:
 
 
 @pytest.mark.slow
-def test_rank_holds_its_shard_and_the_whole_vision_tower():
-    # InternVL3-1B: untied output head, 14 query / 2 kv heads; the real-size model on fake tensors.
-    ckpt, n = CONFIGS / "InternVL3-1B-hf", 2
+def test_rank_holds_its_shard_and_the_whole_vision_tower(tmp_path):
+    # InternVL3-1B: untied output head, 14 query / 2 kv heads; its real-size layers on fake tensors, 2 text
+    # and 1 vision of them (what a rank holds is per layer; the fake-tensor trace's cost is per layer too).
+    ckpt, n = config_copy(CONFIGS / "InternVL3-1B-hf", tmp_path / "InternVL3-1B-hf", text=2, vision=1), 2
     shapes = P.shapes_for("internvl", P.student_config(ckpt), ckpt, 1, 480, ImageSettings(tiling=False), "--model")  # 256 image tokens
     r = count_rank(ckpt, [0], shapes, n)
     assert r["params"] == _expected_rank_params(ckpt, n)
