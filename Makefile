@@ -16,7 +16,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install upgrade test test-fast demo ablate-demo analyze-demo clean bench
+.PHONY: install upgrade test test-fast test-durations demo ablate-demo analyze-demo clean bench
 
 install: $(STAMP)
 
@@ -51,11 +51,16 @@ TEST_WORKERS ?= 2
 
 # The whole suite, slow tests included (the CI's check); the 15 slowest are listed at the end.
 test: install
-	$(PY) -m pytest tests -n $(TEST_WORKERS) --durations=15
+	$(PY) -m pytest tests -n $(TEST_WORKERS) --dist worksteal --durations=15
 
 # The edit loop: everything but the tests marked `slow` (end-to-end runs, real-size plans, subprocesses).
 test-fast: install
-	$(PY) -m pytest tests -n $(TEST_WORKERS) -m "not slow" --durations=15
+	$(PY) -m pytest tests -n $(TEST_WORKERS) --dist worksteal -m "not slow" --durations=15
+
+# Refresh tests/durations.json (seconds per test file), which orders the files heaviest first so the two
+# workers finish together (tests/conftest.py); commit it when the suite's weight moved.
+test-durations: install
+	$(PY) -m pytest tests -n $(TEST_WORKERS) --dist worksteal --write-durations tests/durations.json
 
 # The untrained student, a CE student, a KD student and the teacher on the held-out split, side by
 # side ($(DEMO)/summary.md). One OpenMP thread, as below.

@@ -140,3 +140,46 @@ def config_copy(src: Path, dst: Path, text: int, vision: int) -> Path:
             shutil.copy(f, dst / f.name)
     (dst / "config.json").write_text(json.dumps(c))
     return dst
+
+
+# ----------------------------------------------------------------------------- scheduling (make test)
+# `make test` runs on two pytest-xdist workers with --dist worksteal: each worker starts on one
+# contiguous half of the collection order, and a worker that runs dry steals from the END of the
+# other's queue. So the order decides the finish: heaviest files first (longest-processing-time
+# first), light ones last to even out the end. Files stay whole and in their own order, so a module
+# fixture is built once per worker at most. The weights are seconds per file from a full run
+# (tests/durations.json; refresh it with `make test-durations`); a file it does not list weighs 0
+# and runs last. The order changes no result: tests do not depend on each other.
+DURATIONS = Path(__file__).with_name("durations.json")
+
+
+def pytest_addoption(parser):
+    parser.addoption("--write-durations", metavar="PATH", default=None,
+                     help="write the seconds each test file took (setup + call + teardown) to PATH as JSON")
+
+
+def pytest_collection_modifyitems(config, items):
+    import json
+
+    weights = json.loads(DURATIONS.read_text()) if DURATIONS.exists() else {}
+    first = {}  # file -> position of its first test (files keep their collected order among equals)
+    for i, item in enumerate(items):
+        first.setdefault(item.nodeid.split("::")[0], i)
+    items.sort(key=lambda it: (-weights.get(it.nodeid.split("::")[0], 0.0), first[it.nodeid.split("::")[0]]))
+
+
+_seconds: dict[str, float] = {}
+
+
+def pytest_runtest_logreport(report):
+    # On the xdist controller too: the workers' reports arrive here.
+    f = report.nodeid.split("::")[0]
+    _seconds[f] = _seconds.get(f, 0.0) + report.duration
+
+
+def pytest_sessionfinish(session):
+    import json
+
+    path = session.config.getoption("--write-durations")
+    if path and not hasattr(session.config, "workerinput"):  # the controller (or a run without xdist) writes
+        Path(path).write_text(json.dumps({f: round(s, 1) for f, s in sorted(_seconds.items(), key=lambda kv: -kv[1])}, indent=0) + "\n")

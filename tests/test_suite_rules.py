@@ -38,3 +38,23 @@ def test_make_test_runs_everything_and_test_fast_skips_slow():
     assert "-n $(TEST_WORKERS)" in test and "-n $(TEST_WORKERS)" in fast  # both cores (pytest-xdist)
     assert '-m "not slow"' in fast
     assert "slow:" in (ROOT / "pyproject.toml").read_text()  # registered: an unknown marker is an error
+
+
+def test_heaviest_files_are_collected_first():
+    """The order make test's workers split and steal from (conftest.py): files by their weight in
+    tests/durations.json, heaviest first, each file whole and in its own order; unknown files last."""
+    import json
+
+    import conftest
+
+    class Item:
+        def __init__(self, nodeid):
+            self.nodeid = nodeid
+
+    weights = json.loads(conftest.DURATIONS.read_text())
+    heavy, light = sorted(weights, key=weights.get)[-1], sorted(weights, key=weights.get)[0]
+    ids = [f"{light}::a", "tests/test_unknown_file.py::x", f"{heavy}::b", f"{light}::c", f"{heavy}::d"]
+    items = [Item(i) for i in ids]
+    conftest.pytest_collection_modifyitems(None, items)
+    assert [it.nodeid for it in items] == [f"{heavy}::b", f"{heavy}::d", f"{light}::a", f"{light}::c",
+                                           "tests/test_unknown_file.py::x"]
