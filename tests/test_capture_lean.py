@@ -13,7 +13,7 @@ from drivekd.families.capture import head_mean_attention, head_mean_attention_re
 from drivekd.teacher.forward import kv_cache_arg
 from drivekd.trainer.settings import TrainConfig
 from drivekd.trainer.loop import train
-from online_targets import TEACHER_LAYERS, compute_targets
+from online_targets import compute_targets
 
 FAMILIES = ["qwen2_5_vl", "internvl"]
 RTOL = 1e-5
@@ -323,21 +323,23 @@ def test_teacher_pass_equals_reference(tiny_models, demo_data):
 
 
 @pytest.mark.slow
-def test_multi_agp_loss_sequence_unchanged(tiny_models, demo_data, tmp_path):
-    """A short multi + AGP run (micro-batch 2, re-weighting on) gives the same losses with either capture."""
-    padded_pair = load_samples(demo_data / "train.json")
-    targets = compute_targets(tiny_models / "internvl-teacher", padded_pair, TEACHER_LAYERS)
+def test_multi_agp_loss_sequence_unchanged(tiny_models, demo_data, targets, tmp_path):
+    """A short multi + AGP run (micro-batch 2, re-weighting on) gives the same losses with either capture.
+    Two steps of one micro-batch each, the second padded (a one-view and a six-view sample) and run
+    on updated weights and re-weighted losses (was 3 steps of two micro-batches: measured 5 -> 1.7
+    CPU s), on the session's teacher targets (the teacher, samples and layers this test computed
+    for itself)."""
     runs = []
     for reference in (False, True):
         cfg = TrainConfig(student=tiny_models / "internvl-student", data=demo_data / "train.json",
-                          out=tmp_path / f"run-{reference}", num_workers=0, progress=False, max_steps=3, grad_accum=2,
+                          out=tmp_path / f"run-{reference}", num_workers=0, progress=False, max_steps=2, grad_accum=1,
                           micro_batch=2, save_every=0, dynamic_weights=True, warmup_ratio=0.0, lr=1e-3,
                           recipe="multi", projection="agp", w_perception=1e6, w_reasoning=1e6, w_planning=1e6)
         ctx = reference_capture() if reference else torch.enable_grad()
         with ctx:
             runs.append(train(cfg, targets))
     new, ref = runs
-    assert len(new.losses) == 3 and all(math.isfinite(v) for v in new.losses)
+    assert len(new.losses) == 2 and all(math.isfinite(v) for v in new.losses)
     assert new.losses == pytest.approx(ref.losses, rel=RTOL, abs=0)
     for key in ("raw_perception", "raw_reasoning", "raw_planning"):
         a = [m[key] for m in new.metrics]

@@ -28,9 +28,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 CONFIGS = ROOT / "configs" / "models"
-# The tiny Qwen's processor allows 1024 tokens per image (966 for a 1600x900 camera); this caps it
-# at 256 (231 per camera), as the real six-camera setting does, to keep six cameras within T = 2048.
-QWEN_256 = ImageSettings(max_pixels=200704)
+# The tiny Qwen's processor allows 1024 tokens per image (966 for a 1600x900 camera); these cap it at
+# 64 (50 per camera: a dozen vision windows each) and 16 (10 per camera: a few windows). A fake count's
+# cost is its ops, and Qwen's window attention is one attention per window: fewer windows, fewer ops,
+# the same per-layer and per-camera structure.
+QWEN_64 = ImageSettings(max_pixels=28 * 28 * 64)
+QWEN_SMALL = ImageSettings(max_pixels=28 * 28 * 16)
 
 
 def _count(student: Path, fake: bool, T: int, cameras: int = 6, **kw) -> P.Counted:
@@ -67,9 +70,10 @@ def shallow(tiny_models, tmp_path_factory) -> Path:
 def test_fake_peak_equals_real_step(tiny_models, one_thread, counted, family):
     """Same step, same tracker: fake tensors predict the real tensors' peak and categories."""
     student = tiny_models / f"{family}-student"
-    # the tiny Qwen's cameras take 231 tokens each: three of them (its vision windows are per camera)
-    T, cameras = (1024, 6) if family == "internvl" else (1024, 3)
-    images = QWEN_256 if family == "qwen2_5_vl" else ImageSettings()
+    # the tiny Qwen's cameras take 50 tokens each under QWEN_64: three of them (its vision windows are
+    # per camera), at T = 512 (was 231 tokens at T = 1024: measured 10 -> 5 CPU s for the Qwen case)
+    T, cameras = (1024, 6) if family == "internvl" else (512, 3)
+    images = QWEN_64 if family == "qwen2_5_vl" else ImageSettings()
     fake = counted(student, T, cameras=cameras, recipe="multi", projection="agp", image_settings=images)
     real = _count(student, False, T, cameras=cameras, recipe="multi", projection="agp", image_settings=images)
     assert abs(fake.peak - real.peak) <= 0.05 * real.peak, (fake.peak, real.peak)
@@ -161,11 +165,32 @@ def test_sft_has_no_rows_and_fewer_flops(tiny_models, one_thread, counted):
     assert sft.flops < multi.flops and sft.peak < multi.peak
 
 
+@pytest.fixture(scope="module")
+def not_fitting(shallow, one_thread):
+    """One dry run that does not fit (a perception run on the two-layer copy, one camera, a 1 MiB
+    GPU): the run, its SFT pass and seven suggestions, nine counts, each kept with the config it
+    counted. Shared: the suggestions test reads the report, the checkpointing test two of its counts.
+    (One camera at T = 512, not six at 1024: the suggestions' order does not depend on it, and a
+    count's cost is mostly its ops: measured 12.4 -> 10.5 CPU s.)"""
+    cfg = TrainConfig(student=shallow, recipe="perception", dtype="float32", grad_engine="rows")
+    counts: list[tuple[TrainConfig, P.Counted]] = []
+    real = P.count_at_depth
+
+    def recording(c, *a, **k):
+        counts.append((c, real(c, *a, **k)))
+        return counts[-1][1]
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(P, "count_at_depth", recording)
+        r = P.dry_run(cfg, seq_len=512, cameras=1, gpu_memory=1 << 20)
+    return cfg, r, counts
+
+
 @pytest.mark.slow
-def test_gradient_checkpointing_lowers_planned_activations(shallow, one_thread):
-    student = shallow
-    off = _count(student, True, 1024, recipe="perception")
-    on = _count(student, True, 1024, recipe="perception", gradient_checkpointing=True)
+def test_gradient_checkpointing_lowers_planned_activations(not_fitting):
+    cfg, _, counts = not_fitting
+    (off,) = [c for k, c in counts if k == cfg]  # the run
+    (on,) = [c for k, c in counts if k == replace(cfg, gradient_checkpointing=True)]  # its first suggestion
     assert on.categories["activations"] < off.categories["activations"]
     assert on.flops > off.flops  # the recomputed forward
 
@@ -226,11 +251,11 @@ def test_parse_bytes():
 
 
 @pytest.mark.slow
-def test_suggestions_when_it_does_not_fit(tiny_models, one_thread, tmp_path):
-    # nine counts (the run, seven suggestions, auto): on a two-layer copy of the tiny student (measured: 30 -> 18 CPU s)
-    student = config_copy(tiny_models / "internvl-student", tmp_path / "shallow", text=2, vision=1)
-    cfg = TrainConfig(student=student, recipe="perception", dtype="float32", grad_engine="rows")
-    r = P.dry_run(cfg, seq_len=1024, gpu_memory=1 << 20)
+def test_suggestions_when_it_does_not_fit(not_fitting):
+    # ten counts (the run, its SFT pass, seven suggestions, auto): on a two-layer copy of the tiny
+    # student (measured: 30 -> 18 CPU s), the first nine shared with the checkpointing test
+    cfg, r, counts = not_fitting
+    assert len(counts) == 9
     assert r["fits"] is False and r["grad_engine"] == "rows"
     flags = [s["flags"] for s in r["suggestions"]]
     assert "--gradient-checkpointing" in flags and "--grad-buffer-dtype bfloat16" in flags and "--grad-engine gram" in flags
@@ -239,7 +264,7 @@ def test_suggestions_when_it_does_not_fit(tiny_models, one_thread, tmp_path):
     assert by["--precision bf16-offload"] < r["peak_bytes"]  # the fp32 run's 20 bytes/parameter -> 4
     assert "does NOT fit" in P.format_report(r)
     # --grad-engine auto decides as the planned GPU would: on a tiny one the rows do not fit.
-    auto = P.dry_run(replace(cfg, grad_engine="auto"), seq_len=1024, gpu_memory=1 << 20, suggest=False)
+    auto = P.dry_run(replace(cfg, grad_engine="auto"), seq_len=512, cameras=1, gpu_memory=1 << 20, suggest=False)
     assert auto["grad_engine"] == "gram" and auto["categories"]["grad_rows"] == 0
 
 
@@ -267,7 +292,7 @@ def test_cache_build_dry_run(tiny_models):
     # each of its passes costlier; measured: 66 -> 41 CPU s for the two cases).
     ("internvl", dict(recipe="multi", projection="agp", grad_engine="rows", precision="bf16-offload", dtype="bfloat16")),
     ("qwen2_5_vl", dict(recipe="multi", projection="agp", grad_engine="gram", gradient_checkpointing=True,
-                        image_settings=QWEN_256)),
+                        image_settings=QWEN_SMALL)),
 ])
 def test_depth_scaled_count_equals_the_full_count(tiny_models, one_thread, tmp_path, monkeypatch, family, kw):
     """A deep student is counted at four reduced depths and extrapolated (planner/scale.py): the
@@ -280,9 +305,10 @@ def test_depth_scaled_count_equals_the_full_count(tiny_models, one_thread, tmp_p
     cfg = TrainConfig(student=student, **{"dtype": "float32", **kw})
     family_, L = student_depth(student)
     config = P.student_config(student)
-    # One camera at T = 512 (was two at 768): the identity is per layer, and Qwen's vision cost grows with
-    # the windows of each image (measured: 32 -> 23 CPU s for the Qwen case).
-    shapes = P.shapes_for(family_, config, student, 1, 512, cfg.image_settings)
+    # One camera at T = 320: the identity is per layer, and Qwen's vision cost grows with the windows
+    # of each image (one attention per window): 10 tokens (a few windows) instead of 231 (~60), as
+    # the count's cost is its ops, not its sizes (measured: 28 -> 14 CPU s for the Qwen case).
+    shapes = P.shapes_for(family_, config, student, 1, 320, cfg.image_settings)
     scaled = P.count_at_depth(cfg, L, family_, None, shapes, config)
     assert scaled.scaled_from  # it did scale
     monkeypatch.setenv("DRIVEKD_PLAN_DIRECT", "1")
@@ -376,12 +402,20 @@ def test_planner_refuses_a_setting_of_the_other_family(monkeypatch):
         _planned(monkeypatch, CONFIGS / "InternVL3-1B-hf", ImageSettings(max_pixels=200704))
 
 
-def test_cache_dry_run_honours_the_image_flags(tiny_models):
-    """drivekd-cache build --dry-run counts the teacher pass at the T the build's settings give."""
+def test_cache_dry_run_honours_the_image_flags(tiny_models, monkeypatch):
+    """drivekd-cache build --dry-run counts the teacher pass at the T the build's settings give (the
+    shapes it counts at; the count itself is stubbed: test_cache_build_dry_run checks it)."""
     from click.testing import CliRunner
 
     from drivekd.cli.cache import main
 
+    shapes_seen = []
+
+    def count(model_dir, layers, shapes, *a, **k):
+        shapes_seen.append(shapes.seq_len)
+        return P.Counted({"weights": 1}, 1, 1, 1, 0)
+
+    monkeypatch.setattr(P, "count_teacher_pass", count)
     seq = {}
     for flags in ([], ["--no-tiling"]):
         r = CliRunner().invoke(main, ["build", "--dry-run", "--json", "--teacher", "perception", "--model",
@@ -390,3 +424,4 @@ def test_cache_dry_run_honours_the_image_flags(tiny_models):
         seq[tuple(flags)] = json.loads(r.output[r.output.index("{"):])["teachers"][0]["seq_len"]
     assert seq[()] == 6 * 48 + P.PROMPT_TOKENS + P.ANSWER_TOKENS  # 2 tiles + thumbnail of 16 tokens
     assert seq[("--no-tiling",)] == 6 * 16 + P.PROMPT_TOKENS + P.ANSWER_TOKENS
+    assert shapes_seen == [seq[()]] * 2 + [seq[("--no-tiling",)]] * 2  # the capture and the plain pass

@@ -9,17 +9,19 @@ from drivekd.optim.precision import BF16AdamW, stochastic_round_
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 STEPS, LR = 200, 5e-5
-# "stochastic" measured 0.17 of the fp32 movement here (rounding noise), offload and kahan 0.045
+# "stochastic" measured 0.17 of the fp32 movement here (rounding noise), offload and kahan 0.042
 # (the bf16 forward's own noise): it is kept as an option, not checked against the 10% bound.
+# (Measured on the one-layer model; the two-layer one gave 0.17 and 0.045 at 1.5x the CPU time.)
 CHECKED = ("offload", "kahan", "nearest")
 
 
 def tiny_lm(dtype):
-    """A real 2-layer Qwen2 causal LM (the InternVL3 text model's class), hidden 32."""
+    """A real one-layer Qwen2 causal LM (the InternVL3 text model's class), hidden 32: the optimizer's
+    precision is the point, not depth (pure bf16 lands at 0.76 of the fp32 movement, as with two)."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(0)
-    cfg = Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+    cfg = Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
                       num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True)
     return Qwen2ForCausalLM(cfg).to(dtype)
 

@@ -160,10 +160,13 @@ def test_verify_checks_orphans_of_a_larger_build_and_can_drop_them(tiny_models, 
 
 
 def test_build_prints_the_layers_each_role_resolved(tiny_models, data, tmp_path):
-    r = _build(tiny_models / "internvl-teacher", data, tmp_path / "one", "--teacher", "planning", "--layers", "L-3")
+    # one sample: the lines name the layers, whatever the data (five samples x three roles cost ~1 CPU s more)
+    one = data.parent / "one-sample.json"  # beside the data: its images resolve from there
+    one.write_text(json.dumps(json.loads(data.read_text())[2:3]))
+    r = _build(tiny_models / "internvl-teacher", one, tmp_path / "one", "--teacher", "planning", "--layers", "L-3")
     assert r.exit_code == 0, r.output
     assert "drivekd-cache: planning: teacher layers [3] (--layers L-3, of 6 in internvl-teacher)" in r.output, r.output
-    r = _build(tiny_models / "internvl-teacher", data, tmp_path / "cache")
+    r = _build(tiny_models / "internvl-teacher", one, tmp_path / "cache")
     assert r.exit_code == 0, r.output
     lines = [x for x in r.output.splitlines() if "teacher layers" in x]
     assert lines == ["drivekd-cache: perception: teacher layers [0] (recipe, of 6 in internvl-teacher)",
