@@ -168,6 +168,7 @@ def test_warning_window_is_the_run_when_shorter_and_survives_resume(tiny_models,
     assert "warnings" in run["history"][0] and "warnings" not in run["history"][1]
 
 
+@pytest.mark.slow
 def test_no_warning_when_the_teacher_term_counts(tiny_models, demo_data, targets, tmp_path, caplog):
     """A teacher term with a weight that makes it count (here 1e8: the tiny models' T x T-mean attention
     gradients are ~1e-6 of CE's), or set by --calibrate-kd, is not warned about."""
@@ -212,6 +213,7 @@ def test_warning_is_printed_on_the_console(tiny_models, demo_data, tmp_path, mon
 # ----------------------------------------------------------------------------- --calibrate-kd
 
 
+@pytest.mark.slow
 def test_calibration_sets_each_term_to_the_fraction_of_ce(tiny_models, demo_data, targets, tmp_path):
     """Measured on the first micro-batch, which step 1 then trains on: step 1's weighted gradient
     norms are the fraction x CE's. The norms and weights are in run.json and the checkpoint; the
@@ -237,6 +239,7 @@ def test_calibration_sets_each_term_to_the_fraction_of_ce(tiny_models, demo_data
     assert TrainConfig().calibrate_kd is None
 
 
+@pytest.mark.slow
 def test_resume_reuses_the_calibrated_weights(tiny_models, demo_data, targets, tmp_path, monkeypatch):
     kw = dict(calibrate_kd=1e-4, calibrate_batches=2, max_steps=2, save_every=1, lr=1e-3, dynamic_weights=True)
     full = train(_cfg(tiny_models, demo_data, tmp_path / "full", **kw), targets)
@@ -278,6 +281,7 @@ def test_share_keys_go_under_one_tensorboard_section():
                             "weights/share_x": 1.0}
 
 
+@pytest.mark.slow
 def test_report_draws_and_tabulates_the_shares(tmp_path):
     run = tmp_path / "run"
     run.mkdir()

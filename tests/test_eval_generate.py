@@ -154,6 +154,7 @@ def test_unavailable_device_is_a_config_error(tiny_models, demo_data, tmp_path):
         generate_predictions(tiny_models / "internvl-student", samples, tmp_path, device="cuda", progress=False)
 
 
+@pytest.mark.slow
 def test_cli_generates_scores_and_reports(tiny_models, demo_data, tmp_path):
     out = tmp_path / "run"
     result = CliRunner().invoke(main, [

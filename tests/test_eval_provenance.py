@@ -5,6 +5,8 @@ import hashlib
 import json
 import shutil
 
+import pytest
+
 from click.testing import CliRunner
 
 from drivekd.cli.eval import main
@@ -39,6 +41,7 @@ def test_fingerprint_follows_every_byte(tiny_models, tmp_path):
     assert checkpoint_fingerprint(a) != before
 
 
+@pytest.mark.slow
 def test_report_records_provenance_and_deploy_protocol(tiny_models, demo_data, tmp_path):
     run = _run_folder(tiny_models, tmp_path)
     data = demo_data / "drivebench.json"

@@ -155,6 +155,7 @@ def test_fsdp_outside_torchrun_is_refused_before_the_model_loads(tmp_path, monke
         train(cfg)
 
 
+@pytest.mark.slow
 def test_planner_gives_each_rank_its_shards_plus_the_gathered_units(tiny_models, tmp_path):
     """--dry-run --fsdp --nproc N: weights, gradients, rows and optimizer state per rank are 1/N of
     one process's (plus the gathered units during the backwards); more ranks, a lower peak. (The tiny

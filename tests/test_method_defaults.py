@@ -95,6 +95,7 @@ def test_recorded_settings_in_todays_terms():
     assert recorded_settings(old | {"recipe": "reasoning", "full_reduction": "reference"})["full_reduction"] == "entries"
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("one_thread")
 def test_resume_of_a_run_recorded_under_the_old_names(tiny_models, demo_data, targets, tmp_path):
     from drivekd.trainer.loop import train

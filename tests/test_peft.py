@@ -196,6 +196,7 @@ def test_lora_gram_engine_trains_the_adapters(tiny_models, demo_data, targets, t
     assert all(v.abs().max() > 0 for k, v in a.items() if "lora_B" in k)
 
 
+@pytest.mark.slow
 def test_resume_refuses_other_lora_settings(tiny_models, demo_data, targets, tmp_path):
     kw = dict(lora=True, lora_rank=4, max_steps=2, save_every=1)
     train(_cfg(tiny_models, demo_data, tmp_path / "run", **kw), targets)

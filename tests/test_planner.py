@@ -269,6 +269,7 @@ def test_suggestions_when_it_does_not_fit(not_fitting):
 
 
 
+@pytest.mark.slow
 def test_cache_build_dry_run(tiny_models):
     """drivekd-cache build --dry-run: the capture adds its maps to a plain forward, no data needed."""
     from click.testing import CliRunner

@@ -194,6 +194,7 @@ def _blue_pixels(png: Path) -> int:
     return int((np.abs(a - np.array([31, 119, 180])).sum(-1) < 40).sum())
 
 
+@pytest.mark.slow
 def test_report_shows_coinciding_runs_and_names_identical_curves(tmp_path):
     """Two runs with the same values (a rerun, or a setting that changed nothing): the second is drawn
     over the first, yet the first stays visible, and summary.md says the curves are identical."""

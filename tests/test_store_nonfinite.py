@@ -70,6 +70,7 @@ def test_nonfinite_counts_nan_and_inf_and_allows_log_zero_where_asked():
     assert nonfinite(np.array([1, 2], dtype=np.int32)) == ""
 
 
+@pytest.mark.slow
 def test_nan_teacher_is_refused_naming_sample_and_role_and_nothing_is_complete(nan_teacher, data, tmp_path):
     out = tmp_path / "cache"
     r = _build(nan_teacher, data, out)
@@ -87,6 +88,7 @@ def test_nan_teacher_is_refused_naming_sample_and_role_and_nothing_is_complete(n
     assert info.exit_code == 0 and info.output.count("non-finite teacher targets (layer") == 15, info.output  # 5 samples x 3 roles
 
 
+@pytest.mark.slow
 def test_skip_nonfinite_skips_only_the_poisoned_sample_and_info_lists_it(tiny_models, data, tmp_path):
     sid, ch = _only_in_one(data)
     teacher = _poisoned(tiny_models, tmp_path / "teacher", "language_model.model.embed_tokens.weight", (ord(ch), 0))  # byte tokens: id = byte
@@ -108,6 +110,7 @@ def test_skip_nonfinite_skips_only_the_poisoned_sample_and_info_lists_it(tiny_mo
     assert r.exit_code == 0 and "0 samples written, 5 already complete" in r.output, r.output
 
 
+@pytest.mark.slow
 def test_verify_finds_nonfinite_targets_a_store_holds_as_complete(nan_teacher, data, tmp_path, monkeypatch):
     """What a store built before the writer refused NaN holds: complete samples of NaN (their
     checksums match). verify names them, --repair removes them."""

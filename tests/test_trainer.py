@@ -179,6 +179,7 @@ def _poisoned(targets, samples, sid):
     return InMemoryTargets({r: targets.role_info(r) for r in TEACHER_LAYERS}, table)
 
 
+@pytest.mark.slow
 def test_nonfinite_loss_stops_or_skips(tiny_models, demo_data, samples, targets, tmp_path):
     sid = samples[0].id
     bad = _poisoned(targets, samples, sid)
@@ -250,6 +251,7 @@ def test_bf16_autocast_step(tiny_models, demo_data, targets, tmp_path):
     assert all(w.dtype == torch.float32 for w in _weights(tmp_path / "run" / "final").values())
 
 
+@pytest.mark.slow
 def test_zero_weights_skip_rows(tiny_models, demo_data, targets, tmp_path):
     """An identity mixing matrix leaves one teacher row per single-sample micro-step; a zero static
     weight removes the term (no targets read, no backward, no re-weighting)."""
