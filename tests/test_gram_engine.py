@@ -84,40 +84,47 @@ def test_tied_weight_and_partial_reach_match_rows():
     assert float(G[0, 0]) != pytest.approx(float((B[0] * B[0]).sum()) - 1.0)
 
 
+@pytest.mark.parametrize("readers", [1, 2])
 @pytest.mark.parametrize("tied", [True, False])
-def test_head_split_matches_rows(tied):
-    """gram/backward with `head` (the LM head run on a cut of its input, as TrainStep's Gram path
-    does): equal to the rows of the uncut graph. Two losses read the head (the split handles any
-    number); tied: the head's weight is also the embedding (its block gets the head rows added);
-    untied: the head's weight is reached by the head rows only (folded after the batched pass)."""
+def test_cut_matches_rows(tied, readers):
+    """gram/backward with `cut` (the model above a point - an upper layer, then the head - run on a
+    leaf cut from its input, as TrainStep's Gram path does): equal to the rows of the uncut graph.
+    readers: how many losses read the top (1: a plain backward through it; 2: batched over the
+    two, one of them also reading below the cut). tied: the head's weight is also the embedding
+    (reached by both stages: its top rows are held and added into its K-row block); the upper
+    layer's weight is reached by the top only (folded in the top stage, never held)."""
     torch.manual_seed(0)
-    emb, trunk = nn.Embedding(11, 6), nn.Linear(6, 6)
+    emb, trunk, upper = nn.Embedding(11, 6), nn.Linear(6, 6), nn.Linear(6, 6)
     head_w = emb.weight if tied else nn.Parameter(torch.randn(11, 6))
-    params = [emb.weight, trunk.weight, trunk.bias] + ([] if tied else [head_w])
+    params = [emb.weight, trunk.weight, trunk.bias, upper.weight, upper.bias] + ([] if tied else [head_w])
     ids = torch.tensor([1, 4, 4, 9, 2])
 
     def losses(cut: bool):
         h0 = emb(ids)
         h = torch.tanh(trunk(h0))
         leaf = h.detach().requires_grad_() if cut else h
-        logits = leaf @ head_w.T
-        ls = [logits.logsumexp(-1).mean(), -(h ** 2).mean(), h0.pow(3).mean() * 0.3, logits[:, 2].pow(2).mean() + h.mean()]
+        logits = torch.tanh(upper(leaf)) @ head_w.T
+        ls = [logits.logsumexp(-1).mean(), -(h ** 2).mean(), h0.pow(3).mean() * 0.3]
+        if readers == 2:
+            ls.append(logits[:, 2].pow(2).mean() + h.mean())
         return ls, (h, leaf)
 
     ref_losses, _ = losses(False)
     B = rows_reference(params, ref_losses)
     cut, head = losses(True)
     engine = GramEngine(params)
-    G = engine.gram(cut, head=head)
+    G = engine.gram(cut, cut=head)
     torch.testing.assert_close(G, B.double() @ B.double().T, rtol=1e-6, atol=1e-9)
     assert engine.last_blocks == len(params)
-    # Without `head` the cut graph loses the head losses' trunk gradients: the split is what joins them.
+    # Without `cut` the cut graph loses the top losses' lower gradients: the cut is what joins them.
     assert not torch.allclose(GramEngine(params).gram(cut), G)
-    lam, _ = coefficients(G, "agp", [3, 1, 2], return_info=True)
+    K = len(cut)
+    order = list(range(K - 1, 0, -1))
+    lam, _ = coefficients(G, "agp", order, return_info=True)
     for p in params:
         p.grad = None
-    engine.backward(cut, lam, head=head)
-    assert rel(flat_grad(params), combine(B, "agp", [3, 1, 2])) < 1e-6
+    engine.backward(cut, lam, cut=head)
+    assert rel(flat_grad(params), combine(B, "agp", order)) < 1e-6
 
 
 def test_inactive_rows_and_validation():
@@ -253,7 +260,7 @@ def test_step_path_batches_for_real(tiny_models, demo_data, targets, family):
     batch = batch_of(tr, [0, 5])
     ts.engine = "rows"  # the reference forward: no cut
     with forward(tr, batch) as losses:
-        assert ts._head is None
+        assert ts._cut is None
         weighted = unit_weights(params, losses)
         scales = [w.detach() / l.detach() for w, l in zip(weighted, losses)]
         bufs = GradBuffers(params, 4)
@@ -262,15 +269,15 @@ def test_step_path_batches_for_real(tiny_models, demo_data, targets, family):
     ts.engine = "gram"
     engine = GramEngine(params)
     with forward(tr, batch) as losses:
-        assert ts._head is not None
+        assert ts._cut is not None
         weighted = [l * c for l, c in zip(losses, scales)]
-        G = engine.gram(weighted, head=ts._head)
+        G = engine.gram(weighted, cut=ts._cut)
         rows = bufs.buffer
         torch.testing.assert_close(G, rows.double() @ rows.double().T, rtol=1e-5, atol=1e-7)
         assert engine.fallbacks == set(), f"ops looped over K under vmap: {sorted(engine.fallbacks)}"
         lam = coefficients(G, "agp", [3, 1, 2])
         tr.grads.flat.zero_()
-        engine.backward(weighted, lam, head=ts._head)
+        engine.backward(weighted, lam, cut=ts._cut)
         assert rel(tr.grads.flat, combine(rows, "agp", [3, 1, 2])) < 1e-5
 
 
