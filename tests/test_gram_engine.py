@@ -281,6 +281,70 @@ def test_step_path_batches_for_real(tiny_models, demo_data, targets, family):
         assert rel(tr.grads.flat, combine(rows, "agp", [3, 1, 2])) < 1e-5
 
 
+def test_cut_layer_from_loss_layers():
+    """The cut: the input of the first decoder layer above the deepest layer a loss reads
+    (attention captured, hidden states); the LM head's input when that is the top layer or no
+    loss reads a layer."""
+    from types import SimpleNamespace
+
+    from drivekd.trainer.step import cut_layer
+
+    plan = lambda att, hid=(): SimpleNamespace(student_layers=list(att), hidden_layers=list(hid))  # noqa: E731
+    assert cut_layer(plan([0, 1]), 3) == 2  # multi on 3 layers: 0, 0..L-2, L-2
+    assert cut_layer(plan([0]), 4) == 1
+    assert cut_layer(plan([0], [2]), 4) == 3
+    assert cut_layer(plan([0, 3]), 4) is None  # a loss at the top layer: the head's input
+    assert cut_layer(plan([]), 4) is None  # CE / KL only
+
+
+def _rows_then_gram(tr, batch, K: int, order: list[int]):
+    """The rows engine's rows of an uncut forward, then TrainStep's Gram path (cut forward) on the
+    same batch: returns (rows, G, the Gram path's update, the engine)."""
+    ts, params = tr.train_step, tr.params
+    ts.engine = "rows"  # the reference forward: no cut
+    with forward(tr, batch) as losses:
+        assert ts._cut is None
+        weighted = unit_weights(params, losses)
+        scales = [w.detach() / l.detach() for w, l in zip(weighted, losses)]
+        bufs = GradBuffers(params, K)
+        for r in range(K):
+            bufs.backward(r, weighted[r], retain_graph=r < K - 1)
+    ts.engine = "gram"
+    engine = GramEngine(params)
+    with forward(tr, batch) as losses:
+        weighted = [l * c for l, c in zip(losses, scales)]
+        G = engine.gram(weighted, cut=ts._cut)
+        lam = coefficients(G, "agp", order)
+        tr.grads.flat.zero_()
+        engine.backward(weighted, lam, cut=ts._cut)
+    return bufs.buffer, G, tr.grads.flat.clone(), engine
+
+
+@pytest.mark.parametrize("family,kw", [("internvl", {}), ("qwen2_5_vl", {"gradient_checkpointing": True})])
+def test_low_cut_matches_rows(tiny_models, demo_data, targets, family, kw):
+    """--recipe perception reads layer 0 only: TrainStep cuts at decoder layer 1's input (3 of the
+    4 layers above the cut, run once for CE instead of K-batched). The Gram and the update equal
+    the rows engine's (tied embeddings; with gradient checkpointing the cut layer is
+    checkpointed, its hook outside the checkpoint), and nothing falls back to a loop over K."""
+    from drivekd.families.capture import decoder_layers
+
+    tr = make_trainer(tiny_models, demo_data, targets[family], family, recipe="perception", grad_engine="gram", **kw)
+    ts = tr.train_step
+    assert tr.plan.student_layers == [0] and len(decoder_layers(tr.model)) == 4
+    assert not kw or tr.model.is_gradient_checkpointing and decoder_layers(tr.model)[1].gradient_checkpointing
+    assert tr.model.get_output_embeddings().weight is tr.model.get_input_embeddings().weight
+    seen = []
+    hook = decoder_layers(tr.model)[1].register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+    try:
+        rows, G, update, engine = _rows_then_gram(tr, batch_of(tr, [0, len(tr.plan.samples) - 1]), 2, [1])
+    finally:
+        hook.remove()
+    assert seen[-1] is ts._cut[1] and seen[-1].grad_fn is None  # layer 1 ran on the cut's leaf
+    torch.testing.assert_close(G, rows.double() @ rows.double().T, rtol=1e-5, atol=1e-7)
+    assert engine.fallbacks == set(), f"ops looped over K under vmap: {sorted(engine.fallbacks)}"
+    assert rel(update, combine(rows, "agp", [1])) < 1e-5
+
+
 def test_bf16_autocast_and_checkpointing(tiny_models, demo_data, targets):
     tr = make_trainer(tiny_models, demo_data, targets["qwen2_5_vl"], "qwen2_5_vl", dtype="bfloat16",
                       gradient_checkpointing=True)
@@ -322,7 +386,8 @@ def _dp_worker(rank, world, port, tiny_models, demo_data, targets, scales, out):
     torch.set_num_threads(1)
     import torch.distributed as dist
 
-    tr = make_trainer(tiny_models, demo_data, targets, "internvl", world=world)  # Dist inits gloo
+    # Dist inits gloo; the Gram path's forward is cut above the deepest loss layer (TrainStep)
+    tr = make_trainer(tiny_models, demo_data, targets, "internvl", world=world, grad_engine="gram")
     try:
         def mean_(block):
             dist.all_reduce(block)
@@ -331,10 +396,12 @@ def _dp_worker(rank, world, port, tiny_models, demo_data, targets, scales, out):
         engine = GramEngine(tr.params, reduce=mean_)
         with forward(tr, batch_of(tr, [[0, 5][rank]])) as losses:  # rank r holds sample r of the global batch
             weighted = [l * s for l, s in zip(losses, scales)]
-            G = engine.gram(weighted)
+            cut = tr.train_step._cut
+            assert cut is not None
+            G = engine.gram(weighted, cut=cut)
             lam = coefficients(G, "agp", [2, 3, 1])
             tr.grads.flat.zero_()
-            engine.backward(weighted, lam)
+            engine.backward(weighted, lam, cut=cut)
         tr.dist.mean_(tr.grads.flat)  # the loop averages .grad across ranks once per step
         if rank == 0:
             torch.save({"gram": G, "grad": tr.grads.flat.clone(), "blocks": engine.last_blocks}, out)
