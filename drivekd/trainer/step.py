@@ -137,7 +137,7 @@ def choose_engine(cfg, params: list[torch.nn.Parameter], K: int, device: torch.d
     if rows_bytes <= device_memory / 4:
         return "rows", f"auto: {K} rows take {rows_bytes / 2**30:.2f} GiB, <= 1/4 of the device's {device_memory / 2**30:.0f} GiB"
     return "gram", (f"auto: {K} rows would take {rows_bytes / 2**30:.2f} GiB, > 1/4 of the device's {device_memory / 2**30:.0f} GiB "
-                    "(the Gram engine holds no rows but its steps are slower: every loss runs through every layer)")
+                    "(the Gram engine holds no rows but its steps are slower: every loss runs through every layer below its cut)")
 
 
 def cut_layer(plan, L: int) -> int | None:
