@@ -102,6 +102,28 @@ class _Acc:
         self.G += _row_gram(block).to(self.G.dtype)
         self.blocks += 1
 
+    def fold_inner(self, x: torch.Tensor, d: int, key: int) -> None:
+        """x: one parameter's K gradients as autograd made them, contiguous, the K rows along dim
+        d > 0 (e.g. an embedding's (V, K, D)). Folded as the (O, K, I) view it already is (O, I:
+        the sizes before / after d): the sum over O of each (K, I) slice's Gram, chunk by chunk.
+        Moving the rows to the front would copy the whole K x n block (the input embedding's
+        K x V x D: the step's largest temporary)."""
+        if key in self.hold:
+            self.fold(x.movedim(d, 0).reshape(x.shape[d], -1).contiguous(), key)
+            return
+        K = x.shape[d]
+        for r, g in self.extra.pop(key, {}).items():
+            x.select(d, r).add_(g.view(x.select(d, r).shape))
+        if self.reduce is not None:
+            self.reduce(x)
+        X = x.view(-1, K, x[(0,) * d].numel() // K)  # (O, K, I), no copy
+        step = max(1, (1 << 22) // max(1, K * X.shape[2]))  # ~16 MB of rows per chunk
+        for o in range(0, X.shape[0], step):
+            part = X[o : o + step]
+            part = part if part.dtype in (torch.float32, torch.float64) else part.float()
+            self.G += torch.bmm(part, part.transpose(1, 2)).sum(0, dtype=self.G.dtype)  # fp32 products, fp64 sums
+        self.blocks += 1
+
 
 class _FoldGram(torch.autograd.Function):
     """Identity-shaped sink for a parameter's gradient: under the engine's vmap, its ``vmap`` rule
@@ -123,6 +145,10 @@ class _FoldGram(torch.autograd.Function):
         if d is None:  # the same gradient for every loss (no batched input reached it)
             block = grad.reshape(1, -1).expand(info.batch_size, -1).contiguous()
             shape = grad.shape
+        elif d > 0 and grad.is_contiguous():  # rows inside (an embedding's (V, K, D)): folded in place
+            acc.fold_inner(grad, d, key)
+            shape = grad.shape[:d] + grad.shape[d + 1 :]
+            return torch.zeros((), dtype=grad.dtype, device=grad.device).expand(shape), None
         else:
             block = grad.movedim(d, 0).reshape(info.batch_size, -1).contiguous()  # (K, n)
             shape = grad.shape[:d] + grad.shape[d + 1 :]
