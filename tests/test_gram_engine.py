@@ -127,6 +127,26 @@ def test_cut_matches_rows(tied, readers):
     assert rel(flat_grad(params), combine(B, "agp", order)) < 1e-6
 
 
+def test_embedding_block_folded_without_a_copy():
+    """An embedding's K-batched gradient comes out of autograd as (V, K, D): it is folded as that
+    view, not copied to rows-first (K x V x D more bytes: the step's largest temporary on a real
+    vocabulary). Counted with the planner's tracker: the peak holds one K x V x D block, not two."""
+    from drivekd.planner.memory import MemoryTracker
+
+    torch.manual_seed(0)
+    V, D, K = 4000, 32, 4
+    emb, lin = nn.Embedding(V, D), nn.Linear(D, D)
+    params = [emb.weight, lin.weight, lin.bias]
+    h = torch.tanh(lin(emb(torch.tensor([[1, 7, 7, 300, 3999]]))))
+    losses = [h.pow(2).mean(), h.sin().mean(), h[:, :2].sum(), h.cos().mean()]
+    B = rows_reference(params, losses)
+    with MemoryTracker() as tracker:
+        G = GramEngine(params).gram(losses)
+    torch.testing.assert_close(G, B.double() @ B.double().T, rtol=1e-6, atol=1e-9)
+    block = K * V * D * 4
+    assert block <= tracker.peak < 1.5 * block, (tracker.peak, block)
+
+
 def test_inactive_rows_and_validation():
     m = Tied()
     params = [p for p in m.parameters() if p.requires_grad]
