@@ -84,40 +84,67 @@ def test_tied_weight_and_partial_reach_match_rows():
     assert float(G[0, 0]) != pytest.approx(float((B[0] * B[0]).sum()) - 1.0)
 
 
+@pytest.mark.parametrize("readers", [1, 2])
 @pytest.mark.parametrize("tied", [True, False])
-def test_head_split_matches_rows(tied):
-    """gram/backward with `head` (the LM head run on a cut of its input, as TrainStep's Gram path
-    does): equal to the rows of the uncut graph. Two losses read the head (the split handles any
-    number); tied: the head's weight is also the embedding (its block gets the head rows added);
-    untied: the head's weight is reached by the head rows only (folded after the batched pass)."""
+def test_cut_matches_rows(tied, readers):
+    """gram/backward with `cut` (the model above a point - an upper layer, then the head - run on a
+    leaf cut from its input, as TrainStep's Gram path does): equal to the rows of the uncut graph.
+    readers: how many losses read the top (1: a plain backward through it; 2: batched over the
+    two, one of them also reading below the cut). tied: the head's weight is also the embedding
+    (reached by both stages: its top rows are held and added into its K-row block); the upper
+    layer's weight is reached by the top only (folded in the top stage, never held)."""
     torch.manual_seed(0)
-    emb, trunk = nn.Embedding(11, 6), nn.Linear(6, 6)
+    emb, trunk, upper = nn.Embedding(11, 6), nn.Linear(6, 6), nn.Linear(6, 6)
     head_w = emb.weight if tied else nn.Parameter(torch.randn(11, 6))
-    params = [emb.weight, trunk.weight, trunk.bias] + ([] if tied else [head_w])
+    params = [emb.weight, trunk.weight, trunk.bias, upper.weight, upper.bias] + ([] if tied else [head_w])
     ids = torch.tensor([1, 4, 4, 9, 2])
 
     def losses(cut: bool):
         h0 = emb(ids)
         h = torch.tanh(trunk(h0))
         leaf = h.detach().requires_grad_() if cut else h
-        logits = leaf @ head_w.T
-        ls = [logits.logsumexp(-1).mean(), -(h ** 2).mean(), h0.pow(3).mean() * 0.3, logits[:, 2].pow(2).mean() + h.mean()]
+        logits = torch.tanh(upper(leaf)) @ head_w.T
+        ls = [logits.logsumexp(-1).mean(), -(h ** 2).mean(), h0.pow(3).mean() * 0.3]
+        if readers == 2:
+            ls.append(logits[:, 2].pow(2).mean() + h.mean())
         return ls, (h, leaf)
 
     ref_losses, _ = losses(False)
     B = rows_reference(params, ref_losses)
     cut, head = losses(True)
     engine = GramEngine(params)
-    G = engine.gram(cut, head=head)
+    G = engine.gram(cut, cut=head)
     torch.testing.assert_close(G, B.double() @ B.double().T, rtol=1e-6, atol=1e-9)
     assert engine.last_blocks == len(params)
-    # Without `head` the cut graph loses the head losses' trunk gradients: the split is what joins them.
+    # Without `cut` the cut graph loses the top losses' lower gradients: the cut is what joins them.
     assert not torch.allclose(GramEngine(params).gram(cut), G)
-    lam, _ = coefficients(G, "agp", [3, 1, 2], return_info=True)
+    K = len(cut)
+    order = list(range(K - 1, 0, -1))
+    lam, _ = coefficients(G, "agp", order, return_info=True)
     for p in params:
         p.grad = None
-    engine.backward(cut, lam, head=head)
-    assert rel(flat_grad(params), combine(B, "agp", [3, 1, 2])) < 1e-6
+    engine.backward(cut, lam, cut=head)
+    assert rel(flat_grad(params), combine(B, "agp", order)) < 1e-6
+
+
+def test_embedding_block_folded_without_a_copy():
+    """An embedding's K-batched gradient comes out of autograd as (V, K, D): it is folded as that
+    view, not copied to rows-first (K x V x D more bytes: the step's largest temporary on a real
+    vocabulary). Counted with the planner's tracker: the peak holds one K x V x D block, not two."""
+    from drivekd.planner.memory import MemoryTracker
+
+    torch.manual_seed(0)
+    V, D, K = 4000, 32, 4
+    emb, lin = nn.Embedding(V, D), nn.Linear(D, D)
+    params = [emb.weight, lin.weight, lin.bias]
+    h = torch.tanh(lin(emb(torch.tensor([[1, 7, 7, 300, 3999]]))))
+    losses = [h.pow(2).mean(), h.sin().mean(), h[:, :2].sum(), h.cos().mean()]
+    B = rows_reference(params, losses)
+    with MemoryTracker() as tracker:
+        G = GramEngine(params).gram(losses)
+    torch.testing.assert_close(G, B.double() @ B.double().T, rtol=1e-6, atol=1e-9)
+    block = K * V * D * 4
+    assert block <= tracker.peak < 1.5 * block, (tracker.peak, block)
 
 
 def test_inactive_rows_and_validation():
@@ -253,7 +280,7 @@ def test_step_path_batches_for_real(tiny_models, demo_data, targets, family):
     batch = batch_of(tr, [0, 5])
     ts.engine = "rows"  # the reference forward: no cut
     with forward(tr, batch) as losses:
-        assert ts._head is None
+        assert ts._cut is None
         weighted = unit_weights(params, losses)
         scales = [w.detach() / l.detach() for w, l in zip(weighted, losses)]
         bufs = GradBuffers(params, 4)
@@ -262,16 +289,80 @@ def test_step_path_batches_for_real(tiny_models, demo_data, targets, family):
     ts.engine = "gram"
     engine = GramEngine(params)
     with forward(tr, batch) as losses:
-        assert ts._head is not None
+        assert ts._cut is not None
         weighted = [l * c for l, c in zip(losses, scales)]
-        G = engine.gram(weighted, head=ts._head)
+        G = engine.gram(weighted, cut=ts._cut)
         rows = bufs.buffer
         torch.testing.assert_close(G, rows.double() @ rows.double().T, rtol=1e-5, atol=1e-7)
         assert engine.fallbacks == set(), f"ops looped over K under vmap: {sorted(engine.fallbacks)}"
         lam = coefficients(G, "agp", [3, 1, 2])
         tr.grads.flat.zero_()
-        engine.backward(weighted, lam, head=ts._head)
+        engine.backward(weighted, lam, cut=ts._cut)
         assert rel(tr.grads.flat, combine(rows, "agp", [3, 1, 2])) < 1e-5
+
+
+def test_cut_layer_from_loss_layers():
+    """The cut: the input of the first decoder layer above the deepest layer a loss reads
+    (attention captured, hidden states); the LM head's input when that is the top layer or no
+    loss reads a layer."""
+    from types import SimpleNamespace
+
+    from drivekd.trainer.step import cut_layer
+
+    plan = lambda att, hid=(): SimpleNamespace(student_layers=list(att), hidden_layers=list(hid))  # noqa: E731
+    assert cut_layer(plan([0, 1]), 3) == 2  # multi on 3 layers: 0, 0..L-2, L-2
+    assert cut_layer(plan([0]), 4) == 1
+    assert cut_layer(plan([0], [2]), 4) == 3
+    assert cut_layer(plan([0, 3]), 4) is None  # a loss at the top layer: the head's input
+    assert cut_layer(plan([]), 4) is None  # CE / KL only
+
+
+def _rows_then_gram(tr, batch, K: int, order: list[int]):
+    """The rows engine's rows of an uncut forward, then TrainStep's Gram path (cut forward) on the
+    same batch: returns (rows, G, the Gram path's update, the engine)."""
+    ts, params = tr.train_step, tr.params
+    ts.engine = "rows"  # the reference forward: no cut
+    with forward(tr, batch) as losses:
+        assert ts._cut is None
+        weighted = unit_weights(params, losses)
+        scales = [w.detach() / l.detach() for w, l in zip(weighted, losses)]
+        bufs = GradBuffers(params, K)
+        for r in range(K):
+            bufs.backward(r, weighted[r], retain_graph=r < K - 1)
+    ts.engine = "gram"
+    engine = GramEngine(params)
+    with forward(tr, batch) as losses:
+        weighted = [l * c for l, c in zip(losses, scales)]
+        G = engine.gram(weighted, cut=ts._cut)
+        lam = coefficients(G, "agp", order)
+        tr.grads.flat.zero_()
+        engine.backward(weighted, lam, cut=ts._cut)
+    return bufs.buffer, G, tr.grads.flat.clone(), engine
+
+
+@pytest.mark.parametrize("family,kw", [("internvl", {}), ("qwen2_5_vl", {"gradient_checkpointing": True})])
+def test_low_cut_matches_rows(tiny_models, demo_data, targets, family, kw):
+    """--recipe perception reads layer 0 only: TrainStep cuts at decoder layer 1's input (3 of the
+    4 layers above the cut, run once for CE instead of K-batched). The Gram and the update equal
+    the rows engine's (tied embeddings; with gradient checkpointing the cut layer is
+    checkpointed, its hook outside the checkpoint), and nothing falls back to a loop over K."""
+    from drivekd.families.capture import decoder_layers
+
+    tr = make_trainer(tiny_models, demo_data, targets[family], family, recipe="perception", grad_engine="gram", **kw)
+    ts = tr.train_step
+    assert tr.plan.student_layers == [0] and len(decoder_layers(tr.model)) == 4
+    assert not kw or decoder_layers(tr.model)[1].gradient_checkpointing  # the cut layer is checkpointed
+    assert tr.model.get_output_embeddings().weight is tr.model.get_input_embeddings().weight
+    seen = []
+    hook = decoder_layers(tr.model)[1].register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+    try:
+        rows, G, update, engine = _rows_then_gram(tr, batch_of(tr, [0, len(tr.plan.samples) - 1]), 2, [1])
+    finally:
+        hook.remove()
+    assert seen[-1] is ts._cut[1] and seen[-1].grad_fn is None  # layer 1 ran on the cut's leaf
+    torch.testing.assert_close(G, rows.double() @ rows.double().T, rtol=1e-5, atol=1e-7)
+    assert engine.fallbacks == set(), f"ops looped over K under vmap: {sorted(engine.fallbacks)}"
+    assert rel(update, combine(rows, "agp", [1])) < 1e-5
 
 
 def test_bf16_autocast_and_checkpointing(tiny_models, demo_data, targets):
@@ -315,7 +406,8 @@ def _dp_worker(rank, world, port, tiny_models, demo_data, targets, scales, out):
     torch.set_num_threads(1)
     import torch.distributed as dist
 
-    tr = make_trainer(tiny_models, demo_data, targets, "internvl", world=world)  # Dist inits gloo
+    # Dist inits gloo; the Gram path's forward is cut above the deepest loss layer (TrainStep)
+    tr = make_trainer(tiny_models, demo_data, targets, "internvl", world=world, grad_engine="gram")
     try:
         def mean_(block):
             dist.all_reduce(block)
@@ -324,10 +416,12 @@ def _dp_worker(rank, world, port, tiny_models, demo_data, targets, scales, out):
         engine = GramEngine(tr.params, reduce=mean_)
         with forward(tr, batch_of(tr, [[0, 5][rank]])) as losses:  # rank r holds sample r of the global batch
             weighted = [l * s for l, s in zip(losses, scales)]
-            G = engine.gram(weighted)
+            cut = tr.train_step._cut
+            assert cut is not None
+            G = engine.gram(weighted, cut=cut)
             lam = coefficients(G, "agp", [2, 3, 1])
             tr.grads.flat.zero_()
-            engine.backward(weighted, lam)
+            engine.backward(weighted, lam, cut=cut)
         tr.dist.mean_(tr.grads.flat)  # the loop averages .grad across ranks once per step
         if rank == 0:
             torch.save({"gram": G, "grad": tr.grads.flat.clone(), "blocks": engine.last_blocks}, out)

@@ -375,6 +375,14 @@ def _status_kib(key: str) -> int:
     raise OSError(f"/proc/self/status has no {key}")
 
 
+def _above_cut(plan, L: int) -> int:
+    """Decoder layers above the Gram engine's cut (0: cut at the LM head's input)."""
+    from drivekd.trainer.step import cut_layer
+
+    c = cut_layer(plan, L)
+    return 0 if c is None else L - c
+
+
 def count_at_depth(cfg, L: int, family: str, teacher_L: int | None, shapes: Shapes, config, *,
                    device_memory: int | None = None) -> Counted:
     """count_step at the student's full depth: directly for a shallow student, else from reduced
@@ -404,11 +412,18 @@ def count_at_depth(cfg, L: int, family: str, teacher_L: int | None, shapes: Shap
     if K > 1 and (cfg.projection != "none" or cfg.dynamic_weights):
         engine, reason = choose_engine(cfg, params, K, torch.device("cuda"), device_memory or PLANNED_GPU_MEMORY)
     fixed = replace(cfg, grad_engine=engine) if engine != "none" else cfg
-    counts = []
+    counts, above = [], []
     try:
         for small in scale.points(family):
             conf = scale.reduced_config(config, family, small)
-            counts.append(count_step(fixed, dry_plan(fixed, small.text, family), shapes, conf, device_memory=device_memory))
+            small_plan = dry_plan(fixed, small.text, family)
+            counts.append(count_step(fixed, small_plan, shapes, conf, device_memory=device_memory))
+            above.append(_above_cut(small_plan, small.text))
+        # The Gram engine's backward is K-batched below its cut and |S|-wide above it
+        # (step.cut_layer): the counts are affine in the depth only while the number of layers
+        # above the cut is (a spec mixing absolute and L-relative layers may move the cut otherwise).
+        if engine == "gram" and scale.extrapolate(above, d) != _above_cut(dry_plan(cfg, L, family, teacher_L), L):
+            return direct()
     except (ConfigError, LayerSpecError):
         return direct()  # e.g. a --layers index beyond the reduced depth
     ext = lambda get: scale.extrapolate([get(c) for c in counts], d)  # noqa: E731

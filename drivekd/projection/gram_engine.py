@@ -14,10 +14,12 @@ N parameters each (K x N x 4 bytes: 16 bytes/parameter at K = 4). This engine ho
    the backward (the batched backward carries K gradients through the graph at once).
    The backward batches for real: ops torch ships without a batching rule get one
    (``vmap_rules.py``: CPU flash-sdpa backward, masked_scatter backward), the capture's backward
-   uses batchable ops; any op still looped over K is recorded in ``fallbacks``. With ``head``
-   (TrainStep passes the LM head's input, cut in the forward), the losses that read the LM head
-   are backpropagated through it one by one first and the batched backward starts below it: the
-   vocabulary matmuls (the step's largest) run once per reading loss, not K-wide with zero rows.
+   uses batchable ops; any op still looped over K is recorded in ``fallbacks``. With ``cut``
+   (TrainStep cuts the forward at the input of the first decoder layer above the deepest loss
+   layer, or at the LM head's), the losses that read the top (CE, KL) are backpropagated through
+   it first, batched over those losses only, and the K-batched backward starts below it: the
+   upper layers and the vocabulary matmuls (the step's largest) run once per reading loss, not
+   K-wide with zero rows.
 2. ``coefficients(G, method, order, active=...)`` (combine.py): lambda (K,).
 3. ``backward(losses, lam)``: one ordinary backward of sum_k lambda_k * loss_k, accumulating into
    the parameters' ``.grad`` (e.g. the loop's flat fp32 gradient views).
@@ -33,9 +35,10 @@ Why this design (measured in tools/bench_gram.py; see the report there):
   under vmap like any other op, ops without a batching rule fall back to a loop over K).
 * Per-parameter hooks on K sequential backwards cannot give the cross-terms <g_i, g_j> without
   holding the earlier rows, i.e. the rows engine again.
-Cost: the batched backward does K full backwards' work (a loss that stops at layer 0 still
-carries zeros through the upper layers), plus one more backward for the update; the rows engine
-does the K backwards only as deep as each loss reaches.
+Cost: below the cut the batched backward does K backwards' work (a loss that stops at layer 0
+still carries zeros up to the cut; above it only the |S| losses that read the top run), plus one
+more backward for the update; the rows engine does the K backwards only as deep as each loss
+reaches.
 
 Data parallel (torchrun): the projection must see the Gram of the rank-AVERAGED gradients,
 cross-rank terms included. Pass ``reduce``: called on each (K, n) block before it is folded, in
@@ -75,21 +78,50 @@ _FALLBACK = re.compile(r"not yet implemented the batching rule for (\S+?)\.? ")
 class _Acc:
     """Mutable holder passed through autograd.Function.apply (lists/dicts would be pytree-copied)."""
 
-    def __init__(self, K: int, device: torch.device, reduce: Callable[[torch.Tensor], object] | None):
+    def __init__(self, K: int, device: torch.device, reduce: Callable[[torch.Tensor], object] | None,
+                 hold: set[int] | None = None):
         self.G = torch.zeros(K, K, dtype=torch.float64 if device.type != "mps" else torch.float32, device=device)
         self.reduce = reduce
         self.blocks = 0
         # id(param) -> {row: (n,) gradient}: parts of a row's gradient computed before the batched
-        # backward (the head of a split, see GramEngine.gram), added in before the block is folded.
+        # backward (the top of a cut, see GramEngine.gram), added in before the block is folded.
         self.extra: dict[int, dict[int, torch.Tensor]] = {}
+        # ids of the parameters whose blocks are held in `extra` instead of folded (stage 1 of a
+        # cut: the parameters stage 2 reaches as well).
+        self.hold = hold or set()
 
     def fold(self, block: torch.Tensor, key: int | None = None) -> None:
         """block (K, n): one parameter's K gradients, rows contiguous."""
+        if key in self.hold:
+            self.extra[key] = dict(enumerate(block))  # rows of a fresh (K, n) block: views, no copy
+            return
         for r, g in self.extra.pop(key, {}).items():
             block[r] += g
         if self.reduce is not None:
             self.reduce(block)
         self.G += _row_gram(block).to(self.G.dtype)
+        self.blocks += 1
+
+    def fold_inner(self, x: torch.Tensor, d: int, key: int) -> None:
+        """x: one parameter's K gradients as autograd made them, contiguous, the K rows along dim
+        d > 0 (e.g. an embedding's (V, K, D)). Folded as the (O, K, I) view it already is (O, I:
+        the sizes before / after d): the sum over O of each (K, I) slice's Gram, chunk by chunk.
+        Moving the rows to the front would copy the whole K x n block (the input embedding's
+        K x V x D: the step's largest temporary)."""
+        if key in self.hold:
+            self.fold(x.movedim(d, 0).reshape(x.shape[d], -1).contiguous(), key)
+            return
+        K = x.shape[d]
+        for r, g in self.extra.pop(key, {}).items():
+            x.select(d, r).add_(g.view(x.select(d, r).shape))
+        if self.reduce is not None:
+            self.reduce(x)
+        X = x.view(-1, K, x[(0,) * d].numel() // K)  # (O, K, I), no copy
+        step = max(1, (1 << 22) // max(1, K * X.shape[2]))  # ~16 MB of rows per chunk
+        for o in range(0, X.shape[0], step):
+            part = X[o : o + step]
+            part = part if part.dtype in (torch.float32, torch.float64) else part.float()
+            self.G += torch.bmm(part, part.transpose(1, 2)).sum(0, dtype=self.G.dtype)  # fp32 products, fp64 sums
         self.blocks += 1
 
 
@@ -113,6 +145,10 @@ class _FoldGram(torch.autograd.Function):
         if d is None:  # the same gradient for every loss (no batched input reached it)
             block = grad.reshape(1, -1).expand(info.batch_size, -1).contiguous()
             shape = grad.shape
+        elif d > 0 and grad.is_contiguous():  # rows inside (an embedding's (V, K, D)): folded in place
+            acc.fold_inner(grad, d, key)
+            shape = grad.shape[:d] + grad.shape[d + 1 :]
+            return torch.zeros((), dtype=grad.dtype, device=grad.device).expand(shape), None
         else:
             block = grad.movedim(d, 0).reshape(info.batch_size, -1).contiguous()  # (K, n)
             shape = grad.shape[:d] + grad.shape[d + 1 :]
@@ -143,21 +179,27 @@ class GramEngine:
         self.fallbacks: set[str] = set()  # ops that ran as a loop over K under vmap (no batching rule), e.g. "aten::addcmul_"
 
     def gram(self, losses: Sequence[torch.Tensor | None], active: Sequence[bool] | torch.Tensor | None = None,
-             head: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+             cut: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """(K, K) fp64 Gram of the gradients of ``losses`` (scalars of one forward), graph retained.
 
         Row/column k is zero for an inactive row (``active[k]`` False, or ``losses[k]`` None) and
         for a loss that does not require grad (it is still part of the batch, so every rank folds
         blocks of the same shape). Parameters no active loss reaches contribute nothing.
 
-        ``head`` = (h, leaf): the forward cut its graph at h (the LM head's input, B x P x D):
-        the head ran on ``leaf = h.detach().requires_grad_()``. The losses that read the head
-        (CE; S below, found by walking the graph) are backpropagated through it one by one,
-        unbatched, to leaf and the head's parameters; the batched backward then starts at h with
-        the S rows' dL/dh (zero in the other rows) and at the other losses. Exact (the same sums),
-        and the head - the vocabulary matmuls, the step's largest - runs |S| times instead of K
-        (a K-batched backward through it carries K - |S| rows of zeros). Holds |S| x the head's
-        parameters' gradients until their block is folded.
+        ``cut`` = (h, leaf): the forward cut its graph at h (B x T x D: TrainStep cuts at the input
+        of the first decoder layer above the deepest loss layer, or at the LM head's input): the
+        model above ran on ``leaf = h.detach().requires_grad_()``. In two stages:
+        1. the top: the losses that reach leaf (CE, KL; S below, found by walking the graph) are
+           backpropagated batched over S only (|S| = 1: a plain backward) to leaf and the
+           parameters, their blocks folded by the same hooks, giving dL_S/dh (|S| x h);
+        2. the bottom: the K-batched backward starts at h with the S rows' dL/dh (zero in the
+           other rows) and at the other losses.
+        Exact for any cut (every path is summed once: a path not through leaf is in stage 1's
+        gradients; parameters stage 2 reaches too, the tied embedding, have their stage-1 rows
+        held and added into their stage-2 block); the cut only decides the speed: the layers above
+        it and the head (the vocabulary matmuls, the step's largest) run |S| times instead of K (a
+        K-batched backward through them carries K - |S| rows of zeros). Holds |S| x the
+        parameters both stages reach (the tied embedding) until their block is folded.
         """
         K = len(losses)
         act = _active(active, K)
@@ -172,29 +214,29 @@ class GramEngine:
         if not rows:
             return acc.G
         sub = _Acc(len(rows), self.device, self.reduce)
-        reads = _reads_head(losses, rows, head)  # positions in `rows` of the losses that read the head
+        reads = _reads_cut(losses, rows, cut)  # positions in `rows` of the losses that reach the cut's leaf
         rest = [i for i in range(len(rows)) if i not in reads]
+        blocks = 0
         dH = None
         if reads:
-            h, leaf = head
-            dhs = []
-            for i in reads:  # unbatched, through the head only (the graph is cut at leaf)
-                gs = torch.autograd.grad(losses[rows[i]].reshape(()).float(), [leaf, *self.params], retain_graph=True,
-                                         allow_unused=True)
-                dhs.append(gs[0] if gs[0] is not None else torch.zeros_like(leaf))
-                for p, g in zip(self.params, gs[1:]):
-                    if g is not None:
-                        sub.extra.setdefault(id(p), {})[i] = g.reshape(-1)
-                del gs, g  # the head gradients live in sub.extra only (freed as they are folded)
-            dH = torch.stack(dhs).to(h.dtype)  # (|S|, *h.shape)
-            # Head parameters the batched backward will not reach (an untied LM head): fold their
-            # rows now, so the head's gradients are not held through the batched backward.
+            h, leaf = cut
+            # Parameters stage 2 reaches (the tied embedding): their S rows are held, not folded.
             below = _leaves_reached([losses[rows[i]] for i in rest] + [h])
-            for p in self.params:
-                if id(p) in sub.extra and id(p) not in below:
-                    _fold_rows(sub, p, self.device)
+            top = _Acc(len(reads), self.device, self.reduce, hold=below)
+            S = torch.stack([losses[rows[i]].reshape(()).float() for i in reads])  # (|S|,)
+
+            def upper(go):  # go: one-hot (|S|,) -> dL/dleaf of that row; the parameters' blocks folded by the hooks
+                g = torch.autograd.grad(S, [leaf, *self.params], go, retain_graph=True, allow_unused=True)[0]
+                return g if g is not None else torch.zeros_like(leaf)
+
+            dH = self._folded(upper, len(reads), top).to(h.dtype)  # (|S|, *h.shape)
+            ix = torch.tensor(reads, dtype=torch.long, device=self.device)
+            sub.G[ix[:, None], ix[None, :]] += top.G
+            for key, part in top.extra.items():  # held rows, renumbered to positions in `rows`
+                sub.extra[key] = {reads[j]: g for j, g in part.items()}
+            blocks = top.blocks
+            del top
         L = torch.stack([losses[rows[i]].reshape(()).float() for i in rest]) if rest else None  # (K'-|S|,)
-        eye = torch.eye(len(rows), dtype=torch.float32, device=self.device)
         reads_t = torch.tensor(reads, dtype=torch.long, device=self.device)
         rest_t = torch.tensor(rest, dtype=torch.long, device=self.device)
 
@@ -204,12 +246,27 @@ class GramEngine:
                 outs.append(L)
                 gos.append(go.index_select(0, rest_t))
             if dH is not None:
-                outs.append(head[0])
+                outs.append(cut[0])
                 gos.append(torch.tensordot(go.index_select(0, reads_t).to(dH.dtype), dH, dims=1))
             torch.autograd.grad(outs, self.params, gos, retain_graph=True, allow_unused=True)  # zeros (the hooks folded)
             return go[:1]  # vmap needs a tensor out
 
-        handles = [p.register_hook(lambda g, _a=sub, _k=id(p): _FoldGram.apply(g, _a, _k)) for p in self.params]
+        self._folded(batched, len(rows), sub)
+        # Held rows stage 2 never reached (none when the graph walk is right): their rows alone,
+        # in parameter order (the same on every rank).
+        for p in self.params:
+            if id(p) in sub.extra:
+                _fold_rows(sub, p, self.device)
+        self.last_blocks = blocks + sub.blocks
+        idx = torch.tensor(rows, device=self.device)
+        acc.G[idx[:, None], idx[None, :]] = sub.G
+        return acc.G
+
+    def _folded(self, fn: Callable[[torch.Tensor], torch.Tensor], n: int, acc: _Acc) -> torch.Tensor:
+        """fn(one-hot (n,)) batched over the n rows (torch.vmap; n = 1: called once, unbatched),
+        with every parameter's gradient block folded into ``acc`` by a hook. Returns fn's (n, ...)."""
+        handles = [p.register_hook(lambda g, _a=acc, _k=id(p): _FoldGram.apply(g, _a, _k)) for p in self.params]
+        eye = torch.eye(n, dtype=torch.float32, device=self.device)
         try:
             with warnings.catch_warnings(record=True) as seen:
                 # An op without a vmap batching rule falls back to a loop over the K losses
@@ -217,7 +274,7 @@ class GramEngine:
                 # self.fallbacks (tools/bench_gram.py lists them; tests/test_gram_engine.py
                 # fails on any on the tiny students' path) instead of warning at every step.
                 warnings.simplefilter("always")
-                torch.vmap(batched)(eye)
+                out = fn(eye[0]).unsqueeze(0) if n == 1 else torch.vmap(fn)(eye)
         finally:
             for hd in handles:
                 hd.remove()
@@ -227,36 +284,28 @@ class GramEngine:
                 self.fallbacks.add(m.group(1))
             else:
                 warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-        # Head parameters the batched backward never reached (an untied LM head): their rows alone,
-        # in parameter order (the same on every rank).
-        for p in self.params:
-            if id(p) in sub.extra:
-                _fold_rows(sub, p, self.device)
-        self.last_blocks = sub.blocks
-        idx = torch.tensor(rows, device=self.device)
-        acc.G[idx[:, None], idx[None, :]] = sub.G
-        return acc.G
+        return out
 
     def backward(self, losses: Sequence[torch.Tensor | None], lam: torch.Tensor | Sequence[float], *, retain_graph: bool = False,
-                 head: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+                 cut: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         """p.grad += d/dp sum_k lam[k] * losses[k] (rows with lam 0, None or no grad skipped).
-        ``head``: as in ``gram`` (the losses that read the head go through it first, then on from h)."""
+        ``cut``: as in ``gram`` (the losses that reach the cut go through the top first, then on from h)."""
         K = len(losses)
         lam = torch.as_tensor(lam).detach()
         if lam.shape != (K,):
             raise ValueError(f"lam must hold one coefficient per loss (K={K}), got shape {tuple(lam.shape)}")
         ks = [k for k in range(K) if isinstance(losses[k], torch.Tensor) and losses[k].requires_grad]
-        reads = {ks[i] for i in _reads_head(losses, ks, head)}
-        terms, head_terms = [], []
+        reads = {ks[i] for i in _reads_cut(losses, ks, cut)}
+        terms, top_terms = [], []
         for k in ks:
             c = lam[k].to(device=losses[k].device, dtype=torch.float32)
-            (head_terms if k in reads else terms).append(c * losses[k].reshape(()).float())
+            (top_terms if k in reads else terms).append(c * losses[k].reshape(()).float())
         outs, gos = [], []
-        if head_terms:
-            h, leaf = head
-            # Into p.grad directly (no head-sized temporary), and dL/dh into leaf.grad.
+        if top_terms:
+            h, leaf = cut
+            # Into p.grad directly (no top-sized temporary), and dL/dh into leaf.grad.
             leaf.grad = None
-            torch.autograd.backward(torch.stack(head_terms).sum(), inputs=[leaf, *self.params], retain_graph=True)
+            torch.autograd.backward(torch.stack(top_terms).sum(), inputs=[leaf, *self.params], retain_graph=True)
             if leaf.grad is not None:
                 outs.append(h)
                 gos.append(leaf.grad.to(h.dtype))
@@ -269,7 +318,7 @@ class GramEngine:
 
 
 def _fold_rows(acc: _Acc, p: torch.Tensor, device) -> None:
-    """Fold the head rows held for ``p`` alone (its other rows are zero): a (|S|, n) block."""
+    """Fold the top's rows held for ``p`` alone (its other rows are zero): a (|S|, n) block."""
     part = acc.extra.pop(id(p))  # {position: (n,)}
     pos = sorted(part)
     block = part[pos[0]].view(1, -1) if len(pos) == 1 else torch.stack([part[i] for i in pos])  # no copy for one row
@@ -296,11 +345,11 @@ def _leaves_reached(roots: list[torch.Tensor]) -> set[int]:
     return out
 
 
-def _reads_head(losses, rows: list[int], head) -> list[int]:
-    """Positions i in ``rows`` whose loss's graph reaches ``head``'s leaf (walks grad_fn edges)."""
-    if head is None:
+def _reads_cut(losses, rows: list[int], cut) -> list[int]:
+    """Positions i in ``rows`` whose loss's graph reaches ``cut``'s leaf (walks grad_fn edges)."""
+    if cut is None:
         return []
-    leaf = head[1]
+    leaf = cut[1]
     if not leaf.requires_grad:
         return []
     out = []

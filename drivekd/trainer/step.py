@@ -39,7 +39,7 @@ import torch
 
 from drivekd.distributed import Dist
 from drivekd.errors import DriveKDError
-from drivekd.families.capture import capture_attention
+from drivekd.families.capture import capture_attention, decoder_layers
 from drivekd.losses.attention import answer_positions, token_ce
 from drivekd.projection import GradBuffers, GramEngine, coefficients, combine, gram
 from drivekd.optim.precision import make_optimizer as _make_optimizer
@@ -137,7 +137,26 @@ def choose_engine(cfg, params: list[torch.nn.Parameter], K: int, device: torch.d
     if rows_bytes <= device_memory / 4:
         return "rows", f"auto: {K} rows take {rows_bytes / 2**30:.2f} GiB, <= 1/4 of the device's {device_memory / 2**30:.0f} GiB"
     return "gram", (f"auto: {K} rows would take {rows_bytes / 2**30:.2f} GiB, > 1/4 of the device's {device_memory / 2**30:.0f} GiB "
-                    "(the Gram engine holds no rows but its steps are slower: every loss runs through every layer)")
+                    "(the Gram engine holds no rows but its steps are slower: every loss runs through every layer below its cut)")
+
+
+def cut_layer(plan, L: int) -> int | None:
+    """The decoder layer whose input the Gram engine's forward cuts (None: the LM head's input):
+    the first above the deepest layer a loss reads (captured attention, hidden states). Above it
+    only the losses that read the top (CE, KL) have a gradient, so the K-batched backward would
+    carry K - |S| rows of zeros through those layers. The choice only moves work, never the result
+    (GramEngine.gram is exact for any cut)."""
+    read = plan.student_layers + plan.hidden_layers
+    if not read or max(read) + 1 >= L:
+        return None
+    return max(read) + 1
+
+
+def cut_module(model, plan) -> torch.nn.Module:
+    """The module whose input `cut_layer` names: that decoder layer, or the LM head."""
+    layers = decoder_layers(model)
+    c = cut_layer(plan, len(layers))
+    return model.get_output_embeddings() if c is None else layers[c]
 
 
 def hidden_projection(plan, model, device) -> torch.nn.Module | None:
@@ -208,12 +227,13 @@ class TrainStep:
             self.bufs = GradBuffers(self.params, self.K, dtype=getattr(torch, cfg.grad_buffer_dtype))
         elif self.engine == "gram":
             self.gram_engine = GramEngine(self.params, reduce=self.dist.mean_ if self.dist.world > 1 else None)
-            # The Gram engine backpropagates the LM head (the vocabulary matmuls) once per loss that
-            # reads it instead of K-batched: during the step's forward the head runs on a cut of
-            # its input, (h, leaf) kept in self._head (GramEngine.gram's `head`).
-            model.get_output_embeddings().register_forward_pre_hook(self._cut_head)
+            # The Gram engine backpropagates what lies above the deepest loss layer (the upper
+            # decoder layers and the LM head's vocabulary matmuls) once per loss that reads it
+            # instead of K-batched: during the step's forward that module runs on a cut of its
+            # input, (h, leaf) kept in self._cut (GramEngine.gram's `cut`).
+            cut_module(model, plan).register_forward_pre_hook(self._cut_input, with_kwargs=True)
         self._cutting = False
-        self._head: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._cut: tuple[torch.Tensor, torch.Tensor] | None = None
         self._gram_info: dict | None = None
         self.share_engine: GramEngine | None = None  # fast path: per-loss Gram on logged steps (built on first use)
         self.optimizer = make_optimizer(self.params, cfg.lr, cfg.weight_decay, getattr(cfg, "precision", "fp32"), cfg.seed)
@@ -237,7 +257,7 @@ class TrainStep:
         vision = inputs.padded("vision").to(dev)  # (B, T) V
         mixw = self.plan.mix_weights(batch.capabilities).to(dev)  # (B, terms)
         hidden = {"output_hidden_states": True} if self.plan.hidden_layers else {}
-        self._head, self._cutting = None, self.engine == "gram"
+        self._cut, self._cutting = None, self.engine == "gram"
         try:
             with self.autocast():
                 out = self.model(**inputs.tensors, logits_to_keep=keep, use_cache=False, **hidden)
@@ -252,13 +272,21 @@ class TrainStep:
             rows.append((mixw[:, k] * lk).mean())
         return Losses(rows, torch.stack([v.detach() for v in per_sample]), mixw)
 
-    def _cut_head(self, module, args):
-        if not self._cutting or not torch.is_grad_enabled() or not args[0].requires_grad:
+    def _cut_input(self, module, args, kwargs):
+        """Forward pre-hook of `cut_module`: its hidden-state input h (B, T, D; positional, or the
+        decoder layer's `hidden_states`) is replaced by a new leaf of the same values, so the graph
+        above starts at the leaf. Once per forward (a recompute under gradient checkpointing runs
+        inside the layer's forward, after the hooks)."""
+        if not self._cutting or not torch.is_grad_enabled() or self._cut is not None:
             return None
-        h = args[0]
+        h = args[0] if args else kwargs.get("hidden_states")
+        if not isinstance(h, torch.Tensor) or not h.requires_grad:
+            return None
         leaf = h.detach().requires_grad_()
-        self._head = (h, leaf)
-        return (leaf, *args[1:])
+        self._cut = (h, leaf)
+        if args:
+            return (leaf, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": leaf}
 
     def autocast(self):
         """A fresh autocast context of the step's dtype (a null context in fp32)."""
@@ -285,14 +313,14 @@ class TrainStep:
         if self.engine == "gram":
             # Every rank folds the globally active rows (blocks of the same shape, same order);
             # a row with no weight on this rank's samples contributes zeros.
-            G = self.gram_engine.gram(weighted, active, head=self._head)  # (K, K) fp64, of rank-averaged gradients
+            G = self.gram_engine.gram(weighted, active, cut=self._cut)  # (K, K) fp64, of rank-averaged gradients
             lam, info = coefficients(G, self.cfg.projection, order, active=active, return_info=True)
             self._gram_info = info
             if self.cfg.skip_nonfinite and not self.checks.finite(G):
-                self._head = None
+                self._cut = None
                 return  # combine() reports the skip; the graph is freed with the losses
-            self.gram_engine.backward(weighted, lam, head=self._head)
-            self._head = None
+            self.gram_engine.backward(weighted, lam, cut=self._cut)
+            self._cut = None
             self.grads.check()
             return
         mine = [r for r in range(self.K) if active[r] and local[r]]
