@@ -265,6 +265,7 @@ def test_matches_rows_engine_on_tiny_students(tiny_models, demo_data, targets, f
         assert fired > 0  # the comparison covers projections that really removed a component
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["internvl", "qwen2_5_vl"])
 def test_step_path_batches_for_real(tiny_models, demo_data, targets, family):
     """TrainStep's Gram path on the tiny students, vision tower included: the LM head cut (the
