@@ -7,12 +7,20 @@ branch on the world size. Also the fault hook the passes' kill-and-resume tests 
 
 from __future__ import annotations
 
+import atexit
 import os
 import signal
 import time
 from typing import Callable
 
 import torch
+
+
+def _destroy_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 class Dist:
@@ -41,6 +49,10 @@ class Dist:
 
             if not dist.is_initialized():
                 dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+                # Torn down before the interpreter finalizes: a group left to the C++ destructors can
+                # abort a rank that finished its work ("terminate called without an active
+                # exception", exit -6), and torchrun then reports the whole run as failed.
+                atexit.register(_destroy_group)
             self.rank = dist.get_rank()
 
     @property
