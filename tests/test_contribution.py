@@ -3,10 +3,6 @@ the fast path), the early low-share warning, TensorBoard and drivekd-report, and
 
 import json
 import logging
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -312,59 +308,3 @@ def test_reweighting_starts_from_large_static_weights():
     torch.testing.assert_close(torch.nn.functional.softplus(inverse_softplus(w)), w, rtol=1e-6, atol=0)
     assert DynamicWeights(ROWS[:3], [1.0, 150.0, 3e4]).weight_dict() == pytest.approx({"ce": 1.0, "perception": 150.0,
                                                                                           "reasoning": 3e4}, rel=1e-6)
-
-
-_RUN = """
-import sys, torch
-from online_targets import TEACHER_LAYERS, compute_targets
-from drivekd.data.loaders import load_samples
-from drivekd.trainer.loop import train
-from drivekd.trainer.settings import TrainConfig
-torch.set_num_threads(1)
-tiny, images, data, root, mb = sys.argv[1:6]
-targets = compute_targets(tiny + '/internvl-teacher', load_samples(data, images), TEACHER_LAYERS)
-for mode in sys.argv[6:]:
-    train(run_config(tiny, images, data, root + '/' + mode, int(mb), mode), targets)
-"""
-
-
-def run_config(tiny, images, data, out, micro_batch: int, mode: str) -> TrainConfig:
-    """The compared run: 'fast' (--projection none, no re-weighting: the measured shares) or
-    'calibrated' (--calibrate-kd)."""
-    extra = dict(projection="none", dynamic_weights=False) if mode == "fast" else dict(calibrate_kd=1e-4, calibrate_batches=2)
-    return TrainConfig(student=Path(tiny) / "internvl-student", data=Path(data), images=Path(images), out=Path(out), num_workers=0,
-                       progress=False, max_steps=2, grad_accum=2, micro_batch=micro_batch, save_every=0, report_to="none", lr=1e-3,
-                       w_reasoning=1e5, device="cpu", **extra)
-
-
-@pytest.mark.slow
-def test_two_ranks_log_the_shares_and_calibrate_as_one_process(tiny_models, demo_data, tmp_path):
-    """2 gloo ranks x micro-batch 1 (real torchrun) == 1 process x micro-batch 2 (in this process): the
-    fast path's measured Gram and the calibration's norms are of the rank-averaged gradients, as the
-    projection's are. One torchrun launch runs both modes (a launch is two interpreters importing torch)."""
-    from online_targets import TEACHER_LAYERS, compute_targets
-
-    from drivekd.data.loaders import load_samples
-
-    records = json.loads((demo_data / "train.json").read_text())[:4]  # 2 steps of 4: two epochs
-    data = tmp_path / "four.json"
-    data.write_text(json.dumps(records))
-    script = tmp_path / "run.py"
-    script.write_text("from test_contribution import run_config\n" + _RUN)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), *sys.path])}
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
-                        str(tiny_models), str(demo_data), str(data), str(tmp_path / "two"), "1", "fast", "calibrated"],
-                       env=env, capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    targets = compute_targets(tiny_models / "internvl-teacher", load_samples(data, demo_data), TEACHER_LAYERS)
-    for mode in ("fast", "calibrated"):
-        two, one = tmp_path / "two" / mode, tmp_path / "one" / mode
-        train(run_config(tiny_models, demo_data, data, one, 2, mode), targets)
-        m2, m1 = ([json.loads(l) for l in (d / "metrics.jsonl").read_text().splitlines()] for d in (two, one))
-        assert len(m2) == len(m1) == 2
-        for a, b in zip(m2, m1):
-            for key in [f"{p}_{r}" for p in ("share", "along") for r in ROWS]:
-                assert a[key] is not None and a[key] == pytest.approx(b[key], rel=1e-3, abs=1e-9), (mode, key)
-        if mode == "calibrated":
-            c2, c1 = (json.loads((d / "run.json").read_text())["calibration"] for d in (two, one))
-            assert c2["weights"] == pytest.approx(c1["weights"], rel=1e-4)

@@ -3,14 +3,12 @@
 Checked against the rows engine (GradBuffers + combine) on a small module with a tied weight and a
 loss that reaches only part of it, and on the tiny students of both families (tied embeddings)
 with the real forward, attention capture, losses and a padded micro-batch; under bf16 autocast
-with gradient checkpointing; and with 2 gloo ranks against one process with the same global batch.
+with gradient checkpointing. (2 gloo ranks against one process with the same global batch: tests/test_two_ranks.py.)
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -390,65 +388,3 @@ def test_bf16_autocast_and_checkpointing(tiny_models, demo_data, targets):
         # (measured 3.5e-3). The Gram itself (K separate gradients either way) agrees to 1e-5.
         assert rel(tr.grads.flat, ref) < 1.5e-2
         assert rel(combine(bufs.buffer, "none"), ref) > 0.1  # AGP's update is far from a plain sum
-
-
-# ----------------------------------------------------------------------------- data parallel
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _dp_worker(rank, world, port, tiny_models, demo_data, targets, scales, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    import torch.distributed as dist
-
-    # Dist inits gloo; the Gram path's forward is cut above the deepest loss layer (TrainStep)
-    tr = make_trainer(tiny_models, demo_data, targets, "internvl", world=world, grad_engine="gram")
-    try:
-        def mean_(block):
-            dist.all_reduce(block)
-            block.div_(world)
-
-        engine = GramEngine(tr.params, reduce=mean_)
-        with forward(tr, batch_of(tr, [[0, 5][rank]])) as losses:  # rank r holds sample r of the global batch
-            weighted = [l * s for l, s in zip(losses, scales)]
-            cut = tr.train_step._cut
-            assert cut is not None
-            G = engine.gram(weighted, cut=cut)
-            lam = coefficients(G, "agp", [2, 3, 1])
-            tr.grads.flat.zero_()
-            engine.backward(weighted, lam, cut=cut)
-        tr.dist.mean_(tr.grads.flat)  # the loop averages .grad across ranks once per step
-        if rank == 0:
-            torch.save({"gram": G, "grad": tr.grads.flat.clone(), "blocks": engine.last_blocks}, out)
-    finally:
-        dist.destroy_process_group()
-
-
-@pytest.mark.slow
-def test_two_gloo_ranks_equal_one_process(tiny_models, demo_data, targets, tmp_path):
-    tr = make_trainer(tiny_models, demo_data, targets["internvl"], "internvl")
-    params = tr.params
-    with forward(tr, batch_of(tr, [0, 5])) as losses:  # the global batch, in one process
-        weighted = unit_weights(params, losses)
-        scales = [float(w.detach() / l.detach()) for w, l in zip(weighted, losses)]
-        bufs = GradBuffers(params, 4)
-        for r in range(4):
-            bufs.backward(r, weighted[r], retain_graph=r < 3)
-    ref, info = combine(bufs.buffer, "agp", [2, 3, 1], return_info=True)
-
-    import torch.multiprocessing as mp
-
-    out = tmp_path / "rank0.pt"
-    mp.spawn(_dp_worker, args=(2, _free_port(), tiny_models, demo_data, targets["internvl"], scales, str(out)), nprocs=2)
-    got = torch.load(out, weights_only=True)
-    assert got["blocks"] == len(params)
-    torch.testing.assert_close(got["gram"], info["gram"], rtol=1e-5, atol=1e-7)
-    assert rel(got["grad"], ref) < 1e-5
-    # The cross-rank terms matter: the mean of the two ranks' own Grams is another matrix.
-    assert not torch.allclose(got["gram"], info["gram"] * 2, rtol=1e-3)

@@ -195,7 +195,7 @@ def test_teacher_rows_without_targets_for_the_eval_set_are_skipped_and_named_onc
 
 
 # 2 gloo ranks validate as one process (the eval set and the generated questions split unevenly, sums and
-# counts all-reduced): tests/test_train_cli.py::test_two_ranks_equal_one_process, whose torchrun launch
+# counts all-reduced): tests/test_two_ranks.py::test_train_equals_one_process, whose torchrun launch
 # validates as it trains (a second launch here would cost three more interpreters' imports).
 
 
