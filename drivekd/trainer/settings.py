@@ -186,8 +186,8 @@ class TrainConfig:
                            group="runtime", minimum=">=0")
     skip_nonfinite: bool = opt(False, "Skip a micro-batch whose loss is NaN/inf instead of stopping.", group="runtime")
     max_skip_share: float = opt(0.01, "With --skip-nonfinite: stop, naming the samples, once more than this share of the "
-                                "run's micro-batches was skipped (counted since this process started); a run that "
-                                "trained on nothing never writes final/.", group="runtime")
+                                "run's micro-batches was skipped (counted per rank over the whole run: a --resume continues "
+                                "the count its checkpoint recorded); a start that trained on nothing never writes final/.", group="runtime")
     log_every: int = opt(1, "Write a metrics line every N optimizer steps.", group="runtime", minimum=">0")
     progress: bool = opt(True, "Show a tqdm progress bar (--no-progress: one plain line per logged step instead, for "
                          "log files).", group="runtime")
