@@ -20,7 +20,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import zarr
 
 from drivekd.store.integrity import checksum
 from drivekd.store.targets import SampleTargets
@@ -36,12 +35,12 @@ def causal_map(T: int, g: torch.Generator) -> torch.Tensor:
 def write_store(path: Path, T: int, n_layers: int, groups: int, members: int = 2) -> list[str]:
     st = TeacherStore(path, mode="a")
     layers = list(range(n_layers))
+    ids = [f"g{k}-q{j}" for k in range(groups) for j in range(members)]  # the role's sample list, as a build records it
     st.init_role("reasoning", {"family": "internvl", "teacher_path": "synthetic", "checkpoint_fingerprint": "x", "processor_fingerprint": "y",
                                "text_tokens": "paper", "num_teacher_layers": n_layers + 1, "encoding": Encoding().to_dict(),
-                               "layers": layers, "role": "reasoning", "sample_ids": []})
+                               "layers": layers, "role": "reasoning", "sample_ids": ids})
     g = torch.Generator().manual_seed(0)
     P = int(0.8 * T)
-    ids = []
     for k in range(groups):
         full = [causal_map(T, g) for _ in layers]
         key = f"p-{k}"
@@ -51,25 +50,25 @@ def write_store(path: Path, T: int, n_layers: int, groups: int, members: int = 2
             maps = [causal_map(T, g)[P:] for _ in layers]  # suffix rows (T - P, T)
             st.write_sample("reasoning", sid, torch.arange(T), torch.zeros(T, dtype=torch.bool), torch.ones(T, dtype=torch.bool),
                             maps, layers, Encoding(), prefix=(key, P))
-            ids.append(sid)
-    zarr.open_group(str(path / "reasoning"), mode="a").update_attributes({"sample_ids": ids})
     return ids
 
 
 def get_today(store: TeacherStore, role: str, sample_id: str) -> SampleTargets:
-    """Today's (schema 2) TeacherStore.get, unchanged: no checksum, no missing-chunk check."""
+    """Today's (schema 2) TeacherStore.get, unchanged but for opening its groups through the store's
+    public `sample_group` / `prefix_group` (the same zarr.open_group of the same local path): no
+    checksum, no missing-chunk check."""
     info = store.role_info(role)
     status = store.sample_status(role, sample_id)
     assert status == "complete"
     want = list(info.layers)
-    g = zarr.open_group(str(store._sample_dir(role, sample_id)), mode="r")
+    g = store.sample_group(role, sample_id)
     T = int(g.attrs["length"])
     attn = g["attn"]
     pattn = None
     if g.attrs.get("prefix"):
         key = g.attrs["prefix"]
         assert store.prefix_status(role, key) == "complete"
-        pattn = zarr.open_group(str(store._prefix_dir(role, key)), mode="r")["attn"]
+        pattn = store.prefix_group(role, key)["attn"]
     maps = {}
     for l in want:
         k = info.layers.index(l)
@@ -112,7 +111,7 @@ def main() -> None:
                         times[c][name][sid].append(f() - t[c])
         med = {c: {k: sum(statistics.median(v) for v in per.values()) for k, per in times[c].items()} for c in clocks}
         # The checksum pass alone, on one sample's packed rows (what the reader hashes).
-        rows = [np.asarray(zarr.open_array(str(path / "reasoning" / "samples" / ids[0] / "attn"), mode="r")[k]) for k in range(a.layers)]
+        rows = [np.asarray(store.sample_group("reasoning", ids[0])["attn"][k]) for k in range(a.layers)]
         t = time.perf_counter()
         for _ in range(20):
             for row in rows:

@@ -29,14 +29,16 @@ def _option(f) -> click.Option:
     help_ = meta["help"]
     if f.default is not None and not meta.get("required"):
         help_ += f"  [default: {str(f.default).lower() if t is bool else f.default}]"
-    name = flag(f.name)
+    name, aliases = flag(f.name), list(meta.get("aliases", ()))
     if t is bool:
+        if aliases:  # a --x/--no-x pair would need a negative spelling of each alias too
+            raise TypeError(f"settings field {f.name}: aliases are for value options, not switches")
         if f.name in ("resume", "skip_nonfinite"):  # plain switches: off unless given
             return click.Option([name, f.name], is_flag=True, default=None, show_default=False, help=help_)
         return click.Option([f"{name}/--no-{name[2:]}", f.name], default=None, show_default=False, help=help_)
     ctype = (click.Choice(meta["choices"]) if meta.get("choices") else
              {Path: click.Path(path_type=Path), int: int, float: float, str: str}[t])
-    return click.Option([name, f.name], type=ctype, default=None, show_default=False, help=help_)
+    return click.Option([name, *aliases, f.name], type=ctype, default=None, show_default=False, help=help_)
 
 
 class _GroupedHelp(click.Command):

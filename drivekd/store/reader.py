@@ -97,6 +97,16 @@ class StoreReader:
     def _prefix_dir(self, role: str, key: str) -> Path:
         return self.path / role / "prefixes" / check_key(key)
 
+    def sample_group(self, role: str, sample_id: str):
+        """A sample's zarr group, read-only, as drivekd.store.format lays it out (attrs; arrays attn,
+        vision, text, input_ids, ...), read unchecked: for tools that measure or inspect the stored
+        format. Targets are read through `get`, which checks every array against its checksum."""
+        return self._group(self._sample_dir(role, sample_id))
+
+    def prefix_group(self, role: str, key: str):
+        """A shared prefix's zarr group (its attn rows), read-only and unchecked, like `sample_group`."""
+        return self._group(self._prefix_dir(role, key))
+
     def _mark(self, d: Path) -> dict:
         try:
             return self.backend.read_json(d / "zarr.json").get("attributes", {})

@@ -12,7 +12,8 @@ A checkpoint folder holds
     trainer_state.pt                       step checkpoints only: optimizer, scheduler, re-weighting,
                                            RNG states: tensors and plain containers only, read with
                                            weights_only=True
-    trainer_state.json                     step, data position, world size, the resolved config
+    trainer_state.json                     step, data position, world size, the resolved config,
+                                           --skip-nonfinite's count per rank (a resume continues it)
     COMPLETE                               written last
 
 A --fsdp run's step checkpoints hold no model files: sharded/ is a torch.distributed.checkpoint

@@ -126,7 +126,8 @@ class Trainer:
         self.step = 0
         # --calibrate-kd: before the re-weighting starts from the static weights.
         self.calibration = self._calibration()
-        # --skip-nonfinite's budget (--max-skip-share): micro-batches skipped / trained in this process.
+        # --skip-nonfinite's budget (--max-skip-share): micro-batches this rank skipped in the whole run
+        # (a resume restores the count from its checkpoint: _restore) and trained in this process.
         self._skipped_micro, self._trained_micro, self._skipped_ids = 0, 0, []
         # --projection none without re-weighting keeps no per-loss gradients: measure the shares on
         # some logged steps (step.py, TrainStep._measured_sum; --contribution-every).
@@ -196,7 +197,7 @@ class Trainer:
             state["reweight"] = self.reweighter.state_dict()
         return state
 
-    def _meta(self) -> dict[str, Any]:
+    def _meta(self, skips: dict[str, list]) -> dict[str, Any]:
         sampler = self._sampler_for(self.step)
         epoch, pos = sampler.position(self.step * self.cfg.grad_accum)
         return {
@@ -209,8 +210,17 @@ class Trainer:
             "calibration": self.calibration,
             "schedule": self.schedule.to_json(),
             "validation": self.validation.state() if self.validation is not None else None,
+            "skips": skips,
             **plan_json(self.plan),
         }
+
+    def _skips(self) -> dict[str, list]:
+        """--skip-nonfinite's count so far, per rank (every rank calls this: one gather): "micro" the
+        micro-batches rank r skipped, "ids" what they were. A resume continues each rank's count, so
+        --max-skip-share holds for the whole run, not for each start of it."""
+        mine = json.dumps({"micro": self._skipped_micro, "ids": list(dict.fromkeys(self._skipped_ids))})
+        ranks = [json.loads(r) for r in self.dist.gather_ids([mine])]  # one JSON string per rank, rank order
+        return {"micro": [r["micro"] for r in ranks], "ids": [r["ids"] for r in ranks]}
 
     def _restore(self, d: Path) -> None:
         meta = ckpt.read_meta(d)
@@ -226,13 +236,20 @@ class Trainer:
             self.reweighter.load_state_dict(state["reweight"])
         ckpt.set_rng_state(state["rng"])
         self.step = int(meta["step"])
+        skips = meta.get("skips")
+        if skips is None:  # written before the count was kept: the budget counts from this start
+            log.info("%s records no --skip-nonfinite count (an older drivekd): --max-skip-share counts skips from this "
+                     "start", d)
+        else:  # the planner refused a resume on another number of ranks, so rank r's entry is ours
+            self._skipped_micro, self._skipped_ids = int(skips["micro"][self.dist.rank]), list(skips["ids"][self.dist.rank])
 
     def _save(self, name: str) -> None:
         if self.cfg.fsdp:
             return self._save_sharded(name)
         drop_in = name in ckpt.DROP_IN  # final/, best/: the model alone, as from_pretrained loads it
+        skips = self._skips()
         if self.dist.main:
-            ckpt.save_checkpoint(self.out, name, self.model, self.family.processor, self._state(final=drop_in), self._meta(),
+            ckpt.save_checkpoint(self.out, name, self.model, self.family.processor, self._state(final=drop_in), self._meta(skips),
                                  write_model=trainable.model_writer(self.model, final=drop_in, keep=name != ckpt.FINAL))
             if not drop_in:
                 ckpt.prune(self.out, self.cfg.keep_last)
@@ -243,14 +260,15 @@ class Trainer:
         gathered to rank 0 and written in the plain from_pretrained layout (drivekd/trainer/checkpoint.py)."""
         from drivekd.trainer.fsdp import full_weights, full_writer
 
+        skips = self._skips()
         if name not in ckpt.DROP_IN:
-            ckpt.save_sharded(self.out, name, self.model, self.optimizer, self._state(), self._meta(), self.dist)
+            ckpt.save_sharded(self.out, name, self.model, self.optimizer, self._state(), self._meta(skips), self.dist)
             if self.dist.main:
                 ckpt.prune(self.out, self.cfg.keep_last)
         else:
             weights = full_weights(self.model)
             if self.dist.main:
-                ckpt.save_checkpoint(self.out, name, self.model, self.family.processor, {}, self._meta(),
+                ckpt.save_checkpoint(self.out, name, self.model, self.family.processor, {}, self._meta(skips),
                                      write_model=full_writer(self.model, weights), weights=list(weights.items()))
         self.dist.barrier()
 

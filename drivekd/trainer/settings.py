@@ -51,12 +51,13 @@ RESUME_EXTENDABLE = {"max_steps", "epochs"}
 
 
 def opt(default: Any, help: str, *, group: str, choices: tuple | None = None, minimum: str | None = None,
-        required: bool = False) -> Any:
+        required: bool = False, aliases: tuple[str, ...] = ()) -> Any:
     """A settings field: default, help and checks in one place.
 
-    minimum: ">0" or ">=0" for numbers; `required`: the planner needs it for a real run.
+    minimum: ">0" or ">=0" for numbers; `required`: the planner needs it for a real run;
+    `aliases`: further flag spellings (a torchrun-safe one where torchrun's parser refuses the flag).
     """
-    meta = {"help": help, "group": group, "choices": choices, "minimum": minimum, "required": required}
+    meta = {"help": help, "group": group, "choices": choices, "minimum": minimum, "required": required, "aliases": aliases}
     return field(default=default, metadata=meta)
 
 
@@ -88,8 +89,11 @@ class TrainConfig:
     w_kd: float = opt(1.0, "Static weight of the KL or hidden term of --recipe kl / hidden.", group="distillation", minimum=">=0")
     teacher_role: str | None = opt(None, "--recipe kl / hidden: the store role whose logits / hidden states to read "
                                    "(default: the first role holding them).", group="distillation", choices=ROLES)
-    signal: str | None = opt(None, "Ablation: t2v | full for every teacher term (default: each recipe's own).",
-                             group="distillation", choices=("t2v", "full"))
+    # torchrun's own parser refuses --signal (an abbreviation of its --signals-to-handle): hence the alias.
+    signal: str | None = opt(None, "Ablation: t2v | full for every teacher term (default: each recipe's own). Under "
+                             "torchrun spell it --attention-signal (torchrun refuses --signal as an abbreviation of its "
+                             "--signals-to-handle).", group="distillation", choices=("t2v", "full"),
+                             aliases=("--attention-signal",))
     loss: str = opt("mse", "Attention loss.", group="distillation", choices=("mse", "cosine"))
     layers: str | None = opt(None, "Layer spec, e.g. 0, L-2, 1..L-3; several terms: 'perception=0;planning=L-2'.",
                              group="distillation")
@@ -182,8 +186,8 @@ class TrainConfig:
                            group="runtime", minimum=">=0")
     skip_nonfinite: bool = opt(False, "Skip a micro-batch whose loss is NaN/inf instead of stopping.", group="runtime")
     max_skip_share: float = opt(0.01, "With --skip-nonfinite: stop, naming the samples, once more than this share of the "
-                                "run's micro-batches was skipped (counted since this process started); a run that "
-                                "trained on nothing never writes final/.", group="runtime")
+                                "run's micro-batches was skipped (counted per rank over the whole run: a --resume continues "
+                                "the count its checkpoint recorded); a start that trained on nothing never writes final/.", group="runtime")
     log_every: int = opt(1, "Write a metrics line every N optimizer steps.", group="runtime", minimum=">0")
     progress: bool = opt(True, "Show a tqdm progress bar (--no-progress: one plain line per logged step instead, for "
                          "log files).", group="runtime")
