@@ -18,17 +18,15 @@ from drivekd.cli.cache import main as cache_cli
 from drivekd.store.zarr_store import TeacherStore
 from drivekd.teacher.build import BuildConfig, build
 
-from test_cache import _files, free_port
+from test_cache import _files
 
 
-def _toml(tiny_models: Path, d: Path, signals: str | None = None) -> Path:
+def _toml(tiny_models: Path, d: Path) -> Path:
     """A project config naming one checkpoint per family: InternVL for perception and planning,
     Qwen2.5-VL for reasoning (two teacher passes in one build)."""
     p = d / "drivekd.toml"
     text = (f'[teachers]\nperception = "{tiny_models / "internvl-teacher"}"\nplanning = "{tiny_models / "internvl-teacher"}"\n'
             f'reasoning = "{tiny_models / "qwen2_5_vl-teacher"}"\n')
-    if signals:  # in the file: torchrun's own --signals-to-handle swallows an abbreviated --signals on its command line
-        text += f'[cache]\nsignals = "{signals}"\n'
     p.write_text(text)
     return p
 
@@ -38,7 +36,7 @@ def single(tiny_models, small_data, tmp_path_factory):
     """The single-process store of both families, with logits and hidden states."""
     d = tmp_path_factory.mktemp("tp-single")
     out = d / "cache"
-    r = CliRunner().invoke(cache_cli, ["build", "--teacher", "all", "--config", str(_toml(tiny_models, d, "logits,hidden")),
+    r = CliRunner().invoke(cache_cli, ["build", "--teacher", "all", "--config", str(_toml(tiny_models, d)), "--signals", "logits,hidden",
                                        "--data", str(small_data), "--out", str(out), "--no-progress"])
     assert r.exit_code == 0, r.output
     return out
@@ -74,7 +72,7 @@ def _assert_same_store(a: Path, b: Path, signals: bool) -> None:
 
 
 def _torchrun(nproc: int, args: list[str]) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            "-m", "drivekd.cli.cache", "build", *args, "--no-progress"]
     return subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=400)
 
@@ -87,7 +85,8 @@ def test_dp_x_tp_build_equals_single_process(tiny_models, small_data, single, tm
     views: both replicas have work). One launch: tp alone (1 replica) is this with dp = 1, the same
     mesh and load code, and each rank's interpreter start-up is most of a launch's cost."""
     out = tmp_path / "cache"
-    p = _torchrun(4, ["--teacher", "all", "--config", str(_toml(tiny_models, tmp_path, "logits,hidden")), "--data", str(small_data),
+    # --store-signals: torchrun's own parser refuses --signals (an abbreviation of its --signals-to-handle)
+    p = _torchrun(4, ["--teacher", "all", "--config", str(_toml(tiny_models, tmp_path)), "--store-signals", "logits,hidden", "--data", str(small_data),
                       "--out", str(out), "--teacher-parallel", "tp", "--tp-size", "2"])
     assert p.returncode == 0, p.stderr[-3000:]
     assert "MISSING" not in p.stderr  # every weight loaded into its shard (no silently random layer)
