@@ -71,7 +71,8 @@ OWNERS: dict[str, tuple[tuple[str, ...], bool]] = {
     "demo/benchmark.py": (("benchmark",), True),
 }
 # Flags of other programs that a message may name, and why.
-FOREIGN = {"--nproc_per_node": "torchrun's: resuming needs the same number of processes"}
+FOREIGN = {"--nproc_per_node": "torchrun's: resuming needs the same number of processes",
+           "--signals-to-handle": "torchrun's: the option whose abbreviation torchrun takes --signal(s) for"}
 
 # A flag; a following "-*", "-<role>" or "-{...}" makes it a family of flags ("--judge-*", "--w-<role>").
 FLAG = re.compile(r"(?<![\w-])(--[a-z][a-z0-9_]*(?:-[a-z0-9_]+)*)(-[*<{])?")

@@ -48,10 +48,10 @@ def main() -> None:
                    "reference trainer's); drivekd-train --text-tokens must match.")
 # Two names: under torchrun, its own parser (which reads every option string, also those after the
 # script) takes --signals for an abbreviation of its --signals-to-handle and refuses the launch.
-@click.option("--signals", "--store-signals", "signals", default=None, help="What to store, comma separated, any order: attention (always), logits (the teacher's "
+@click.option("--signals", "--store-signals", "signals", default=None, help="What to store, comma separated, any order (under torchrun spell it --store-signals: torchrun "
+              "refuses --signals as an abbreviation of its --signals-to-handle): attention (always), logits (the teacher's "
               "top-k next-token log-probabilities on answer positions, for drivekd-train --recipe kl), hidden (hidden states at the role's layers "
-              "on text positions, for --recipe hidden). Adding a signal to an existing store computes only what is missing. "
-              "Under torchrun spell it --store-signals (torchrun refuses --signals as an abbreviation of its --signals-to-handle).")
+              "on text positions, for --recipe hidden). Adding a signal to an existing store computes only what is missing.")
 @click.option("--logits-top-k", type=int, default=None, help="k of the stored top-k log-probabilities (default 256: "
               "tools/bench_signals.py measures bytes vs KL error); the rest of the mass is kept as one tail value.")
 @click.option("--share-prefix/--no-share-prefix", default=True, help="Run each image group's shared token prefix once (default on).")
