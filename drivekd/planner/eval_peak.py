@@ -48,7 +48,8 @@ def eval_spec(cfg) -> EvalSpec | None:
 def count_eval(tracker, ts, plan, batch, spec: EvalSpec, prompt_len: int, tag_maps) -> dict[str, dict[str, int]]:
     """Bytes live at the validation pass's peaks, by category (kv_cache included), on `tracker` with
     the training state registered and resident: {"eval": the pass's peak, "eval_generate": the
-    generation's alone (with --eval-generate)}. `batch`: the step's batch, reused as the eval batch
+    generation's alone and "eval_kv_cache": {"kv_cache": the whole cache at the end} (with
+    --eval-generate)}. `batch`: the step's batch, reused as the eval batch
     (same shapes; its targets dropped when `spec.terms` is off); `prompt_len`: tokens before the
     answer (the generation prompt); `tag_maps`: a capture_attention wrapper that tags the maps."""
     import drivekd.families.capture as capture_mod
@@ -67,7 +68,8 @@ def count_eval(tracker, ts, plan, batch, spec: EvalSpec, prompt_len: int, tag_ma
             batch_losses(ts, plan.student_layers, batch, spec.terms)
         out = {"eval": tracker.peak_by_category(extra=("kv_cache",))}
         if spec.new_tokens:
-            out["eval_generate"] = _count_generation(tracker, ts, batch, spec.new_tokens, prompt_len)
+            out["eval_generate"], cache = _count_generation(tracker, ts, batch, spec.new_tokens, prompt_len)
+            out["eval_kv_cache"] = {"kv_cache": cache}  # a phase of one number, so depth scaling extrapolates it too
             out["eval"] = max(out["eval"], out["eval_generate"], key=lambda c: sum(c.values()))
     finally:
         capture_mod.capture_attention = real_capture
@@ -100,10 +102,12 @@ def _count_generation(tracker, ts, batch, new_tokens: int, prompt_len: int) -> d
     prompt = prompt_inputs(batch.inputs.tensors, prompt_len)
     cfg = planned_generation_config(model, new_tokens)
     real_update = DynamicCache.update
+    held: dict[int, int] = {}  # layer -> bytes of its cache (K and V) after its latest update
 
     def update(self, key_states, value_states, layer_idx, *a, **k):
         out = real_update(self, key_states, value_states, layer_idx, *a, **k)
         tracker.add(list(out), "kv_cache")  # the layer's whole cache after this step (K and V)
+        held[layer_idx] = sum(t.untyped_storage().nbytes() for t in out)
         return out
 
     # The decoding loop's stop check reads the (fake) generated tokens' finished flags: stop on the
@@ -118,7 +122,9 @@ def _count_generation(tracker, ts, batch, new_tokens: int, prompt_len: int) -> d
     tracker.reset_peak()
     with _patched(DynamicCache, "update", update), _patched(StopCheck, "__call__", stop), torch.no_grad(), ts.autocast():
         model.generate(**prompt, generation_config=copy.deepcopy(cfg))
-    return tracker.peak_by_category(extra=("kv_cache",))
+    # the peak is often the prefill's (its temporaries), before the cache has grown: the whole cache
+    # of prompt + new tokens is reported apart
+    return tracker.peak_by_category(extra=("kv_cache",)), sum(held.values())
 
 
 @contextlib.contextmanager

@@ -578,7 +578,7 @@ def _eval_report(cfg, run: Counted) -> dict[str, Any]:
     gen = run.phases.get("eval_generate")
     return {"eval_peak_bytes": sum(cats.values()), "eval_categories": cats,
             "eval_generate_peak_bytes": None if gen is None else sum(gen.values()) + margin_bytes(sum(gen.values())),
-            "eval_kv_cache_bytes": None if gen is None else gen["kv_cache"],
+            "eval_kv_cache_bytes": None if gen is None else run.phases["eval_kv_cache"]["kv_cache"],
             "eval_pass": {"teacher_terms": True, "generate_new_tokens": cfg.eval_max_new_tokens if cfg.eval_generate else None,
                           "micro_batch": 1}}
 
@@ -666,7 +666,7 @@ def format_report(r: dict[str, Any]) -> str:
                      f"resident): {g(r['eval_peak_bytes']).strip()} at its peak, margin included ({parts} GiB)")
         if e["generate_new_tokens"]:
             lines.append(f"  of which generation: {g(r['eval_generate_peak_bytes']).strip()} at its peak "
-                         f"(KV cache {g(r['eval_kv_cache_bytes']).strip()})")
+                         f"(KV cache of prompt + {e['generate_new_tokens']} tokens: {g(r['eval_kv_cache_bytes']).strip()})")
     if r["host_peak_bytes"]:
         lines.append(f"host memory (offloaded fp32 masters, their gradients and AdamW state): {g(r['host_peak_bytes']).strip()}")
     ratio = f"{r['flops_ratio']:.2f}x" if r["flops_ratio"] else "-"
