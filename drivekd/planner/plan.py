@@ -463,7 +463,11 @@ def count_at_depth(cfg, L: int, family: str, teacher_L: int | None, shapes: Shap
                     scale.TEXT_A + scale.MAX_SHIFT + 2, L)
         return direct()
     got, a = fitted
-    cats, phases = got.pop("categories"), got.pop("phases")
+    phases = got.pop("phases")
+    # The step's peak is its larger phase (count_step), at the full depth: each phase is affine in the
+    # depth, their maximum is not (the micro-step can overtake the update between two depths).
+    micro, update = phases["micro"], phases["update"]
+    cats = dict(micro if sum(micro.values()) >= sum(update.values()) else update)
     if got["params"] != n_params or min(cats.values()) < 0 or min(min(p.values()) for p in phases.values()) < 0:
         log.warning("the reduced-depth counts do not extrapolate to the full model; counting all %d layers", L)
         return direct()
@@ -479,8 +483,7 @@ def _fit(counts: list[Counted], d, a: int) -> dict[str, Any]:
     from drivekd.planner import scale
 
     ext = lambda get: scale.extrapolate([get(c) for c in counts], d, a)  # noqa: E731
-    return {"categories": {k: ext(lambda c, k=k: c.categories[k]) for k in counts[0].categories},
-            "phases": {ph: {k: ext(lambda c, ph=ph, k=k: c.phases[ph][k]) for k in counts[0].phases[ph]}
+    return {"phases": {ph: {k: ext(lambda c, ph=ph, k=k: c.phases[ph][k]) for k in counts[0].phases[ph]}
                        for ph in counts[0].phases},
             **{q: ext(lambda c, q=q: getattr(c, q)) for q in ("flops", "params", "baseline", "host_peak", "trainable")}}
 
