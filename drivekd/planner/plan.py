@@ -199,8 +199,10 @@ def uncounted_terms(cfg) -> list[str]:
 
 
 def sft_config(cfg):
-    """The same run as plain fine-tuning: CE only (one backward, no capture, no projection)."""
-    return replace(cfg, recipe="sft", layers=None, mid_range=None, dynamic_weights=False)
+    """The same run as plain fine-tuning: CE only (one backward, no capture, no projection); its
+    step alone (the run's validation pass is counted with the run's own step)."""
+    return replace(cfg, recipe="sft", layers=None, mid_range=None, dynamic_weights=False,
+                   eval_data=None, eval_images=None, eval_every=0, eval_generate=False, save_best=None)
 
 
 # ----------------------------------------------------------------------------- one counted step
@@ -338,6 +340,7 @@ def count_step(cfg, plan, shapes: Shapes, config, *, fake: bool = True, model=No
                 ts.zero_grad()
                 phases["update"], update_peak = tracker.peak_by_category(), tracker.peak
                 rss = None if fake else _peak_rss() - rss_before
+                flops = int(tracker.flops)  # the step's (the validation pass's are not a micro-step's)
                 if evaluate is not None:
                     # --eval-data: validation after this optimizer step, the training state resident
                     from drivekd.planner.eval_peak import count_eval
@@ -347,7 +350,7 @@ def count_step(cfg, plan, shapes: Shapes, config, *, fake: bool = True, model=No
             step_mod.capture_attention = real_capture
         micro, update = phases["micro"], phases["update"]
         cats, peak = (micro, micro_peak) if micro_peak >= update_peak else (update, update_peak)
-        return Counted(cats, peak, int(tracker.flops), sum(p.numel() for p in model.parameters()), baseline, rss,
+        return Counted(cats, peak, flops, sum(p.numel() for p in model.parameters()), baseline, rss,
                        ts.engine, ts.engine_reason, sum(p.numel() for p in ts.params), tracker.host_peak,
                        phases=phases)
 
