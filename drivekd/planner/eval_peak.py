@@ -95,9 +95,10 @@ def prompt_inputs(tensors: dict[str, torch.Tensor], prompt_len: int) -> dict[str
     return {k: v[:, :prompt_len] if v.dim() == 2 and v.shape[1] == T else v for k, v in tensors.items()}
 
 
-def _count_generation(tracker, ts, batch, new_tokens: int, prompt_len: int) -> dict[str, int]:
-    """model.generate on the prompt, counted: the eval batch's targets are gone (validation's loss
-    pass is over), its inputs stand for the generation batch's (the same images and prompt tokens)."""
+def _count_generation(tracker, ts, batch, new_tokens: int, prompt_len: int) -> tuple[dict[str, int], int]:
+    """model.generate on the prompt, counted -> (categories at its peak, bytes of the whole KV cache at
+    the end). The eval batch's targets are gone (validation's loss pass is over), its inputs stand for
+    the generation batch's (the same images and prompt tokens)."""
     from transformers import DynamicCache
 
     model = ts.model
@@ -113,21 +114,25 @@ def _count_generation(tracker, ts, batch, new_tokens: int, prompt_len: int) -> d
         held[layer_idx] = sum(t.untyped_storage().nbytes() for t in out)
         return out
 
-    # The decoding loop's stop check reads the (fake) generated tokens' finished flags: stop on the
-    # length instead, which is where a run without an end-of-sequence token stops anyway.
-    from transformers.generation.utils import StopCheck
-
+    # The decoding loop's stop check (transformers 5.24's StopCheck) reads the (fake) generated tokens'
+    # finished flags: stop on the length instead, where a run without an end-of-sequence token stops anyway.
+    try:
+        from transformers.generation.utils import StopCheck
+    except ImportError:  # older 5.x: the loop's own check, on flags the max-length criterion keeps shadowed
+        StopCheck = None
     end = prompt["input_ids"].shape[1] + new_tokens
 
     def stop(self, unfinished, tokens, length: int) -> bool:
         return length >= end
 
+    stopping = _patched(StopCheck, "__call__", stop) if StopCheck is not None else contextlib.nullcontext()
+
     tracker.reset_peak()
     # generate's input preparation loses the prompt ids' shadow (planner/fake.py), and the models'
     # placeholder-count check then reads a fake count: skipped here (TRANSFORMERS_DISABLE_TORCH_CHECK,
     # as for any fake run; the real run checks its real inputs).
-    with _patched(DynamicCache, "update", update), _patched(StopCheck, "__call__", stop), _env("TRANSFORMERS_DISABLE_TORCH_CHECK", "1"), \
-            torch.no_grad(), ts.autocast():
+    with _patched(DynamicCache, "update", update), stopping, _env("TRANSFORMERS_DISABLE_TORCH_CHECK", "1"), torch.no_grad(), \
+            ts.autocast():
         model.generate(**prompt, generation_config=copy.deepcopy(cfg))
     # the peak is often the prefill's (its temporaries), before the cache has grown: the whole cache
     # of prompt + new tokens is reported apart
