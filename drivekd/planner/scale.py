@@ -33,7 +33,10 @@ layers 1.32 and 2.36, at 6 layers 1.34 and 2.81 (+0.024 GiB saved per layer from
 temporaries to 28 layers (the direct count: 2.4 and 13.2). So every fit is checked against one
 more count (`check_point`: two more text layers and one more of each vision kind than the base),
 every category of every phase; on a mismatch the base moves up one text layer (up to
-TEXT_A + MAX_SHIFT), then the planner counts the full model.
+TEXT_A + MAX_SHIFT), then the planner counts the full model. For the same reason the step's peak is
+taken at the full depth as the larger of the extrapolated phases (micro-step, update), not
+extrapolated itself: Qwen2.5-VL-7B's SFT step at six cameras peaks in the update at the reduced
+depths and in the micro-step at 28 layers (174.7 GB against 165.9).
 """
 
 from __future__ import annotations
