@@ -81,7 +81,7 @@ def _load(model_dir: str | Path, device: torch.device, dtype: torch.dtype, image
     return family, model
 
 
-def _generation_config(model, family, max_new_tokens: int, temperature: float, top_p: float, min_new_tokens: int = 0):
+def generation_config(model, family, max_new_tokens: int, temperature: float, top_p: float, min_new_tokens: int = 0):
     """The checkpoint's generation config with our length, sampling and special-token settings.
 
     Greedy unless temperature > 0. In greedy mode the checkpoint's sampling knobs are cleared so
@@ -186,7 +186,7 @@ def answer_samples(family, model, samples: Sequence[Sample], *, max_new_tokens: 
                    device: torch.device) -> list[str]:
     """Greedy answers of `samples` by a model already in memory (drivekd-train's --eval-generate), with
     generate_predictions' prompts, generation settings and decoding; in input order."""
-    cfg = _generation_config(model, family, max_new_tokens, 0.0, 1.0)
+    cfg = generation_config(model, family, max_new_tokens, 0.0, 1.0)
     answers: list[str] = []
     for start in range(0, len(samples), batch_size):
         answers += _answer(family, model, list(samples[start : start + batch_size]), cfg, device)
@@ -234,7 +234,7 @@ def generate_predictions(
         dev = resolve_device(device)
         dt = resolve_dtype(dtype, dev)
         family, model = _load(model_dir, dev, dt, image_settings)
-        cfg = _generation_config(model, family, max_new_tokens, temperature, top_p)
+        cfg = generation_config(model, family, max_new_tokens, temperature, top_p)
         from tqdm.auto import tqdm
 
         with PartialWriter(partial_path(pred_path)) as partial, tqdm(
@@ -303,8 +303,8 @@ def measure_deploy(
     family, model = _load(model_dir, dev, dt, image_settings)
     batch = list(samples[:batch_size])
     inputs = family.build_inputs(batch, with_answer=False, padding_side="left").to(dev)
-    full = _generation_config(model, family, max_new_tokens, 0.0, 1.0, min_new_tokens=max_new_tokens)
-    first = _generation_config(model, family, 1, 0.0, 1.0)
+    full = generation_config(model, family, max_new_tokens, 0.0, 1.0, min_new_tokens=max_new_tokens)
+    first = generation_config(model, family, 1, 0.0, 1.0)
 
     def timed(cfg) -> tuple[float, int]:
         _sync(dev)

@@ -149,13 +149,15 @@ class MemoryTracker(TorchDispatchMode):
         return out
 
     # ----- result -----
-    def peak_by_category(self) -> dict[str, int]:
-        """Bytes live at the peak, by category (they sum to `peak`)."""
+    def peak_by_category(self, extra: tuple[str, ...] = ()) -> dict[str, int]:
+        """Bytes live at the peak, by category (they sum to `peak`). `extra`: more tags reported as
+        categories of their own (before temporaries), e.g. the planned validation's "kv_cache"."""
         if self._dirty:
             self._snapshot()
-        out = dict.fromkeys(CATEGORIES, 0)
+        order = (*CATEGORIES[:-1], *extra, CATEGORIES[-1])
+        out = dict.fromkeys(order, 0)
         for s in self._peak_live:
             info = self.infos[s]
-            cat = next((c for c in CATEGORIES if c in info.tags), "temporaries")
+            cat = next((c for c in order if c in info.tags), "temporaries")
             out[cat] += info.nbytes
         return out

@@ -199,8 +199,10 @@ def uncounted_terms(cfg) -> list[str]:
 
 
 def sft_config(cfg):
-    """The same run as plain fine-tuning: CE only (one backward, no capture, no projection)."""
-    return replace(cfg, recipe="sft", layers=None, mid_range=None, dynamic_weights=False)
+    """The same run as plain fine-tuning: CE only (one backward, no capture, no projection); its
+    step alone (the run's validation pass is counted with the run's own step)."""
+    return replace(cfg, recipe="sft", layers=None, mid_range=None, dynamic_weights=False,
+                   eval_data=None, eval_images=None, eval_every=0, eval_generate=False, save_best=None)
 
 
 # ----------------------------------------------------------------------------- one counted step
@@ -236,11 +238,18 @@ def build_student(student: Path, family: str, config, dtype=torch.float32):
 PLANNED_GPU_MEMORY = 40 * 2**30
 
 
-def count_step(cfg, plan, shapes: Shapes, config, *, fake: bool = True, model=None, device_memory: int | None = None) -> Counted:
+def count_step(cfg, plan, shapes: Shapes, config, *, fake: bool = True, model=None, device_memory: int | None = None,
+               evaluate="auto") -> Counted:
     """Run one micro-step and the optimizer step of the real step code, counting memory and FLOPs.
 
     fake=True: on fake tensors (no memory, no compute). fake=False: on real tensors (the proof
-    tests compare both on tiny models), with `model` given or built with random weights."""
+    tests compare both on tiny models), with `model` given or built with random weights.
+    evaluate: an EvalSpec (drivekd/planner/eval_peak.py), None, or "auto" (the run's: --eval-data):
+    then the validation pass after the optimizer step is counted too, as phases["eval"]."""
+    if evaluate == "auto":
+        from drivekd.planner.eval_peak import eval_spec
+
+        evaluate = eval_spec(cfg)
     import drivekd.trainer.step as step_mod
     from drivekd.distributed import Dist
     from drivekd.planner.memory import MemoryTracker
@@ -307,33 +316,43 @@ def count_step(cfg, plan, shapes: Shapes, config, *, fake: bool = True, model=No
 
         real_capture = step_mod.capture_attention
 
-        @contextlib.contextmanager
-        def observed_capture(*a, **k):
-            # The real capture; its maps are tagged while they are alive.
-            with real_capture(*a, **k) as maps:
-                try:
-                    yield maps
-                finally:
-                    tracker.add(list(maps.values()), "maps")
+        def tagging(real):
+            @contextlib.contextmanager
+            def observed_capture(*a, **k):
+                # The real capture; its maps are tagged while they are alive.
+                with real(*a, **k) as maps:
+                    try:
+                        yield maps
+                    finally:
+                        tracker.add(list(maps.values()), "maps")
+            return observed_capture
 
-        step_mod.capture_attention = observed_capture
+        step_mod.capture_attention = tagging(real_capture)
+        phases = {}
         try:
             with tracker:
                 ts.micro_step(batch, list(plan.static_weights), list(range(1, len(plan.row_names))), where="the dry run")
-                micro, micro_peak = tracker.peak_by_category(), tracker.peak
+                phases["micro"], micro_peak = tracker.peak_by_category(), tracker.peak
                 tracker.reset_peak()
                 ts.average(1)
                 ts.clip()
                 ts.optimizer_step()
                 ts.zero_grad()
+                phases["update"], update_peak = tracker.peak_by_category(), tracker.peak
+                rss = None if fake else _peak_rss() - rss_before
+                flops = int(tracker.flops)  # the step's (the validation pass's are not a micro-step's)
+                if evaluate is not None:
+                    # --eval-data: validation after this optimizer step, the training state resident
+                    from drivekd.planner.eval_peak import count_eval
+
+                    phases.update(count_eval(tracker, ts, plan, batch, evaluate, shapes.seq_len - ANSWER_TOKENS, tagging))
         finally:
             step_mod.capture_attention = real_capture
-        rss = None if fake else _peak_rss() - rss_before
-        update = tracker.peak_by_category()
-        cats, peak = (micro, micro_peak) if micro_peak >= tracker.peak else (update, tracker.peak)
-        return Counted(cats, peak, int(tracker.flops), sum(p.numel() for p in model.parameters()), baseline, rss,
+        micro, update = phases["micro"], phases["update"]
+        cats, peak = (micro, micro_peak) if micro_peak >= update_peak else (update, update_peak)
+        return Counted(cats, peak, flops, sum(p.numel() for p in model.parameters()), baseline, rss,
                        ts.engine, ts.engine_reason, sum(p.numel() for p in ts.params), tracker.host_peak,
-                       phases={"micro": micro, "update": update})
+                       phases=phases)
 
 
 @contextlib.contextmanager
@@ -412,32 +431,64 @@ def count_at_depth(cfg, L: int, family: str, teacher_L: int | None, shapes: Shap
     if K > 1 and (cfg.projection != "none" or cfg.dynamic_weights):
         engine, reason = choose_engine(cfg, params, K, torch.device("cuda"), device_memory or PLANNED_GPU_MEMORY)
     fixed = replace(cfg, grad_engine=engine) if engine != "none" else cfg
-    counts, above = [], []
-    try:
-        for small in scale.points(family):
-            conf = scale.reduced_config(config, family, small)
+    done: dict = {}  # Depth -> (Counted, layers above the Gram cut): each reduced depth counted once
+
+    def at(small):
+        if small not in done:
             small_plan = dry_plan(fixed, small.text, family)
-            counts.append(count_step(fixed, small_plan, shapes, conf, device_memory=device_memory))
-            above.append(_above_cut(small_plan, small.text))
-        # The Gram engine's backward is K-batched below its cut and |S|-wide above it
-        # (step.cut_layer): the counts are affine in the depth only while the number of layers
-        # above the cut is (a spec mixing absolute and L-relative layers may move the cut otherwise).
-        if engine == "gram" and scale.extrapolate(above, d) != _above_cut(dry_plan(cfg, L, family, teacher_L), L):
-            return direct()
+            conf = scale.reduced_config(config, family, small)
+            done[small] = (count_step(fixed, small_plan, shapes, conf, device_memory=device_memory),
+                           _above_cut(small_plan, small.text))
+        return done[small]
+
+    fitted = None
+    try:
+        for a in range(scale.TEXT_A, scale.TEXT_A + scale.MAX_SHIFT + 1):
+            counts = [at(p)[0] for p in scale.points(family, a)]
+            above = [at(p)[1] for p in scale.points(family, a)]
+            # The Gram engine's backward is K-batched below its cut and |S|-wide above it
+            # (step.cut_layer): the counts are affine in the depth only while the number of layers
+            # above the cut is (a spec mixing absolute and L-relative layers may move the cut otherwise).
+            if engine == "gram" and scale.extrapolate(above, d, a) != _above_cut(dry_plan(cfg, L, family, teacher_L), L):
+                return direct()
+            # Each phase's peak must sit at the same point of the step at every depth (scale.py): the
+            # fit has to reproduce one more count, every category of every phase, else move the base up.
+            check = scale.check_point(family, a)
+            if _fit(counts, check, a) == _fit([at(check)[0]] * len(counts), check, a):  # (one count repeated: its own values)
+                fitted = (_fit(counts, d, a), a)
+                break
+            log.info("planner: the counts at %d-%d text layers are not affine in the depth (the peak moves); "
+                     "fitting from %d", a, a + 2, a + 1)
     except (ConfigError, LayerSpecError):
         return direct()  # e.g. a --layers index beyond the reduced depth
-    ext = lambda get: scale.extrapolate([get(c) for c in counts], d)  # noqa: E731
-    cats = {k: ext(lambda c, k=k: c.categories[k]) for k in counts[0].categories}
-    got = dict(flops=ext(lambda c: c.flops), params=ext(lambda c: c.params), baseline=ext(lambda c: c.baseline),
-               host_peak=ext(lambda c: c.host_peak), trainable=ext(lambda c: c.trainable))
-    if got["params"] != n_params or min(cats.values()) < 0:
+    if fitted is None:
+        log.warning("the reduced-depth counts are not affine in the depth up to %d text layers; counting all %d layers",
+                    scale.TEXT_A + scale.MAX_SHIFT + 2, L)
+        return direct()
+    got, a = fitted
+    phases = got.pop("phases")
+    # The step's peak is its larger phase (count_step), at the full depth: each phase is affine in the
+    # depth, their maximum is not (the micro-step can overtake the update between two depths).
+    micro, update = phases["micro"], phases["update"]
+    cats = dict(micro if sum(micro.values()) >= sum(update.values()) else update)
+    if got["params"] != n_params or min(cats.values()) < 0 or min(min(p.values()) for p in phases.values()) < 0:
         log.warning("the reduced-depth counts do not extrapolate to the full model; counting all %d layers", L)
         return direct()
-    pts = ", ".join(f"{p.text}+{sum(p.vision)}" for p in scale.points(family))
-    phases = {ph: {k: ext(lambda c, ph=ph, k=k: c.phases[ph][k]) for k in counts[0].phases[ph]} for ph in counts[0].phases}
+    pts = ", ".join(f"{p.text}+{sum(p.vision)}" for p in scale.points(family, a))
     return Counted(cats, sum(cats.values()), got["flops"], got["params"], got["baseline"], None, engine, reason,
                    trainable=got["trainable"], host_peak=got["host_peak"], scaled_from=f"text+vision layers {pts}",
                    phases=phases)
+
+
+def _fit(counts: list[Counted], d, a: int) -> dict[str, Any]:
+    """Every counted quantity at depth `d`, extrapolated from `counts` at scale.points(family, a)
+    (given one count repeated: that count's own values)."""
+    from drivekd.planner import scale
+
+    ext = lambda get: scale.extrapolate([get(c) for c in counts], d, a)  # noqa: E731
+    return {"phases": {ph: {k: ext(lambda c, ph=ph, k=k: c.phases[ph][k]) for k in counts[0].phases[ph]}
+                       for ph in counts[0].phases},
+            **{q: ext(lambda c, q=q: getattr(c, q)) for q in ("flops", "params", "baseline", "host_peak", "trainable")}}
 
 
 # ----------------------------------------------------------------------------- the report
@@ -479,7 +530,9 @@ def dry_run(cfg, *, seq_len: int | None = None, cameras: int = 6, gpu_memory: in
     cats = dict(run.categories)
     cats["allocator_margin"] = margin_bytes(run.peak)
     peak = sum(cats.values())
-    fits = None if gpu_memory is None else peak <= gpu_memory
+    validation = _eval_report(cfg, run)  # --eval-data: the validation pass, the training state resident
+    needed = max(peak, validation.get("eval_peak_bytes", 0))  # the verdict's figure
+    fits = None if gpu_memory is None else needed <= gpu_memory
     out: dict[str, Any] = {
         "peak_bytes": peak,
         "tracked_peak_bytes": run.peak,
@@ -511,12 +564,29 @@ def dry_run(cfg, *, seq_len: int | None = None, cameras: int = 6, gpu_memory: in
         "flops_per": "micro-step (one sample); an optimizer step is --grad-accum of them",
         "suggestions": [],
         "phases": run.phases,
+        "needed_bytes": needed,
+        **validation,
     }
     if uncounted_terms(cfg):  # see dry_plan
         out["approximation"] = f"--recipe {cfg.recipe} is counted as CE only (its second loss row, its targets and any projection are not)"
     if fits is False and suggest:
         out["suggestions"] = _suggestions(cfg, seq_len, cameras, gpu_memory, run.engine)
     return out
+
+
+def _eval_report(cfg, run: Counted) -> dict[str, Any]:
+    """The validation pass's figures (drivekd/planner/eval_peak.py), {} without --eval-data: its
+    categories at its peak plus the allocator margin, and what it was counted as."""
+    counted = run.phases.get("eval")
+    if counted is None:
+        return {}
+    cats = {**counted, "allocator_margin": margin_bytes(sum(counted.values()))}
+    gen = run.phases.get("eval_generate")
+    return {"eval_peak_bytes": sum(cats.values()), "eval_categories": cats,
+            "eval_generate_peak_bytes": None if gen is None else sum(gen.values()) + margin_bytes(sum(gen.values())),
+            "eval_kv_cache_bytes": None if gen is None else run.phases["eval_kv_cache"]["kv_cache"],
+            "eval_pass": {"teacher_terms": True, "generate_new_tokens": cfg.eval_max_new_tokens if cfg.eval_generate else None,
+                          "micro_batch": 1}}
 
 
 def _dry_run_fsdp(cfg, *, seq_len, cameras, gpu_memory, nproc: int) -> dict[str, Any]:
@@ -540,7 +610,7 @@ def _dry_run_fsdp(cfg, *, seq_len, cameras, gpu_memory, nproc: int) -> dict[str,
     peak = sum(cats.values())
     return {**r, "categories": cats, "peak_bytes": peak, "tracked_peak_bytes": tracked, "gpu_memory_bytes": gpu_memory,
             "fits": None if gpu_memory is None else peak <= gpu_memory, "fsdp": sharded.describe(nproc), "nproc": nproc,
-            "units": units, "suggestions": [], "sft_peak_bytes": r["sft_peak_bytes"]}
+            "units": units, "suggestions": [], "sft_peak_bytes": r["sft_peak_bytes"], "needed_bytes": peak}
 
 
 def _suggestions(cfg, seq_len, cameras, gpu_memory, engine: str) -> list[dict[str, Any]]:
@@ -570,7 +640,7 @@ def _suggestions(cfg, seq_len, cameras, gpu_memory, engine: str) -> list[dict[st
     out = []
     for flags, change in options:
         r = dry_run(replace(cfg, **change), seq_len=seq_len, cameras=cameras, gpu_memory=gpu_memory, suggest=False)
-        out.append({"flags": flags, "peak_bytes": r["peak_bytes"], "fits": r["fits"]})
+        out.append({"flags": flags, "peak_bytes": r["needed_bytes"], "fits": r["fits"]})
     return out
 
 
@@ -594,6 +664,15 @@ def format_report(r: dict[str, Any]) -> str:
     if r.get("depth_scaled_from"):
         lines.append(f"counted at reduced depths ({r['depth_scaled_from']}) and extrapolated to {r['student_layers']} "
                      "text layers (exact: the step is affine in the depth; drivekd/planner/scale.py)")
+    if r.get("eval_peak_bytes") is not None:
+        e, ec = r["eval_pass"], r["eval_categories"]
+        gen = f", --eval-generate: {e['generate_new_tokens']} new tokens" if e["generate_new_tokens"] else ""
+        parts = ", ".join(f"{k} {ec[k] / GiB:.2f}" for k in ("teacher_targets", "maps", "kv_cache", "temporaries") if ec.get(k))
+        lines.append(f"validation pass (--eval-data{gen}; no-grad forward with the teacher terms, the training state "
+                     f"resident): {g(r['eval_peak_bytes']).strip()} at its peak, margin included ({parts} GiB)")
+        if e["generate_new_tokens"]:
+            lines.append(f"  of which generation: {g(r['eval_generate_peak_bytes']).strip()} at its peak "
+                         f"(KV cache of prompt + {e['generate_new_tokens']} tokens: {g(r['eval_kv_cache_bytes']).strip()})")
     if r["host_peak_bytes"]:
         lines.append(f"host memory (offloaded fp32 masters, their gradients and AdamW state): {g(r['host_peak_bytes']).strip()}")
     ratio = f"{r['flops_ratio']:.2f}x" if r["flops_ratio"] else "-"
@@ -601,7 +680,8 @@ def format_report(r: dict[str, Any]) -> str:
                  f"({ratio})")
     if r["fits"] is not None:
         verdict = "fits" if r["fits"] else "does NOT fit"
-        lines.append(f"verdict: {verdict} in {g(r['gpu_memory_bytes']).strip()}")
+        which = " (the larger of the step and the validation pass)" if r.get("eval_peak_bytes") is not None else ""
+        lines.append(f"verdict: {verdict} in {g(r['gpu_memory_bytes']).strip()}{which}")
         for s in r["suggestions"]:
             lines.append(f"  with {s['flags']}: {g(s['peak_bytes']).strip()} -> {'fits' if s['fits'] else 'still too big'}")
         if r["fits"] is False and not any(s["fits"] for s in r["suggestions"]):

@@ -5,7 +5,8 @@ At start, drivekd-train counts the step it is about to run with the planner (`dr
 shapes: micro-batch 1, the most cameras a sample of the data has, T = the longest sample the store
 holds (the banner's token range; at least what the synthetic sample needs: each camera's image
 tokens between two delimiters and a 200-token answer), the device's memory deciding --grad-engine
-auto. The answer is `dry_run(cfg, seq_len=T, cameras=C, gpu_memory=device)["peak_bytes"]`.
+auto. The answer is `dry_run(cfg, seq_len=T, cameras=C, gpu_memory=device)["needed_bytes"]` (the step's peak, or
+the validation pass's with --eval-data when larger).
 
 A count costs seconds of CPU (about as long as --dry-run: ~2 s on the tiny students, ~10 s at 1B),
 so it runs only where its answer applies: a single-process CUDA run at micro-batch 1 of a recipe the
@@ -66,6 +67,8 @@ def count_for_run(plan, tokens: dict[str, Any] | None, gpu_memory: int) -> dict[
     teacher_L = max((i.num_teacher_layers for i in plan.role_infos.values()), default=None)
     c = P.count_at_depth(cfg, L, family, teacher_L, shapes, config, device_memory=gpu_memory)
     peak = c.peak + P.margin_bytes(c.peak)
+    ev = sum(c.phases.get("eval", {}).values())  # --eval-data: the validation pass, judged with the step (dry run's needed_bytes)
+    peak = max(peak, ev + P.margin_bytes(ev) if ev else 0)
     return {"planned": True, "peak_bytes": peak, "tracked_peak_bytes": c.peak, "host_peak_bytes": c.host_peak,
             "gpu_memory_bytes": gpu_memory, "fits": peak <= gpu_memory, "seq_len": shapes.seq_len, "cameras": cameras,
             "seq_len_from": "the longest stored sample" if tokens else "the cameras' image tokens + 264 (no stored token ids)",

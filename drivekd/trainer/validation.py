@@ -179,8 +179,6 @@ class Validation:
         samples, all-reduced with the counts."""
         import torch
 
-        from drivekd.families.capture import capture_attention
-        from drivekd.losses.attention import answer_positions, token_ce
         from drivekd.trainer.data import Collate, Failed, TargetDataset, make_loader
 
         dist, ts, cfg = trainer.dist, trainer.train_step, trainer.cfg
@@ -194,24 +192,14 @@ class Validation:
             if isinstance(batch, Failed):
                 raise batch.error
             batch = batch.to(trainer.device)
-            if self.terms:
-                # Every term measured: the training's own forward (rows and per-sample values).
-                with capture_attention(ts.model, trainer.plan.student_layers, grad=False,
-                                       attention_mask=batch.inputs.tensors["attention_mask"].bool()) as maps:
-                    out = ts.forward(batch, maps)
-                per = out.per_sample.double().cpu()  # (K, B): CE, then each term unmixed
-                mixw = out.mixw.double().cpu()  # (B, terms)
-                sums[0] += per[0].sum()
+            per, mixw = batch_losses(ts, trainer.plan.student_layers, batch, bool(self.terms))
+            per = per.double().cpu()  # (K, B): CE, then each term unmixed (CE alone without terms)
+            sums[0] += per[0].sum()
+            if mixw is not None:
+                mixw = mixw.double().cpu()  # (B, terms)
                 for k in range(len(names)):
                     sums[1 + 2 * k] += (mixw[:, k] * per[k + 1]).sum()
                     sums[2 + 2 * k] += per[k + 1].sum()
-            else:
-                # CE only (the store lacks some term's targets for the eval set): the forward's CE part.
-                labels = batch.inputs.padded("labels").to(trainer.device)
-                keep, targets = answer_positions(labels)
-                with ts.autocast():
-                    logits = ts.model(**batch.inputs.tensors, logits_to_keep=keep, use_cache=False).logits
-                sums[0] += token_ce(logits, targets).double().sum().cpu()
             sums[-1] += len(batch.sample_ids)
         sums = dist.sum_(sums.to(trainer.device)).cpu()
         n = float(sums[-1])
@@ -278,6 +266,26 @@ class Validation:
         trainer._save(BEST)  # drop-in, atomic; its trainer_state.json carries this state (`state`)
         if trainer.dist.main:
             _record(trainer.out / "run.json", "best", asdict(self.best))
+
+
+def batch_losses(ts, student_layers, batch, terms: bool):
+    """One validation batch's losses (the caller holds torch.no_grad and the model in eval mode; the
+    planner counts this same call, drivekd/planner/eval_peak.py): with `terms`, the training's own
+    forward with capture -> (per-sample values (K, B): CE, then each term unmixed; mixing weights
+    (B, terms)); without, the forward's CE part alone -> ((1, B), None)."""
+    from drivekd.families.capture import capture_attention
+    from drivekd.losses.attention import answer_positions, token_ce
+
+    if terms:
+        with capture_attention(ts.model, student_layers, grad=False,
+                               attention_mask=batch.inputs.tensors["attention_mask"].bool()) as maps:
+            out = ts.forward(batch, maps)
+        return out.per_sample, out.mixw
+    labels = batch.inputs.padded("labels").to(ts.device)
+    keep, targets = answer_positions(labels)
+    with ts.autocast():
+        logits = ts.model(**batch.inputs.tensors, logits_to_keep=keep, use_cache=False).logits
+    return token_ce(logits, targets)[None], None
 
 
 def _echo(line: str) -> None:
@@ -404,4 +412,4 @@ def record_key(name: str) -> str:
     return name.replace("/", "_", 1)
 
 
-__all__ = ["BEST", "Best", "Validation", "prepare", "read_best", "record_key"]
+__all__ = ["BEST", "Best", "Validation", "batch_losses", "prepare", "read_best", "record_key"]
