@@ -40,9 +40,10 @@ def test_scaling_only_where_the_cut_moves_affinely(tiny_models, tmp_path, monkey
         seen.append(plan.student_layers_total)
         with torch.device("meta"):
             n = sum(p.numel() for p in P.build_student(cfg_.student, family, conf, torch.float32).parameters())
-        return P.Counted({"weights": n}, n, n, n, 0, engine="gram", trainable=n)
+        return P.Counted({"weights": n}, n, n, n, 0, engine="gram", trainable=n, phases={"micro": {"weights": n}, "update": {"weights": n}})
 
     monkeypatch.setattr(P, "count_step", stub)
     got = P.count_at_depth(cfg, L, family, None, None, config)
     assert bool(got.scaled_from) is scaled
-    assert seen[-1] == (4 if scaled else 8)  # the last reduced copy (4 text layers), or the full depth counted directly
+    # the fit's check count (6 text layers), or the full depth counted directly
+    assert seen[-1] == (scale.check_point(family).text if scaled else 8) and (max(seen) < L) is scaled
