@@ -132,7 +132,7 @@ def _count_generation(tracker, ts, batch, new_tokens: int, prompt_len: int) -> t
     # placeholder-count check then reads a fake count: skipped here (TRANSFORMERS_DISABLE_TORCH_CHECK,
     # as for any fake run; the real run checks its real inputs).
     with _patched(DynamicCache, "update", update), stopping, _env("TRANSFORMERS_DISABLE_TORCH_CHECK", "1"), torch.no_grad(), \
-            ts.autocast():
+            ts.autocast(cache=True):  # as the real generation (drivekd/trainer/validation.py)
         model.generate(**prompt, generation_config=copy.deepcopy(cfg))
     # the peak is often the prefill's (its temporaries), before the cache has grown: the whole cache
     # of prompt + new tokens is reported apart

@@ -222,7 +222,7 @@ class Validation:
         mine = self.generate[dist.rank::dist.world]
         counts = torch.zeros(len(CAPABILITIES), 2, dtype=torch.float64)  # (correct, multiple-choice total) per capability
         if mine:
-            with trainer.train_step.autocast():
+            with trainer.train_step.autocast(cache=True):  # every new token reuses every weight's cast
                 answers = answer_samples(trainer.family, trainer.model, mine, max_new_tokens=cfg.eval_max_new_tokens,
                                          batch_size=max(1, cfg.micro_batch), device=trainer.device)
             scored = score_predictions([{**drivebench_record(s), "pred": a} for s, a in zip(mine, answers)])
